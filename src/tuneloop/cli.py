@@ -1,0 +1,234 @@
+"""The `tuneloop` command: noun-verb commands, each parses, calls one library function, prints.
+
+User mistakes raise TuneloopError: printed as one clear message, exit status 1, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tuneloop.errors import TuneloopError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Fine-tune a small open model on your task, and prove it was worth it.")
+data_app = typer.Typer(no_args_is_help=True, help="Check and inspect training data.")
+runs_app = typer.Typer(no_args_is_help=True, help="Training runs in the registry.")
+models_app = typer.Typer(no_args_is_help=True, help="Base models tuneloop knows.")
+app.add_typer(data_app, name="data")
+app.add_typer(runs_app, name="runs")
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+JSON_OPT = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except TuneloopError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+@contextmanager
+def training_progress(enabled: bool = True):
+    """A progress bar with loss, tokens/s and ETA; yields the callback `train` expects."""
+    if not enabled:
+        yield None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task("training", total=None, loss=float("nan"), tps=0.0)
+
+        def update(step, steps, loss, tps):
+            bar.update(task, total=steps, completed=step, loss=loss, tps=tps)
+
+        yield update
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Path = typer.Argument(..., help="JSONL file to check"),
+    task: Optional[str] = typer.Option(None, help="classify | extract | chat (checks labels/fields)"),
+    model: str = typer.Option("smollm2-135m-instruct", help="base model whose context limits rows"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Check every line of a data file and list every problem with its line number.
+
+    Example: tuneloop data validate examples/banking77/train.jsonl --task classify
+    """
+    from tuneloop.data.validate import validate
+
+    report = validate(file, task=task, model=model)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        if report.problems:
+            table = Table("line", "code", "message", title=f"problems in {file}")
+            for p in report.problems[:50]:
+                table.add_row(str(p.line), p.code, p.message)
+            out.print(table)
+            hidden = sum(report.counts.values()) - min(50, len(report.problems))
+            if hidden:
+                out.print(f"... and {hidden} more (use --json for the full list)")
+        verdict = "[green]valid[/]" if report.ok else "[red]invalid[/]"
+        formats = ", ".join(f"{n} {k}" for k, n in report.formats.items()) or "none"
+        out.print(f"{file}: {verdict} — {report.rows} rows, {report.valid} valid ({formats})")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Train per a recipe, then evaluate on its test data; prints the run id.
+
+    Example: tuneloop train examples/banking77/recipe.yaml --json
+
+    A minimal recipe:  base_model: smollm2-135m-instruct / task: classify /
+    data: {train: train.jsonl, test: test.jsonl} / method: lora
+    """
+    from tuneloop.project import load_recipe
+    from tuneloop.train.run import train as run_train
+
+    parsed = load_recipe(recipe)
+    with training_progress() as progress:
+        result = run_train(parsed, progress=progress, on_phase=lambda p: err.print(f"[dim]{p}[/]"))
+    if as_json:
+        _print_json({k: v for k, v in result.items()})
+        return
+    _print_metrics(result)
+    out.print(f"run [bold]{result['run_id']}[/] done; adapter in {result['run_dir']}/adapter")
+
+
+def _print_metrics(result: dict) -> None:
+    keys = ["accuracy", "macro_f1", "field_f1", "json_valid_rate", "rouge_l", "perplexity",
+            "train_tokens", "train_tokens_per_s", "final_val_loss", "peak_rss_mb", "wall_s"]
+    table = Table("metric", "value")
+    for k in keys:
+        if result.get(k) is not None:
+            v = result[k]
+            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., "--model", help="base model (catalog id, folder) or run id"),
+    data: Path = typer.Option(..., "--data", help="JSONL test data"),
+    task: Optional[str] = typer.Option(None, help="classify | extract | chat (base models)"),
+    labels_from: Optional[Path] = typer.Option(None, help="training file giving the label set"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Score a base model (zero-shot) or a run's adapter on a data file.
+
+    Example: tuneloop eval --model smollm2-135m-instruct --data test.jsonl --task classify
+    """
+    from tuneloop.evaluate import evaluate
+
+    result = evaluate(model, data, task=task, labels_from=labels_from)
+    if as_json:
+        _print_json(result)
+        return
+    _print_metrics(result)
+
+
+@runs_app.command("list")
+def runs_list(as_json: bool = JSON_OPT) -> None:
+    """List runs, newest first.  Example: tuneloop runs list"""
+    from tuneloop.project import workspace
+    from tuneloop.store import Registry
+    from tuneloop.tasks import HEADLINE
+
+    runs = Registry.open(workspace()).list_runs()
+    if as_json:
+        _print_json([{"id": r.id, "status": r.status, "task": r.task, "base_model": r.base_model,
+                      "created": r.created, "metrics": r.metrics} for r in runs])
+        return
+    table = Table("id", "status", "task", "base model", "method", "headline", "created")
+    for r in runs:
+        metric = (r.metrics or {}).get(HEADLINE[r.task])
+        table.add_row(r.id, r.status, r.task, r.base_model, r.method,
+                      f"{metric:.3f}" if isinstance(metric, float) else "–", f"{r.created:%Y-%m-%d %H:%M}")
+    out.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, as_json: bool = JSON_OPT) -> None:
+    """Show one run: recipe, status, metrics, artifacts.  Example: tuneloop runs show run-2026..."""
+    from tuneloop.project import workspace
+    from tuneloop.store import Registry
+
+    r = Registry.open(workspace()).get_run(run_id)
+    info = {"id": r.id, "name": r.name, "status": r.status, "task": r.task, "method": r.method,
+            "base_model": r.base_model, "created": r.created, "wall_s": r.wall_s,
+            "adapter_path": r.adapter_path, "error": r.error, "recipe": r.recipe,
+            "metrics": r.metrics}
+    if as_json:
+        _print_json(info)
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = json.dumps({k: v for k, v in value.items() if not isinstance(v, dict)}, default=str)
+        out.print(f"[bold]{key}[/]: {value}", highlight=False)
+
+
+@models_app.command("list")
+def models_list(as_json: bool = JSON_OPT) -> None:
+    """The base-model catalog.  Example: tuneloop models list"""
+    from tuneloop.models import catalog
+
+    entries = list(catalog().values())
+    if as_json:
+        _print_json([e.__dict__ for e in entries])
+        return
+    table = Table("id", "parameters", "context", "licence", "instruction-tuned")
+    for e in entries:
+        table.add_row(e.id, f"{e.parameters / 1e6:.0f}M", str(e.context_length), e.licence["name"],
+                      "yes" if e.instruction_tuned else "no")
+    out.print(table)
+
+
+@app.command()
+def demo(as_json: bool = JSON_OPT) -> None:
+    """The whole loop on a banking77 subset: validate, zero-shot baseline, LoRA, evaluate, report.
+
+    Example: tuneloop demo
+    """
+    from tuneloop.demo import run_demo
+
+    result = run_demo(out, err)
+    if as_json:
+        _print_json(result)
+
+
+@models_app.command("prepare")
+def models_prepare(model: str = typer.Argument("smollm2-135m-instruct")) -> None:
+    """Convert a catalog model once (GGUF → float32 safetensors cache) so later loads are fast.
+
+    Example: tuneloop models prepare smollm2-135m-instruct
+    """
+    from tuneloop.models import resolve
+
+    out.print(f"{model}: {resolve(model)}")

@@ -1,0 +1,1 @@
+"""Data in: formats and validation, then tokenization and batching for training."""

@@ -1,0 +1,63 @@
+"""Evaluation: batched generation, the task kind's metrics, and reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuneloop import models, project, tasks
+from tuneloop.data.formats import load_examples
+from tuneloop.errors import TuneloopError
+from tuneloop.evaluate.runner import score
+from tuneloop.evaluate.store import record_evaluation
+from tuneloop.store import Registry, new_id
+from tuneloop.tasks import TaskInfo
+from tuneloop.data.formats import file_sha256
+
+
+def load_for_eval(model: str, registry: Registry):
+    """(model, tokenizer, TaskInfo or None, run or None): a run's adapter on its base, or a base."""
+    run = registry.get_run(model) if model.startswith("run-") else None
+    if run is None:
+        return models.load_model(model), models.load_tokenizer(model), None, None
+    if run.status != "done" or not run.adapter_path:
+        raise TuneloopError(f"run {run.id} is {run.status}; only finished runs can be evaluated")
+    from peft import PeftModel
+
+    meta = json.loads((Path(run.adapter_path) / "tuneloop.json").read_text())
+    base = models.load_model(meta["base_model"])
+    lm = PeftModel.from_pretrained(base, run.adapter_path)
+    lm.eval()
+    return lm, models.load_tokenizer(meta["base_model"]), TaskInfo.from_dict(meta["task"]), run
+
+
+def evaluate(model: str, data: str | Path, task: str | None = None,
+             labels_from: str | Path | None = None, strategy: str | None = None,
+             workspace: Path | None = None, on_batch=None) -> dict:
+    """Score a base model (zero-shot prompt) or a run (its adapter and training prompt) on data.
+
+    For a base model the label set / field names come from `labels_from` (the training file)
+    when given, else from `data` itself.
+    """
+    ws = workspace or project.workspace()
+    registry = Registry.open(ws)
+    lm, tokenizer, info, run = load_for_eval(model, registry)
+    if run is not None:
+        if task and task != info.kind:
+            raise TuneloopError(f"run {run.id} was trained for task '{info.kind}', not '{task}'")
+        task = info.kind
+    elif task is None:
+        raise TuneloopError("--task is required when evaluating a base model "
+                            "(classify, extract or chat)")
+    examples = load_examples(data, task)
+    if info is None:
+        info = tasks.describe(task, load_examples(labels_from, task) if labels_from else examples)
+    zero_shot = run is None
+    result = score(lm, tokenizer, examples, info, zero_shot=zero_shot, on_batch=on_batch)
+    ds = registry.add_dataset(file_sha256(data), str(data), len(examples), task)
+    eval_id = new_id("ev")
+    strategy = strategy or ("zero-shot" if zero_shot else "fine-tuned")
+    record_evaluation(registry, ws / "evaluations" / eval_id, result, model=model,
+                      run_id=run.id if run else None, dataset=ds.id, strategy=strategy, task=task)
+    flat = {k: v for k, v in result["metrics"].items() if not isinstance(v, dict)}
+    return {"model": model, "task": task, "strategy": strategy, **flat, "metrics": result["metrics"]}

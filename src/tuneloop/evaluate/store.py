@@ -1,0 +1,19 @@
+"""Keep an evaluation's evidence: predictions on disk (JSONL), metrics in the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def record_evaluation(registry, folder: Path, result: dict, **fields):
+    """Write folder/predictions.jsonl and metrics.json atomically, and add a registry row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "predictions.jsonl.tmp"
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in result["predictions"]:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, folder / "predictions.jsonl")
+    (folder / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+    return registry.add_evaluation(metrics=result["metrics"], **fields)

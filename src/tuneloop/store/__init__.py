@@ -1,0 +1,145 @@
+"""The registry: datasets, runs and evaluations in SQLite (or any SQLAlchemy URL).
+
+Schema changes are append-only named migrations (store/migrations.py); every write is one
+transaction. `TUNELOOP_DB_URL` points at PostgreSQL when a team outgrows one file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+from pathlib import Path
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from tuneloop.errors import TuneloopError
+from tuneloop.store.migrations import migrate
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    rows: Mapped[int] = mapped_column(Integer)
+    task: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    task: Mapped[str] = mapped_column(String(32))
+    base_model: Mapped[str] = mapped_column(String(512))
+    method: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="created")
+    recipe: Mapped[dict] = mapped_column(JSON)
+    train_dataset: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
+    test_dataset: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    adapter_path: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    error: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    started: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    finished: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    wall_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    model: Mapped[str] = mapped_column(String(512))
+    dataset: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
+    strategy: Mapped[str] = mapped_column(String(32))
+    task: Mapped[str] = mapped_column(String(32))
+    metrics: Mapped[dict] = mapped_column(JSON)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+class Registry:
+    """A connection to the registry database, migrated to the latest schema on open."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = create_engine(url)
+        migrate(self.engine)
+
+    @classmethod
+    def open(cls, workspace: Path) -> "Registry":
+        """The registry of a workspace: $TUNELOOP_DB_URL, else workspace/tuneloop.db."""
+        workspace.mkdir(parents=True, exist_ok=True)
+        url = os.environ.get("TUNELOOP_DB_URL") or f"sqlite:///{workspace / 'tuneloop.db'}"
+        return cls(url)
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def add_dataset(self, sha256: str, path: str, rows: int, task: str | None) -> Dataset:
+        """Register a data file by content; the same content is the same dataset."""
+        with self.session() as s, s.begin():
+            found = s.scalars(select(Dataset).where(Dataset.sha256 == sha256)).first()
+            if found:
+                return found
+            ds = Dataset(id="ds-" + sha256[:12], sha256=sha256, path=path, rows=rows, task=task)
+            s.add(ds)
+            return ds
+
+    def add_run(self, **fields) -> Run:
+        with self.session() as s, s.begin():
+            run = Run(id=new_id("run"), **fields)
+            s.add(run)
+            return run
+
+    def update_run(self, run_id: str, **fields) -> None:
+        with self.session() as s, s.begin():
+            run = s.get(Run, run_id)
+            for key, value in fields.items():
+                setattr(run, key, value)
+
+    def get_run(self, run_id: str) -> Run:
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                matches = s.scalars(select(Run).where(Run.id.startswith(run_id))).all()
+                if len(matches) == 1:
+                    return matches[0]
+                raise TuneloopError(f"no run '{run_id}'; `tuneloop runs list` shows the runs")
+            return run
+
+    def list_runs(self, limit: int = 50) -> list[Run]:
+        with self.session() as s:
+            return list(s.scalars(select(Run).order_by(Run.created.desc()).limit(limit)))
+
+    def add_evaluation(self, **fields) -> Evaluation:
+        with self.session() as s, s.begin():
+            ev = Evaluation(id=new_id("ev"), **fields)
+            s.add(ev)
+            return ev
+
+    def evaluations(self, run_id: str | None = None) -> list[Evaluation]:
+        with self.session() as s:
+            q = select(Evaluation).order_by(Evaluation.created)
+            if run_id:
+                q = q.where(Evaluation.run_id == run_id)
+            return list(s.scalars(q))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{_now():%Y%m%d}-{secrets.token_hex(3)}"
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, default=str)

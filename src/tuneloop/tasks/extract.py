@@ -1,0 +1,69 @@
+"""extract: a JSON object with the training data's fields; scored field by field."""
+
+from __future__ import annotations
+
+import json
+import re
+
+
+def prompt(example, info, zero_shot: bool = False) -> list[dict]:
+    """The messages for one example; the field names are always named (they define the output)."""
+    system = ("Extract these fields from the user's text and reply with one JSON object with "
+              "exactly these keys: " + ", ".join(info.fields) + ".")
+    if zero_shot:
+        system += " Use an empty string for a field that is not present."
+    return [{"role": "system", "content": system}, *example.messages]
+
+
+def target(example) -> str:
+    return json.dumps(example.fields, ensure_ascii=False)
+
+
+def parse(output: str, info) -> tuple[dict | None, bool]:
+    """(fields or None, valid JSON object): the first JSON object in the output."""
+    text = output.strip()
+    start = text.find("{")
+    if start < 0:
+        return None, False
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError:
+        return None, False
+    return (obj, True) if isinstance(obj, dict) else (None, False)
+
+
+def normalize(value) -> str:
+    """Case, whitespace and number formatting do not make two values different."""
+    s = re.sub(r"\s+", " ", str(value if value is not None else "")).strip().lower()
+    number = re.sub(r"[,\s$€£]", "", s)
+    try:
+        return repr(float(number))
+    except ValueError:
+        return s
+
+
+def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool]) -> dict:
+    """JSON validity rate, per-field exact and normalized match, and micro P/R/F1 over fields."""
+    n = len(golds)
+    names = sorted({k for g in golds for k in g})
+    per_field = {}
+    tp = n_pred = n_gold = 0
+    for name in names:
+        exact = norm = 0
+        for p, g in zip(predictions, golds):
+            pv, gv = (p or {}).get(name), g.get(name)
+            exact += pv == gv
+            norm += normalize(pv) == normalize(gv)
+        per_field[name] = {"exact": exact / n if n else 0.0, "normalized": norm / n if n else 0.0}
+    for p, g in zip(predictions, golds):
+        p = p or {}
+        gold_set = {k for k, v in g.items() if normalize(v)}
+        pred_set = {k for k, v in p.items() if normalize(v)}
+        n_gold += len(gold_set)
+        n_pred += len(pred_set)
+        tp += sum(1 for k in gold_set & pred_set if normalize(p[k]) == normalize(g[k]))
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"field_f1": f1, "field_precision": precision, "field_recall": recall,
+            "json_valid_rate": sum(valid) / n if n else 0.0, "per_field": per_field, "n": n}

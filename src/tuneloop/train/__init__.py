@@ -1,0 +1,1 @@
+"""Training methods (one file each) and the pure helpers they share."""

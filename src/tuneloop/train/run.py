@@ -1,0 +1,66 @@
+"""A training run end to end: data, method, test evaluation, registry and artifacts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+from tuneloop import project
+from tuneloop.evaluate.runner import score
+from tuneloop.evaluate.store import record_evaluation
+from tuneloop.store import Registry
+from tuneloop.data.formats import file_sha256
+from tuneloop.train.data import load_splits
+from tuneloop.train.lora import run_lora
+
+METHODS = {"lora": run_lora}
+
+
+def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -> dict:
+    """Train per recipe, evaluate on data.test, record everything in the registry.
+
+    Returns the run's summary: run_id, training stats and the test metrics (flattened, and in
+    full under "test").
+    """
+    ws = workspace or project.workspace()
+    registry = Registry.open(ws)
+    phase = on_phase or (lambda name: None)
+    phase("loading data")
+    splits = load_splits(recipe.data, recipe.task)
+    train_ds = registry.add_dataset(file_sha256(recipe.data.train), str(recipe.data.train),
+                                    len(splits.train), recipe.task)
+    test_ds = (registry.add_dataset(file_sha256(recipe.data.test), str(recipe.data.test),
+                                    len(splits.test), recipe.task) if recipe.data.test else None)
+    run = registry.add_run(name=recipe.name, task=recipe.task, base_model=recipe.base_model,
+                           method=recipe.method, status="running",
+                           recipe=json.loads(recipe.model_dump_json()), train_dataset=train_ds.id,
+                           test_dataset=test_ds.id if test_ds else None,
+                           started=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+    run_dir = ws / "runs" / run.id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        phase(f"training {run.id}")
+        out = METHODS[recipe.method](recipe, splits, run_dir, progress)
+        result = {"run_id": run.id, "run_dir": str(run_dir), **out["stats"]}
+        if splits.test:
+            phase("evaluating on the test set")
+            ev = score(out["model"], out["tokenizer"], splits.test, splits.info,
+                       batch_tokens=max(2048, out["plan"].batch_tokens))
+            record_evaluation(registry, run_dir / "test", ev, model=run.id, run_id=run.id,
+                              dataset=test_ds.id, strategy="fine-tuned", task=recipe.task)
+            result["test"] = ev["metrics"]
+            result.update({k: v for k, v in ev["metrics"].items() if not isinstance(v, dict)})
+        result["wall_s"] = time.perf_counter() - started
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        registry.update_run(run.id, status="done", metrics=result, wall_s=result["wall_s"],
+                            adapter_path=str(run_dir / "adapter"),
+                            finished=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+        return result
+    except BaseException as exc:
+        status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+        registry.update_run(run.id, status=status, error=f"{type(exc).__name__}: {exc}"[:4000],
+                            finished=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+        raise

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny Llama-shaped model with a tiny tokenizer, built in the test session."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LABELS = ["card_lost", "exchange_rate", "top_up"]
+TEMPLATES = {
+    "card_lost": ["i lost my card {}", "my card was stolen {}", "where is my card {}"],
+    "exchange_rate": ["what is the rate for {}", "exchange rate to {} please", "convert to {}"],
+    "top_up": ["top up failed {}", "cannot add money {}", "my top up is pending {}"],
+}
+WORDS = ["today", "yesterday", "again", "now", "euro", "dollar", "pound", "yen", "help", "fast"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        text = rng.choice(TEMPLATES[label]).format(" ".join(rng.sample(WORDS, 2)))
+        rows.append({"text": f"{text} {i}", "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 Llama with a byte-level BPE tokenizer and a ChatML template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [r["text"] for r in make_rows(300)] + LABELS + ["system user assistant helpful {}:\",_"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                         pad_token_id=fast.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch) -> Path:
+    """An empty workspace for the registry and run artifacts."""
+    ws = tmp_path / "ws"
+    monkeypatch.setenv("TUNELOOP_HOME", str(ws))
+    return ws
+
+
+@pytest.fixture()
+def classify_files(tmp_path) -> tuple[Path, Path]:
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(60, seed=1))
+    test = write_jsonl(tmp_path / "test.jsonl", [dict(r, text=r["text"] + " t") for r in make_rows(12, seed=2)])
+    return train, test
