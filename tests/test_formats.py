@@ -110,3 +110,32 @@ def test_load_examples_raises_a_user_error_listing_lines(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD_CHAT] * 10 + ["oops"])
     with pytest.raises(TuneloopError, match="line 11: invalid_json"):
         load_examples(path)
+
+
+def test_memory_stays_flat_on_large_files(tmp_path):
+    """A 200 MB file with no newline and 40 MB of rows are read in bounded memory."""
+    import subprocess
+    import sys
+
+    huge = tmp_path / "one_line.jsonl"
+    with huge.open("wb") as f:
+        block = b"a" * (1 << 20)
+        for _ in range(200):
+            f.write(block)
+    many = tmp_path / "many.jsonl"
+    row = (json.dumps({"text": "x" * 150, "label": "a"}) + "\n").encode()
+    many.write_bytes(row * (40_000_000 // len(row)))
+    script = (
+        "import resource, sys, json\n"
+        "from tuneloop.data.formats import scan\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "r1 = scan(sys.argv[1]); r2 = scan(sys.argv[2])\n"
+        "grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024\n"
+        "print(json.dumps({'codes': r1.counts, 'valid': r2.valid, 'grew_mb': grew}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(huge), str(many)],
+                          capture_output=True, text=True, check=True, timeout=300)
+    out = json.loads(proc.stdout)
+    assert out["codes"] == {"line_too_large": 1, "too_few_examples": 1}
+    assert out["valid"] == 40_000_000 // len(row)
+    assert out["grew_mb"] < 64, out

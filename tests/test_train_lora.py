@@ -95,3 +95,22 @@ def test_same_seed_same_run(tiny_model, classify_files, tmp_path):
     a = json.loads((tmp_path / "a" / "curves.json").read_text())
     b = json.loads((tmp_path / "b" / "curves.json").read_text())
     assert a == b
+
+
+def test_extract_and_chat_tasks_train_and_score(tiny_model, tmp_path, workspace):
+    from tests.conftest import write_jsonl
+
+    rows = [{"text": f"invoice from acme {i} total {i}.50", "fields": {"company": "acme", "total": f"{i}.50"}}
+            for i in range(24)]
+    chats = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+             for w in ["today", "now", "again", "euro", "dollar", "pound"] * 4]
+    for task, data, keys in (("extract", rows, ("field_f1", "json_valid_rate")),
+                             ("chat", chats, ("rouge_l", "perplexity"))):
+        train_file = write_jsonl(tmp_path / f"{task}.jsonl", data[:20])
+        test_file = write_jsonl(tmp_path / f"{task}-test.jsonl", data[20:])
+        recipe = recipe_from_dict({"base_model": str(tiny_model), "task": task, "max_steps": 2,
+                                   "data": {"train": str(train_file), "test": str(test_file)}})
+        result = train(recipe, workspace=workspace)
+        for key in keys:
+            assert key in result, (task, key)
+        assert result["test"]["n"] == 4

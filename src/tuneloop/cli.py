@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -34,6 +35,9 @@ JSON_OPT = typer.Option(False, "--json", help="Print one JSON object instead of 
 
 def main() -> None:
     """Console-script entry point."""
+    # Deprecation chatter from dependencies (peft asks transformers about gradient
+    # checkpointing by its old name) is not the user's business.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         app()
     except TuneloopError as exc:

@@ -143,6 +143,9 @@ def load_model(model: str, dtype=None):
 
 
 def _from_pretrained(cls, ref: Path | str, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # tuneloop shows its own progress; keep output readable
     try:
         return cls.from_pretrained(ref, **kwargs)
     except OSError as exc:
