@@ -158,6 +158,68 @@ def eval_(
     _print_metrics(result)
 
 
+@app.command()
+def baseline(
+    recipe: Path = typer.Argument(..., help="recipe YAML (base_model, task, data.train, data.test)"),
+    strategies: Optional[str] = typer.Option(None, help="comma-separated: zero-shot,few-shot,many-shot"),
+    rerun: bool = typer.Option(False, help="score again even if the registry has the result"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Score prompting baselines on the recipe's test data: the yardstick fine-tuning must beat.
+
+    Example: tuneloop baseline examples/banking77/recipe.yaml --strategies zero-shot,few-shot
+    """
+    from tuneloop.baselines.strategies import run_baselines
+    from tuneloop.project import load_recipe
+
+    parsed = load_recipe(recipe)
+    if parsed.data.test is None:
+        raise TuneloopError(f"{recipe}: baselines need data.test (the held-out rows to score)")
+    chosen = strategies.split(",") if strategies else parsed.baselines
+    results = run_baselines(parsed.base_model, parsed.data.train, parsed.data.test, parsed.task,
+                            chosen, max_prompt_tokens=parsed.many_shot_tokens, rerun=rerun,
+                            on_phase=lambda p: err.print(f"[dim]{p}[/]"))
+    if as_json:
+        _print_json(results)
+        return
+    print_scoreboard(parsed.task, {f"{parsed.base_model} {k}": v for k, v in results.items()})
+
+
+def print_scoreboard(task: str, rows: dict[str, dict], title: str = "scoreboard") -> None:
+    """One row per model/strategy: the task's metrics, latency and shots."""
+    columns = {"classify": ["accuracy", "macro_f1"], "extract": ["field_f1", "json_valid_rate"],
+               "chat": ["rouge_l", "perplexity"]}[task] + ["latency_ms_per_request", "shots"]
+    table = Table("model", *columns, title=title)
+    for name, m in rows.items():
+        table.add_row(name, *[("–" if m.get(c) is None else f"{m[c]:.3f}" if isinstance(m[c], float)
+                               else str(m[c])) for c in columns])
+    out.print(table)
+
+
+@app.command()
+def gate(run_id: str, as_json: bool = JSON_OPT) -> None:
+    """Exit 0 only if the run beats the best prompting baseline by the recipe's margin.
+
+    Example: tuneloop gate run-20261123-ab12cd && deploy.sh
+    """
+    from tuneloop.project import workspace
+    from tuneloop.store import Registry
+
+    run = Registry.open(workspace()).get_run(run_id)
+    verdict = (run.metrics or {}).get("gate")
+    if verdict is None:
+        raise TuneloopError(f"run {run.id} has no gate verdict: it needs data.test and at least "
+                            "one baseline in its recipe")
+    if as_json:
+        _print_json(verdict)
+    else:
+        word = "[green]PASSED[/]" if verdict["passed"] else "[red]FAILED[/]"
+        out.print(f"{run.id}: {word} — {verdict['metric']} {verdict['run_value']:.3f} vs best "
+                  f"baseline {verdict['best_baseline']} {verdict['best_baseline_value']:.3f} "
+                  f"(gain {verdict['gain']:+.3f}, margin {verdict['margin']})")
+    raise typer.Exit(0 if verdict["passed"] else 1)
+
+
 @runs_app.command("list")
 def runs_list(as_json: bool = JSON_OPT) -> None:
     """List runs, newest first.  Example: tuneloop runs list"""

@@ -1,6 +1,6 @@
 """`tuneloop demo`: the whole loop on the shipped banking77 subset, with a scoreboard at the end.
 
-validate → zero-shot baseline → LoRA training → evaluation → scoreboard + HTML report.
+validate → prompting baselines → LoRA training → evaluation → gate → scoreboard + HTML report.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.table import Table
 
 from tuneloop import project
-from tuneloop.baselines import zero_shot
+from tuneloop.baselines.strategies import run_baselines
 from tuneloop.data.validate import validate
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import scoreboard_html
@@ -45,40 +45,46 @@ def run_demo(out, err) -> dict:
         if not report.ok:
             raise TuneloopError(f"{path} is invalid; run `tuneloop data validate {path}`")
 
-    out.rule("2. zero-shot baseline (the base model, prompted with the label set)")
+    out.rule("2. prompting baselines: zero-shot, few-shot, many-shot (the yardstick)")
     t0 = time.perf_counter()
-    base = zero_shot(recipe.base_model, recipe.data.train, recipe.data.test, recipe.task)
-    base["wall_s"] = time.perf_counter() - t0
-    out.print(f"zero-shot accuracy {base['accuracy']:.3f}, macro-F1 {base['macro_f1']:.3f}")
+    baselines = run_baselines(recipe.base_model, recipe.data.train, recipe.data.test, recipe.task,
+                              recipe.baselines, max_prompt_tokens=recipe.many_shot_tokens,
+                              on_phase=lambda p: err.print(f"[dim]{p}[/]"))
+    baseline_s = time.perf_counter() - t0
+    for name, m in baselines.items():
+        out.print(f"{name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
 
     out.rule("3. LoRA fine-tuning, then 4. evaluation on the test split")
     with training_progress() as progress:
         run = train(recipe, progress=progress, on_phase=lambda p: err.print(f"[dim]{p}[/]"))
 
     out.rule("5. scoreboard")
-    rows = [
-        {"model": f"{recipe.base_model} zero-shot", "accuracy": base["accuracy"],
-         "macro_f1": base["macro_f1"], "train_tokens_per_s": None, "wall_s": base["wall_s"]},
-        {"model": f"{run['run_id']} (LoRA)", "accuracy": run["accuracy"], "macro_f1": run["macro_f1"],
-         "train_tokens_per_s": run["train_tokens_per_s"], "wall_s": run["wall_s"]},
-    ]
-    columns = ["accuracy", "macro_f1", "train_tokens_per_s", "wall_s"]
+    rows = [{"model": f"{recipe.base_model} {name}", "accuracy": m["accuracy"],
+             "macro_f1": m["macro_f1"], "ms_per_request": m["latency_ms_per_request"],
+             "train_tokens_per_s": None, "wall_s": None} for name, m in baselines.items()]
+    rows.append({"model": f"{run['run_id']} (LoRA)", "accuracy": run["accuracy"],
+                 "macro_f1": run["macro_f1"], "ms_per_request": run["latency_ms_per_request"],
+                 "train_tokens_per_s": run["train_tokens_per_s"], "wall_s": run["wall_s"]})
+    columns = ["accuracy", "macro_f1", "ms_per_request", "train_tokens_per_s", "wall_s"]
     table = Table("model", *columns, title="banking77 subset: test split")
     for row in rows:
-        table.add_row(row["model"], *[("–" if row[c] is None else f"{row[c]:.3f}" if c != "train_tokens_per_s"
-                                       and c != "wall_s" else f"{row[c]:.0f}") for c in columns])
+        table.add_row(row["model"], *["–" if row[c] is None else f"{row[c]:.3f}" if c in
+                                      ("accuracy", "macro_f1") else f"{row[c]:.0f}" for c in columns])
     out.print(table)
-    gain = run["accuracy"] - base["accuracy"]
-    notes = [f"fine-tuning gain over the zero-shot baseline: {gain:+.3f} accuracy",
+    verdict = run["gate"]
+    notes = [f"gate: {'PASSED' if verdict['passed'] else 'FAILED'} — fine-tuned accuracy "
+             f"{verdict['run_value']:.3f} vs best baseline ({verdict['best_baseline']}) "
+             f"{verdict['best_baseline_value']:.3f}, gain {verdict['gain']:+.3f}",
              f"{run['train_tokens']} training tokens, peak RSS {run['peak_rss_mb']:.0f} MB",
-             f"test rows: {run['test']['n']}; whole demo {time.perf_counter() - started:.0f} s"]
+             f"test rows: {run['test']['n']}; baselines {baseline_s:.0f} s; "
+             f"whole demo {time.perf_counter() - started:.0f} s"]
     run_dir = Path(run["run_dir"])
     html = scoreboard_html("tuneloop demo: banking77 subset", rows, columns, run_dir / "loss.png", notes)
     (run_dir / "report.html").write_text(html, encoding="utf-8")
     for note in notes:
         out.print(note)
     out.print(f"report: {run_dir / 'report.html'}  loss curve: {run_dir / 'loss.png'}")
-    result = {"baseline": rows[0], "fine_tuned": rows[1], "gain": gain, "run_id": run["run_id"],
+    result = {"scoreboard": rows, "gate": verdict, "run_id": run["run_id"],
               "report": str(run_dir / "report.html")}
     (project.workspace() / "demo.json").write_text(json.dumps(result, indent=2))
     return result

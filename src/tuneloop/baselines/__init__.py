@@ -1,19 +1,6 @@
 """Prompting baselines: what the base model does without fine-tuning, scored like a run.
 
-`STRATEGIES` maps a strategy name to a function; fine-tuning is worth it only where a run
-beats the best of them.
+zero-shot (the instruction names the labels / fields), few-shot (k training rows as examples)
+and many-shot (as many rows as fit the context). Fine-tuning is worth it only where a run
+beats the best of them; see `strategies.py` for the registry and `shots.py` for prompts.
 """
-
-from __future__ import annotations
-
-from pathlib import Path
-
-from tuneloop.evaluate import evaluate
-
-
-def zero_shot(base_model: str, train: Path, test: Path, task: str, **kwargs) -> dict:
-    """The base model with an instruction naming the label set / fields from the training data."""
-    return evaluate(base_model, test, task=task, labels_from=train, strategy="zero-shot", **kwargs)
-
-
-STRATEGIES = {"zero-shot": zero_shot}

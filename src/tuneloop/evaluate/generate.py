@@ -35,3 +35,50 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
         if on_batch:
             on_batch(len(idx))
     return replies, counts
+
+
+@torch.no_grad()
+def generate_shared_prefix(model, tokenizer, prefix: list[int], suffixes: list[list[int]],
+                           max_new_tokens: int, batch_size: int = 16, reuse: bool = True,
+                           on_batch=None) -> tuple[list[str], list[int]]:
+    """Greedy replies to prompts that all start with the same `prefix` tokens.
+
+    With `reuse`, the prefix is run through the model once and its KV cache is copied into
+    every batch, so a many-shot prompt of thousands of tokens costs one forward pass instead
+    of one per test row. Suffixes are left-padded *after* the prefix; generate() derives
+    position ids from the attention mask, so every row sees exactly the positions it would
+    see alone. `reuse=False` runs the same token sequences without the cache (the reference).
+    """
+    import copy
+
+    cache = None
+    if reuse:
+        cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+    order = sorted(range(len(suffixes)), key=lambda i: -len(suffixes[i]))
+    replies: list[str] = [""] * len(suffixes)
+    counts: list[int] = [0] * len(suffixes)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        tail = collate([Encoded(suffixes[i], suffixes[i]) for i in idx], tokenizer.pad_token_id,
+                       left_pad=True)
+        n = len(idx)
+        ids = torch.cat([torch.tensor([prefix]).expand(n, -1), tail["input_ids"]], dim=1)
+        mask = torch.cat([torch.ones(n, len(prefix), dtype=torch.long), tail["attention_mask"]], dim=1)
+        kwargs = {}
+        if cache is not None:
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(n)
+            kwargs["past_key_values"] = batch_cache
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **kwargs)
+        for row, i in enumerate(idx):
+            tokens = out[row, ids.shape[1]:].tolist()
+            if tokenizer.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+            counts[i] = len(tokens)
+            replies[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_batch:
+            on_batch(n)
+    return replies, counts

@@ -8,7 +8,8 @@ import time
 from tuneloop import tasks
 from tuneloop.data.batching import collate, length_grouped_batches
 from tuneloop.data.tokenize import encode
-from tuneloop.evaluate.generate import generate
+from tuneloop.baselines import shots as shots_lib
+from tuneloop.evaluate.generate import generate, generate_shared_prefix
 from tuneloop.train.loss import mean_loss
 
 
@@ -24,17 +25,39 @@ def max_new_tokens(tokenizer, examples, info) -> int:
     return min(512, int(longest * 1.5) + 16)
 
 
+def prefix_batch_size(model, prefix_len: int, budget_bytes: float = 1e9) -> int:
+    """Rows per batch so that the copied prefix KV cache stays within ~1 GB."""
+    cfg = model.config
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_row = prefix_len * cfg.num_hidden_layers * 2 * kv * head * 4
+    return int(max(1, min(16, budget_bytes // max(per_row, 1))))
+
+
 def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_tokens: int = 2048,
-          on_batch=None) -> dict:
+          on_batch=None, shots=None, reuse_prefix: bool = True) -> dict:
     """Generate for every example and compute the task's metrics (plus loss/perplexity for chat).
 
+    With `shots` (a list of examples, possibly empty) every prompt starts with the same
+    instruction + shots prefix, whose KV cache is computed once when `reuse_prefix`.
     Returns {"metrics": {...}, "predictions": [{"line", "output", "prediction", "gold"}]}.
     """
     module = tasks.TASKS[info.kind]
-    prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
+    new_tokens = max_new_tokens(tokenizer, examples, info)
     start = time.perf_counter()
-    outputs, counts = generate(model, tokenizer, prompts, max_new_tokens(tokenizer, examples, info),
-                               batch_tokens=batch_tokens, on_batch=on_batch)
+    if shots is None:
+        prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
+        outputs, counts = generate(model, tokenizer, prompts, new_tokens, batch_tokens=batch_tokens,
+                                   on_batch=on_batch)
+        prompt_tokens = None
+    else:
+        prefix = shots_lib.prefix_messages(info, shots)
+        parts = [shots_lib.split_prompt(tokenizer, prefix, e) for e in examples]
+        prefix_ids = parts[0][0]
+        outputs, counts = generate_shared_prefix(
+            model, tokenizer, prefix_ids, [s for _, s in parts], new_tokens, reuse=reuse_prefix,
+            batch_size=prefix_batch_size(model, len(prefix_ids)), on_batch=on_batch)
+        prompt_tokens = len(prefix_ids)
     elapsed = time.perf_counter() - start
     parsed = [module.parse(o, info) for o in outputs]
     preds = [p for p, _ in parsed]
@@ -47,6 +70,9 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
         loss = mean_loss(model, (collate([enc[i] for i in b], tokenizer.pad_token_id) for b in order))
         metrics.update(loss=loss, perplexity=math.exp(loss))
     metrics["generate_s"] = elapsed
+    metrics["latency_ms_per_request"] = 1000 * elapsed / max(1, len(examples))  # batched, amortized
+    if shots is not None:
+        metrics.update(shots=len(shots), prefix_tokens=prompt_tokens)
     metrics["output_tokens_per_s"] = sum(counts) / elapsed if elapsed else 0.0
     rows = [{"line": e.line, "output": o, "prediction": p, "gold": g}
             for e, o, p, g in zip(examples, outputs, preds, golds)]

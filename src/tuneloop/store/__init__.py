@@ -63,6 +63,7 @@ class Evaluation(Base):
     run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
     model: Mapped[str] = mapped_column(String(512))
     dataset: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
+    train_dataset: Mapped[str | None] = mapped_column(String(32), nullable=True)
     strategy: Mapped[str] = mapped_column(String(32))
     task: Mapped[str] = mapped_column(String(32))
     metrics: Mapped[dict] = mapped_column(JSON)
@@ -128,6 +129,15 @@ class Registry:
             ev = Evaluation(id=new_id("ev"), **fields)
             s.add(ev)
             return ev
+
+    def baselines(self, model: str, dataset: str, train_dataset: str) -> dict[str, dict]:
+        """The latest metrics of each baseline strategy of a base model on a test/train pair."""
+        with self.session() as s:
+            rows = s.scalars(select(Evaluation).where(
+                Evaluation.model == model, Evaluation.dataset == dataset,
+                Evaluation.train_dataset == train_dataset, Evaluation.run_id.is_(None),
+            ).order_by(Evaluation.created))
+            return {row.strategy: row.metrics for row in rows}
 
     def evaluations(self, run_id: str | None = None) -> list[Evaluation]:
         with self.session() as s:

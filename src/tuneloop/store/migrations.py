@@ -64,6 +64,12 @@ def m001_initial(conn: sa.Connection) -> None:
     md.create_all(conn)
 
 
+@migration
+def m002_evaluation_train_dataset(conn: sa.Connection) -> None:
+    # Baselines depend on the training data too (label set, shots): key them by it.
+    conn.execute(sa.text("ALTER TABLE evaluations ADD COLUMN train_dataset VARCHAR(32)"))
+
+
 def migrate(engine: sa.Engine) -> list[str]:
     """Apply every migration not yet recorded; returns the names applied."""
     applied = []

@@ -13,9 +13,21 @@ from tuneloop.evaluate.store import record_evaluation
 from tuneloop.store import Registry
 from tuneloop.data.formats import file_sha256
 from tuneloop.train.data import load_splits
+from tuneloop.baselines.strategies import best, run_baselines
+from tuneloop.tasks import HEADLINE
 from tuneloop.train.lora import run_lora
 
 METHODS = {"lora": run_lora}
+
+
+def gate(result: dict, baselines: dict, recipe) -> dict:
+    """The fine-tune gate: does the run beat the best prompting baseline by the margin?"""
+    metric = HEADLINE[recipe.task]
+    strategy, value = best(baselines, recipe.task)
+    gain = result[metric] - value
+    return {"metric": metric, "best_baseline": strategy, "best_baseline_value": value,
+            "run_value": result[metric], "gain": gain, "margin": recipe.gate_margin,
+            "passed": gain > recipe.gate_margin}
 
 
 def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -> dict:
@@ -42,6 +54,11 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
+        baselines = {}
+        if recipe.data.test and recipe.baselines:
+            baselines = run_baselines(recipe.base_model, recipe.data.train, recipe.data.test,
+                                      recipe.task, recipe.baselines, workspace=ws,
+                                      max_prompt_tokens=recipe.many_shot_tokens, on_phase=phase)
         phase(f"training {run.id}")
         out = METHODS[recipe.method](recipe, splits, run_dir, progress)
         result = {"run_id": run.id, "run_dir": str(run_dir), **out["stats"]}
@@ -53,6 +70,9 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -
                               dataset=test_ds.id, strategy="fine-tuned", task=recipe.task)
             result["test"] = ev["metrics"]
             result.update({k: v for k, v in ev["metrics"].items() if not isinstance(v, dict)})
+            if baselines:
+                result["baselines"] = baselines
+                result["gate"] = gate(result, baselines, recipe)
         result["wall_s"] = time.perf_counter() - started
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         registry.update_run(run.id, status="done", metrics=result, wall_s=result["wall_s"],

@@ -1,0 +1,95 @@
+"""In-context examples ("shots"): which training rows go into the prompt, and how they are laid out.
+
+Shots form one shared prefix for every test row (system instruction, then user/assistant
+turns), so its KV cache can be computed once. Training rows whose input also appears in the
+test set never become shots: a test row must not see its own answer.
+"""
+
+from __future__ import annotations
+
+import random
+
+from tuneloop import tasks
+from tuneloop.data.formats import Example
+from tuneloop.train.data import key
+
+
+def pool(train: list[Example], test: list[Example]) -> list[Example]:
+    """Training rows allowed as shots: none shares its input with a test row."""
+    banned = {key(e) for e in test}
+    return [e for e in train if key(e) not in banned]
+
+
+def ordered(candidates: list[Example], info, seed: int) -> list[Example]:
+    """A seeded order that cycles through the labels, so any first k shots cover them evenly."""
+    rng = random.Random(seed)
+    shuffled = candidates[:]
+    rng.shuffle(shuffled)
+    if info.kind != "classify":
+        return shuffled
+    by_label: dict[str, list[Example]] = {}
+    for e in shuffled:
+        by_label.setdefault(e.label, []).append(e)
+    out: list[Example] = []
+    while any(by_label.values()):
+        for label in sorted(by_label):
+            if by_label[label]:
+                out.append(by_label[label].pop())
+    return out
+
+
+def turns(example: Example, info) -> list[dict]:
+    """One shot as chat turns: its user turn(s) and the answer as the assistant's reply."""
+    module = tasks.TASKS[info.kind]
+    user = [m for m in example.messages if m["role"] != "system"]
+    return [*user, {"role": "assistant", "content": module.target(example)}]
+
+
+def prefix_messages(info, shots: list[Example]) -> list[dict]:
+    """The shared prefix: the zero-shot instruction, then every shot."""
+    module = tasks.TASKS[info.kind]
+    head = module.prompt(Example(messages=(), answer=""), info, zero_shot=True)
+    return [*head, *[t for shot in shots for t in turns(shot, info)]]
+
+
+def split_prompt(tokenizer, prefix: list[dict], example: Example) -> tuple[list[int], list[int]]:
+    """(prefix ids, suffix ids) of prefix + the example's turns, rendered by the chat template.
+
+    The template renders the prefix text unchanged when turns are appended, and a turn starts
+    with a special token, so the token boundary falls exactly between prefix and suffix.
+    """
+    prefix_text = tokenizer.apply_chat_template(prefix, tokenize=False) if prefix else ""
+    user = [m for m in example.messages if m["role"] != "system"]
+    full = tokenizer.apply_chat_template([*prefix, *user], tokenize=False, add_generation_prompt=True)
+    if not full.startswith(prefix_text):
+        raise ValueError("the chat template does not render the shared prefix unchanged")
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(prefix_text), encode(full[len(prefix_text):])
+
+
+def count(tokenizer, messages: list[dict]) -> int:
+    """Tokens of messages rendered by the chat template (no generation prompt)."""
+    if not messages:
+        return 0
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit(tokenizer, info, candidates: list[Example], budget: int, limit: int | None = None) -> list[Example]:
+    """As many shots (in order) as fit within `budget` prefix tokens, and at most `limit`.
+
+    The template renders each message on its own, so a shot's cost is the growth it adds to
+    the rendered head; summing those costs gives the prefix length without re-rendering it.
+    """
+    head = prefix_messages(info, [])
+    used = base = count(tokenizer, head)
+    chosen: list[Example] = []
+    for shot in candidates:
+        if limit is not None and len(chosen) >= limit:
+            break
+        cost = count(tokenizer, [*head, *turns(shot, info)]) - base
+        if used + cost > budget:
+            break
+        chosen.append(shot)
+        used += cost
+    return chosen
