@@ -61,3 +61,18 @@ def test_every_shipped_recipe_parses(path):
     recipe = load_recipe(path)
     assert recipe.data.train.is_file()
     assert recipe.data.test is None or recipe.data.test.is_file()
+
+
+def test_licence_policy_refuses_gemma_until_accepted():
+    from tuneloop.models import licences
+
+    recipe = recipe_from_dict({**MINIMAL, "base_model": "gemma3-270m"})
+    with pytest.raises(TuneloopError) as err:
+        licences.check(recipe.base_model, recipe.allowed_licences, recipe.accept_licences)
+    assert "Gemma Terms of Use" in str(err.value) and "accept_licences" in str(err.value)
+    accepted = recipe_from_dict({**MINIMAL, "base_model": "gemma3-270m",
+                                 "accept_licences": ["Gemma Terms of Use"]})
+    assert licences.check(accepted.base_model, accepted.allowed_licences,
+                          accepted.accept_licences)["restricted"] is True
+    assert licences.check("smollm2-135m-instruct", recipe.allowed_licences, [])["name"] == "Apache-2.0"
+    assert licences.check("/some/local/folder", [], [])["restricted"] is None

@@ -60,16 +60,18 @@ def run_demo(out, err) -> dict:
 
     out.rule("5. scoreboard")
     rows = [{"model": f"{recipe.base_model} {name}", "accuracy": m["accuracy"],
-             "macro_f1": m["macro_f1"], "ms_per_request": m["latency_ms_per_request"],
-             "train_tokens_per_s": None, "wall_s": None} for name, m in baselines.items()]
+             "macro_f1": m["macro_f1"], "ms_per_request": m.get("latency_ms_per_request"),
+             "usd_per_1k_requests": m.get("cost_per_1k_requests"), "train_tokens_per_s": None,
+             "wall_s": None} for name, m in baselines.items()]
     rows.append({"model": f"{run['run_id']} (LoRA)", "accuracy": run["accuracy"],
                  "macro_f1": run["macro_f1"], "ms_per_request": run["latency_ms_per_request"],
+                 "usd_per_1k_requests": run["cost_per_1k_requests"],
                  "train_tokens_per_s": run["train_tokens_per_s"], "wall_s": run["wall_s"]})
-    columns = ["accuracy", "macro_f1", "ms_per_request", "train_tokens_per_s", "wall_s"]
+    columns = ["accuracy", "macro_f1", "ms_per_request", "usd_per_1k_requests",
+               "train_tokens_per_s", "wall_s"]
     table = Table("model", *columns, title="banking77 subset: test split")
     for row in rows:
-        table.add_row(row["model"], *["–" if row[c] is None else f"{row[c]:.3f}" if c in
-                                      ("accuracy", "macro_f1") else f"{row[c]:.0f}" for c in columns])
+        table.add_row(row["model"], *[_cell(c, row[c]) for c in columns])
     out.print(table)
     verdict = run["gate"]
     notes = [f"gate: {'PASSED' if verdict['passed'] else 'FAILED'} — fine-tuned accuracy "
@@ -88,3 +90,11 @@ def run_demo(out, err) -> dict:
               "report": str(run_dir / "report.html")}
     (project.workspace() / "demo.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _cell(column: str, value) -> str:
+    if value is None:
+        return "–"
+    if column in ("ms_per_request", "train_tokens_per_s", "wall_s"):
+        return f"{value:.0f}"
+    return f"{value:.4f}" if column.startswith("usd") else f"{value:.3f}"

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tuneloop.errors import TuneloopError
+from tuneloop.models.licences import DEFAULT_ALLOWED
 
 
 class _Strict(BaseModel):
@@ -62,6 +63,10 @@ class Recipe(_Strict):
     gate_margin: float = Field(0.0, description="the gate passes when the run's headline metric "
                                "beats the best baseline by more than this")
     many_shot_tokens: int = Field(4096, gt=64, description="prompt budget of many-shot")
+    allowed_licences: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED), description="base-model licences allowed")
+    accept_licences: list[str] = Field(
+        default_factory=list, description="further licences accepted explicitly, by name")
 
     @field_validator("base_model")
     @classmethod

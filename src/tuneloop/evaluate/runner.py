@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from tuneloop import tasks
@@ -23,6 +24,12 @@ def max_new_tokens(tokenizer, examples, info) -> int:
     longest = max(len(tokenizer(module.target(e), add_special_tokens=False)["input_ids"])
                   for e in examples)
     return min(512, int(longest * 1.5) + 16)
+
+
+def price_per_hour() -> float:
+    """Machine price in USD/hour for cost figures: $TUNELOOP_PRICE_PER_HOUR, default 0.10
+    (about a 2-vCPU cloud VM; set your own hardware's or GPU's price)."""
+    return float(os.environ.get("TUNELOOP_PRICE_PER_HOUR", "0.10"))
 
 
 def prefix_batch_size(model, prefix_len: int, budget_bytes: float = 1e9) -> int:
@@ -71,6 +78,7 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
         metrics.update(loss=loss, perplexity=math.exp(loss))
     metrics["generate_s"] = elapsed
     metrics["latency_ms_per_request"] = 1000 * elapsed / max(1, len(examples))  # batched, amortized
+    metrics["cost_per_1k_requests"] = price_per_hour() * elapsed / max(1, len(examples)) * 1000 / 3600
     if shots is not None:
         metrics.update(shots=len(shots), prefix_tokens=prompt_tokens)
     metrics["output_tokens_per_s"] = sum(counts) / elapsed if elapsed else 0.0

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from tuneloop import project
+from tuneloop.models import licences
 from tuneloop.evaluate.runner import score
 from tuneloop.evaluate.store import record_evaluation
 from tuneloop.store import Registry
@@ -39,6 +40,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -
     ws = workspace or project.workspace()
     registry = Registry.open(ws)
     phase = on_phase or (lambda name: None)
+    licence = licences.check(recipe.base_model, recipe.allowed_licences, recipe.accept_licences)
     phase("loading data")
     splits = load_splits(recipe.data, recipe.task)
     train_ds = registry.add_dataset(file_sha256(recipe.data.train), str(recipe.data.train),
@@ -47,7 +49,8 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -
                                     len(splits.test), recipe.task) if recipe.data.test else None)
     run = registry.add_run(name=recipe.name, task=recipe.task, base_model=recipe.base_model,
                            method=recipe.method, status="running",
-                           recipe=json.loads(recipe.model_dump_json()), train_dataset=train_ds.id,
+                           recipe={**json.loads(recipe.model_dump_json()), "licence": licence},
+                           train_dataset=train_ds.id,
                            test_dataset=test_ds.id if test_ds else None,
                            started=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
     run_dir = ws / "runs" / run.id
