@@ -1,6 +1,6 @@
 """The baseline strategies, an explicit registry, and the runner that records them.
 
-Each strategy returns the shots to put in the prompt (None: the plain zero-shot prompt).
+Each strategy returns the shots to put in the prompt after the zero-shot instruction.
 Results are kept in the registry by (base model, test data, train data, strategy), so the
 gate of every later run on the same data reuses them instead of paying again.
 """
@@ -24,7 +24,8 @@ FEW_SHOT_MAX = 16
 
 
 def zero_shot(tokenizer, info, candidates, budget: int):
-    return None
+    """No examples: the instruction alone (still a shared prefix, computed once)."""
+    return []
 
 
 def few_shot(tokenizer, info, candidates, budget: int):

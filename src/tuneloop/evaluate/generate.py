@@ -52,7 +52,7 @@ def generate_shared_prefix(model, tokenizer, prefix: list[int], suffixes: list[l
     import copy
 
     cache = None
-    if reuse:
+    if reuse and prefix:
         cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
     order = sorted(range(len(suffixes)), key=lambda i: -len(suffixes[i]))
     replies: list[str] = [""] * len(suffixes)
@@ -63,7 +63,8 @@ def generate_shared_prefix(model, tokenizer, prefix: list[int], suffixes: list[l
         tail = collate([Encoded(suffixes[i], suffixes[i]) for i in idx], tokenizer.pad_token_id,
                        left_pad=True)
         n = len(idx)
-        ids = torch.cat([torch.tensor([prefix]).expand(n, -1), tail["input_ids"]], dim=1)
+        ids = torch.cat([torch.tensor([prefix], dtype=torch.long).expand(n, -1), tail["input_ids"]],
+                        dim=1)
         mask = torch.cat([torch.ones(n, len(prefix), dtype=torch.long), tail["attention_mask"]], dim=1)
         kwargs = {}
         if cache is not None:
