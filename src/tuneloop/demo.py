@@ -59,11 +59,11 @@ def run_demo(out, err) -> dict:
         run = train(recipe, progress=progress, on_phase=lambda p: err.print(f"[dim]{p}[/]"))
 
     out.rule("5. scoreboard")
-    rows = [{"model": f"{name} (base model)", "accuracy": m["accuracy"],
+    rows = [{"model": name, "accuracy": m["accuracy"],
              "macro_f1": m["macro_f1"], "ms_per_request": m.get("latency_ms_per_request"),
              "usd_per_1k_requests": m.get("cost_per_1k_requests"), "train_tokens_per_s": None,
              "wall_s": None} for name, m in baselines.items()]
-    rows.append({"model": "fine-tuned (LoRA)", "accuracy": run["accuracy"],
+    rows.append({"model": "fine-tuned", "accuracy": run["accuracy"],
                  "macro_f1": run["macro_f1"], "ms_per_request": run["latency_ms_per_request"],
                  "usd_per_1k_requests": run["cost_per_1k_requests"],
                  "train_tokens_per_s": run["train_tokens_per_s"], "wall_s": run["wall_s"]})
@@ -73,7 +73,7 @@ def run_demo(out, err) -> dict:
                "usd_per_1k_requests": "$/1k req", "train_tokens_per_s": "train tok/s",
                "wall_s": "wall s"}
     table = Table("model", *[headers[c] for c in columns],
-                  title=f"banking77 subset, {run['test']['n']} test rows ({recipe.base_model})")
+                  title=f"banking77 subset, {run['test']['n']} test rows, {recipe.base_model} (+ LoRA)")
     for row in rows:
         table.add_row(row["model"], *[_cell(c, row[c]) for c in columns])
     out.print(table)
