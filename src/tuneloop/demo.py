@@ -73,7 +73,8 @@ def run_demo(out, err) -> dict:
                "usd_per_1k_requests": "$/1k req", "train_tokens_per_s": "train tok/s",
                "wall_s": "wall s"}
     table = Table("model", *[headers[c] for c in columns],
-                  title=f"banking77 subset, {run['test']['n']} test rows, {recipe.base_model} (+ LoRA)")
+                  title=f"banking77 subset, {run['test']['n']} test rows, "
+                        f"{recipe.base_model} (+ LoRA)")
     for row in rows:
         table.add_row(row["model"], *[_cell(c, row[c]) for c in columns])
     out.print(table)
