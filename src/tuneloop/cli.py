@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from tuneloop.errors import TuneloopError
 
@@ -232,7 +232,8 @@ def runs_list(as_json: bool = JSON_OPT) -> None:
         _print_json([{"id": r.id, "status": r.status, "task": r.task, "base_model": r.base_model,
                       "created": r.created, "metrics": r.metrics} for r in runs])
         return
-    table = Table("id", "status", "task", "base model", "method", "headline", "created")
+    table = Table(Column("id", no_wrap=True), "status", "task", "base model", "method",
+                  "headline", Column("created", no_wrap=True))
     for r in runs:
         metric = (r.metrics or {}).get(HEADLINE[r.task])
         table.add_row(r.id, r.status, r.task, r.base_model, r.method,
