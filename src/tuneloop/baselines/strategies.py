@@ -39,7 +39,15 @@ def many_shot(tokenizer, info, candidates, budget: int):
     return shots_lib.fit(tokenizer, info, candidates, budget)
 
 
-STRATEGIES = {"zero-shot": zero_shot, "few-shot": few_shot, "many-shot": many_shot}
+def similar_shot(tokenizer, info, candidates, budget: int):
+    """k examples per test row, the training rows most similar to it (MiniLM embeddings)."""
+    return SIMILAR  # resolved per test row in run_baselines
+
+
+SIMILAR = object()  # marker: the shots differ per test row, so there is no shared prefix
+STRATEGIES = {"zero-shot": zero_shot, "few-shot": few_shot, "many-shot": many_shot,
+              "similar-shot": similar_shot}
+DEFAULT = ["zero-shot", "few-shot", "many-shot"]
 
 
 def run_baselines(base_model: str, train: Path, test: Path, task: str,
@@ -47,7 +55,7 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
                   max_prompt_tokens: int = MANY_SHOT_TOKENS, seed: int = 0,
                   reuse_prefix: bool = True, rerun: bool = False, on_phase=None) -> dict[str, dict]:
     """Score each strategy on `test` (shots drawn from `train`); returns metrics by strategy."""
-    strategies = strategies or list(STRATEGIES)
+    strategies = strategies or list(DEFAULT)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise TuneloopError(f"unknown baseline strategy {unknown}; choose from {list(STRATEGIES)}")
@@ -72,6 +80,9 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
         if on_phase:
             on_phase(f"baseline: {strategy}")
         shots = STRATEGIES[strategy](tok, info, candidates, budget)
+        if shots is SIMILAR:
+            k = len(few_shot(tok, info, candidates, budget))
+            shots = per_row_shots(test_rows, candidates, k)
         result = score(lm, tok, test_rows, info, zero_shot=True, shots=shots,
                        reuse_prefix=reuse_prefix)
         eval_id = new_id("ev")
@@ -80,6 +91,16 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
                           task=task)
         results[strategy] = result["metrics"]
     return results
+
+
+def per_row_shots(test_rows, candidates, k: int) -> list[list]:
+    """The k candidates nearest to each test row's input, least similar first (the most similar
+    example sits right before the question)."""
+    from tuneloop.baselines.retrieve import nearest
+
+    text = lambda e: " ".join(m["content"] for m in e.messages if m["role"] != "system")  # noqa: E731
+    ranked = nearest([text(e) for e in test_rows], [text(c) for c in candidates], k)
+    return [[candidates[i] for i in reversed(row)] for row in ranked]
 
 
 def best(baselines: dict[str, dict], task: str) -> tuple[str, float]:

@@ -52,8 +52,12 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     module = tasks.TASKS[info.kind]
     new_tokens = max_new_tokens(tokenizer, examples, info)
     start = time.perf_counter()
-    if shots is None:
-        prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
+    if shots is None or (shots and isinstance(shots[0], list)):
+        # Plain prompts, or shots chosen per row (no shared prefix to reuse).
+        prompts = ([module.prompt(e, info, zero_shot=zero_shot) for e in examples] if shots is None
+                   else [[*shots_lib.prefix_messages(info, row_shots),
+                          *[m for m in e.messages if m["role"] != "system"]]
+                         for e, row_shots in zip(examples, shots)])
         outputs, counts = generate(model, tokenizer, prompts, new_tokens, batch_tokens=batch_tokens,
                                    on_batch=on_batch)
         prompt_tokens = None
@@ -79,7 +83,9 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     metrics["generate_s"] = elapsed
     metrics["latency_ms_per_request"] = 1000 * elapsed / max(1, len(examples))  # batched, amortized
     metrics["cost_per_1k_requests"] = price_per_hour() * elapsed / max(1, len(examples)) * 1000 / 3600
-    if shots is not None:
+    if shots and isinstance(shots[0], list):
+        metrics.update(shots=len(shots[0]))
+    elif shots is not None:
         metrics.update(shots=len(shots), prefix_tokens=prompt_tokens)
     metrics["output_tokens_per_s"] = sum(counts) / elapsed if elapsed else 0.0
     rows = [{"line": e.line, "output": o, "prediction": p, "gold": g}
