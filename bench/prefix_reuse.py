@@ -35,10 +35,9 @@ def main() -> None:
     tok = models.load_tokenizer("smollm2-135m-instruct")
     model = models.load_model("smollm2-135m-instruct")
     candidates = shots.ordered(shots.pool(train, test), info, 0)
-    chosen = many_shot(tok, info, candidates, args.budget - 64)
+    chosen = many_shot(tok, info, candidates, args.budget - 64, test)
     prefix = shots.prefix_messages(info, chosen)
-    parts = [shots.split_prompt(tok, prefix, e) for e in test]
-    prefix_ids, suffixes = parts[0][0], [s for _, s in parts]
+    prefix_ids, suffixes = shots.split_prompts(tok, prefix, test)
     new = max_new_tokens(tok, test, info)
     batch = prefix_batch_size(model, len(prefix_ids))
     timings, replies = {}, {}

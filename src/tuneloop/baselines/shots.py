@@ -52,19 +52,33 @@ def prefix_messages(info, shots: list[Example]) -> list[dict]:
     return [*head, *[t for shot in shots for t in turns(shot, info)]]
 
 
-def split_prompt(tokenizer, prefix: list[dict], example: Example) -> tuple[list[int], list[int]]:
-    """(prefix ids, suffix ids) of prefix + the example's turns, rendered by the chat template.
+def split_prompts(tokenizer, prefix: list[dict], examples: list[Example]
+                  ) -> tuple[list[int], list[list[int]]]:
+    """(prefix ids, suffix ids per example) of prefix + each example's turns, as the chat
+    template renders them. The prefix is rendered and tokenized once.
 
     The template renders the prefix text unchanged when turns are appended, and a turn starts
     with a special token, so the token boundary falls exactly between prefix and suffix.
     """
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     prefix_text = tokenizer.apply_chat_template(prefix, tokenize=False) if prefix else ""
-    user = [m for m in example.messages if m["role"] != "system"]
-    full = tokenizer.apply_chat_template([*prefix, *user], tokenize=False, add_generation_prompt=True)
-    if not full.startswith(prefix_text):
-        raise ValueError("the chat template does not render the shared prefix unchanged")
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return encode(prefix_text), encode(full[len(prefix_text):])
+    suffixes = []
+    for example in examples:
+        user = [m for m in example.messages if m["role"] != "system"]
+        full = tokenizer.apply_chat_template([*prefix, *user], tokenize=False,
+                                             add_generation_prompt=True)
+        if not full.startswith(prefix_text):
+            raise ValueError("the chat template does not render the shared prefix unchanged")
+        suffixes.append(encode(full[len(prefix_text):]))
+    return encode(prefix_text), suffixes
+
+
+def split_prompt(tokenizer, prefix: list[dict], example: Example) -> tuple[list[int], list[int]]:
+    """`split_prompts` for one example."""
+    prefix_ids, (suffix,) = split_prompts(tokenizer, prefix, [example])
+    return prefix_ids, suffix
 
 
 def count(tokenizer, messages: list[dict]) -> int:

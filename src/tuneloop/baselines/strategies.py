@@ -1,6 +1,7 @@
 """The baseline strategies, an explicit registry, and the runner that records them.
 
-Each strategy returns the shots to put in the prompt after the zero-shot instruction.
+Each strategy returns the shots to put in the prompt after the zero-shot instruction: one
+list shared by every test row, or (similar-shot) one list per test row.
 Results are kept in the registry by (base model, test data, train data, strategy), so the
 gate of every later run on the same data reuses them instead of paying again.
 """
@@ -23,28 +24,29 @@ MANY_SHOT_TOKENS = 4096
 FEW_SHOT_MAX = 16
 
 
-def zero_shot(tokenizer, info, candidates, budget: int):
+def zero_shot(tokenizer, info, candidates, budget: int, test_rows):
     """No examples: the instruction alone (still a shared prefix, computed once)."""
     return []
 
 
-def few_shot(tokenizer, info, candidates, budget: int):
+def few_shot(tokenizer, info, candidates, budget: int, test_rows):
     """One example per label (classify, up to 16) or 4 examples, within the budget."""
     k = min(FEW_SHOT_MAX, len(info.labels)) if info.kind == "classify" else 4
     return shots_lib.fit(tokenizer, info, candidates, budget, limit=k)
 
 
-def many_shot(tokenizer, info, candidates, budget: int):
+def many_shot(tokenizer, info, candidates, budget: int, test_rows):
     """As many examples as fit the model's context (up to MANY_SHOT_TOKENS)."""
     return shots_lib.fit(tokenizer, info, candidates, budget)
 
 
-def similar_shot(tokenizer, info, candidates, budget: int):
-    """k examples per test row, the training rows most similar to it (MiniLM embeddings)."""
-    return SIMILAR  # resolved per test row in run_baselines
+def similar_shot(tokenizer, info, candidates, budget: int, test_rows):
+    """As many examples as few-shot, but per test row: the training rows most similar to it
+    (MiniLM embeddings). The prompts then differ per row, so there is no shared prefix."""
+    k = len(few_shot(tokenizer, info, candidates, budget, test_rows))
+    return per_row_shots(test_rows, candidates, k)
 
 
-SIMILAR = object()  # marker: the shots differ per test row, so there is no shared prefix
 STRATEGIES = {"zero-shot": zero_shot, "few-shot": few_shot, "many-shot": many_shot,
               "similar-shot": similar_shot}
 DEFAULT = ["zero-shot", "few-shot", "many-shot"]
@@ -72,17 +74,14 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
         return results
     lm, tok = models.load_model(base_model), models.load_tokenizer(base_model)
     candidates = shots_lib.ordered(shots_lib.pool(train_rows, test_rows), info, seed)
-    longest = max(len(shots_lib.split_prompt(tok, shots_lib.prefix_messages(info, []), e)[1])
-                  for e in test_rows)
+    _, suffixes = shots_lib.split_prompts(tok, shots_lib.prefix_messages(info, []), test_rows)
+    longest = max(len(s) for s in suffixes)
     limit = min(models.context_length(base_model), max_prompt_tokens)
     budget = limit - longest - max_new_tokens(tok, test_rows, info)
     for strategy in missing:
         if on_phase:
             on_phase(f"baseline: {strategy}")
-        shots = STRATEGIES[strategy](tok, info, candidates, budget)
-        if shots is SIMILAR:
-            k = len(few_shot(tok, info, candidates, budget))
-            shots = per_row_shots(test_rows, candidates, k)
+        shots = STRATEGIES[strategy](tok, info, candidates, budget, test_rows)
         result = score(lm, tok, test_rows, info, zero_shot=True, shots=shots,
                        reuse_prefix=reuse_prefix)
         eval_id = new_id("ev")

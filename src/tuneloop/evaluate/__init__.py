@@ -32,8 +32,8 @@ def load_for_eval(model: str, registry: Registry):
 
 
 def evaluate(model: str, data: str | Path, task: str | None = None,
-             labels_from: str | Path | None = None, strategy: str | None = None,
-             workspace: Path | None = None, on_batch=None) -> dict:
+             labels_from: str | Path | None = None, workspace: Path | None = None,
+             on_batch=None) -> dict:
     """Score a base model (zero-shot prompt) or a run (its adapter and training prompt) on data.
 
     For a base model the label set / field names come from `labels_from` (the training file)
@@ -56,7 +56,7 @@ def evaluate(model: str, data: str | Path, task: str | None = None,
     result = score(lm, tokenizer, examples, info, zero_shot=zero_shot, on_batch=on_batch)
     ds = registry.add_dataset(file_sha256(data), str(data), len(examples), task)
     eval_id = new_id("ev")
-    strategy = strategy or ("zero-shot" if zero_shot else "fine-tuned")
+    strategy = "zero-shot" if zero_shot else "fine-tuned"
     record_evaluation(registry, ws / "evaluations" / eval_id, result, model=model,
                       run_id=run.id if run else None, dataset=ds.id, strategy=strategy, task=task)
     flat = {k: v for k, v in result["metrics"].items() if not isinstance(v, dict)}

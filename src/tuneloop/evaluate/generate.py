@@ -25,16 +25,21 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
         out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = out[:, batch["input_ids"].shape[1]:]
-        for row, i in enumerate(idx):
-            tokens = new[row].tolist()
-            if tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
-            counts[i] = len(tokens)
-            replies[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+        _collect(tokenizer, out[:, batch["input_ids"].shape[1]:], idx, replies, counts)
         if on_batch:
             on_batch(len(idx))
     return replies, counts
+
+
+def _collect(tokenizer, new: torch.Tensor, idx: list[int], replies: list[str],
+             counts: list[int]) -> None:
+    """Store each row's generated tokens, cut after end-of-turn, as text and a token count."""
+    for row, i in enumerate(idx):
+        tokens = new[row].tolist()
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+        counts[i] = len(tokens)
+        replies[i] = tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -74,12 +79,7 @@ def generate_shared_prefix(model, tokenizer, prefix: list[int], suffixes: list[l
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **kwargs)
-        for row, i in enumerate(idx):
-            tokens = out[row, ids.shape[1]:].tolist()
-            if tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
-            counts[i] = len(tokens)
-            replies[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+        _collect(tokenizer, out[:, ids.shape[1]:], idx, replies, counts)
         if on_batch:
             on_batch(n)
     return replies, counts

@@ -46,29 +46,27 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     """Generate for every example and compute the task's metrics (plus loss/perplexity for chat).
 
     With `shots` (a list of examples, possibly empty) every prompt starts with the same
-    instruction + shots prefix, whose KV cache is computed once when `reuse_prefix`.
+    instruction + shots prefix, whose KV cache is computed once when `reuse_prefix`. With a
+    list of shot lists, one per example, each prompt has its own shots (no shared prefix).
     Returns {"metrics": {...}, "predictions": [{"line", "output", "prediction", "gold"}]}.
     """
     module = tasks.TASKS[info.kind]
     new_tokens = max_new_tokens(tokenizer, examples, info)
+    per_row = bool(shots) and isinstance(shots[0], list)
     start = time.perf_counter()
-    if shots is None or (shots and isinstance(shots[0], list)):
-        # Plain prompts, or shots chosen per row (no shared prefix to reuse).
+    if shots is None or per_row:
         prompts = ([module.prompt(e, info, zero_shot=zero_shot) for e in examples] if shots is None
                    else [[*shots_lib.prefix_messages(info, row_shots),
                           *[m for m in e.messages if m["role"] != "system"]]
                          for e, row_shots in zip(examples, shots)])
         outputs, counts = generate(model, tokenizer, prompts, new_tokens, batch_tokens=batch_tokens,
                                    on_batch=on_batch)
-        prompt_tokens = None
     else:
-        prefix = shots_lib.prefix_messages(info, shots)
-        parts = [shots_lib.split_prompt(tokenizer, prefix, e) for e in examples]
-        prefix_ids = parts[0][0]
+        prefix_ids, suffixes = shots_lib.split_prompts(
+            tokenizer, shots_lib.prefix_messages(info, shots), examples)
         outputs, counts = generate_shared_prefix(
-            model, tokenizer, prefix_ids, [s for _, s in parts], new_tokens, reuse=reuse_prefix,
+            model, tokenizer, prefix_ids, suffixes, new_tokens, reuse=reuse_prefix,
             batch_size=prefix_batch_size(model, len(prefix_ids)), on_batch=on_batch)
-        prompt_tokens = len(prefix_ids)
     elapsed = time.perf_counter() - start
     parsed = [module.parse(o, info) for o in outputs]
     preds = [p for p, _ in parsed]
@@ -82,11 +80,12 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
         metrics.update(loss=loss, perplexity=math.exp(loss))
     metrics["generate_s"] = elapsed
     metrics["latency_ms_per_request"] = 1000 * elapsed / max(1, len(examples))  # batched, amortized
-    metrics["cost_per_1k_requests"] = price_per_hour() * elapsed / max(1, len(examples)) * 1000 / 3600
-    if shots and isinstance(shots[0], list):
+    # USD/hour x hours per 1,000 requests: latency_ms x 1000 requests / 1000 ms / 3600 s.
+    metrics["cost_per_1k_requests"] = price_per_hour() * metrics["latency_ms_per_request"] / 3600
+    if per_row:
         metrics.update(shots=len(shots[0]))
     elif shots is not None:
-        metrics.update(shots=len(shots), prefix_tokens=prompt_tokens)
+        metrics.update(shots=len(shots), prefix_tokens=len(prefix_ids))
     metrics["output_tokens_per_s"] = sum(counts) / elapsed if elapsed else 0.0
     rows = [{"line": e.line, "output": o, "prediction": p, "gold": g}
             for e, o, p, g in zip(examples, outputs, preds, golds)]
