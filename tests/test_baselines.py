@@ -134,3 +134,15 @@ def test_similar_shots_come_from_train_and_never_from_the_row_itself(tmp_path, t
     result = run_baselines(str(tiny_model), train_file, test_file, "classify",
                            strategies=["similar-shot"], workspace=workspace)
     assert result["similar-shot"]["shots"] == 3 and result["similar-shot"]["n"] == 12
+
+
+def test_baselines_scored_with_other_settings_are_not_reused(tiny_model, classify_files, workspace):
+    train, test = classify_files
+    run_baselines(str(tiny_model), train, test, "classify", strategies=["many-shot"],
+                  workspace=workspace, max_prompt_tokens=200)
+    phases = []
+    smaller = run_baselines(str(tiny_model), train, test, "classify", strategies=["many-shot"],
+                            workspace=workspace, max_prompt_tokens=150, on_phase=phases.append)
+    assert phases == ["baseline: many-shot"]  # a different budget is scored again
+    assert smaller["many-shot"]["prefix_tokens"] <= 150
+    assert smaller["many-shot"]["settings"] == {"max_prompt_tokens": 150, "seed": 0}

@@ -67,7 +67,9 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
     test_ds = registry.add_dataset(file_sha256(test), str(test), len(test_rows), task)
     train_ds = registry.add_dataset(file_sha256(train), str(train), len(train_rows), task)
     info = tasks.describe(task, train_rows)
-    found = {} if rerun else registry.baselines(base_model, test_ds.id, train_ds.id)
+    # A result is reused only if it was scored with the same prompt budget and shot order.
+    settings = {"max_prompt_tokens": max_prompt_tokens, "seed": seed}
+    found = {} if rerun else registry.baselines(base_model, test_ds.id, train_ds.id, settings)
     results = {s: found[s] for s in strategies if s in found}
     missing = [s for s in strategies if s not in results]
     if not missing:
@@ -84,6 +86,7 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
         shots = STRATEGIES[strategy](tok, info, candidates, budget, test_rows)
         result = score(lm, tok, test_rows, info, zero_shot=True, shots=shots,
                        reuse_prefix=reuse_prefix)
+        result["metrics"]["settings"] = settings
         eval_id = new_id("ev")
         record_evaluation(registry, ws / "evaluations" / eval_id, result, model=base_model,
                           dataset=test_ds.id, train_dataset=train_ds.id, strategy=strategy,
