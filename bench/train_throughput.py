@@ -7,6 +7,7 @@ computed the same way (tuneloop's completion-only loss on a freshly loaded model
 
     python bench/train_throughput.py                 # all configurations, writes bench/out/
     python bench/train_throughput.py --steps 12 --skip trl-defaults
+    python bench/train_throughput.py --steps 40          # on a CUDA machine: bf16, ~8k-token steps
 
 The float32 limit is the matmul rate divided by the FLOPs of a LoRA training token:
 4 x parameters (2N forward, 2N for activation gradients; frozen weights need no weight
@@ -25,26 +26,48 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "banking77"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 LR = 1e-3
-ROWS_PER_STEP = 10  # tuneloop's 768-token budget holds ~10 rows of this data; TRL gets the same
+GPU = torch.cuda.is_available()
+# tuneloop's token budget per step (768 on a CPU, 8192 on a GPU) holds ~10 / ~100 rows of this
+# data; TRL gets the same number of rows per step.
+ROWS_PER_STEP = 100 if GPU else 10
+BATCH_TOKENS = int(os.environ.get("BENCH_BATCH_TOKENS", 0)) or None  # tuneloop's default
 CONFIGS = ["tuneloop", "trl-best", "trl-packing", "trl-defaults"]
 
 
 def matmul_gflops(seconds: float = 3.0) -> float:
-    """float32 GEMM rate at the model's layer shapes (768 tokens x 576 -> 1536)."""
+    """GEMM rate at the model's layer shapes (a step's tokens x 576 -> 1536): float32 on a CPU,
+    bfloat16 on a GPU."""
     import torch
 
-    a, w = torch.randn(768, 576), torch.randn(1536, 576)
+    tokens = 8192 if GPU else 768
+    kw = {"device": "cuda", "dtype": torch.bfloat16} if GPU else {}
+    a, w = torch.randn(tokens, 576, **kw), torch.randn(1536, 576, **kw)
     for _ in range(5):
         a @ w.T
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ w.T
         n += 1
-    return n * 2 * 768 * 576 * 1536 / (time.perf_counter() - start) / 1e9
+        if GPU and n % 100 == 0:
+            torch.cuda.synchronize()
+    if GPU:
+        torch.cuda.synchronize()
+    return n * 2 * tokens * 576 * 1536 / (time.perf_counter() - start) / 1e9
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory on a GPU, else peak RSS."""
+    if GPU:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_splits():
@@ -59,12 +82,14 @@ def run_tuneloop(steps: int, out: Path) -> dict:
     from tuneloop.train.lora import run_lora
 
     recipe, splits = load_splits()
-    recipe = recipe.model_copy(update={"max_steps": steps, "learning_rate": LR,
-                                       "eval_every": 10_000, "checkpoint_every": 10_000})
+    # Enough epochs that every configuration runs exactly `steps` optimizer steps.
+    recipe = recipe.model_copy(update={"max_steps": steps, "learning_rate": LR, "epochs": 100,
+                                       "batch_tokens": BATCH_TOKENS, "eval_every": 10_000,
+                                       "checkpoint_every": 10_000})
     start = time.perf_counter()
     result = run_lora(recipe, splits, out)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_memory_mb()
     stats = result["stats"]
     return {"tokens": stats["train_tokens"], "train_s": stats["train_s"], "peak_rss_mb": peak,
             "adapter": str(out / "adapter"), "wall_s": wall, "steps": stats["steps"]}
@@ -86,19 +111,19 @@ def run_trl(config: str, steps: int, out: Path) -> dict:
             for e in splits.train]
     common = dict(output_dir=str(out / "trl"), max_steps=steps, learning_rate=LR,
                   lr_scheduler_type="cosine", warmup_steps=max(1, round(0.05 * steps)), logging_steps=1000,
-                  save_strategy="no", report_to="none", use_cpu=True, seed=0)
+                  save_strategy="no", report_to="none", use_cpu=not GPU, seed=0)
     if config == "trl-defaults":
-        # TRL's own defaults (bf16 autocast, gradient checkpointing, batch 8) on this CPU.
+        # TRL's own defaults (bf16 autocast, gradient checkpointing, batch 8).
         args = SFTConfig(**common)
-    elif config == "trl-best":
-        args = SFTConfig(**common, bf16=False, gradient_checkpointing=False,
+    elif config == "trl-best":  # float32 on a CPU (bf16 is slow there), bf16 on a GPU
+        args = SFTConfig(**common, bf16=GPU, gradient_checkpointing=False,
                          per_device_train_batch_size=ROWS_PER_STEP,
                          train_sampling_strategy="group_by_length")
     else:  # trl-packing: rows packed into 768-token sequences, one per step
-        args = SFTConfig(**common, bf16=False, gradient_checkpointing=False, packing=True,
-                         max_length=768, per_device_train_batch_size=1)
+        args = SFTConfig(**common, bf16=GPU, gradient_checkpointing=False, packing=True,
+                         max_length=768, per_device_train_batch_size=ROWS_PER_STEP // 10)
     tokenizer = models.load_tokenizer(recipe.base_model)
-    model = models.load_model(recipe.base_model, dtype=torch.float32)
+    model = models.load_model(recipe.base_model, dtype=None if GPU else torch.float32)
     lora = LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=lora)
@@ -125,7 +150,7 @@ def run_trl(config: str, steps: int, out: Path) -> dict:
 
     trainer.add_callback(Clock())
     trainer.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_memory_mb()
     trainer.model.save_pretrained(out / "adapter")
     return {"tokens": counted["tokens"], "train_s": clock["end"] - clock["start"],
             "peak_rss_mb": peak, "adapter": str(out / "adapter"), "steps": steps}
@@ -153,7 +178,8 @@ def child(config: str, steps: int, out: Path) -> None:
     import torch
 
     torch.manual_seed(0)
-    steps = 1 if config == "trl-defaults" else steps  # ~5 minutes a step on a CPU
+    if config == "trl-defaults" and not GPU:
+        steps = 1  # ~5 minutes a step on a CPU
     result = run_tuneloop(steps, out) if config == "tuneloop" else run_trl(config, steps, out)
     result["val_loss"] = validation_loss(result["adapter"])
     (out / "result.json").write_text(json.dumps(result))
@@ -192,12 +218,17 @@ def main() -> None:
 
 def report(results: dict, gflops: float, limit: float, steps: int) -> None:
     best_trl = max((r["tokens_per_s"] for c, r in results.items() if c.startswith("trl")), default=None)
-    lines = [f"## train_throughput ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores)", "",
+    import torch
+
+    where = (f"{torch.cuda.get_device_name()}, bf16" if GPU else f"{os.cpu_count()} CPU cores, float32")
+    dtype, memory = ("bf16", "peak GPU MB") if GPU else ("float32", "peak RSS MB")
+    lines = [f"## train_throughput ({time.strftime('%Y-%m-%d')}, {where})", "",
              f"SmolLM2-135M-Instruct, LoRA r=16 all-linear, lr {LR}, banking77 demo subset, "
-             f"{steps} optimizer steps of ~{ROWS_PER_STEP} rows (TRL defaults: 1 step of 8).",
-             f"Machine float32 matmul: {gflops:.1f} GFLOP/s → LoRA limit {limit:.0f} tokens/s "
+             f"{steps} optimizer steps of ~{ROWS_PER_STEP} rows"
+             + ("." if GPU else " (TRL defaults: 1 step of 8)."),
+             f"Machine {dtype} matmul: {gflops:.1f} GFLOP/s → LoRA limit {limit:.0f} tokens/s "
              "(4 x params FLOPs per token).", "",
-             "| configuration | real tokens/s | vs best TRL | % of float32 limit | peak RSS MB | val loss |",
+             f"| configuration | real tokens/s | vs best TRL | % of {dtype} limit | {memory} | val loss |",
              "|---|---|---|---|---|---|"]
     for config, r in results.items():
         ratio = f"{r['tokens_per_s'] / best_trl:.2f}x" if best_trl else "–"
@@ -205,7 +236,9 @@ def report(results: dict, gflops: float, limit: float, steps: int) -> None:
                      f"{100 * r['tokens_per_s'] / limit:.0f}% | {r['peak_rss_mb']:.0f} | {r['val_loss']:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    (ROOT / "bench" / "out" / "train_throughput.md").write_text(text)
+    target = ROOT / "bench" / "out" / ("train_throughput_gpu.md" if GPU else "train_throughput.md")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
 
 
 if __name__ == "__main__":

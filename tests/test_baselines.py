@@ -133,7 +133,11 @@ def test_similar_shots_come_from_train_and_never_from_the_row_itself(tmp_path, t
     train_file, test_file = classify_files
     result = run_baselines(str(tiny_model), train_file, test_file, "classify",
                            strategies=["similar-shot"], workspace=workspace)
-    assert result["similar-shot"]["shots"] == 3 and result["similar-shot"]["n"] == 12
+    zero = run_baselines(str(tiny_model), train_file, test_file, "classify",
+                         strategies=["zero-shot"], workspace=workspace)
+    assert result["similar-shot"]["n"] == 12
+    # three shots per row make every prompt longer than the bare instruction
+    assert result["similar-shot"]["prompt_tokens"] > zero["zero-shot"]["prompt_tokens"] + 3 * 8
 
 
 def test_baselines_scored_with_other_settings_are_not_reused(tiny_model, classify_files, workspace):
@@ -146,3 +150,93 @@ def test_baselines_scored_with_other_settings_are_not_reused(tiny_model, classif
     assert phases == ["baseline: many-shot"]  # a different budget is scored again
     assert smaller["many-shot"]["prefix_tokens"] <= 150
     assert smaller["many-shot"]["settings"] == {"max_prompt_tokens": 150, "seed": 0}
+
+
+# --- rag -----------------------------------------------------------------------------------
+
+DOCS = {
+    "cards.md": "# Cards\n\nA lost or stolen card is blocked at once in the app under Cards > Block.\n\n"
+                "A new card arrives by post within 5 working days.",
+    "fees.md": "# Fees\n\nTransfers in euros are free. Transfers in other currencies cost 1 percent.",
+    "hours.txt": "The branch in Leeds opens from 9:00 to 17:00 on weekdays.",
+}
+
+
+def write_docs(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in DOCS.items():
+        (folder / name).write_text(text)
+    (folder / "ignored.csv").write_text("not,a,document")
+    return folder
+
+
+def test_documents_are_cut_into_passages_at_paragraphs(tmp_path):
+    from tuneloop.baselines import rag
+
+    assert rag.chunks("a b c\n\nd e\n\nf g h i", words=5) == ["a b c d e", "f g h i"]
+    long = " ".join(str(i) for i in range(12))
+    assert rag.chunks(long, words=5) == ["0 1 2 3 4", "5 6 7 8 9", "10 11"]
+    passages = rag.load_passages(write_docs(tmp_path / "docs"), words=12)
+    assert {p.source.split("#")[0] for p in passages} == set(DOCS)  # the .csv is not a document
+    assert all(len(p.text.split()) <= 12 for p in passages)
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", [{"title": "Fees", "text": "Free in euros."}])
+    assert rag.load_passages(jsonl)[0].text == "Fees Free in euros."
+
+
+def test_bad_document_collections_get_clear_errors(tmp_path):
+    from tuneloop.baselines import rag
+    from tuneloop.errors import TuneloopError
+
+    bad = write_jsonl(tmp_path / "d.jsonl", ['{"text": "fine"}', '{"body": "no text"}'])
+    with pytest.raises(TuneloopError, match=r"d.jsonl line 2: each line needs a \"text\""):
+        rag.load_passages(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TuneloopError, match="no .txt or .md documents"):
+        rag.load_passages(tmp_path / "empty")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(TuneloopError, match="not UTF-8"):
+        rag.load_passages(tmp_path / "latin1.txt")
+
+
+@needs_minilm
+def test_rag_puts_the_relevant_passage_in_each_prompt_within_budget(tmp_path, tiny_model):
+    from tuneloop.baselines import rag
+    from tuneloop.baselines.strategies import Setup, rag_strategy
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    passages = rag.load_passages(write_docs(tmp_path / "docs"))
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}]}
+            for q in ["My card was stolen, how do I block it?",
+                      "What does a transfer in dollars cost?", "When is the Leeds branch open?"]]
+    test = examples(tmp_path, rows)
+    info = tasks.describe("chat", test)
+    prompts = rag_strategy(Setup(tok, info, [], test, budget=10_000, passages=passages, k=1))
+    expected = ["Block", "1 percent", "Leeds"]
+    for prompt, fact, row in zip(prompts, expected, test):
+        assert prompt[0]["role"] == "system" and fact in prompt[0]["content"]
+        assert prompt[1:] == list(row.messages[:1])  # the question itself, after the passages
+    tight = rag_strategy(Setup(tok, info, [], test, budget=60, passages=passages, k=3))
+    assert all(shots.count(tok, p[:1]) <= 60 or "[1]" not in p[0]["content"] for p in tight)
+    assert any(p[0]["content"].count("\n[") < 3 for p in tight)  # passages were dropped to fit
+
+
+@needs_minilm
+def test_rag_baseline_is_scored_and_rescored_when_documents_change(tmp_path, tiny_model, workspace):
+    rows = [{"messages": [{"role": "user", "content": f"question {i} about fees"},
+                          {"role": "assistant", "content": "Transfers in euros are free."}]}
+            for i in range(6)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:4])
+    test = write_jsonl(tmp_path / "test.jsonl", rows[4:])
+    docs = write_docs(tmp_path / "docs")
+    first = run_baselines(str(tiny_model), train, test, "chat", ["zero-shot", "rag"],
+                          workspace=workspace, documents=docs, passages=2)
+    assert first["rag"]["prompt_tokens"] > first["zero-shot"]["prompt_tokens"]
+    assert first["rag"]["settings"]["passages"] == 2 and "rouge_l" in first["rag"]
+    (docs / "fees.md").write_text("Transfers now cost 2 euros each.")
+    phases = []
+    run_baselines(str(tiny_model), train, test, "chat", ["zero-shot", "rag"], workspace=workspace,
+                  documents=docs, passages=2, on_phase=phases.append)
+    assert phases == ["baseline: rag"]  # zero-shot is reused; rag saw new documents
+    from tuneloop.errors import TuneloopError
+    with pytest.raises(TuneloopError, match="data.documents"):
+        run_baselines(str(tiny_model), train, test, "chat", ["rag"], workspace=workspace, rerun=True)

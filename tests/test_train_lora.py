@@ -76,7 +76,7 @@ def test_frozen_parameters_stay_frozen_during_training(tiny_model, classify_file
             changed += int("lora_B" in name and p.abs().sum() > 0)
         else:
             key = name.replace("base_model.model.", "").replace(".base_layer", "")
-            torch.testing.assert_close(p.detach(), base[key], rtol=0, atol=0)
+            torch.testing.assert_close(p.detach().cpu(), base[key].to(p.dtype), rtol=0, atol=0)
             frozen += 1
     assert changed > 0 and frozen > 0
     assert out["stats"]["steps"] == 3

@@ -161,7 +161,7 @@ def eval_(
 @app.command()
 def baseline(
     recipe: Path = typer.Argument(..., help="recipe YAML (base_model, task, data.train, data.test)"),
-    strategies: Optional[str] = typer.Option(None, help="comma-separated: zero-shot,few-shot,many-shot"),
+    strategies: Optional[str] = typer.Option(None, help="comma-separated: zero-shot,few-shot,many-shot,similar-shot,rag"),
     rerun: bool = typer.Option(False, help="score again even if the registry has the result"),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -169,31 +169,37 @@ def baseline(
 
     Example: tuneloop baseline examples/banking77/recipe.yaml --strategies zero-shot,few-shot
     """
-    from tuneloop.baselines.strategies import run_baselines
+    from tuneloop.baselines.strategies import recipe_baselines
     from tuneloop.project import load_recipe
 
     parsed = load_recipe(recipe)
-    if parsed.data.test is None:
-        raise TuneloopError(f"{recipe}: baselines need data.test (the held-out rows to score)")
-    chosen = strategies.split(",") if strategies else parsed.baselines
-    results = run_baselines(parsed.base_model, parsed.data.train, parsed.data.test, parsed.task,
-                            chosen, max_prompt_tokens=parsed.many_shot_tokens, rerun=rerun,
-                            on_phase=lambda p: err.print(f"[dim]{p}[/]"))
+    results = recipe_baselines(parsed, strategies.split(",") if strategies else None, rerun=rerun,
+                               on_phase=lambda p: err.print(f"[dim]{p}[/]"))
     if as_json:
         _print_json(results)
         return
-    print_scoreboard(parsed.task, {f"{parsed.base_model} {k}": v for k, v in results.items()})
+    print_scoreboard(parsed.task, results, title=f"scoreboard: {parsed.base_model}")
 
 
 def print_scoreboard(task: str, rows: dict[str, dict], title: str = "scoreboard") -> None:
-    """One row per model/strategy: the task's metrics, latency and shots."""
-    columns = {"classify": ["accuracy", "macro_f1"], "extract": ["field_f1", "json_valid_rate"],
-               "chat": ["rouge_l", "perplexity"]}[task] + ["latency_ms_per_request", "shots"]
-    table = Table("model", *columns, title=title)
+    """One row per model/strategy: the task's metrics, latency, cost and prompt size."""
+    metrics = {"classify": ["accuracy", "macro_f1"], "extract": ["field_f1", "json_valid_rate"],
+               "chat": ["rouge_l", "perplexity"]}[task]
+    columns = {**{m: m for m in metrics}, "latency_ms_per_request": "ms/request",
+               "cost_per_1k_requests": "$/1k req", "prompt_tokens": "prompt tokens",
+               "shots": "shots"}
+    table = Table("model", *columns.values(), title=title)
     for name, m in rows.items():
-        table.add_row(name, *[("–" if m.get(c) is None else f"{m[c]:.3f}" if isinstance(m[c], float)
-                               else str(m[c])) for c in columns])
+        table.add_row(name, *[_cell(m.get(c)) for c in columns])
     out.print(table)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value >= 100 else f"{value:.4f}" if value < 0.01 else f"{value:.3f}"
+    return str(value)
 
 
 @app.command()
@@ -299,3 +305,47 @@ def models_prepare(model: str = typer.Argument("smollm2-135m-instruct")) -> None
     from tuneloop.models import resolve
 
     out.print(f"{model}: {resolve(model)}")
+
+
+@models_app.command("compare")
+def models_compare(
+    recipe: Path = typer.Argument(..., help="recipe YAML (task, data.train, data.test)"),
+    model_list: str = typer.Option(..., "--models", help="comma-separated catalog ids or folders"),
+    tolerance: float = typer.Option(0.02, help="recommend the smallest model within this of the best"),
+    train_steps: int = typer.Option(0, help="also run a short LoRA of this many steps per model"),
+    accept_licence: list[str] = typer.Option([], help="accept this licence for the comparison"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Score candidate base models on the task and recommend the smallest good enough one.
+
+    Example: tuneloop models compare examples/banking77/recipe.yaml
+             --models smollm2-135m-instruct,gemma3-270m --accept-licence "Gemma Terms of Use"
+    """
+    from tuneloop.baselines.compare import compare
+    from tuneloop.project import load_recipe
+
+    result = compare(load_recipe(recipe), [m.strip() for m in model_list.split(",") if m.strip()],
+                     tolerance=tolerance, train_steps=train_steps, accept=accept_licence,
+                     on_phase=lambda p: err.print(f"[dim]{p}[/]"))
+    if as_json:
+        _print_json(result)
+        return
+    table = Table("model", result["headline"], "strategy", "LoRA", "p50 ms", "p95 ms", "tok/s",
+                  "peak MB", "params", "context", "licence", title="model comparison")
+    for r in result["rows"]:
+        if "refused" in r:
+            table.add_row(r["model"], "refused", *["–"] * 8, r["licence"])
+            continue
+        table.add_row(r["model"], f"{r['quality']:.3f}", r["strategy"], _cell(r.get("lora")),
+                      _cell(r["latency_p50_ms"]), _cell(r["latency_p95_ms"]), _cell(r["tokens_per_s"]),
+                      _cell(r["peak_rss_mb"]), f"{r['parameters'] / 1e6:.1f}M",
+                      str(r["context_length"]), r["licence"])
+    out.print(table)
+    for r in result["rows"]:
+        if "refused" in r:
+            err.print(f"[yellow]{r['model']}:[/] {r['refused']}", highlight=False)
+    rec = result["recommendation"]
+    if rec:
+        out.print(f"recommendation: [bold]{rec['model']}[/] ({rec['reason']})", highlight=False)
+    else:
+        raise TuneloopError("no candidate could be scored; see the refusals above")

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.table import Table
 
 from tuneloop import project
-from tuneloop.baselines.strategies import run_baselines
+from tuneloop.baselines.strategies import recipe_baselines
 from tuneloop.data.validate import validate
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import scoreboard_html
@@ -47,9 +47,7 @@ def run_demo(out, err) -> dict:
 
     out.rule("2. prompting baselines: zero-shot, few-shot, many-shot (the yardstick)")
     t0 = time.perf_counter()
-    baselines = run_baselines(recipe.base_model, recipe.data.train, recipe.data.test, recipe.task,
-                              recipe.baselines, max_prompt_tokens=recipe.many_shot_tokens,
-                              on_phase=lambda p: err.print(f"[dim]{p}[/]"))
+    baselines = recipe_baselines(recipe, on_phase=lambda p: err.print(f"[dim]{p}[/]"))
     baseline_s = time.perf_counter() - t0
     for name, m in baselines.items():
         out.print(f"{name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")

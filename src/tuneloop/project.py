@@ -27,6 +27,8 @@ class DataSpec(_Strict):
     test: Path | None = Field(None, description="held-out JSONL scored after training")
     validation: Path | None = Field(None, description="JSONL for validation loss; default: "
                                     "a deterministic slice of train")
+    documents: Path | None = Field(None, description="document collection for the rag baseline: "
+                                   "a folder of .txt/.md files or a JSONL with \"text\"")
 
 
 class LoraSpec(_Strict):
@@ -58,11 +60,12 @@ class Recipe(_Strict):
     eval_every: int | None = Field(None, gt=0, description="steps between validation losses")
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints")
     lora: LoraSpec = LoraSpec()
-    baselines: list[Literal["zero-shot", "few-shot", "many-shot", "similar-shot"]] = Field(
+    baselines: list[Literal["zero-shot", "few-shot", "many-shot", "similar-shot", "rag"]] = Field(
         ["zero-shot", "few-shot", "many-shot"], description="prompting strategies the run must beat")
     gate_margin: float = Field(0.0, description="the gate passes when the run's headline metric "
                                "beats the best baseline by more than this")
     many_shot_tokens: int = Field(4096, gt=64, description="prompt budget of many-shot")
+    rag_passages: int = Field(4, gt=0, le=64, description="passages retrieved per question (rag)")
     allowed_licences: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ALLOWED), description="base-model licences allowed")
     accept_licences: list[str] = Field(

@@ -1,18 +1,21 @@
 """The baseline strategies, an explicit registry, and the runner that records them.
 
-Each strategy returns the shots to put in the prompt after the zero-shot instruction: one
-list shared by every test row, or (similar-shot) one list per test row.
-Results are kept in the registry by (base model, test data, train data, strategy), so the
-gate of every later run on the same data reuses them instead of paying again.
+Each strategy gets a `Setup` and returns either the shots to put after the zero-shot
+instruction, one list shared by every test row (a prefix computed once), or one whole prompt
+per test row (similar-shot, rag).
+Results are kept in the registry by (base model, test data, train data, strategy, settings),
+so the gate of every later run on the same data reuses them instead of paying again.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuneloop import models, project, tasks
+from tuneloop.baselines import rag
 from tuneloop.baselines import shots as shots_lib
-from tuneloop.data.formats import file_sha256, load_examples
+from tuneloop.data.formats import Example, file_sha256, load_examples
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.runner import max_new_tokens, score
 from tuneloop.evaluate.store import record_evaluation
@@ -22,41 +25,78 @@ from tuneloop.store import Registry, new_id
 # every generated token still attends over all of it (and its KV cache is copied per batch).
 MANY_SHOT_TOKENS = 4096
 FEW_SHOT_MAX = 16
+RAG_PASSAGES = 4
 
 
-def zero_shot(tokenizer, info, candidates, budget: int, test_rows):
+@dataclass
+class Setup:
+    """What a strategy may use: the shot candidates (no test input among them), the test rows,
+    the prompt budget in tokens (the test row's own turns and the reply already set aside),
+    and the document passages (rag)."""
+
+    tokenizer: object
+    info: tasks.TaskInfo
+    candidates: list[Example]
+    test_rows: list[Example]
+    budget: int
+    passages: list[rag.Passage] | None = None
+    k: int = RAG_PASSAGES
+
+
+def zero_shot(setup: Setup):
     """No examples: the instruction alone (still a shared prefix, computed once)."""
     return []
 
 
-def few_shot(tokenizer, info, candidates, budget: int, test_rows):
+def few_shot(setup: Setup):
     """One example per label (classify, up to 16) or 4 examples, within the budget."""
+    info = setup.info
     k = min(FEW_SHOT_MAX, len(info.labels)) if info.kind == "classify" else 4
-    return shots_lib.fit(tokenizer, info, candidates, budget, limit=k)
+    return shots_lib.fit(setup.tokenizer, info, setup.candidates, setup.budget, limit=k)
 
 
-def many_shot(tokenizer, info, candidates, budget: int, test_rows):
-    """As many examples as fit the model's context (up to MANY_SHOT_TOKENS)."""
-    return shots_lib.fit(tokenizer, info, candidates, budget)
+def many_shot(setup: Setup):
+    """As many examples as fit the model's context (up to the recipe's many_shot_tokens)."""
+    return shots_lib.fit(setup.tokenizer, setup.info, setup.candidates, setup.budget)
 
 
-def similar_shot(tokenizer, info, candidates, budget: int, test_rows):
+def similar_shot(setup: Setup):
     """As many examples as few-shot, but per test row: the training rows most similar to it
     (MiniLM embeddings). The prompts then differ per row, so there is no shared prefix."""
-    k = len(few_shot(tokenizer, info, candidates, budget, test_rows))
-    return per_row_shots(test_rows, candidates, k)
+    k = len(few_shot(setup))
+    rows = per_row_shots(setup.test_rows, setup.candidates, k)
+    return [[*shots_lib.prefix_messages(setup.info, row), *_user_turns(e)]
+            for e, row in zip(setup.test_rows, rows)]
+
+
+def rag_strategy(setup: Setup):
+    """The passages of the recipe's documents nearest to each test row, in its system message
+    (as many of the k best as fit the budget)."""
+    if not setup.passages:
+        raise TuneloopError("the rag baseline needs a document collection: set data.documents "
+                            "in the recipe (a folder of .txt/.md files or a .jsonl with \"text\")")
+    queries = [" ".join(m["content"] for m in _user_turns(e)) for e in setup.test_rows]
+    found = rag.retrieve(queries, setup.passages, setup.k)
+    return [rag.fitted_prompt(setup.tokenizer, e, row, setup.info, setup.budget)
+            for e, row in zip(setup.test_rows, found)]
 
 
 STRATEGIES = {"zero-shot": zero_shot, "few-shot": few_shot, "many-shot": many_shot,
-              "similar-shot": similar_shot}
+              "similar-shot": similar_shot, "rag": rag_strategy}
 DEFAULT = ["zero-shot", "few-shot", "many-shot"]
+
+
+def _user_turns(example: Example) -> list[dict]:
+    return [m for m in example.messages if m["role"] != "system"]
 
 
 def run_baselines(base_model: str, train: Path, test: Path, task: str,
                   strategies: list[str] | None = None, workspace: Path | None = None,
                   max_prompt_tokens: int = MANY_SHOT_TOKENS, seed: int = 0,
+                  documents: Path | None = None, passages: int = RAG_PASSAGES,
                   reuse_prefix: bool = True, rerun: bool = False, on_phase=None) -> dict[str, dict]:
-    """Score each strategy on `test` (shots drawn from `train`); returns metrics by strategy."""
+    """Score each strategy on `test` (shots drawn from `train`, passages from `documents`);
+    returns metrics by strategy."""
     strategies = strategies or list(DEFAULT)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
@@ -67,26 +107,26 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
     test_ds = registry.add_dataset(file_sha256(test), str(test), len(test_rows), task)
     train_ds = registry.add_dataset(file_sha256(train), str(train), len(train_rows), task)
     info = tasks.describe(task, train_rows)
-    # A result is reused only if it was scored with the same prompt budget and shot order.
-    settings = {"max_prompt_tokens": max_prompt_tokens, "seed": seed}
+    collection = rag.load_passages(documents) if documents and "rag" in strategies else None
+    # A result is reused only if it was scored with the same prompt budget and shot order
+    # (and, for rag, the same documents and passage count).
+    settings = {s: {"max_prompt_tokens": max_prompt_tokens, "seed": seed} for s in strategies}
+    if collection:
+        settings["rag"].update(documents=rag.collection_sha256(collection), passages=passages)
     found = {} if rerun else registry.baselines(base_model, test_ds.id, train_ds.id, settings)
     results = {s: found[s] for s in strategies if s in found}
     missing = [s for s in strategies if s not in results]
     if not missing:
         return results
     lm, tok = models.load_model(base_model), models.load_tokenizer(base_model)
-    candidates = shots_lib.ordered(shots_lib.pool(train_rows, test_rows), info, seed)
-    _, suffixes = shots_lib.split_prompts(tok, shots_lib.prefix_messages(info, []), test_rows)
-    longest = max(len(s) for s in suffixes)
-    limit = min(models.context_length(base_model), max_prompt_tokens)
-    budget = limit - longest - max_new_tokens(tok, test_rows, info)
+    setup = make_setup(tok, base_model, info, train_rows, test_rows, max_prompt_tokens, seed,
+                       collection, passages)
     for strategy in missing:
         if on_phase:
             on_phase(f"baseline: {strategy}")
-        shots = STRATEGIES[strategy](tok, info, candidates, budget, test_rows)
-        result = score(lm, tok, test_rows, info, zero_shot=True, shots=shots,
-                       reuse_prefix=reuse_prefix)
-        result["metrics"]["settings"] = settings
+        result = score(lm, tok, test_rows, info, zero_shot=True, reuse_prefix=reuse_prefix,
+                       **prompting(strategy, setup))
+        result["metrics"]["settings"] = settings[strategy]
         eval_id = new_id("ev")
         record_evaluation(registry, ws / "evaluations" / eval_id, result, model=base_model,
                           dataset=test_ds.id, train_dataset=train_ds.id, strategy=strategy,
@@ -95,12 +135,42 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
     return results
 
 
+def make_setup(tok, base_model: str, info, train_rows, test_rows, max_prompt_tokens: int,
+               seed: int, collection=None, passages: int = RAG_PASSAGES) -> Setup:
+    """Shot candidates (no test input among them, in a seeded label-cycling order) and the
+    prompt budget: the context (capped at max_prompt_tokens) less the longest test row's own
+    turns and the longest expected reply."""
+    candidates = shots_lib.ordered(shots_lib.pool(train_rows, test_rows), info, seed)
+    _, suffixes = shots_lib.split_prompts(tok, shots_lib.prefix_messages(info, []), test_rows)
+    limit = min(models.context_length(base_model), max_prompt_tokens)
+    budget = limit - max(len(s) for s in suffixes) - max_new_tokens(tok, test_rows, info)
+    return Setup(tok, info, candidates, test_rows, budget, collection, passages)
+
+
+def prompting(strategy: str, setup: Setup) -> dict:
+    """`score`'s keyword for a strategy: shared `shots`, or one of `prompts` per test row."""
+    made = STRATEGIES[strategy](setup)
+    per_row = bool(made) and isinstance(made[0], list)
+    return {"prompts": made} if per_row else {"shots": made}
+
+
+def recipe_baselines(recipe, strategies: list[str] | None = None, **options) -> dict[str, dict]:
+    """`run_baselines` with a recipe's data and settings (its own strategies by default)."""
+    if recipe.data.test is None:
+        raise TuneloopError("baselines need data.test in the recipe (the held-out rows to score)")
+    return run_baselines(recipe.base_model, recipe.data.train, recipe.data.test, recipe.task,
+                         strategies or recipe.baselines, max_prompt_tokens=recipe.many_shot_tokens,
+                         documents=recipe.data.documents, passages=recipe.rag_passages, **options)
+
+
 def per_row_shots(test_rows, candidates, k: int) -> list[list]:
     """The k candidates nearest to each test row's input, least similar first (the most similar
     example sits right before the question)."""
     from tuneloop.baselines.retrieve import nearest
 
-    text = lambda e: " ".join(m["content"] for m in e.messages if m["role"] != "system")  # noqa: E731
+    def text(e):
+        return " ".join(m["content"] for m in _user_turns(e))
+
     ranked = nearest([text(e) for e in test_rows], [text(c) for c in candidates], k)
     return [[candidates[i] for i in reversed(row)] for row in ranked]
 

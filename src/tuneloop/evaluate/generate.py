@@ -22,7 +22,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
     for idx in batches:
         batch = collate([Encoded(encoded[i], encoded[i]) for i in idx], tokenizer.pad_token_id,
                         left_pad=True)
-        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        out = model.generate(input_ids=batch["input_ids"].to(model.device),
+                             attention_mask=batch["attention_mask"].to(model.device),
                              max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         _collect(tokenizer, out[:, batch["input_ids"].shape[1]:], idx, replies, counts)
@@ -58,7 +59,8 @@ def generate_shared_prefix(model, tokenizer, prefix: list[int], suffixes: list[l
 
     cache = None
     if reuse and prefix:
-        cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+        cache = model(input_ids=torch.tensor([prefix], device=model.device),
+                      use_cache=True).past_key_values
     order = sorted(range(len(suffixes)), key=lambda i: -len(suffixes[i]))
     replies: list[str] = [""] * len(suffixes)
     counts: list[int] = [0] * len(suffixes)
@@ -76,6 +78,7 @@ def generate_shared_prefix(model, tokenizer, prefix: list[int], suffixes: list[l
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(n)
             kwargs["past_key_values"] = batch_cache
+        ids, mask = ids.to(model.device), mask.to(model.device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **kwargs)

@@ -8,7 +8,7 @@ import time
 
 from tuneloop import tasks
 from tuneloop.data.batching import collate, length_grouped_batches
-from tuneloop.data.tokenize import encode
+from tuneloop.data.tokenize import encode, prompt_ids
 from tuneloop.baselines import shots as shots_lib
 from tuneloop.evaluate.generate import generate, generate_shared_prefix
 from tuneloop.train.loss import mean_loss
@@ -32,59 +32,64 @@ def price_per_hour() -> float:
     return float(os.environ.get("TUNELOOP_PRICE_PER_HOUR", "0.10"))
 
 
-def prefix_batch_size(model, prefix_len: int, budget_bytes: float = 1e9) -> int:
-    """Rows per batch so that the copied prefix KV cache stays within ~1 GB."""
+def prefix_batch_size(model, prefix_len: int) -> int:
+    """Rows per batch so that the copied prefix KV cache stays within ~1 GB on a CPU (where
+    larger batches stop paying) and ~8 GB on a GPU."""
+    gpu = model.device.type == "cuda"
     cfg = model.config
     kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_row = prefix_len * cfg.num_hidden_layers * 2 * kv * head * 4
-    return int(max(1, min(16, budget_bytes // max(per_row, 1))))
+    per_row = prefix_len * cfg.num_hidden_layers * 2 * kv * head * model.dtype.itemsize
+    return int(max(1, min(128 if gpu else 16, (8e9 if gpu else 1e9) // max(per_row, 1))))
 
 
-def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_tokens: int = 2048,
-          on_batch=None, shots=None, reuse_prefix: bool = True) -> dict:
+def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_tokens: int | None = None,
+          on_batch=None, shots=None, prompts=None, reuse_prefix: bool = True) -> dict:
     """Generate for every example and compute the task's metrics (plus loss/perplexity for chat).
 
     With `shots` (a list of examples, possibly empty) every prompt starts with the same
-    instruction + shots prefix, whose KV cache is computed once when `reuse_prefix`. With a
-    list of shot lists, one per example, each prompt has its own shots (no shared prefix).
+    instruction + shots prefix, whose KV cache is computed once when `reuse_prefix`. With
+    `prompts` (chat messages, one list per example) each row has its own prompt.
     Returns {"metrics": {...}, "predictions": [{"line", "output", "prediction", "gold"}]}.
     """
     module = tasks.TASKS[info.kind]
     new_tokens = max_new_tokens(tokenizer, examples, info)
-    per_row = bool(shots) and isinstance(shots[0], list)
+    batch_tokens = batch_tokens or (32768 if model.device.type == "cuda" else 2048)
     start = time.perf_counter()
-    if shots is None or per_row:
-        prompts = ([module.prompt(e, info, zero_shot=zero_shot) for e in examples] if shots is None
-                   else [[*shots_lib.prefix_messages(info, row_shots),
-                          *[m for m in e.messages if m["role"] != "system"]]
-                         for e, row_shots in zip(examples, shots)])
+    if shots is None:
+        if prompts is None:
+            prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
         outputs, counts = generate(model, tokenizer, prompts, new_tokens, batch_tokens=batch_tokens,
                                    on_batch=on_batch)
+        prompt_tokens = sum(len(prompt_ids(tokenizer, p)) for p in prompts) / max(1, len(prompts))
     else:
         prefix_ids, suffixes = shots_lib.split_prompts(
             tokenizer, shots_lib.prefix_messages(info, shots), examples)
         outputs, counts = generate_shared_prefix(
             model, tokenizer, prefix_ids, suffixes, new_tokens, reuse=reuse_prefix,
             batch_size=prefix_batch_size(model, len(prefix_ids)), on_batch=on_batch)
+        prompt_tokens = len(prefix_ids) + sum(len(x) for x in suffixes) / max(1, len(suffixes))
     elapsed = time.perf_counter() - start
     parsed = [module.parse(o, info) for o in outputs]
     preds = [p for p, _ in parsed]
     valid = [v for _, v in parsed]
     golds = [e.fields if info.kind == "extract" else module.target(e) for e in examples]
     metrics = module.metrics(preds, golds, valid)
-    if info.kind == "chat":
-        enc = [encode(tokenizer, module.prompt(e, info), module.target(e)) for e in examples]
-        order = length_grouped_batches([len(x) for x in enc], batch_tokens, seed=0)
+    if info.kind == "chat":  # perplexity of the reference answers, given the same prompts
+        if prompts is None:
+            head = shots_lib.prefix_messages(info, shots)
+            prompts = [[*head, *[m for m in e.messages if m["role"] != "system"]] for e in examples]
+        enc = [encode(tokenizer, p, module.target(e)) for p, e in zip(prompts, examples)]
+        order = length_grouped_batches([len(x) for x in enc],
+                                       max(batch_tokens, max(len(x) for x in enc)), seed=0)
         loss = mean_loss(model, (collate([enc[i] for i in b], tokenizer.pad_token_id) for b in order))
         metrics.update(loss=loss, perplexity=math.exp(loss))
+    metrics["prompt_tokens"] = prompt_tokens  # mean per request
     metrics["generate_s"] = elapsed
     metrics["latency_ms_per_request"] = 1000 * elapsed / max(1, len(examples))  # batched, amortized
     # USD/hour x hours per 1,000 requests: latency_ms x 1000 requests / 1000 ms / 3600 s.
     metrics["cost_per_1k_requests"] = price_per_hour() * metrics["latency_ms_per_request"] / 3600
-    if per_row:
-        metrics.update(shots=len(shots[0]))
-    elif shots is not None:
+    if shots is not None:
         metrics.update(shots=len(shots), prefix_tokens=len(prefix_ids))
     metrics["output_tokens_per_s"] = sum(counts) / elapsed if elapsed else 0.0
     rows = [{"line": e.line, "output": o, "prediction": p, "gold": g}

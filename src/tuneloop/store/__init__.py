@@ -131,16 +131,16 @@ class Registry:
             return ev
 
     def baselines(self, model: str, dataset: str, train_dataset: str,
-                  settings: dict) -> dict[str, dict]:
+                  settings: dict[str, dict]) -> dict[str, dict]:
         """The latest metrics of each baseline strategy of a base model on a test/train pair,
-        scored with the same settings (prompt budget, seed)."""
+        scored with the settings given for that strategy (prompt budget, seed, documents)."""
         with self.session() as s:
             rows = s.scalars(select(Evaluation).where(
                 Evaluation.model == model, Evaluation.dataset == dataset,
                 Evaluation.train_dataset == train_dataset, Evaluation.run_id.is_(None),
             ).order_by(Evaluation.created))
             return {row.strategy: row.metrics for row in rows
-                    if row.metrics.get("settings") == settings}
+                    if row.metrics.get("settings") == settings.get(row.strategy)}
 
     def evaluations(self, run_id: str | None = None) -> list[Evaluation]:
         with self.session() as s:

@@ -123,6 +123,9 @@ def run_lora(recipe, splits: Splits, run_dir: Path, progress=None) -> dict:
         "final_train_loss": curves["train"][-1][1],
         "final_val_loss": curves["validation"][-1][1] if curves["validation"] else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20
+                        if torch.cuda.is_available() else None),
+        "device": str(models.device()),
         "trainable_params": sum(p.numel() for p in trainable),
         "dropped_as_leaks": splits.dropped_as_leaks,
     }

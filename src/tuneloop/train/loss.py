@@ -21,6 +21,7 @@ def causal_lm(model):
 def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over answer tokens, number of those tokens) for one batch."""
     lm = causal_lm(model)
+    batch = {k: v.to(lm.device, non_blocking=True) for k, v in batch.items()}
     hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]

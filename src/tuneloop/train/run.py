@@ -14,7 +14,7 @@ from tuneloop.evaluate.store import record_evaluation
 from tuneloop.store import Registry
 from tuneloop.data.formats import file_sha256
 from tuneloop.train.data import load_splits
-from tuneloop.baselines.strategies import best, run_baselines
+from tuneloop.baselines.strategies import best, recipe_baselines
 from tuneloop.tasks import HEADLINE
 from tuneloop.train.lora import run_lora
 
@@ -59,9 +59,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -
     try:
         baselines = {}
         if recipe.data.test and recipe.baselines:
-            baselines = run_baselines(recipe.base_model, recipe.data.train, recipe.data.test,
-                                      recipe.task, recipe.baselines, workspace=ws,
-                                      max_prompt_tokens=recipe.many_shot_tokens, on_phase=phase)
+            baselines = recipe_baselines(recipe, workspace=ws, on_phase=phase)
         phase(f"training {run.id}")
         out = METHODS[recipe.method](recipe, splits, run_dir, progress)
         result = {"run_id": run.id, "run_dir": str(run_dir), **out["stats"]}
