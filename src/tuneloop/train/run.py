@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from tuneloop import project
+from tuneloop.errors import TuneloopError
+from tuneloop.project import recipe_from_dict
 from tuneloop.models import licences
 from tuneloop.evaluate.runner import score
 from tuneloop.evaluate.store import record_evaluation
@@ -31,15 +33,23 @@ def gate(result: dict, baselines: dict, recipe) -> dict:
             "passed": gain > recipe.gate_margin}
 
 
-def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -> dict:
+def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
+          resume: str | None = None) -> dict:
     """Train per recipe, evaluate on data.test, record everything in the registry.
 
-    Returns the run's summary: run_id, training stats and the test metrics (flattened, and in
-    full under "test").
+    With `resume` (a run id) the recipe is that run's own, and training continues from its
+    newest intact checkpoint. Returns the run's summary: run_id, training stats and the test
+    metrics (flattened, and in full under "test").
     """
     ws = workspace or project.workspace()
     registry = Registry.open(ws)
     phase = on_phase or (lambda name: None)
+    if resume:
+        run = registry.get_run(resume)
+        if run.status == "done":
+            raise TuneloopError(f"run {run.id} has finished; there is nothing to resume")
+        recipe = recipe_from_dict({k: v for k, v in run.recipe.items() if k != "licence"},
+                                  source=f"run {run.id}'s recipe")
     licence = licences.check(recipe.base_model, recipe.allowed_licences, recipe.accept_licences)
     phase("loading data")
     splits = load_splits(recipe.data, recipe.task)
@@ -47,12 +57,18 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -
                                     len(splits.train), recipe.task)
     test_ds = (registry.add_dataset(file_sha256(recipe.data.test), str(recipe.data.test),
                                     len(splits.test), recipe.task) if recipe.data.test else None)
-    run = registry.add_run(name=recipe.name, task=recipe.task, base_model=recipe.base_model,
-                           method=recipe.method, status="running",
-                           recipe={**json.loads(recipe.model_dump_json()), "licence": licence},
-                           train_dataset=train_ds.id,
-                           test_dataset=test_ds.id if test_ds else None,
-                           started=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
+    if resume:
+        if train_ds.id != run.train_dataset:
+            raise TuneloopError(f"{recipe.data.train} changed since run {run.id} started; a "
+                                "resumed run must see the same data (start a new run instead)")
+        registry.update_run(run.id, status="running", error=None)
+    else:
+        run = registry.add_run(name=recipe.name, task=recipe.task, base_model=recipe.base_model,
+                               method=recipe.method, status="running",
+                               recipe={**json.loads(recipe.model_dump_json()), "licence": licence},
+                               train_dataset=train_ds.id,
+                               test_dataset=test_ds.id if test_ds else None,
+                               started=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
     run_dir = ws / "runs" / run.id
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -61,7 +77,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None) -
         if recipe.data.test and recipe.baselines:
             baselines = recipe_baselines(recipe, workspace=ws, on_phase=phase)
         phase(f"training {run.id}")
-        out = METHODS[recipe.method](recipe, splits, run_dir, progress)
+        out = METHODS[recipe.method](recipe, splits, run_dir, progress, resume=bool(resume))
         result = {"run_id": run.id, "run_dir": str(run_dir), **out["stats"]}
         if splits.test:
             phase("evaluating on the test set")

@@ -1,0 +1,123 @@
+"""Resume: a run killed with SIGKILL and resumed ends exactly where an uninterrupted run ends;
+damaged checkpoints are detected and the previous one is used."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.test_cli import assert_user_error, tl
+from tuneloop.train import checkpoint
+
+# A training process that sleeps after every step, so the test can kill it mid-run.
+SLOW_TRAIN = """
+import sys, time
+from tuneloop.project import load_recipe
+from tuneloop.train.run import train
+train(load_recipe(sys.argv[1]), progress=lambda *a: time.sleep(float(sys.argv[2])))
+"""
+
+
+def write_recipe(tmp_path, tiny_model, classify_files) -> Path:
+    train, test = classify_files
+    recipe = {"base_model": str(tiny_model), "task": "classify",
+              "data": {"train": str(train), "test": str(test)}, "baselines": [],
+              "max_steps": 10, "epochs": 4, "batch_tokens": 128, "learning_rate": 5e-3,
+              "checkpoint_every": 3, "eval_every": 2, "lora": {"rank": 4, "dropout": 0.1}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def only_run(ws: Path) -> Path:
+    (run,) = (ws / "runs").iterdir()
+    return run
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, classify_files):
+    recipe = write_recipe(tmp_path, tiny_model, classify_files)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = tl("train", recipe, "--json", env={"TUNELOOP_HOME": str(whole)})
+    assert done.returncode == 0, done.stderr
+
+    env = {**os.environ, "TUNELOOP_HOME": str(killed)}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, str(recipe), "0.3"], env=env)
+    deadline = time.monotonic() + 300
+    while not list(killed.glob("runs/*/checkpoints/step-000006")):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before step 6"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = only_run(killed)
+    assert not (run_dir / "adapter").exists()  # it really died mid-run
+    # Damage the newest checkpoint: resuming must detect it and start from step 3 instead.
+    newest = run_dir / "checkpoints" / "step-000006" / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    assert checkpoint.latest(run_dir / "checkpoints").name == "step-000003"
+
+    resumed = tl("train", "--resume", run_dir.name, "--json", env={"TUNELOOP_HOME": str(killed)})
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(resumed.stdout)
+    assert result["run_id"] == run_dir.name and result["steps"] == 10
+
+    a = load_file(only_run(whole) / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    curves_a = json.loads((only_run(whole) / "curves.json").read_text())
+    curves_b = json.loads((run_dir / "curves.json").read_text())
+    assert [s for s, _ in curves_b["train"]] == list(range(1, 11))
+    for kind in ("train", "validation"):
+        torch.testing.assert_close(torch.tensor(curves_b[kind]), torch.tensor(curves_a[kind]),
+                                   rtol=0, atol=1e-6)
+
+    again = tl("train", "--resume", run_dir.name, env={"TUNELOOP_HOME": str(killed)})
+    assert_user_error(again, "has finished")
+
+
+def test_damaged_or_partial_checkpoints_are_skipped(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.lm_head.weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    folder = tmp_path / "ckpts"
+    for step in (1, 2, 3):
+        checkpoint.save(folder, model, optimizer, scheduler, step, step, keep=3)
+    assert checkpoint.latest(folder).name == "step-000003"
+    (folder / "step-000003" / "state.pt").unlink()  # a file gone
+    assert checkpoint.latest(folder).name == "step-000002"
+    meta = folder / "step-000002" / "meta.json"
+    meta.write_text(meta.read_text().replace('"step": 2', '"step": 9'))  # a file altered
+    assert checkpoint.latest(folder).name == "step-000001"
+    (folder / ".tmp-step-000004").mkdir()  # a write that never finished is never a candidate
+    assert checkpoint.latest(folder).name == "step-000001"
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model, classify_files):
+    recipe = write_recipe(tmp_path, tiny_model, classify_files)
+    ws = tmp_path / "ws"
+    env = {**os.environ, "TUNELOOP_HOME": str(ws)}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, str(recipe), "5"], env=env)
+    deadline = time.monotonic() + 300
+    while not list(ws.glob("runs/*")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_id = only_run(ws).name
+    assert_user_error(tl("train", "--resume", run_id, env={"TUNELOOP_HOME": str(ws)}),
+                      "no intact checkpoint")
+    assert_user_error(tl("train", env={"TUNELOOP_HOME": str(ws)}), "--resume RUN")
