@@ -20,19 +20,24 @@ pytestmark = [
 ]
 
 
-def test_three_steps_and_evaluate_on_smollm2(tmp_path, workspace):
+def small_banking77(tmp_path, extra: str = "") -> Path:
+    """60 training rows and one test row per label (12) of the example; returns the recipe."""
     src = ROOT / "examples" / "banking77"
     rows = [json.loads(line) for line in (src / "test.jsonl").open()]
     by_label = {}
     for row in rows:
         by_label.setdefault(row["label"], []).append(row)
-    test_rows = [r for rows_ in by_label.values() for r in rows_[:1]]  # one per label: 12
+    test_rows = [r for rows_ in by_label.values() for r in rows_[:1]]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_rows))
     train_rows = list(itertools.islice((src / "train.jsonl").open(), 60))
     (tmp_path / "train.jsonl").write_text("".join(train_rows))
     (tmp_path / "r.yaml").write_text("base_model: smollm2-135m-instruct\ntask: classify\n"
-                                     "data: {train: train.jsonl, test: test.jsonl}\nmax_steps: 3\n")
-    result = train(load_recipe(tmp_path / "r.yaml"), workspace=workspace)
+                                     "data: {train: train.jsonl, test: test.jsonl}\n" + extra)
+    return tmp_path / "r.yaml"
+
+
+def test_three_steps_and_evaluate_on_smollm2(tmp_path, workspace):
+    result = train(load_recipe(small_banking77(tmp_path, "max_steps: 3\n")), workspace=workspace)
     assert result["steps"] == 3 and result["train_tokens"] > 0
     assert result["test"]["n"] == 12 and 0.0 <= result["accuracy"] <= 1.0
     assert result["peak_rss_mb"] < 6000
@@ -59,3 +64,20 @@ def test_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 30 and tok.eos_token == "<|im_end|>"
     assert (folder / "model.safetensors").stat().st_mtime == stamp
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+@pytest.mark.parametrize("method", ["dora", "qlora", "full"])
+def test_each_method_trains_smollm2_and_its_artifact_evaluates(tmp_path, workspace, method):
+    from tests.test_cli import tl
+
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes not installed")
+    recipe = small_banking77(tmp_path, f"method: {method}\nmax_steps: 2\nbatch_tokens: 384\n"
+                                       "baselines: []\ncheckpoint_every: 1000\n")
+    result = train(load_recipe(recipe), workspace=workspace)
+    assert result["steps"] == 2 and result["method"] == method
+    scored = tl("eval", "--model", result["run_id"], "--data", tmp_path / "test.jsonl", "--json")
+    assert scored.returncode == 0, scored.stderr
+    metrics = json.loads(scored.stdout)
+    assert metrics["strategy"] == "fine-tuned" and metrics["n"] == 12
+    assert metrics["accuracy"] == result["accuracy"]  # the saved artifact is the trained model

@@ -114,3 +114,36 @@ def test_extract_and_chat_tasks_train_and_score(tiny_model, tmp_path, workspace)
         for key in keys:
             assert key in result, (task, key)
         assert result["test"]["n"] == 4
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_model, classify_files, tmp_path):
+    from safetensors.torch import load_file
+
+    from tuneloop.train.data import load_splits
+    from tuneloop.train.lora import run_lora
+
+    train_file, test_file = classify_files
+    # A learning rate far too high: validation loss soon rises, and training must stop.
+    recipe = recipe_for(tiny_model, train_file, test_file, max_steps=40, epochs=20,
+                        learning_rate=0.5, eval_every=1, patience=2, checkpoint_every=1000)
+    out = run_lora(recipe, load_splits(recipe.data, "classify"), tmp_path / "run")
+    stats = out["stats"]
+    assert stats["stopped_early"] and stats["steps"] < 40
+    val = dict(json.loads((tmp_path / "run" / "curves.json").read_text())["validation"])
+    assert stats["best_val_loss"] == min(val.values()) and val[stats["best_step"]] == stats["best_val_loss"]
+    assert stats["steps"] - stats["best_step"] == 2  # two validations without improvement
+    best = load_file(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {k.replace(".default", "") for k in best} == set(saved)
+    for name, tensor in best.items():
+        torch.testing.assert_close(saved[name.replace(".default", "")], tensor, rtol=0, atol=0)
+
+
+def test_curves_are_read_as_over_or_underfitting():
+    from tuneloop.train.sft import diagnose
+
+    train = [(s, 2.0 - s * 0.1) for s in range(1, 11)]
+    assert diagnose({"train": train, "validation": [(2, 1.0), (4, 0.8), (6, 0.9), (8, 1.1)]}) == "overfitting"
+    assert diagnose({"train": train, "validation": [(2, 1.0), (4, 0.8), (6, 0.6)]}) == "underfitting"
+    assert diagnose({"train": train, "validation": [(2, 1.0), (4, 0.8), (6, 0.795)]}) == "good"
+    assert diagnose({"train": train, "validation": [(2, 1.0)]}) is None

@@ -28,8 +28,9 @@ app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
 
-out = Console()
-err = Console(stderr=True)
+# Wide tables stay readable when output goes to a file or a pipe (rich assumes 80 columns).
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
 
 
@@ -128,7 +129,7 @@ def train(
         _print_json({k: v for k, v in result.items()})
         return
     _print_metrics(result)
-    out.print(f"run [bold]{result['run_id']}[/] done; adapter in {result['run_dir']}/adapter")
+    out.print(f"run [bold]{result['run_id']}[/] done ({result['method']}); {result['artifact']}")
 
 
 def _print_metrics(result: dict) -> None:
@@ -354,3 +355,62 @@ def models_compare(
         out.print(f"recommendation: [bold]{rec['model']}[/] ({rec['reason']})", highlight=False)
     else:
         raise TuneloopError("no candidate could be scored; see the refusals above")
+
+
+@app.command("export")
+def export_(
+    run_id: str = typer.Argument(..., help="a finished run"),
+    out_dir: Path = typer.Option(..., "--out", help="new folder to write"),
+    merge: bool = typer.Option(False, help="fold the adapter into the base: a plain model folder"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Export a run's adapter, or with --merge a model folder that transformers loads alone.
+
+    Example: tuneloop export run-20261123-ab12cd --out ./my-model --merge
+    """
+    from tuneloop.export import export
+
+    result = export(run_id, out_dir, merge=merge)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"{result['kind']} of {result['run_id']} written to {result['path']}")
+
+
+@app.command()
+def estimate(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    gpu: Optional[str] = typer.Option(None, help="estimate for this GPU instead of this machine "
+                                      "(t4-16gb, l4-24gb, a10g-24gb, a100-40gb, a100-80gb, h100-80gb, h200-141gb)"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated: lora,dora,qlora,full"),
+    tokens_per_s: Optional[float] = typer.Option(None, help="use this training throughput"),
+    price: Optional[float] = typer.Option(None, help="USD per hour of the machine"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Memory, time and money of each training method for a recipe, before running it.
+
+    Example: tuneloop estimate examples/banking77/recipe.yaml --gpu a100-80gb
+    """
+    from tuneloop.estimate import estimate as run_estimate, hours
+    from tuneloop.project import load_recipe
+
+    result = run_estimate(load_recipe(recipe), gpu=gpu, tokens_per_s=tokens_per_s, price_per_hour=price,
+                          methods=methods.split(",") if methods else None)
+    if as_json:
+        _print_json(result)
+        return
+    out.print(f"{result['model']} ({result['parameters'] / 1e6:.0f}M parameters) on {result['device']}: "
+              f"{result['train_rows']} rows x {result['epochs']:g} epochs = "
+              f"{result['tokens_to_process']:,} tokens; micro-batches of {result['batch_tokens']} tokens",
+              highlight=False)
+    table = Table("method", "trainable", "weights GB", "grads+optim GB", "activations GB",
+                  "peak GB", "fits", "tokens/s", "time", "cost $", "throughput from",
+                  title=f"estimate (memory capacity {result['memory_capacity_gb']:.0f} GB)")
+    for m in result["methods"]:
+        mem = m["memory_gb"]
+        table.add_row(m["method"], f"{m['trainable_parameters'] / 1e6:.1f}M", f"{mem['weights']:.2f}",
+                      f"{mem['gradients'] + mem['optimizer']:.2f}", f"{mem['activations']:.2f}",
+                      f"{m['peak_memory_gb']:.2f}", "yes" if m["fits"] else "[red]no[/]",
+                      f"{m['tokens_per_s']:.0f}", hours(m["seconds"]), f"{m['cost_usd']:.2f}",
+                      m["throughput_source"])
+    out.print(table)

@@ -40,13 +40,26 @@ class LoraSpec(_Strict):
     targets: str | list[str] = Field("all-linear", description="module names, or all-linear")
 
 
+class FullSpec(_Strict):
+    freeze_layers: int = Field(0, ge=0, description="decoder layers (from the input) kept frozen, "
+                               "with the embeddings, in full fine-tuning")
+
+
+class DpoSpec(_Strict):
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the start point")
+    start: str | None = Field(None, description="a finished SFT run whose adapter DPO continues; "
+                              "default: a fresh adapter on the base model")
+
+
 class Recipe(_Strict):
     """A training run, as saved YAML. Only base_model, task and data are required."""
 
     base_model: str = Field("smollm2-135m-instruct", description="catalog id, folder or hub id")
     task: Literal["classify", "extract", "chat"] = Field(description="classify | extract | chat")
     data: DataSpec
-    method: Literal["lora"] = Field("lora", description="training method")
+    method: Literal["lora", "dora", "qlora", "full", "dpo"] = Field(
+        "lora", description="lora | dora | qlora (4-bit base) | full (every weight) | dpo "
+        "(preference pairs)")
     name: str | None = Field(None, description="a label for the run")
     seed: int = Field(0, description="makes batching, init and dropout repeatable")
     epochs: float | None = Field(None, gt=0, description="passes over the data; default by size")
@@ -59,7 +72,12 @@ class Recipe(_Strict):
     max_length: int | None = Field(None, gt=8, description="longest example in tokens")
     eval_every: int | None = Field(None, gt=0, description="steps between validation losses")
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints")
+    patience: int | None = Field(None, gt=0, description="early stopping: stop after this many "
+                                 "validations without improvement and keep the best weights")
+    min_delta: float = Field(0.0, ge=0, description="smallest validation-loss drop that counts")
     lora: LoraSpec = LoraSpec()
+    full: FullSpec = FullSpec()
+    dpo: DpoSpec = DpoSpec()
     baselines: list[Literal["zero-shot", "few-shot", "many-shot", "similar-shot", "rag"]] = Field(
         ["zero-shot", "few-shot", "many-shot"], description="prompting strategies the run must beat")
     gate_margin: float = Field(0.0, description="the gate passes when the run's headline metric "

@@ -5,6 +5,7 @@ Accepted JSONL rows (one object per line):
   prompt/completion {"prompt": "...", "completion": "..."}
   classification  {"text": "...", "label": "..."}
   extraction      {"text": "...", "fields": {...}}
+  preference      {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}  (DPO)
 
 The codes follow OpenAI's fine-tuning validator where one exists, so teams moving from its
 hosted fine-tuning read the same words.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -37,6 +39,7 @@ class Example:
     fields: dict | None = None  # extract: the gold fields
     text: str | None = None  # classify/extract: the raw input, for prompts built per task
     line: int = 0  # 1-based line in the source file
+    rejected: str | None = None  # preference pairs: the reply not preferred (`answer` is chosen)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ def parse_row(obj: object, line: int, task: str | None) -> tuple[Example | None,
     if not isinstance(obj, dict):
         return None, "", [Problem(line, "data_type", f"each line must be a JSON object, got "
                                   f"{type(obj).__name__}")]
+    if "chosen" in obj or "rejected" in obj:
+        return _parse_preference(obj, line)
     if "messages" in obj:
         return _parse_chat(obj, line)
     if "prompt" in obj or "completion" in obj:
@@ -124,6 +129,47 @@ def parse_row(obj: object, line: int, task: str | None) -> tuple[Example | None,
     return None, "", [Problem(line, "missing_messages_list", f"no `messages` list (keys: {keys}); "
                               "use {\"messages\": [...]}, {\"prompt\", \"completion\"}, "
                               "{\"text\", \"label\"} or {\"text\", \"fields\"}")]
+
+
+def _parse_preference(obj: dict, line: int):
+    """A preference pair: the conversation so far and two replies, the first one preferred."""
+    problems = []
+    for key, what in (("chosen", "preferred"), ("rejected", "not preferred")):
+        if not isinstance(obj.get(key), str) or not obj[key].strip():
+            problems.append(Problem(line, "missing_preference", f"`{key}` must be a non-empty "
+                                    f"string: the {what} reply"))
+    messages = prompt_messages(obj.get("prompt"))
+    if not messages:
+        problems.append(Problem(line, "invalid_prompt", "`prompt` must be a non-empty string or "
+                                "a list of {\"role\", \"content\"} messages ending with a user turn"))
+    if not problems and obj["chosen"].strip() == obj["rejected"].strip():
+        problems.append(Problem(line, "identical_pair", "chosen and rejected are the same reply; "
+                                "the pair teaches nothing"))
+    if problems:
+        return None, "preference", problems
+    return (Example(messages=tuple(messages), answer=obj["chosen"].strip(),
+                    rejected=obj["rejected"].strip(), line=line), "preference", [])
+
+
+def prompt_messages(prompt) -> list[dict] | None:
+    """Chat messages from a prompt: a message list, Anthropic-style "Human: ...\n\nAssistant:"
+    transcript text, or plain text (one user turn)."""
+    if isinstance(prompt, list):
+        ok = all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                 for m in prompt)
+        return [{"role": m["role"], "content": m["content"]} for m in prompt] if ok and prompt else None
+    if not isinstance(prompt, str) or not prompt.strip():
+        return None
+    text = prompt.strip()
+    if not text.startswith("Human:"):
+        return [{"role": "user", "content": text}]
+    turns = []
+    for part in re.split(r"\n\n(?=(?:Human|Assistant):)", text):
+        speaker, _, content = part.partition(":")
+        if content.strip():
+            turns.append({"role": "user" if speaker == "Human" else "assistant",
+                          "content": content.strip()})
+    return turns if turns and turns[-1]["role"] == "user" else None
 
 
 def _parse_chat(obj: dict, line: int):

@@ -22,13 +22,21 @@ def load_for_eval(model: str, registry: Registry):
         return models.load_model(model), models.load_tokenizer(model), None, None
     if run.status != "done" or not run.adapter_path:
         raise TuneloopError(f"run {run.id} is {run.status}; only finished runs can be evaluated")
+    lm, meta = load_artifact(Path(run.adapter_path))
+    return lm, models.load_tokenizer(meta["base_model"]), TaskInfo.from_dict(meta["task"]), run
+
+
+def load_artifact(folder: Path):
+    """(model, tuneloop.json) of a run's artifact: a full model folder, or an adapter applied
+    to its base model (unquantized, also for QLoRA adapters)."""
+    meta = json.loads((folder / "tuneloop.json").read_text())
+    if meta.get("method") == "full":
+        return models.load_model(str(folder)), meta
     from peft import PeftModel
 
-    meta = json.loads((Path(run.adapter_path) / "tuneloop.json").read_text())
-    base = models.load_model(meta["base_model"])
-    lm = PeftModel.from_pretrained(base, run.adapter_path)
+    lm = PeftModel.from_pretrained(models.load_model(meta["base_model"]), folder)
     lm.eval()
-    return lm, models.load_tokenizer(meta["base_model"]), TaskInfo.from_dict(meta["task"]), run
+    return lm, meta
 
 
 def evaluate(model: str, data: str | Path, task: str | None = None,
@@ -50,6 +58,16 @@ def evaluate(model: str, data: str | Path, task: str | None = None,
         raise TuneloopError("--task is required when evaluating a base model "
                             "(classify, extract or chat)")
     examples = load_examples(data, task)
+    if run is not None and run.method == "dpo":  # preference pairs: scored by log-probabilities
+        from tuneloop.train.dpo import evaluate_pairs
+
+        start = json.loads((Path(run.adapter_path) / "tuneloop.json").read_text()).get("start")
+        result = evaluate_pairs(lm, tokenizer, examples, reference_adapter_off=start is None)
+        ds = registry.add_dataset(file_sha256(data), str(data), len(examples), task)
+        record_evaluation(registry, ws / "evaluations" / new_id("ev"), result, model=model,
+                          run_id=run.id, dataset=ds.id, strategy="fine-tuned", task=task)
+        return {"model": model, "task": task, "strategy": "fine-tuned", **result["metrics"],
+                "metrics": result["metrics"]}
     if info is None:
         info = tasks.describe(task, load_examples(labels_from, task) if labels_from else examples)
     zero_shot = run is None

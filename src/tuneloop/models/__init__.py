@@ -149,16 +149,22 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(model: str, dtype=None):
+def load_model(model: str, dtype=None, quantization=None):
     """A causal LM in eval mode on `device()`: bfloat16 on GPUs, float32 on CPUs (bfloat16
-    matrix work is ~10x slower than float32 on CPUs without AVX-512 bf16)."""
+    matrix work is ~10x slower than float32 on CPUs without AVX-512 bf16). `quantization` is
+    a transformers quantization config (4-bit for QLoRA)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     ref = resolve(model)
     dtype = dtype or (torch.bfloat16 if device().type == "cuda" else torch.float32)
-    lm = _from_pretrained(AutoModelForCausalLM, ref, dtype=dtype)
-    lm.to(device())
+    if quantization is None:
+        lm = _from_pretrained(AutoModelForCausalLM, ref, dtype=dtype)
+        lm.to(device())
+    else:  # quantized weights are placed as they load, and cannot be moved afterwards
+        place = {"": device().index or 0} if device().type == "cuda" else None
+        lm = _from_pretrained(AutoModelForCausalLM, ref, dtype=dtype,
+                              quantization_config=quantization, device_map=place)
     lm.eval()
     return lm
 

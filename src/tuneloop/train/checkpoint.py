@@ -54,6 +54,22 @@ def save(folder: Path, model, optimizer, scheduler, step: int, position: int, lo
     return final
 
 
+def save_weights(model, path: Path) -> None:
+    """The trainable weights alone (the best model so far), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(trainable_state(model), str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(model, path: Path) -> None:
+    weights = load_file(str(path))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
 def verify(ckpt: Path) -> bool:
     """Every file the manifest lists is present with its recorded SHA-256."""
     try:
@@ -75,11 +91,7 @@ def latest(folder: Path) -> Path | None:
 def restore(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Load a checkpoint into model/optimizer/scheduler/RNG; returns its meta (step, position,
     loop)."""
-    weights = load_file(str(ckpt / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    load_weights(model, ckpt / "trainable.safetensors")
     state = torch.load(ckpt / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -18,17 +18,34 @@ def causal_lm(model):
     return get_base() if callable(get_base) else model
 
 
-def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy over answer tokens, number of those tokens) for one batch."""
+def answer_logits(model, batch: dict[str, torch.Tensor]):
+    """(logits at answer positions, their target ids, mask of those positions [rows, len-1])."""
     lm = causal_lm(model)
     batch = {k: v.to(lm.device, non_blocking=True) for k, v in batch.items()}
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    # On a GPU the matmuls run in bf16 (float32 master weights stay float32: full fine-tuning).
+    gpu = lm.device.type == "cuda"
+    with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu):
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE
+        logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return logits.float(), targets[keep], keep
+
+
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over answer tokens, number of those tokens) for one batch."""
+    logits, targets, _ = answer_logits(model, batch)
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's answer log-probability: the sum over its answer tokens (DPO)."""
+    logits, targets, keep = answer_logits(model, batch)
+    token = -F.cross_entropy(logits, targets, reduction="none")
+    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    return torch.zeros(keep.shape[0], device=token.device).index_add(0, rows, token)
 
 
 @torch.no_grad()

@@ -8,8 +8,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 # LoRA tolerates a higher rate than full fine-tuning: its update starts at zero and is scaled
-# by alpha/r; 1e-3 with alpha = 2r converges in a few hundred steps on small models.
+# by alpha/r; 1e-3 with alpha = 2r converges in a few hundred steps on small models. Full
+# fine-tuning moves every pretrained weight, so it takes the usual 2e-5.
 LORA_LR = 1e-3
+FULL_LR = 2e-5
 # Effective training throughput used only to size a time budget before the first step
 # (about 4 x params FLOPs per token for LoRA: forward plus activation gradients).
 CPU_FLOPS, GPU_FLOPS = 1.0e11, 1.0e14
@@ -58,7 +60,7 @@ def steps_for_budget(minutes: float, tokens_per_step: float, params: int) -> int
 
 
 def make_plan(recipe, n_micro_batches: int, epochs: float, max_length: int, tokens_per_step: float,
-              params: int) -> Plan:
+              params: int, default_lr: float = LORA_LR) -> Plan:
     """Resolve every derived setting of a run."""
     steps = max(1, math.ceil(n_micro_batches / recipe.grad_accum))
     if recipe.time_budget_minutes:
@@ -68,7 +70,7 @@ def make_plan(recipe, n_micro_batches: int, epochs: float, max_length: int, toke
     rank = recipe.lora.rank
     return Plan(
         epochs=epochs, steps=steps,
-        learning_rate=recipe.learning_rate or LORA_LR,
+        learning_rate=recipe.learning_rate or default_lr,
         warmup_steps=max(1, round(recipe.warmup_ratio * steps)) if recipe.warmup_ratio else 0,
         batch_tokens=recipe.batch_tokens or default_batch_tokens(),
         grad_accum=recipe.grad_accum, max_length=max_length,

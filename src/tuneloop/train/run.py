@@ -18,9 +18,13 @@ from tuneloop.data.formats import file_sha256
 from tuneloop.train.data import load_splits
 from tuneloop.baselines.strategies import best, recipe_baselines
 from tuneloop.tasks import HEADLINE
-from tuneloop.train.lora import run_lora
+from tuneloop.train.full import FULL
+from tuneloop.train.lora import DORA, LORA
+from tuneloop.train.qlora import QLORA
+from tuneloop.train.dpo import evaluate_pairs, run_dpo
+from tuneloop.train.sft import run_sft
 
-METHODS = {"lora": run_lora}
+METHODS = {m.name: m for m in (LORA, DORA, QLORA, FULL)}
 
 
 def gate(result: dict, baselines: dict, recipe) -> dict:
@@ -31,6 +35,17 @@ def gate(result: dict, baselines: dict, recipe) -> dict:
     return {"metric": metric, "best_baseline": strategy, "best_baseline_value": value,
             "run_value": result[metric], "gain": gain, "margin": recipe.gate_margin,
             "passed": gain > recipe.gate_margin}
+
+
+def evaluate_start_and_end(out: dict, test, recipe) -> dict:
+    """A DPO run's preference metrics on the test pairs, against its start point."""
+    reference = None
+    if out["start"] is not None:
+        from tuneloop.evaluate import load_artifact
+
+        reference, _ = load_artifact(Path(out["start"].adapter_path))
+    return evaluate_pairs(out["model"], out["tokenizer"], test, beta=recipe.dpo.beta,
+                          reference_adapter_off=reference is None, reference_model=reference)
 
 
 def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
@@ -74,15 +89,25 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
     started = time.perf_counter()
     try:
         baselines = {}
-        if recipe.data.test and recipe.baselines:
+        dpo = recipe.method == "dpo"  # preferences: no prompting baselines to beat
+        if recipe.data.test and recipe.baselines and not dpo:
             baselines = recipe_baselines(recipe, workspace=ws, on_phase=phase)
         phase(f"training {run.id}")
-        out = METHODS[recipe.method](recipe, splits, run_dir, progress, resume=bool(resume))
-        result = {"run_id": run.id, "run_dir": str(run_dir), **out["stats"]}
+        if dpo:
+            out = run_dpo(recipe, splits, run_dir, progress, resume=bool(resume),
+                          registry=registry)
+        else:
+            out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, progress,
+                          resume=bool(resume))
+        result = {"run_id": run.id, "run_dir": str(run_dir), "method": recipe.method,
+                  "artifact": str(out["artifact"]), **out["stats"]}
         if splits.test:
             phase("evaluating on the test set")
-            ev = score(out["model"], out["tokenizer"], splits.test, splits.info,
-                       batch_tokens=max(2048, out["plan"].batch_tokens))
+            if dpo:
+                ev = evaluate_start_and_end(out, splits.test, recipe)
+            else:
+                ev = score(out["model"], out["tokenizer"], splits.test, splits.info,
+                           batch_tokens=max(2048, out["plan"].batch_tokens))
             record_evaluation(registry, run_dir / "test", ev, model=run.id, run_id=run.id,
                               dataset=test_ds.id, strategy="fine-tuned", task=recipe.task)
             result["test"] = ev["metrics"]
@@ -93,7 +118,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
         result["wall_s"] = time.perf_counter() - started
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         registry.update_run(run.id, status="done", metrics=result, wall_s=result["wall_s"],
-                            adapter_path=str(run_dir / "adapter"),
+                            adapter_path=str(out["artifact"]),
                             finished=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
         return result
     except BaseException as exc:

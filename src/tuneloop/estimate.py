@@ -1,0 +1,220 @@
+"""Before a run: parameters, memory, tokens, time and money for a recipe and each method.
+
+Counts come from the model's architecture (built on the meta device: no weights are read) and
+from the recipe's data tokenized with the chat template. Memory is weights + gradients +
+AdamW moments + activations (per padded token in a micro-batch) + the process itself.
+Throughput comes, in this order, from what the user states, from this registry's finished
+runs of the same model and method on this kind of device, or from the device's arithmetic
+rate at a stated efficiency.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tuneloop import models, project, tasks
+from tuneloop.data.tokenize import encode
+from tuneloop.errors import TuneloopError
+from tuneloop.store import Registry
+from tuneloop.train.data import load_splits
+from tuneloop.train.plan import default_batch_tokens, default_epochs
+
+GB = 1024**3
+METHODS = ("lora", "dora", "qlora", "full")
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gb: float
+    bf16_tflops: float  # dense peak
+    usd_per_hour: float
+
+
+# Published dense bf16 peaks; prices are typical on-demand cloud rates (override with --price).
+GPUS = {d.name: d for d in [
+    Device("t4-16gb", 16, 65, 0.35), Device("l4-24gb", 24, 121, 0.80),
+    Device("a10g-24gb", 24, 125, 1.00), Device("a100-40gb", 40, 312, 1.50),
+    Device("a100-80gb", 80, 312, 2.00), Device("h100-80gb", 80, 989, 3.00),
+    Device("h200-141gb", 141, 989, 4.00),
+]}
+# Calibrated on SmolLM2-135M (bench/methods.py): eager PyTorch keeps about 16 x hidden +
+# 7.5 x intermediate values per token per decoder layer for the backward pass.
+ACT_HIDDEN, ACT_INTERMEDIATE = 16.0, 7.5
+PROCESS_GB = {"cpu": 0.55, "cuda": 0.0}  # interpreter + libraries (GPU: counted on the host)
+CPU_EFFICIENCY, GPU_EFFICIENCY = 0.6, 0.3  # share of the arithmetic peak a training step reaches
+# Small models on GPUs are bound by per-step overhead (kernel launches, Python), not arithmetic:
+# measured on an H100 with SmolLM2-135M, a step took ~0.3 s for 30 layers at any batch size.
+GPU_STEP_S_PER_LAYER = 0.01
+MAX_ROWS = 64  # rows per micro-batch (data.batching)
+# Training FLOPs per token in units of parameters: forward 2, activation gradients 2, weight
+# gradients 2 (full only). DoRA renormalizes each adapted weight every step; QLoRA
+# dequantizes every weight every step.
+FLOPS_PER_PARAM = {"lora": 4.0, "dora": 4.6, "qlora": 5.0, "full": 6.0}
+
+
+def architecture(model: str) -> dict:
+    """Parameter counts by kind, from the config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(models.resolve(model))
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    head = lm.get_output_embeddings()
+    linears = [(n, m) for n, m in lm.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head]
+    text = getattr(config, "text_config", config)
+    return {
+        "parameters": sum(p.numel() for p in lm.parameters()),
+        "linear_parameters": sum(m.weight.numel() for _, m in linears),
+        "linears": [(m.in_features, m.out_features) for _, m in linears],
+        "layers": text.num_hidden_layers, "hidden": text.hidden_size,
+        "intermediate": text.intermediate_size,
+        "embedding_parameters": lm.get_input_embeddings().weight.numel(),
+    }
+
+
+def memory(arch: dict, method: str, batch_tokens: int, rank: int, device: str,
+           freeze_layers: int = 0) -> dict:
+    """Bytes of each part of a training step's peak, by method."""
+    gpu = device == "cuda"
+    compute_bytes = 2 if gpu else 4
+    p = arch["parameters"]
+    if method == "full":
+        per_layer = (p - arch["embedding_parameters"]) / arch["layers"]
+        trainable = p - (arch["embedding_parameters"] + freeze_layers * per_layer
+                         if freeze_layers else 0)
+        weights = p * 4  # float32 master weights
+    else:
+        trainable = sum(rank * (i + o) for i, o in arch["linears"])
+        if method == "dora":
+            trainable += sum(o for _, o in arch["linears"])  # one magnitude per output row
+        if method == "qlora":  # NF4 linears (+ double-quantized scales), the rest unquantized
+            weights = arch["linear_parameters"] * 0.52 + (p - arch["linear_parameters"]) * compute_bytes
+        else:
+            weights = p * compute_bytes
+    per_token = arch["layers"] * (ACT_HIDDEN * arch["hidden"] + ACT_INTERMEDIATE * arch["intermediate"])
+    if method == "dora":  # DoRA rescales every adapted output: two more output-sized tensors
+        per_token += 2 * sum(o for _, o in arch["linears"])
+    parts = {
+        "weights": weights,
+        "gradients": trainable * 4,
+        "optimizer": trainable * 8,  # AdamW: two float32 moments
+        "activations": batch_tokens * per_token * compute_bytes,
+        "process": PROCESS_GB["cuda" if gpu else "cpu"] * GB,
+    }
+    return {"trainable_parameters": int(trainable), "bytes": parts, "total": sum(parts.values())}
+
+
+def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
+             tokens_per_s: float | None = None, price_per_hour: float | None = None,
+             workspace=None) -> dict:
+    """The estimate for each method (default: all four) on this machine or a named GPU."""
+    if gpu and gpu not in GPUS:
+        raise TuneloopError(f"unknown GPU '{gpu}'; known: {', '.join(GPUS)}")
+    methods = methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise TuneloopError(f"unknown method {unknown}; choose from {list(METHODS)}")
+    arch = architecture(recipe.base_model)
+    tokens, max_length, rows = _data_tokens(recipe)
+    mean_length = tokens / max(rows, 1)
+    epochs = recipe.epochs or default_epochs(rows)
+    to_process = tokens * epochs
+    kind = "cuda" if gpu else models.device().type
+    batch_tokens = max(recipe.batch_tokens or (8192 if kind == "cuda" else default_batch_tokens()),
+                       max_length)
+    if gpu:
+        device = GPUS[gpu]
+        capacity_gb, peak_flops, efficiency = device.memory_gb, device.bf16_tflops * 1e12, GPU_EFFICIENCY
+        price = price_per_hour if price_per_hour is not None else device.usd_per_hour
+        where = gpu
+    else:
+        import psutil
+
+        from tuneloop.evaluate.runner import price_per_hour as default_price
+
+        capacity_gb = psutil.virtual_memory().total / GB
+        peak_flops, efficiency = _matmul_rate(), CPU_EFFICIENCY
+        price = price_per_hour if price_per_hour is not None else default_price()
+        where = f"this machine ({kind})"
+    measured = {} if gpu else _measured_rates(recipe.base_model, workspace)
+    rows_out = []
+    for method in methods:
+        # the largest micro-batch: the token budget, or 64 rows of the longest example
+        step_tokens = min(batch_tokens, MAX_ROWS * max_length)
+        mem = memory(arch, method, step_tokens, recipe.lora.rank, kind, recipe.full.freeze_layers)
+        if tokens_per_s:
+            rate, source = tokens_per_s, "stated"
+        elif method in measured:
+            rate, source = measured[method], "measured (registry)"
+        else:
+            rate = efficiency * peak_flops / (FLOPS_PER_PARAM[method] * arch["parameters"])
+            source = f"arithmetic ({efficiency:.0%} of peak)"
+            if kind == "cuda":
+                per_step = min(batch_tokens, MAX_ROWS * mean_length)
+                overhead_bound = per_step / (arch["layers"] * GPU_STEP_S_PER_LAYER)
+                if overhead_bound < rate:
+                    rate, source = overhead_bound, "per-step overhead (small model)"
+        seconds = to_process / rate
+        rows_out.append({
+            "method": method, "trainable_parameters": mem["trainable_parameters"],
+            "memory_gb": {k: v / GB for k, v in mem["bytes"].items()},
+            "peak_memory_gb": mem["total"] / GB, "fits": mem["total"] / GB <= capacity_gb,
+            "tokens_per_s": rate, "throughput_source": source, "seconds": seconds,
+            "cost_usd": seconds / 3600 * price,
+        })
+    return {"model": recipe.base_model, "parameters": arch["parameters"], "device": where,
+            "memory_capacity_gb": capacity_gb, "train_rows": rows, "epochs": epochs,
+            "tokens_to_process": int(to_process), "batch_tokens": batch_tokens,
+            "price_per_hour": price, "methods": rows_out}
+
+
+def _data_tokens(recipe) -> tuple[int, int, int]:
+    """(training tokens per epoch, longest example, rows), tokenized as training will."""
+    splits = load_splits(recipe.data, recipe.task)
+    tokenizer = models.load_tokenizer(recipe.base_model)
+    module = tasks.TASKS[recipe.task]
+    lengths = [len(encode(tokenizer, module.prompt(e, splits.info), module.target(e)))
+               for e in splits.train]
+    if recipe.max_length:
+        lengths = [n for n in lengths if n <= recipe.max_length]
+    return sum(lengths), max(lengths), len(lengths)
+
+
+def _measured_rates(model: str, workspace) -> dict[str, float]:
+    """Median training tokens/s of this model's finished runs on this device, by method."""
+    registry = Registry.open(workspace or project.workspace())
+    here = str(models.device())
+    rates: dict[str, list[float]] = {}
+    for run in registry.list_runs(limit=500):
+        m = run.metrics or {}
+        if (run.status == "done" and run.base_model == model and m.get("train_tokens_per_s")
+                and m.get("device", "cpu") == here and m.get("train_s", 0) > 10):
+            rates.setdefault(run.method, []).append(m["train_tokens_per_s"])
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def _matmul_rate(seconds: float = 1.0) -> float:
+    """This CPU's float32 matmul rate (FLOP/s), measured at a training step's shapes."""
+    a, w = torch.randn(768, 576), torch.randn(1536, 576)
+    for _ in range(3):
+        a @ w.T
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ w.T
+        n += 1
+    return n * 2 * 768 * 576 * 1536 / (time.perf_counter() - start)
+
+
+def hours(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+

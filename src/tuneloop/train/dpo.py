@@ -1,0 +1,223 @@
+"""DPO: learn from preference pairs ({prompt, chosen, rejected}) without a reward model.
+
+The policy is a LoRA adapter: fresh on the base model, or continuing a finished SFT run's
+adapter (`dpo.start`). The reference is the frozen start point; its log-probabilities of every
+pair are computed once before the first step, so no second copy of the weights is kept.
+Loss per pair: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), where pi/ref are the
+summed log-probabilities of the chosen (c) and rejected (r) replies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
+
+from tuneloop import models
+from tuneloop.data.batching import collate, length_grouped_batches
+from tuneloop.data.tokenize import encode
+from tuneloop.errors import TuneloopError
+from tuneloop.evaluate.report import plot_curves
+from tuneloop.project import save_yaml
+from tuneloop.train import checkpoint
+from tuneloop.train.lora import attach_lora, save_adapter
+from tuneloop.train.loss import sequence_logps
+from tuneloop.train.plan import default_batch_tokens, default_epochs, make_plan
+from tuneloop.train.sft import diagnose, schedule, write_atomically
+
+DPO_LR = 5e-5  # LoRA-DPO: well below SFT's 1e-3, since the start point is already good
+
+
+def encode_pairs(tokenizer, examples) -> list[tuple]:
+    """(chosen, rejected) encodings of each pair: same prompt, loss only on the reply."""
+    missing = [e.line for e in examples if e.rejected is None]
+    if missing:
+        raise TuneloopError(f"method: dpo needs preference rows {{prompt, chosen, rejected}}; "
+                            f"line {missing[0]} has no `rejected` reply")
+    return [(encode(tokenizer, list(e.messages), e.answer),
+             encode(tokenizer, list(e.messages), e.rejected)) for e in examples]
+
+
+def pair_logps(model, pairs: list[tuple], idx: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probabilities of the pairs `idx`, in one batch of 2 x len(idx)."""
+    rows = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
+    logps = sequence_logps(model, collate(rows, pad))
+    return logps[: len(idx)], logps[len(idx):]
+
+
+@torch.no_grad()
+def all_logps(model, pairs: list[tuple], batch_tokens: int, pad: int) -> torch.Tensor:
+    """[n, 2] (chosen, rejected) log-probabilities of every pair, in input order."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(pairs), 2)
+    for idx in length_grouped_batches([2 * max(len(c), len(r)) for c, r in pairs], batch_tokens, 0):
+        chosen, rejected = pair_logps(model, pairs, idx, pad)
+        out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
+    model.train(was_training)
+    return out
+
+
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair DPO loss from [n, 2] (chosen, rejected) log-probabilities."""
+    margin = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
+    return -F.logsigmoid(beta * margin)
+
+
+def preference_metrics(logps: torch.Tensor, reference: torch.Tensor | None = None,
+                       beta: float = 0.1) -> dict:
+    """How often the model gives the chosen reply more probability than the rejected one, and
+    (with a reference) DPO's implicit reward accuracy and loss."""
+    margin = logps[:, 0] - logps[:, 1]
+    out = {"preference_accuracy": float((margin > 0).float().mean()),
+           "mean_logp_margin": float(margin.mean()), "n": len(logps)}
+    if reference is not None:
+        start = reference[:, 0] - reference[:, 1]
+        out.update(start_preference_accuracy=float((start > 0).float().mean()),
+                   reward_accuracy=float((margin > start).float().mean()),
+                   dpo_loss=float(dpo_loss(logps, reference, beta).mean()))
+    return out
+
+
+def load_policy(recipe, registry=None):
+    """The base model with a trainable adapter: fresh, or a copy of the start run's."""
+    base = models.load_model(recipe.base_model)
+    if not recipe.dpo.start:
+        return base, None
+    from peft import PeftModel
+
+    from tuneloop import project
+    from tuneloop.store import Registry
+
+    run = (registry or Registry.open(project.workspace())).get_run(recipe.dpo.start)
+    if run.status != "done" or run.method not in ("lora", "dora", "qlora", "dpo"):
+        raise TuneloopError(f"dpo.start must be a finished adapter run (lora, dora, qlora or "
+                            f"dpo); {run.id} is a {run.status} {run.method} run")
+    if run.base_model != recipe.base_model:
+        raise TuneloopError(f"dpo.start run {run.id} was trained on {run.base_model}, not "
+                            f"{recipe.base_model}; set base_model to match")
+    return PeftModel.from_pretrained(base, run.adapter_path, is_trainable=True), run
+
+
+def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
+            registry=None) -> dict:
+    """Train a DPO adapter into run_dir/adapter; returns the run's training metrics."""
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    tokenizer = models.load_tokenizer(recipe.base_model)
+    model, start = load_policy(recipe, registry)
+    train_pairs = encode_pairs(tokenizer, splits.train)
+    val_pairs = encode_pairs(tokenizer, splits.validation)
+    max_length = recipe.max_length or max(max(len(c), len(r)) for c, r in train_pairs)
+    keep = [i for i, (c, r) in enumerate(train_pairs) if max(len(c), len(r)) <= max_length]
+    train_pairs = [train_pairs[i] for i in keep]
+    lengths = [2 * max(len(c), len(r)) for c, r in train_pairs]
+    epochs = recipe.epochs or min(default_epochs(len(train_pairs)), 1.0)
+    batch_tokens = max(recipe.batch_tokens or default_batch_tokens(), 2 * max_length)
+    micro_batches = schedule(lengths, epochs, batch_tokens, recipe.seed)
+    tokens_per_step = sum(lengths) * epochs / max(1, len(micro_batches)) * recipe.grad_accum
+    plan = make_plan(recipe.model_copy(update={"batch_tokens": batch_tokens}), len(micro_batches),
+                     epochs, max_length, tokens_per_step,
+                     sum(p.numel() for p in model.parameters()), DPO_LR)
+    if start is None:
+        model = attach_lora(model, plan.lora_rank, plan.lora_alpha, recipe.lora.dropout,
+                            recipe.lora.targets)
+    pad, beta = tokenizer.pad_token_id, recipe.dpo.beta
+    # The reference is the start point: a fresh adapter adds nothing yet (B = 0), a start run's
+    # adapter is exactly where training begins.
+    ref_train = all_logps(model, train_pairs, batch_tokens, pad)
+    ref_val = all_logps(model, val_pairs, batch_tokens, pad) if val_pairs else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps)
+
+    curves = {"train": [], "validation": []}
+    tokens, train_s, first = 0, 0.0, 1
+    if resume:
+        ckpt = checkpoint.latest(run_dir / "checkpoints")
+        if ckpt is None:
+            raise TuneloopError(f"{run_dir}: no intact checkpoint to resume from")
+        meta = checkpoint.restore(ckpt, model, optimizer, scheduler)
+        first, loop = meta["step"] + 1, meta["loop"]
+        curves, tokens, train_s = loop["curves"], loop["tokens"], loop["train_s"]
+    model.train()
+    for step in range(first, plan.steps + 1):
+        started = time.perf_counter()
+        group = micro_batches[(step - 1) * plan.grad_accum: step * plan.grad_accum]
+        n_pairs = sum(len(b) for b in group)
+        step_loss = 0.0
+        for idx in group:
+            chosen, rejected = pair_logps(model, train_pairs, idx, pad)
+            policy = torch.stack([chosen, rejected], dim=1)
+            loss = dpo_loss(policy, ref_train[idx].to(policy.device), beta).sum() / n_pairs
+            loss.backward()
+            step_loss += loss.item()
+            tokens += sum(len(train_pairs[i][0]) + len(train_pairs[i][1]) for i in idx)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_s += time.perf_counter() - started
+        curves["train"].append((step, step_loss))
+        if progress:
+            progress(step, plan.steps, step_loss, tokens / train_s)
+        if ref_val is not None and (step % plan.eval_every == 0 or step == plan.steps):
+            val = all_logps(model, val_pairs, batch_tokens, pad)
+            curves["validation"].append((step, float(dpo_loss(val, ref_val, beta).mean())))
+        if step % plan.checkpoint_every == 0 and step < plan.steps:
+            checkpoint.save(run_dir / "checkpoints", model, optimizer, scheduler, step,
+                            position=step * plan.grad_accum,
+                            loop={"curves": curves, "tokens": tokens, "train_s": train_s})
+
+    model.eval()
+    artifact = run_dir / "adapter"
+    write_atomically(artifact, lambda tmp: save_adapter(model, tokenizer, tmp), {
+        "base_model": recipe.base_model, "task": splits.info.to_dict(), "method": "dpo",
+        "start": start.id if start else None})
+    plot_curves(curves, run_dir / "loss.png")
+    stats = {
+        "steps": plan.steps, "train_tokens": tokens, "train_s": train_s,
+        "train_tokens_per_s": tokens / train_s if train_s else 0.0,
+        "final_train_loss": curves["train"][-1][1] if curves["train"] else None,
+        "final_val_loss": curves["validation"][-1][1] if curves["validation"] else None,
+        "fit": diagnose(curves), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable_params": sum(p.numel() for p in trainable), "device": str(models.device()),
+        "dropped_as_leaks": splits.dropped_as_leaks,
+    }
+    save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
+               "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
+    (run_dir / "curves.json").write_text(json.dumps(curves))
+    return {"model": model, "tokenizer": tokenizer, "plan": plan, "stats": stats,
+            "artifact": artifact, "start": start}
+
+
+def evaluate_pairs(model, tokenizer, examples, batch_tokens: int | None = None,
+                   beta: float = 0.1, reference_adapter_off: bool = False,
+                   reference_model=None) -> dict:
+    """Preference metrics of `model` on pairs, against the start point: `reference_model`, or
+    with `reference_adapter_off` the same model with its adapter disabled (a DPO run that
+    started from the base)."""
+    pairs = encode_pairs(tokenizer, examples)
+    batch_tokens = batch_tokens or max(4096, 2 * max(max(len(c), len(r)) for c, r in pairs))
+    start = time.perf_counter()
+    logps = all_logps(model, pairs, batch_tokens, tokenizer.pad_token_id)
+    reference = None
+    if reference_model is not None:
+        reference = all_logps(reference_model, pairs, batch_tokens, tokenizer.pad_token_id)
+    elif reference_adapter_off:
+        with model.disable_adapter():
+            reference = all_logps(model, pairs, batch_tokens, tokenizer.pad_token_id)
+    metrics = preference_metrics(logps, reference, beta)
+    metrics["score_s"] = time.perf_counter() - start
+    rows = [{"line": e.line, "chosen_logp": float(lp[0]), "rejected_logp": float(lp[1]),
+             "prefers_chosen": bool(lp[0] > lp[1])} for e, lp in zip(examples, logps)]
+    if not math.isfinite(metrics["mean_logp_margin"]):
+        raise TuneloopError("log-probabilities are not finite; the model diverged")
+    return {"metrics": metrics, "predictions": rows}

@@ -1,0 +1,43 @@
+"""QLoRA: LoRA adapters on a base model held in 4-bit NF4 (bitsandbytes, on CUDA or CPU).
+
+The base weights take ~0.5 byte per parameter instead of 2 (bf16) or 4 (float32); they are
+dequantized block by block inside each matmul. The adapters, the optimizer and the loss stay
+in full precision, and the saved adapter is an ordinary PEFT adapter: evaluation and serving
+apply it to the unquantized base.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from tuneloop import models
+from tuneloop.errors import TuneloopError
+from tuneloop.train.lora import prepare as prepare_lora
+from tuneloop.train.lora import save_adapter
+from tuneloop.train.plan import LORA_LR
+from tuneloop.train.sft import Method
+
+
+def load_4bit(recipe):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TuneloopError("method: qlora needs bitsandbytes; install it with: "
+                            "pip install 'bitsandbytes>=0.46,<1'")
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if models.device().type == "cuda" else torch.float32
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    return models.load_model(recipe.base_model, dtype=compute, quantization=config)
+
+
+def prepare(model, recipe, plan):
+    from peft import prepare_model_for_kbit_training
+
+    # Norms and the output head to float32, inputs that carry gradients; no checkpointing.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare_lora(model, recipe, plan)
+
+
+QLORA = Method("qlora", LORA_LR, load_4bit, prepare, save_adapter)

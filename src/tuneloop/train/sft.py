@@ -1,0 +1,218 @@
+"""Supervised fine-tuning, readable top to bottom; the methods (LoRA, DoRA, QLoRA, full) differ
+only in how the model is loaded, which weights train, and what is saved (`Method`).
+
+The loop is plain PyTorch: length-grouped batches (no padding waste, no cross-example
+attention), loss on completion tokens only with logits formed only there, AdamW with warmup
+and cosine decay, gradient accumulation, validation loss, checkpoints, resume, and a fixed seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from tuneloop import models, tasks
+from tuneloop.data.batching import collate, length_grouped_batches
+from tuneloop.data.tokenize import IGNORE, encode
+from tuneloop.errors import TuneloopError
+from tuneloop.evaluate.report import plot_curves
+from tuneloop.project import save_yaml
+from tuneloop.train import checkpoint
+from tuneloop.train.data import Splits
+from tuneloop.train.loss import completion_loss, mean_loss
+from tuneloop.train.plan import Plan, default_batch_tokens, default_epochs, make_plan
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: how its model is loaded, made trainable and saved.
+
+    load(recipe) -> model; prepare(model, recipe, plan) -> model with only the weights to
+    train requiring grad; save(model, folder) writes the artifact that eval and serve load.
+    `artifact` names the run's output folder ("adapter" or "model").
+    """
+
+    name: str
+    learning_rate: float
+    load: Callable
+    prepare: Callable
+    save: Callable
+    artifact: str = "adapter"
+
+
+def schedule(lengths: list[int], epochs: float, batch_tokens: int, seed: int) -> list[list[int]]:
+    """Every micro-batch of the run, epoch after epoch (a fractional last epoch is cut short)."""
+    batches: list[list[int]] = []
+    for epoch in range(math.ceil(epochs)):
+        epoch_batches = length_grouped_batches(lengths, batch_tokens, seed=seed + epoch)
+        share = min(1.0, epochs - epoch)
+        batches += epoch_batches[: max(1, round(share * len(epoch_batches)))]
+    return batches
+
+
+def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None,
+            resume: bool = False) -> dict:
+    """Train with `method` into run_dir/<method.artifact>; returns the run's training metrics.
+
+    `progress(step, steps, loss, tokens_per_s)` is called after every optimizer step. With
+    `resume`, training continues from the newest intact checkpoint in run_dir/checkpoints and
+    ends with the weights and curves an uninterrupted run would have.
+    """
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    module = tasks.TASKS[recipe.task]
+    tokenizer = models.load_tokenizer(recipe.base_model)
+    model = method.load(recipe)
+
+    def enc(examples):
+        return [encode(tokenizer, module.prompt(e, splits.info), module.target(e)) for e in examples]
+
+    train_set, val_set = enc(splits.train), enc(splits.validation)
+    max_length = recipe.max_length or max(len(x) for x in train_set)
+    train_set = [x for x in train_set if len(x) <= max_length]
+    lengths = [len(x) for x in train_set]
+    epochs = recipe.epochs or default_epochs(len(train_set))
+    batch_tokens = max(recipe.batch_tokens or default_batch_tokens(), max_length)
+    micro_batches = schedule(lengths, epochs, batch_tokens, recipe.seed)
+    tokens_per_step = sum(lengths) * epochs / max(1, len(micro_batches)) * recipe.grad_accum
+    n_params = sum(p.numel() for p in model.parameters())
+    plan = make_plan(recipe.model_copy(update={"batch_tokens": batch_tokens}), len(micro_batches),
+                     epochs, max_length, tokens_per_step, n_params, method.learning_rate)
+
+    model = method.prepare(model, recipe, plan)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps)
+    pad = tokenizer.pad_token_id
+    val_batches = [collate([val_set[i] for i in b], pad)
+                   for b in length_grouped_batches([len(x) for x in val_set], batch_tokens, 0)]
+
+    curves = {"train": [], "validation": []}
+    tokens, train_s, deadline = 0, 0.0, _deadline(recipe)
+    best = {"loss": math.inf, "step": 0, "bad": 0}  # early stopping: the best validation so far
+    first, stopped_early = 1, False
+    if resume:
+        ckpt = checkpoint.latest(run_dir / "checkpoints")
+        if ckpt is None:
+            raise TuneloopError(f"{run_dir}: no intact checkpoint to resume from; start the run "
+                                "again with `tuneloop train RECIPE`")
+        meta = checkpoint.restore(ckpt, model, optimizer, scheduler)
+        first = meta["step"] + 1
+        loop = meta["loop"]
+        curves, tokens, train_s = loop["curves"], loop["tokens"], loop["train_s"]
+        best = loop.get("best", best)
+    model.train()
+    for step in range(first, plan.steps + 1):
+        started = time.perf_counter()
+        group = micro_batches[(step - 1) * plan.grad_accum: step * plan.grad_accum]
+        batches = [collate([train_set[i] for i in b], pad) for b in group]
+        n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        step_loss = 0.0
+        for batch in batches:
+            loss, _ = completion_loss(model, batch)
+            (loss / n_target).backward()  # mean over every answer token of the step
+            step_loss += loss.detach().item() / n_target
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_s += time.perf_counter() - started
+        curves["train"].append((step, step_loss))
+        if progress:
+            progress(step, plan.steps, step_loss, tokens / train_s)
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if val_batches and (step % plan.eval_every == 0 or step == plan.steps or out_of_time):
+            val = mean_loss(model, val_batches)
+            curves["validation"].append((step, val))
+            if recipe.patience:
+                if val < best["loss"] - recipe.min_delta:
+                    best = {"loss": val, "step": step, "bad": 0}
+                    checkpoint.save_weights(model, run_dir / "checkpoints" / "best.safetensors")
+                else:
+                    best["bad"] += 1
+                    stopped_early = best["bad"] >= recipe.patience
+        if (step % plan.checkpoint_every == 0 and step < plan.steps and not out_of_time
+                and not stopped_early):
+            checkpoint.save(run_dir / "checkpoints", model, optimizer, scheduler, step,
+                            position=step * plan.grad_accum,
+                            loop={"curves": curves, "tokens": tokens, "train_s": train_s,
+                                  "best": best})
+        if out_of_time or stopped_early:
+            break
+
+    if recipe.patience and best["step"] and best["step"] != step:
+        checkpoint.load_weights(model, run_dir / "checkpoints" / "best.safetensors")
+
+    model.eval()
+    artifact = run_dir / method.artifact
+    write_atomically(artifact, lambda tmp: method.save(model, tokenizer, tmp), {
+        "base_model": recipe.base_model, "task": splits.info.to_dict(), "method": method.name})
+    plot_curves(curves, run_dir / "loss.png")
+    stats = {
+        "steps": step, "train_tokens": tokens, "train_s": train_s,
+        "train_tokens_per_s": tokens / train_s if train_s else 0.0,
+        "final_train_loss": curves["train"][-1][1],
+        "final_val_loss": curves["validation"][-1][1] if curves["validation"] else None,
+        "stopped_early": stopped_early,
+        "best_step": best["step"] or None,
+        "best_val_loss": best["loss"] if best["step"] else None,
+        "fit": diagnose(curves),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20
+                        if torch.cuda.is_available() else None),
+        "device": str(models.device()),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "dropped_as_leaks": splits.dropped_as_leaks,
+    }
+    save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
+               "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
+    (run_dir / "curves.json").write_text(json.dumps(curves))
+    return {"model": model, "tokenizer": tokenizer, "plan": plan, "stats": stats,
+            "artifact": artifact}
+
+
+def _deadline(recipe) -> float | None:
+    if recipe.time_budget_minutes is None:
+        return None
+    return time.monotonic() + recipe.time_budget_minutes * 60
+
+
+def diagnose(curves: dict, tolerance: float = 0.02) -> str | None:
+    """Read the validation curve: "overfitting" when it ended more than 2% above its minimum
+    while training loss kept falling, "underfitting" when it was still falling by more than 2%
+    per evaluation at the end (more steps would help), else "good"; None without a curve."""
+    val = [v for _, v in curves["validation"]]
+    if len(val) < 3:
+        return None
+    lowest = min(val)
+    train = [v for _, v in curves["train"]]
+    if val[-1] > lowest * (1 + tolerance) and train[-1] < train[len(train) // 2]:
+        return "overfitting"
+    if val[-1] < val[-2] * (1 - tolerance):
+        return "underfitting"
+    return "good"
+
+
+def write_atomically(target: Path, write, meta: dict) -> None:
+    """`write(folder)` into a temporary folder, add tuneloop.json (task, labels/fields, base,
+    method), then rename it over `target`: a crash never leaves a half-written artifact."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / "tuneloop.json").write_text(json.dumps(meta))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
