@@ -41,24 +41,10 @@ CONFIGS = ["tuneloop", "trl-best", "trl-packing", "trl-defaults"]
 
 
 def matmul_gflops(seconds: float = 3.0) -> float:
-    """GEMM rate at the model's layer shapes (a step's tokens x 576 -> 1536): float32 on a CPU,
-    bfloat16 on a GPU."""
-    import torch
+    """GEMM rate at the model's layer shapes: float32 on a CPU, bfloat16 on a GPU."""
+    from tuneloop.estimate import matmul_rate
 
-    tokens = 8192 if GPU else 768
-    kw = {"device": "cuda", "dtype": torch.bfloat16} if GPU else {}
-    a, w = torch.randn(tokens, 576, **kw), torch.randn(1536, 576, **kw)
-    for _ in range(5):
-        a @ w.T
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ w.T
-        n += 1
-        if GPU and n % 100 == 0:
-            torch.cuda.synchronize()
-    if GPU:
-        torch.cuda.synchronize()
-    return n * 2 * tokens * 576 * 1536 / (time.perf_counter() - start) / 1e9
+    return matmul_rate(seconds, gpu=GPU) / 1e9
 
 
 def peak_memory_mb() -> float:

@@ -106,12 +106,15 @@ def data_validate(
 def train(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML"),
     resume: Optional[str] = typer.Option(None, help="continue this run from its last checkpoint"),
+    processes: int = typer.Option(1, min=1, help="data-parallel processes (Accelerate; gloo on "
+                                  "CPUs, NCCL on GPUs)"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Train per a recipe, then evaluate on its test data; prints the run id.
 
     Example: tuneloop train examples/banking77/recipe.yaml --json
              tuneloop train --resume run-20261123-ab12cd   (after an interruption)
+             tuneloop train recipe.yaml --processes 2       (data-parallel, Accelerate)
 
     A minimal recipe:  base_model: smollm2-135m-instruct / task: classify /
     data: {train: train.jsonl, test: test.jsonl} / method: lora
@@ -123,7 +126,7 @@ def train(
         raise TuneloopError("give a recipe to start a run, or --resume RUN to continue one")
     parsed = load_recipe(recipe) if recipe else None
     with training_progress() as progress:
-        result = run_train(parsed, progress=progress, resume=resume,
+        result = run_train(parsed, progress=progress, resume=resume, processes=processes,
                            on_phase=lambda p: err.print(f"[dim]{p}[/]"))
     if as_json:
         _print_json({k: v for k, v in result.items()})
@@ -414,3 +417,34 @@ def estimate(
                       f"{m['tokens_per_s']:.0f}", hours(m["seconds"]), f"{m['cost_usd']:.2f}",
                       m["throughput_source"])
     out.print(table)
+
+
+@app.command()
+def tune(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    trials: int = typer.Option(8, help="how many runs to try"),
+    timeout_minutes: Optional[float] = typer.Option(None, help="stop starting trials after this"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Search learning rate, LoRA rank, epochs and batch size; write RECIPE.tuned.yaml.
+
+    Example: tuneloop tune examples/banking77/recipe.yaml --trials 8
+    """
+    from tuneloop.project import load_recipe
+    from tuneloop.tune import tune as run_tune
+
+    result = run_tune(load_recipe(recipe), recipe, trials, timeout_minutes=timeout_minutes,
+                      on_trial=lambda r: err.print(f"[dim]trial {r['trial']}: val loss "
+                                                   f"{r['val_loss']:.4f} {r['params']}[/]"))
+    if as_json:
+        _print_json(result)
+        return
+    table = Table("trial", "state", "val loss", "learning rate", "rank", "epochs", "batch tokens", "run")
+    for r in result["trials"]:
+        p = r["params"]
+        table.add_row(str(r["trial"]), r["state"], _cell(r.get("val_loss")), f"{p['learning_rate']:.2e}",
+                      str(p.get("lora_rank", "–")), str(p["epochs"]), str(p["batch_tokens"]),
+                      r.get("run_id", "–"))
+    out.print(table)
+    out.print(f"best: trial {result['best']['trial']} (val loss {result['best']['val_loss']:.4f}); "
+              f"tuned recipe: {result['tuned_recipe']}", highlight=False)

@@ -139,7 +139,7 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
         from tuneloop.evaluate.runner import price_per_hour as default_price
 
         capacity_gb = psutil.virtual_memory().total / GB
-        peak_flops, efficiency = _matmul_rate(), CPU_EFFICIENCY
+        peak_flops, efficiency = matmul_rate(), CPU_EFFICIENCY
         price = price_per_hour if price_per_hour is not None else default_price()
         where = f"this machine ({kind})"
     measured = {} if gpu else _measured_rates(recipe.base_model, workspace)
@@ -199,16 +199,23 @@ def _measured_rates(model: str, workspace) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
-def _matmul_rate(seconds: float = 1.0) -> float:
-    """This CPU's float32 matmul rate (FLOP/s), measured at a training step's shapes."""
-    a, w = torch.randn(768, 576), torch.randn(1536, 576)
-    for _ in range(3):
+def matmul_rate(seconds: float = 1.0, gpu: bool = False) -> float:
+    """Matmul FLOP/s at a training step's layer shapes (tokens x 576 -> 1536): float32 on the
+    CPU, bf16 on the GPU with an 8k-token step."""
+    tokens = 8192 if gpu else 768
+    kw = {"device": "cuda", "dtype": torch.bfloat16} if gpu else {}
+    a, w = torch.randn(tokens, 576, **kw), torch.randn(1536, 576, **kw)
+    for _ in range(5):
         a @ w.T
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ w.T
         n += 1
-    return n * 2 * 768 * 576 * 1536 / (time.perf_counter() - start)
+        if gpu and n % 100 == 0:
+            torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
+    return n * 2 * tokens * 576 * 1536 / (time.perf_counter() - start)
 
 
 def hours(seconds: float) -> str:

@@ -30,7 +30,8 @@ from tuneloop.train import checkpoint
 from tuneloop.train.lora import attach_lora, save_adapter
 from tuneloop.train.loss import sequence_logps
 from tuneloop.train.plan import default_batch_tokens, default_epochs, make_plan
-from tuneloop.train.sft import diagnose, schedule, write_atomically
+from tuneloop.train.sft import (diagnose, optimizer_step, resume_from, schedule,
+                                 write_atomically)
 
 DPO_LR = 5e-5  # LoRA-DPO: well below SFT's 1e-3, since the start point is already good
 
@@ -141,11 +142,7 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
     curves = {"train": [], "validation": []}
     tokens, train_s, first = 0, 0.0, 1
     if resume:
-        ckpt = checkpoint.latest(run_dir / "checkpoints")
-        if ckpt is None:
-            raise TuneloopError(f"{run_dir}: no intact checkpoint to resume from")
-        meta = checkpoint.restore(ckpt, model, optimizer, scheduler)
-        first, loop = meta["step"] + 1, meta["loop"]
+        first, loop = resume_from(run_dir, model, optimizer, scheduler)
         curves, tokens, train_s = loop["curves"], loop["tokens"], loop["train_s"]
     model.train()
     for step in range(first, plan.steps + 1):
@@ -160,10 +157,7 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
             loss.backward()
             step_loss += loss.item()
             tokens += sum(len(train_pairs[i][0]) + len(train_pairs[i][1]) for i in idx)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(trainable, optimizer, scheduler)
         train_s += time.perf_counter() - started
         curves["train"].append((step, step_loss))
         if progress:

@@ -37,6 +37,19 @@ def gate(result: dict, baselines: dict, recipe) -> dict:
             "passed": gain > recipe.gate_margin}
 
 
+def _distributed(recipe, run_dir: Path, processes: int, resume: bool) -> dict:
+    """Train in `processes` processes (Accelerate), then load rank 0's artifact for the test."""
+    from tuneloop import models
+    from tuneloop.evaluate import load_artifact
+    from tuneloop.train.distributed import launch
+
+    stats = launch(recipe, run_dir, processes, resume)
+    artifact = run_dir / METHODS[recipe.method].artifact
+    model, _ = load_artifact(artifact)
+    return {"model": model, "tokenizer": models.load_tokenizer(recipe.base_model),
+            "stats": stats, "artifact": artifact}
+
+
 def evaluate_start_and_end(out: dict, test, recipe) -> dict:
     """A DPO run's preference metrics on the test pairs, against its start point."""
     reference = None
@@ -48,8 +61,12 @@ def evaluate_start_and_end(out: dict, test, recipe) -> dict:
                           reference_adapter_off=reference is None, reference_model=reference)
 
 
+class Stopped(Exception):
+    """Raised by a callback to end a run on purpose (a pruned search trial); status "stopped"."""
+
+
 def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
-          resume: str | None = None) -> dict:
+          resume: str | None = None, on_validation=None, processes: int = 1) -> dict:
     """Train per recipe, evaluate on data.test, record everything in the registry.
 
     With `resume` (a run id) the recipe is that run's own, and training continues from its
@@ -96,9 +113,11 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
         if dpo:
             out = run_dpo(recipe, splits, run_dir, progress, resume=bool(resume),
                           registry=registry)
+        elif processes > 1:
+            out = _distributed(recipe, run_dir, processes, bool(resume))
         else:
             out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, progress,
-                          resume=bool(resume))
+                          resume=bool(resume), on_validation=on_validation)
         result = {"run_id": run.id, "run_dir": str(run_dir), "method": recipe.method,
                   "artifact": str(out["artifact"]), **out["stats"]}
         if splits.test:
@@ -106,8 +125,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
             if dpo:
                 ev = evaluate_start_and_end(out, splits.test, recipe)
             else:
-                ev = score(out["model"], out["tokenizer"], splits.test, splits.info,
-                           batch_tokens=max(2048, out["plan"].batch_tokens))
+                ev = score(out["model"], out["tokenizer"], splits.test, splits.info)
             record_evaluation(registry, run_dir / "test", ev, model=run.id, run_id=run.id,
                               dataset=test_ds.id, strategy="fine-tuned", task=recipe.task)
             result["test"] = ev["metrics"]
@@ -122,7 +140,8 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
                             finished=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
         return result
     except BaseException as exc:
-        status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+        status = ("cancelled" if isinstance(exc, KeyboardInterrupt)
+                  else "stopped" if isinstance(exc, Stopped) else "failed")
         registry.update_run(run.id, status=status, error=f"{type(exc).__name__}: {exc}"[:4000],
                             finished=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
         raise

@@ -63,12 +63,17 @@ def schedule(lengths: list[int], epochs: float, batch_tokens: int, seed: int) ->
 
 
 def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None,
-            resume: bool = False) -> dict:
+            resume: bool = False, on_validation=None, rank: int = 0, world: int = 1) -> dict:
     """Train with `method` into run_dir/<method.artifact>; returns the run's training metrics.
 
-    `progress(step, steps, loss, tokens_per_s)` is called after every optimizer step. With
+    `progress(step, steps, loss, tokens_per_s)` is called after every optimizer step, and
+    `on_validation(step, loss)` after every validation (it may raise to stop the run). With
     `resume`, training continues from the newest intact checkpoint in run_dir/checkpoints and
     ends with the weights and curves an uninterrupted run would have.
+
+    With `world` > 1 (processes launched by `train.distributed`), each step's micro-batches are
+    dealt out to the ranks, gradients are summed across them, and only rank 0 writes: the
+    result equals one process with `world` times the gradient accumulation.
     """
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -88,8 +93,11 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     micro_batches = schedule(lengths, epochs, batch_tokens, recipe.seed)
     tokens_per_step = sum(lengths) * epochs / max(1, len(micro_batches)) * recipe.grad_accum
     n_params = sum(p.numel() for p in model.parameters())
-    plan = make_plan(recipe.model_copy(update={"batch_tokens": batch_tokens}), len(micro_batches),
-                     epochs, max_length, tokens_per_step, n_params, method.learning_rate)
+    plan = make_plan(recipe.model_copy(update={"batch_tokens": batch_tokens,
+                                               "grad_accum": recipe.grad_accum * world}),
+                     len(micro_batches), epochs, max_length, tokens_per_step * world, n_params,
+                     method.learning_rate)
+    writes = rank == 0
 
     model = method.prepare(model, recipe, plan)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -104,13 +112,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     best = {"loss": math.inf, "step": 0, "bad": 0}  # early stopping: the best validation so far
     first, stopped_early = 1, False
     if resume:
-        ckpt = checkpoint.latest(run_dir / "checkpoints")
-        if ckpt is None:
-            raise TuneloopError(f"{run_dir}: no intact checkpoint to resume from; start the run "
-                                "again with `tuneloop train RECIPE`")
-        meta = checkpoint.restore(ckpt, model, optimizer, scheduler)
-        first = meta["step"] + 1
-        loop = meta["loop"]
+        first, loop = resume_from(run_dir, model, optimizer, scheduler)
         curves, tokens, train_s = loop["curves"], loop["tokens"], loop["train_s"]
         best = loop.get("best", best)
     model.train()
@@ -120,32 +122,34 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         batches = [collate([train_set[i] for i in b], pad) for b in group]
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         step_loss = 0.0
-        for batch in batches:
+        for batch in batches[rank::world]:  # this rank's share of the step
             loss, _ = completion_loss(model, batch)
             (loss / n_target).backward()  # mean over every answer token of the step
             step_loss += loss.detach().item() / n_target
             tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            step_loss = sum_across_ranks(trainable, step_loss)
+        optimizer_step(trainable, optimizer, scheduler)
         train_s += time.perf_counter() - started
         curves["train"].append((step, step_loss))
-        if progress:
-            progress(step, plan.steps, step_loss, tokens / train_s)
+        if progress and writes:
+            progress(step, plan.steps, step_loss, tokens * world / train_s)
         out_of_time = deadline is not None and time.monotonic() > deadline
         if val_batches and (step % plan.eval_every == 0 or step == plan.steps or out_of_time):
             val = mean_loss(model, val_batches)
             curves["validation"].append((step, val))
+            if on_validation:
+                on_validation(step, val)
             if recipe.patience:
                 if val < best["loss"] - recipe.min_delta:
                     best = {"loss": val, "step": step, "bad": 0}
-                    checkpoint.save_weights(model, run_dir / "checkpoints" / "best.safetensors")
+                    if writes:
+                        checkpoint.save_weights(model, run_dir / "checkpoints" / "best.safetensors")
                 else:
                     best["bad"] += 1
                     stopped_early = best["bad"] >= recipe.patience
-        if (step % plan.checkpoint_every == 0 and step < plan.steps and not out_of_time
-                and not stopped_early):
+        if (writes and step % plan.checkpoint_every == 0 and step < plan.steps
+                and not out_of_time and not stopped_early):
             checkpoint.save(run_dir / "checkpoints", model, optimizer, scheduler, step,
                             position=step * plan.grad_accum,
                             loop={"curves": curves, "tokens": tokens, "train_s": train_s,
@@ -158,6 +162,10 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
 
     model.eval()
     artifact = run_dir / method.artifact
+    if world > 1:
+        tokens = int(sum_across_ranks([], float(tokens)))
+    if not writes:
+        return {"model": model, "stats": {}, "artifact": artifact}
     write_atomically(artifact, lambda tmp: method.save(model, tokenizer, tmp), {
         "base_model": recipe.base_model, "task": splits.info.to_dict(), "method": method.name})
     plot_curves(curves, run_dir / "loss.png")
@@ -182,6 +190,43 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     (run_dir / "curves.json").write_text(json.dumps(curves))
     return {"model": model, "tokenizer": tokenizer, "plan": plan, "stats": stats,
             "artifact": artifact}
+
+
+def sum_across_ranks(params: list, value: float) -> float:
+    """Sum every parameter's gradient and `value` over the ranks, in one all-reduce.
+
+    Each rank's loss is already divided by the whole step's answer-token count, so the sum is
+    exactly the single-process gradient (DDP's mean would need a world-size factor).
+    """
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([value], device=grads[0].device
+                                                                    if grads else "cpu")])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g)
+        offset += g.numel()
+    return float(flat[-1])
+
+
+def optimizer_step(trainable, optimizer, scheduler, max_norm: float = 1.0) -> None:
+    """Clip the gradient norm, step AdamW and the schedule, drop the gradients."""
+    torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def resume_from(run_dir: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore the newest intact checkpoint; (first step to run, the loop's saved state)."""
+    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    if ckpt is None:
+        raise TuneloopError(f"{run_dir}: no intact checkpoint to resume from; start the run "
+                            "again with `tuneloop train RECIPE`")
+    meta = checkpoint.restore(ckpt, model, optimizer, scheduler)
+    return meta["step"] + 1, meta["loop"]
 
 
 def _deadline(recipe) -> float | None:
