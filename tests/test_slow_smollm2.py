@@ -81,3 +81,24 @@ def test_each_method_trains_smollm2_and_its_artifact_evaluates(tmp_path, workspa
     metrics = json.loads(scored.stdout)
     assert metrics["strategy"] == "fine-tuned" and metrics["n"] == 12
     assert metrics["accuracy"] == result["accuracy"]  # the saved artifact is the trained model
+
+
+HH = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless"
+
+
+@pytest.mark.skipif(not HH.is_dir(), reason="../shared/data/hh_rlhf_harmless is not present")
+def test_dpo_trains_smollm2_on_preference_pairs_and_evaluates(tmp_path, workspace):
+    from tests.test_cli import tl
+
+    short = [line for line in (HH / "train.jsonl").read_text().splitlines() if len(line) < 700]
+    (tmp_path / "train.jsonl").write_text("\n".join(short[:24]) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(short[24:36]) + "\n")
+    (tmp_path / "r.yaml").write_text("base_model: smollm2-135m-instruct\ntask: chat\nmethod: dpo\n"
+                                     "data: {train: train.jsonl, test: test.jsonl}\nmax_steps: 2\n"
+                                     "batch_tokens: 1024\ncheckpoint_every: 1000\n")
+    result = train(load_recipe(tmp_path / "r.yaml"), workspace=workspace)
+    assert result["steps"] == 2 and result["test"]["n"] == 12
+    assert 0.0 <= result["test"]["start_preference_accuracy"] <= 1.0
+    scored = tl("eval", "--model", result["run_id"], "--data", tmp_path / "test.jsonl", "--json")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["preference_accuracy"] == result["test"]["preference_accuracy"]

@@ -135,6 +135,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         if progress and writes:
             progress(step, plan.steps, step_loss, tokens * world / train_s)
         out_of_time = deadline is not None and time.monotonic() > deadline
+        if world > 1 and deadline is not None:  # every rank must stop at the same step
+            out_of_time = sum_across_ranks([], float(out_of_time)) > 0
         if val_batches and (step % plan.eval_every == 0 or step == plan.steps or out_of_time):
             val = mean_loss(model, val_batches)
             curves["validation"].append((step, val))
