@@ -121,22 +121,23 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         group = micro_batches[(step - 1) * plan.grad_accum: step * plan.grad_accum]
         batches = [collate([train_set[i] for i in b], pad) for b in group]
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        step_loss = 0.0
+        step_loss, step_tokens = 0.0, 0
         for batch in batches[rank::world]:  # this rank's share of the step
             loss, _ = completion_loss(model, batch)
             (loss / n_target).backward()  # mean over every answer token of the step
             step_loss += loss.detach().item() / n_target
-            tokens += int(batch["attention_mask"].sum())
-        if world > 1:
-            step_loss = sum_across_ranks(trainable, step_loss)
+            step_tokens += int(batch["attention_mask"].sum())
+        if world > 1:  # every rank then holds the whole step's gradient, loss and tokens
+            step_loss, step_tokens = sum_across_ranks(trainable, [step_loss, step_tokens])
+        tokens += int(step_tokens)
         optimizer_step(trainable, optimizer, scheduler)
         train_s += time.perf_counter() - started
         curves["train"].append((step, step_loss))
         if progress and writes:
-            progress(step, plan.steps, step_loss, tokens * world / train_s)
+            progress(step, plan.steps, step_loss, tokens / train_s)
         out_of_time = deadline is not None and time.monotonic() > deadline
         if world > 1 and deadline is not None:  # every rank must stop at the same step
-            out_of_time = sum_across_ranks([], float(out_of_time)) > 0
+            out_of_time = sum_across_ranks([], [float(out_of_time)])[0] > 0
         if val_batches and (step % plan.eval_every == 0 or step == plan.steps or out_of_time):
             val = mean_loss(model, val_batches)
             curves["validation"].append((step, val))
@@ -164,8 +165,6 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
 
     model.eval()
     artifact = run_dir / method.artifact
-    if world > 1:
-        tokens = int(sum_across_ranks([], float(tokens)))
     if not writes:
         return {"model": model, "stats": {}, "artifact": artifact}
     write_atomically(artifact, lambda tmp: method.save(model, tokenizer, tmp), {
@@ -194,8 +193,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
             "artifact": artifact}
 
 
-def sum_across_ranks(params: list, value: float) -> float:
-    """Sum every parameter's gradient and `value` over the ranks, in one all-reduce.
+def sum_across_ranks(params: list, values: list[float]) -> list[float]:
+    """Sum every parameter's gradient and `values` over the ranks, in one all-reduce.
 
     Each rank's loss is already divided by the whole step's answer-token count, so the sum is
     exactly the single-process gradient (DDP's mean would need a world-size factor).
@@ -203,14 +202,16 @@ def sum_across_ranks(params: list, value: float) -> float:
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([value], device=grads[0].device
-                                                                    if grads else "cpu")])
+    device = grads[0].device if grads else "cpu"
+    flat = torch.cat([g.reshape(-1) for g in grads]
+                     + [torch.tensor(values, dtype=torch.float64, device=device).to(
+                         grads[0].dtype if grads else torch.float64)])
     dist.all_reduce(flat)
     offset = 0
     for p, g in zip(params, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(g)
         offset += g.numel()
-    return float(flat[-1])
+    return flat[offset:].tolist()
 
 
 def optimizer_step(trainable, optimizer, scheduler, max_norm: float = 1.0) -> None:
