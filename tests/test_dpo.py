@@ -83,6 +83,10 @@ def test_dpo_makes_a_tiny_model_prefer_the_chosen_replies(tiny_model, tmp_path, 
     assert result["test"]["reward_accuracy"] > 0.5 and result["test"]["dpo_loss"] < 0.6931
     again = evaluate(result["run_id"], test_file, workspace=workspace)  # the saved adapter
     assert again["preference_accuracy"] == result["test"]["preference_accuracy"]
+    from tests.test_cli import tl
+
+    listed = tl("runs", "list")  # a DPO run's headline is its preference accuracy
+    assert f"{result['test']['preference_accuracy']:.3f}" in listed.stdout
     untouched = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     assert all(torch.equal(untouched[k], v) for k, v in base.items())
 

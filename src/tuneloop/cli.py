@@ -245,12 +245,13 @@ def runs_list(as_json: bool = JSON_OPT) -> None:
     runs = Registry.open(workspace()).list_runs()
     if as_json:
         _print_json([{"id": r.id, "status": r.status, "task": r.task, "base_model": r.base_model,
-                      "created": r.created, "metrics": r.metrics} for r in runs])
+                      "method": r.method, "created": r.created, "metrics": r.metrics} for r in runs])
         return
     table = Table(Column("id", no_wrap=True), "status", "task", "base model", "method",
                   "headline", Column("created", no_wrap=True))
     for r in runs:
-        metric = (r.metrics or {}).get(HEADLINE[r.task])
+        key = "preference_accuracy" if r.method == "dpo" else HEADLINE[r.task]
+        metric = (r.metrics or {}).get(key)
         table.add_row(r.id, r.status, r.task, r.base_model, r.method,
                       f"{metric:.3f}" if isinstance(metric, float) else "–", f"{r.created:%Y-%m-%d %H:%M}")
     out.print(table)
