@@ -96,3 +96,6 @@ def test_dpo_makes_a_tiny_model_prefer_the_chosen_replies(tiny_model, tmp_path, 
     second = train(follow, workspace=workspace)
     assert second["test"]["start_preference_accuracy"] == pytest.approx(
         result["test"]["preference_accuracy"])
+    rescored = evaluate(second["run_id"], test_file, workspace=workspace)  # same reference
+    assert rescored["start_preference_accuracy"] == second["test"]["start_preference_accuracy"]
+    assert rescored["dpo_loss"] == pytest.approx(second["test"]["dpo_loss"])

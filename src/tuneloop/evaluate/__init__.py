@@ -58,20 +58,17 @@ def evaluate(model: str, data: str | Path, task: str | None = None,
         raise TuneloopError("--task is required when evaluating a base model "
                             "(classify, extract or chat)")
     examples = load_examples(data, task)
+    zero_shot = run is None
     if run is not None and run.method == "dpo":  # preference pairs: scored by log-probabilities
         from tuneloop.train.dpo import evaluate_pairs
 
-        start = json.loads((Path(run.adapter_path) / "tuneloop.json").read_text()).get("start")
-        result = evaluate_pairs(lm, tokenizer, examples, reference_adapter_off=start is None)
-        ds = registry.add_dataset(file_sha256(data), str(data), len(examples), task)
-        record_evaluation(registry, ws / "evaluations" / new_id("ev"), result, model=model,
-                          run_id=run.id, dataset=ds.id, strategy="fine-tuned", task=task)
-        return {"model": model, "task": task, "strategy": "fine-tuned", **result["metrics"],
-                "metrics": result["metrics"]}
-    if info is None:
-        info = tasks.describe(task, load_examples(labels_from, task) if labels_from else examples)
-    zero_shot = run is None
-    result = score(lm, tokenizer, examples, info, zero_shot=zero_shot, on_batch=on_batch)
+        meta = json.loads((Path(run.adapter_path) / "tuneloop.json").read_text())
+        result = evaluate_pairs(lm, tokenizer, examples, beta=meta["beta"],
+                                start_adapter=meta["start_adapter"])
+    else:
+        if info is None:
+            info = tasks.describe(task, load_examples(labels_from, task) if labels_from else examples)
+        result = score(lm, tokenizer, examples, info, zero_shot=zero_shot, on_batch=on_batch)
     ds = registry.add_dataset(file_sha256(data), str(data), len(examples), task)
     eval_id = new_id("ev")
     strategy = "zero-shot" if zero_shot else "fine-tuned"

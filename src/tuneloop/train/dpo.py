@@ -174,7 +174,8 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
     artifact = run_dir / "adapter"
     write_atomically(artifact, lambda tmp: save_adapter(model, tokenizer, tmp), {
         "base_model": recipe.base_model, "task": splits.info.to_dict(), "method": "dpo",
-        "start": start.id if start else None})
+        "beta": beta, "start": start.id if start else None,
+        "start_adapter": start.adapter_path if start else None})
     plot_curves(curves, run_dir / "loss.png")
     stats = {
         "steps": plan.steps, "train_tokens": tokens, "train_s": train_s,
@@ -192,20 +193,20 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
             "artifact": artifact, "start": start}
 
 
-def evaluate_pairs(model, tokenizer, examples, batch_tokens: int | None = None,
-                   beta: float = 0.1, reference_adapter_off: bool = False,
-                   reference_model=None) -> dict:
-    """Preference metrics of `model` on pairs, against the start point: `reference_model`, or
-    with `reference_adapter_off` the same model with its adapter disabled (a DPO run that
-    started from the base)."""
+def evaluate_pairs(model, tokenizer, examples, beta: float = 0.1,
+                   start_adapter: str | None = None) -> dict:
+    """Preference metrics of a DPO policy on pairs, against its start point: the adapter of the
+    run it continued (`start_adapter`), else the base model (the policy's adapter disabled)."""
     pairs = encode_pairs(tokenizer, examples)
-    batch_tokens = batch_tokens or max(4096, 2 * max(max(len(c), len(r)) for c, r in pairs))
+    batch_tokens = max(4096, 2 * max(max(len(c), len(r)) for c, r in pairs))
     start = time.perf_counter()
     logps = all_logps(model, pairs, batch_tokens, tokenizer.pad_token_id)
-    reference = None
-    if reference_model is not None:
+    if start_adapter:
+        from tuneloop.evaluate import load_artifact
+
+        reference_model, _ = load_artifact(Path(start_adapter))
         reference = all_logps(reference_model, pairs, batch_tokens, tokenizer.pad_token_id)
-    elif reference_adapter_off:
+    else:
         with model.disable_adapter():
             reference = all_logps(model, pairs, batch_tokens, tokenizer.pad_token_id)
     metrics = preference_metrics(logps, reference, beta)

@@ -50,17 +50,6 @@ def _distributed(recipe, run_dir: Path, processes: int, resume: bool) -> dict:
             "stats": stats, "artifact": artifact}
 
 
-def evaluate_start_and_end(out: dict, test, recipe) -> dict:
-    """A DPO run's preference metrics on the test pairs, against its start point."""
-    reference = None
-    if out["start"] is not None:
-        from tuneloop.evaluate import load_artifact
-
-        reference, _ = load_artifact(Path(out["start"].adapter_path))
-    return evaluate_pairs(out["model"], out["tokenizer"], test, beta=recipe.dpo.beta,
-                          reference_adapter_off=reference is None, reference_model=reference)
-
-
 class Stopped(Exception):
     """Raised by a callback to end a run on purpose (a pruned search trial); status "stopped"."""
 
@@ -123,7 +112,9 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
         if splits.test:
             phase("evaluating on the test set")
             if dpo:
-                ev = evaluate_start_and_end(out, splits.test, recipe)
+                start = out["start"].adapter_path if out["start"] else None
+                ev = evaluate_pairs(out["model"], out["tokenizer"], splits.test,
+                                    beta=recipe.dpo.beta, start_adapter=start)
             else:
                 ev = score(out["model"], out["tokenizer"], splits.test, splits.info)
             record_evaluation(registry, run_dir / "test", ev, model=run.id, run_id=run.id,
