@@ -12,7 +12,8 @@ import os
 import secrets
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, create_engine, select
+from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, create_engine, event,
+                        select)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tuneloop.errors import TuneloopError
@@ -75,7 +76,13 @@ class Registry:
 
     def __init__(self, url: str):
         self.url = url
-        self.engine = create_engine(url)
+        if url.startswith("sqlite"):
+            # Many server threads write (request log, feedback): wait for the lock instead of
+            # failing, and let readers proceed while one writer commits (WAL).
+            self.engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
         migrate(self.engine)
 
     @classmethod
@@ -150,9 +157,17 @@ class Registry:
             return list(s.scalars(q))
 
 
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{_now():%Y%m%d}-{secrets.token_hex(3)}"
 
 
 def to_json(obj) -> str:
     return json.dumps(obj, default=str)
+from tuneloop.store import serving  # noqa: E402,F401  (registers the serving tables)

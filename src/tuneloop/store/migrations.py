@@ -70,6 +70,121 @@ def m002_evaluation_train_dataset(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE evaluations ADD COLUMN train_dataset VARCHAR(32)"))
 
 
+@migration
+def m003_serving(conn: sa.Connection) -> None:
+    # Serving: tenants and their hashed API keys, deployments with their history, the request
+    # log, feedback, uploaded files and fine-tuning jobs with their events.
+    md = sa.MetaData()
+    # runs exists already: named here only so foreign keys resolve (create_all skips it).
+    sa.Table("runs", md, sa.Column("id", sa.String(32), primary_key=True))
+    sa.Table(
+        "tenants", md,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("bases", sa.JSON, nullable=True),
+        sa.Column("created", sa.DateTime, nullable=False),
+    )
+    sa.Table(
+        "api_keys", md,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("tenant", sa.String(64), sa.ForeignKey("tenants.name"), nullable=False),
+        sa.Column("prefix", sa.String(16), nullable=False),
+        sa.Column("sha256", sa.String(64), nullable=False, unique=True),
+        sa.Column("name", sa.String(128), nullable=True),
+        sa.Column("rate_per_minute", sa.Integer, nullable=False),
+        sa.Column("created", sa.DateTime, nullable=False),
+        sa.Column("revoked", sa.DateTime, nullable=True),
+    )
+    sa.Table(
+        "deployments", md,
+        sa.Column("name", sa.String(256), primary_key=True),
+        sa.Column("tenant", sa.String(64), sa.ForeignKey("tenants.name"), nullable=False),
+        sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id"), nullable=False),
+        sa.Column("updated", sa.DateTime, nullable=False),
+    )
+    sa.Table(
+        "deployment_events", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("name", sa.String(256), nullable=False, index=True),
+        sa.Column("tenant", sa.String(64), nullable=False),
+        sa.Column("action", sa.String(16), nullable=False),
+        sa.Column("run_id", sa.String(32), nullable=True),
+        sa.Column("previous_run_id", sa.String(32), nullable=True),
+        sa.Column("forced", sa.Boolean, nullable=False),
+        sa.Column("reason", sa.String(1024), nullable=True),
+        sa.Column("created", sa.DateTime, nullable=False),
+    )
+    sa.Table(
+        "completions", md,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("tenant", sa.String(64), nullable=False, index=True),
+        sa.Column("key_id", sa.String(32), nullable=True),
+        sa.Column("model", sa.String(256), nullable=False, index=True),
+        sa.Column("run_id", sa.String(32), nullable=True),
+        sa.Column("request", sa.JSON, nullable=False),
+        sa.Column("response", sa.JSON, nullable=False),
+        sa.Column("prompt_tokens", sa.Integer, nullable=False),
+        sa.Column("completion_tokens", sa.Integer, nullable=False),
+        sa.Column("latency_ms", sa.Float, nullable=False),
+        sa.Column("created", sa.DateTime, nullable=False, index=True),
+    )
+    sa.Table(
+        "feedback", md,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("completion_id", sa.String(64), sa.ForeignKey("completions.id"), nullable=False),
+        sa.Column("tenant", sa.String(64), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("choice", sa.Integer, nullable=False),
+        sa.Column("rating", sa.Integer, nullable=True),
+        sa.Column("correction", sa.Text, nullable=True),
+        sa.Column("other_completion_id", sa.String(64), nullable=True),
+        sa.Column("comment", sa.String(2048), nullable=True),
+        sa.Column("created", sa.DateTime, nullable=False),
+    )
+    sa.Table(
+        "files", md,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("tenant", sa.String(64), nullable=False, index=True),
+        sa.Column("filename", sa.String(512), nullable=False),
+        sa.Column("purpose", sa.String(32), nullable=False),
+        sa.Column("bytes", sa.Integer, nullable=False),
+        sa.Column("sha256", sa.String(64), nullable=False),
+        sa.Column("path", sa.String(1024), nullable=False),
+        sa.Column("created", sa.DateTime, nullable=False),
+    )
+    sa.Table(
+        "jobs", md,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("tenant", sa.String(64), nullable=False, index=True),
+        sa.Column("model", sa.String(256), nullable=False),
+        sa.Column("training_file", sa.String(32), nullable=False),
+        sa.Column("validation_file", sa.String(32), nullable=True),
+        sa.Column("method", sa.JSON, nullable=False),
+        sa.Column("suffix", sa.String(64), nullable=True),
+        sa.Column("seed", sa.Integer, nullable=False),
+        sa.Column("metadata", sa.JSON, nullable=True),
+        sa.Column("status", sa.String(24), nullable=False, index=True),
+        sa.Column("cancel_requested", sa.Boolean, nullable=False),
+        sa.Column("run_id", sa.String(32), nullable=True),
+        sa.Column("fine_tuned_model", sa.String(256), nullable=True),
+        sa.Column("trained_tokens", sa.Integer, nullable=True),
+        sa.Column("error", sa.JSON, nullable=True),
+        sa.Column("worker", sa.String(64), nullable=True),
+        sa.Column("created", sa.DateTime, nullable=False),
+        sa.Column("started", sa.DateTime, nullable=True),
+        sa.Column("finished", sa.DateTime, nullable=True),
+    )
+    sa.Table(
+        "job_events", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), nullable=False, index=True),
+        sa.Column("level", sa.String(8), nullable=False),
+        sa.Column("message", sa.String(2048), nullable=False),
+        sa.Column("data", sa.JSON, nullable=True),
+        sa.Column("created", sa.DateTime, nullable=False),
+    )
+    md.create_all(conn)
+
+
 def migrate(engine: sa.Engine) -> list[str]:
     """Apply every migration not yet recorded; returns the names applied."""
     applied = []

@@ -1,0 +1,374 @@
+"""The built-in generation engine: continuous batching of many adapters over one base model.
+
+One thread owns the model. Each step it admits waiting requests (their prompts are run
+through the model together, left-padded, and their KV caches are joined to the running
+batch), then advances every running sequence by one token in a single forward pass. Rows
+for different adapters share that pass: PEFT's mixed-adapter batches (`adapter_names`)
+apply each row's own LoRA weights. A sequence leaves the batch the moment it finishes, and
+its place is free for the next request: no request waits for a slower neighbour's reply.
+
+Streaming is the only way out: every new piece of text is handed to the request's `emit`
+callback; a non-streaming reply is the collected stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from tuneloop.serve.adapters import BASE, AdapterPool
+
+log = logging.getLogger("tuneloop.serve")
+
+
+@dataclass
+class Sampling:
+    """How one request's tokens are chosen (OpenAI's parameters)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    grammar: object | None = None  # an xgrammar CompiledGrammar: the reply must match it
+
+
+@dataclass
+class Request:
+    """A prompt to complete `n` times with one adapter; events go to `emit` from the engine thread.
+
+    Events: ("text", choice, str) for new text, ("done", choice, finish_reason, n_tokens) when a
+    choice ends, ("error", message) if the engine failed it.
+    """
+
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[..., None]
+    adapter: str = BASE
+    adapter_path: Path | None = None
+    n: int = 1
+    cancelled: bool = False
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Row:
+    request: Request
+    choice: int
+    generator: torch.Generator
+    matcher: object | None
+    next_token: int = -1
+    tokens: list[int] = field(default_factory=list)
+    length: int = 0  # real tokens in the KV cache for this row
+    sent: int = 0  # characters of text already emitted
+    done: bool = False
+
+
+class Engine:
+    """One base model and its adapters, served by one batching thread."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, prefill_tokens: int = 4096,
+                 adapter_budget_bytes: int = 512 * 2**20, name: str = "engine"):
+        self.tokenizer = tokenizer
+        self.pool = AdapterPool(model, adapter_budget_bytes)
+        self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens
+        self.context = _context_length(model, tokenizer)
+        self.stop_ids = _stop_token_ids(model, tokenizer)
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None
+        self.tokens_generated = 0
+        self._grammar_info = None
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def model(self):
+        return self.pool.model
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; its events arrive on request.emit from the engine thread."""
+        self.waiting.put(request)
+        self._wake.set()
+
+    def queue_depth(self) -> int:
+        return self.waiting.qsize()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def grammar_compiler(self):
+        """An xgrammar compiler for this tokenizer (built once: it indexes the vocabulary)."""
+        if self._grammar_info is None:
+            import xgrammar as xgr
+
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab,
+                                                      stop_token_ids=sorted(self.stop_ids))
+            self._grammar_info = xgr.GrammarCompiler(info, max_threads=1)
+        return self._grammar_info
+
+    # --- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.rows and self.waiting.empty():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    if self.rows:
+                        self._decode()
+            except Exception as exc:  # a failed step fails its requests, never the server
+                log.exception("generation step failed")
+                for row in self.rows:
+                    row.request.emit("error", f"generation failed: {exc}")
+                self.rows, self.cache, self.mask = [], None, None
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while rows and the prefill budget allow."""
+        new: list[_Row] = []
+        budget = self.prefill_tokens
+        while len(self.rows) + len(new) < self.max_batch and not self.waiting.empty():
+            request = self.waiting.queue[0]
+            cost = len(request.prompt) * request.n
+            if new and cost > budget:
+                break
+            self.waiting.get()
+            if request.cancelled:
+                continue
+            budget -= cost
+            pinned = {r.request.adapter for r in self.rows + new}
+            try:
+                self.pool.ensure(request.adapter, request.adapter_path, pinned)
+            except Exception as exc:
+                log.exception("adapter %s failed to load", request.adapter)
+                request.emit("error", f"adapter '{request.adapter}' failed to load: {exc}")
+                continue
+            new.extend(self._rows_for(request))
+        if new:
+            self._prefill(new)
+
+    def _rows_for(self, request: Request) -> list[_Row]:
+        rows = []
+        for choice in range(request.n):
+            seed = (request.sampling.seed + choice if request.sampling.seed is not None
+                    else random.getrandbits(62))
+            generator = torch.Generator().manual_seed(seed)
+            matcher = None
+            if request.sampling.grammar is not None:
+                import xgrammar as xgr
+
+                matcher = xgr.GrammarMatcher(request.sampling.grammar)
+            rows.append(_Row(request, choice, generator, matcher))
+        return rows
+
+    def _forward(self, ids, mask, positions, rows, cache):
+        kwargs = {}
+        if self.pool.resident:  # a PeftModel: each row with its own adapter (or none)
+            kwargs["adapter_names"] = [r.request.adapter for r in rows]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _prefill(self, new: list[_Row]) -> None:
+        width = max(len(r.request.prompt) for r in new)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(new), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, row in enumerate(new):
+            prompt = row.request.prompt
+            ids[i, width - len(prompt):] = torch.tensor(prompt)
+            mask[i, width - len(prompt):] = 1
+            row.length = len(prompt)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids.to(self.device), mask.to(self.device),
+                                      positions.to(self.device), new, DynamicCache())
+        self.cache, self.mask = _join(self.cache, self.mask, cache, mask.to(self.device))
+        self.rows.extend(new)
+        self._advance(new, logits)
+
+    def _decode(self) -> None:
+        ids = torch.tensor([[r.next_token] for r in self.rows], device=self.device)
+        positions = torch.tensor([[r.length] for r in self.rows], device=self.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        logits, self.cache = self._forward(ids, self.mask, positions, self.rows, self.cache)
+        for row in self.rows:
+            row.length += 1
+        self._advance(self.rows, logits)
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Choose each row's next token, emit its new text, and drop the rows that ended."""
+        for i, row in enumerate(rows):
+            if row.request.cancelled:
+                row.done = True
+                continue
+            token = _sample(logits[i], row)
+            row.tokens.append(token)
+            row.next_token = token
+            self.tokens_generated += 1
+            finish = self._finish_reason(row, token)
+            finish = self._emit_text(row, finish)
+            if finish:
+                row.request.emit("done", row.choice, finish, len(row.tokens))
+                row.done = True
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        if len(keep) < len(self.rows):
+            self.rows = [self.rows[i] for i in keep]
+            self.cache, self.mask = _select(self.cache, self.mask, keep)
+
+    def _finish_reason(self, row: _Row, token: int) -> str | None:
+        if token in self.stop_ids or (row.matcher is not None and row.matcher.is_terminated()):
+            return "stop"
+        if len(row.tokens) >= row.request.sampling.max_tokens or row.length + 1 >= self.context:
+            return "length"
+        return None
+
+    def _emit_text(self, row: _Row, finish: str | None) -> str | None:
+        """Emit the row's new text, holding back what may be the start of a stop string or an
+        unfinished multi-byte character. A stop string ends the choice and is not sent."""
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        stops = row.request.sampling.stop
+        hits = [at for at in (text.find(s) for s in stops) if at >= 0]
+        if hits:
+            text, finish = text[:min(hits)], "stop"
+        end = len(text)
+        if not finish:
+            end -= max((len(s) - 1 for s in stops), default=0)
+            while end > 0 and text[end - 1] == "\ufffd":
+                end -= 1
+        if end > row.sent:
+            row.request.emit("text", row.choice, text[row.sent:end])
+            row.sent = end
+        return finish
+
+
+def _sample(logits: torch.Tensor, row: _Row) -> int:
+    """One token: grammar mask, then greedy (temperature 0) or temperature + nucleus sampling."""
+    if row.matcher is not None:
+        import xgrammar as xgr
+
+        bitmask = xgr.allocate_token_bitmask(1, logits.shape[-1])
+        row.matcher.fill_next_token_bitmask(bitmask)
+        logits = logits.unsqueeze(0).cpu()
+        xgr.apply_token_bitmask_inplace(logits, bitmask)
+        logits = logits[0]
+    s = row.request.sampling
+    if s.temperature <= 0:
+        token = int(torch.argmax(logits))
+    else:
+        probs = torch.softmax(logits.cpu() / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > s.top_p  # always keeps the top one
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        token = int(torch.multinomial(probs, 1, generator=row.generator))
+    if row.matcher is not None:
+        row.matcher.accept_token(token)
+    return token
+
+
+def _join(cache, mask, new_cache, new_mask):
+    """The running batch's KV cache and mask with new rows appended (shorter side left-padded)."""
+    if cache is None:
+        return new_cache, new_mask
+    width = max(mask.shape[1], new_mask.shape[1])
+    layers = []
+    for old, add in zip(cache.layers, new_cache.layers):
+        layers.append((torch.cat([_left_pad(old.keys, width), _left_pad(add.keys, width)]),
+                       torch.cat([_left_pad(old.values, width), _left_pad(add.values, width)])))
+    joined = torch.cat([_left_pad_mask(mask, width), _left_pad_mask(new_mask, width)])
+    return DynamicCache(ddp_cache_data=layers), joined
+
+
+def _select(cache, mask, keep: list[int]):
+    """Keep only rows `keep`, and drop leading columns that are padding in every kept row."""
+    if not keep:
+        return None, None
+    index = torch.tensor(keep, device=mask.device)
+    mask = mask.index_select(0, index)
+    start = int((mask.sum(0) > 0).nonzero()[0])
+    layers = [(layer.keys.index_select(0, index)[:, :, start:],
+               layer.values.index_select(0, index)[:, :, start:]) for layer in cache.layers]
+    return DynamicCache(ddp_cache_data=layers), mask[:, start:]
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - t.shape[-2]
+    if missing == 0:
+        return t
+    return torch.cat([t.new_zeros((*t.shape[:-2], missing, t.shape[-1])), t], dim=-2)
+
+
+def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - m.shape[1]
+    return m if missing == 0 else torch.cat([m.new_zeros((m.shape[0], missing)), m], dim=1)
+
+
+def _stop_token_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return {i for i in ids if i is not None}
+
+
+def _context_length(model, tokenizer) -> int:
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length)
+
+
+@dataclass
+class Choice:
+    """One finished choice of a request."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+
+
+def complete(engine: Engine, prompt: list[int], sampling: Sampling, adapter: str = BASE,
+             adapter_path: Path | None = None, n: int = 1, timeout: float = 600) -> list[Choice]:
+    """Blocking: submit one request and collect its stream into `n` choices."""
+    choices = [Choice() for _ in range(n)]
+    finished = threading.Event()
+    errors: list[str] = []
+
+    def emit(kind, *args):
+        if kind == "text":
+            choices[args[0]].text += args[1]
+        elif kind == "done":
+            choices[args[0]].finish_reason, choices[args[0]].tokens = args[1], args[2]
+            if all(c.finish_reason for c in choices):
+                finished.set()
+        else:
+            errors.append(args[0])
+            finished.set()
+
+    engine.submit(Request(prompt, sampling, emit, adapter, adapter_path, n))
+    if not finished.wait(timeout):
+        raise TimeoutError(f"no reply in {timeout} s")
+    if errors:
+        raise RuntimeError(errors[0])
+    return choices

@@ -1,0 +1,151 @@
+"""The serving engine on a tiny model: continuous batching gives each request exactly what it
+would get alone; rows of different adapters share a forward pass and still get their own
+adapter; stop strings, lengths, seeds and JSON grammars behave as OpenAI's parameters say."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tuneloop.serve.adapters import BASE
+from tuneloop.serve.engine import Engine, Sampling, complete
+
+PROMPTS = ["i lost my card", "what is the rate for yen please tell me now", "top up", "help me fast again today"]
+
+
+def ids(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False)
+
+
+def alone(model, tok, prompt, n):
+    """Reference: transformers' greedy generate on the prompt alone, cut at end-of-turn."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(prompt):]
+    tokens = out.tolist()
+    if tok.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tok.eos_token_id) + 1]
+    return tok.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    return model, tok
+
+
+def make_adapter(tiny_model, folder, seed, rank=4):
+    """A LoRA adapter with random (non-zero) B so that it changes the model's output."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    peft.save_pretrained(folder)
+    return folder
+
+
+def test_continuous_batching_matches_each_request_alone(tiny):
+    model, tok = tiny
+    engine = Engine(AutoModelForCausalLM.from_pretrained(model.name_or_path).eval(), tok, max_batch=3)
+    prompts = [ids(tok, p) for p in PROMPTS * 2]
+    results: dict[int, list] = {}
+
+    def ask(i):
+        results[i] = complete(engine, prompts[i], Sampling(max_tokens=12 + i, temperature=0))
+
+    threads = []
+    for i in range(len(prompts)):  # staggered arrivals join a batch that is already decoding
+        threads.append(threading.Thread(target=ask, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.01 * (i % 3))
+    for t in threads:
+        t.join()
+    engine.close()
+    for i, prompt in enumerate(prompts):
+        choice = results[i][0]
+        assert choice.text == alone(model, tok, prompt, 12 + i)
+        assert choice.finish_reason in ("stop", "length")
+        assert choice.tokens <= 12 + i
+
+
+def test_mixed_adapter_batch_gives_every_row_its_own_adapter(tiny, tiny_model, tmp_path):
+    _, tok = tiny
+    paths = {name: make_adapter(tiny_model, tmp_path / name, seed) for name, seed in (("alpha", 1), ("beta", 2))}
+    engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), tok, max_batch=8)
+    jobs = [(p, name) for p in PROMPTS for name in (BASE, "alpha", "beta")]
+    results = {}
+
+    def ask(i, prompt, name):
+        results[i] = complete(engine, ids(tok, prompt), Sampling(max_tokens=10, temperature=0),
+                              adapter=name, adapter_path=paths.get(name))[0].text
+
+    threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    expected = {BASE: base}
+    for name in ("alpha", "beta"):
+        expected[name] = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), paths[name]).eval()
+    for i, (prompt, name) in enumerate(jobs):
+        assert results[i] == alone(expected[name], tok, ids(tok, prompt), 10), (prompt, name)
+    assert len({results[i] for i, (p, _) in enumerate(jobs) if p == PROMPTS[0]}) > 1  # adapters differ
+
+
+def test_adapters_are_evicted_least_recently_used_under_the_budget(tiny, tiny_model, tmp_path):
+    _, tok = tiny
+    names = ["alpha", "beta", "gamma"]
+    paths = {n: make_adapter(tiny_model, tmp_path / n, i) for i, n in enumerate(names)}
+    engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), tok, adapter_budget_bytes=1)
+    greedy = Sampling(max_tokens=6, temperature=0)
+    first = complete(engine, ids(tok, "help"), greedy, "alpha", paths["alpha"])[0].text
+    for name in names[1:]:
+        complete(engine, ids(tok, "help"), greedy, name, paths[name])
+    assert list(engine.pool.resident) == ["gamma"] and engine.pool.evictions == 2
+    again = complete(engine, ids(tok, "help"), greedy, "alpha", paths["alpha"])[0].text
+    assert again == first and engine.pool.loads == 4  # reloaded on demand, same weights
+    engine.close()
+
+
+def test_stop_strings_lengths_seeds_and_n(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok)
+    prompt = ids(tok, PROMPTS[1])
+    full = complete(engine, prompt, Sampling(max_tokens=20, temperature=0))[0]
+    assert full.finish_reason == "length" and full.tokens == 20
+    stop = full.text[4:6]
+    cut = complete(engine, prompt, Sampling(max_tokens=20, temperature=0, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    sampled = [complete(engine, prompt, Sampling(max_tokens=15, temperature=1.5, seed=7), n=3)
+               for _ in range(2)]
+    assert [c.text for c in sampled[0]] == [c.text for c in sampled[1]]  # a seed replays exactly
+    assert len({c.text for c in sampled[0]}) > 1  # the n choices are different samples
+    engine.close()
+
+
+def test_json_schema_grammar_always_parses_and_validates(tiny):
+    import jsonschema
+
+    model, tok = tiny
+    engine = Engine(model, tok)
+    schema = {"type": "object", "properties": {"label": {"enum": ["card_lost", "top_up"]},
+                                               "urgent": {"type": "boolean"}},
+              "required": ["label", "urgent"], "additionalProperties": False}
+    grammar = engine.grammar_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
+    choices = complete(engine, ids(tok, PROMPTS[0]), Sampling(max_tokens=40, temperature=1.0, seed=3,
+                                                              grammar=grammar), n=4)
+    for c in choices:  # a random tiny model, yet every reply is valid JSON of the schema
+        jsonschema.validate(json.loads(c.text), schema)
+        assert c.finish_reason == "stop"
+    engine.close()
