@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -81,3 +82,24 @@ def classify_files(tmp_path) -> tuple[Path, Path]:
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(60, seed=1))
     test = write_jsonl(tmp_path / "test.jsonl", [dict(r, text=r["text"] + " t") for r in make_rows(12, seed=2)])
     return train, test
+
+
+DB_KINDS = ["sqlite"] + (["pg"] if os.environ.get("TUNELOOP_TEST_PG_URL") else [])
+
+
+def fresh_db_url(kind: str, folder: Path) -> str:
+    """A registry URL with an empty database: a new SQLite file, or the test PostgreSQL
+    database ($TUNELOOP_TEST_PG_URL, set by .ci/run) with every table dropped."""
+    if kind == "sqlite":
+        return f"sqlite:///{folder / 'registry.db'}"
+    import sqlalchemy as sa
+
+    url = os.environ["TUNELOOP_TEST_PG_URL"]
+    engine = sa.create_engine(url)
+    md = sa.MetaData()
+    md.reflect(engine)
+    md.drop_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS _migrations"))
+    engine.dispose()
+    return url

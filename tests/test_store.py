@@ -11,23 +11,14 @@ import os
 import pytest
 import sqlalchemy as sa
 
+from tests.conftest import DB_KINDS, fresh_db_url
 from tuneloop.errors import TuneloopError
 from tuneloop.store import Registry
 from tuneloop.store.migrations import MIGRATIONS, migrate
 
-URLS = ["sqlite"] + (["pg"] if os.environ.get("TUNELOOP_TEST_PG_URL") else [])
-
-
-@pytest.fixture(params=URLS)
+@pytest.fixture(params=DB_KINDS)
 def registry(request, tmp_path):
-    if request.param == "sqlite":
-        return Registry(f"sqlite:///{tmp_path / 'r.db'}")
-    url = os.environ["TUNELOOP_TEST_PG_URL"]
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        for table in ("evaluations", "runs", "datasets", "_migrations"):
-            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table} CASCADE"))
-    return Registry(url)
+    return Registry(fresh_db_url(request.param, tmp_path))
 
 
 def test_migrations_apply_once(registry):

@@ -449,3 +449,6 @@ def tune(
     out.print(table)
     out.print(f"best: trial {result['best']['trial']} (val loss {result['best']['val_loss']:.4f}); "
               f"tuned recipe: {result['tuned_recipe']}", highlight=False)
+
+
+from tuneloop.serve import commands as _serving_commands  # noqa: E402,F401  (serve, keys, deploy, ...)

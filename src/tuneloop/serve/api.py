@@ -1,0 +1,254 @@
+"""OpenAI-compatible inference: /v1/models, /v1/chat/completions and /v1/completions.
+
+One generation path: a request becomes a stream of chunks; a streaming reply sends them as
+server-sent events, a non-streaming reply is the same chunks collected into one object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from functools import lru_cache
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from tuneloop.data.formats import Example
+from tuneloop.data.tokenize import prompt_ids
+from tuneloop.serve import feedback
+from tuneloop.serve.app import ApiError, CallerDep, error_body
+from tuneloop.serve.engine import Request as EngineRequest
+from tuneloop.serve.engine import Sampling
+from tuneloop.serve.router import NotFound, Target
+from tuneloop.serve.schemas import ChatRequest, CompletionRequest, as_dict
+from tuneloop.tasks import TASKS
+
+routes = APIRouter()
+
+
+@routes.get("/v1/models")
+def list_models(request: Request, who: CallerDep):
+    names = request.app.state.router.visible(who)
+    return {"object": "list", "data": [_card(name, owner) for name, owner in names]}
+
+
+@routes.get("/v1/models/{model:path}")
+def get_model(model: str, request: Request, who: CallerDep):
+    for name, owner in request.app.state.router.visible(who):
+        if name == model:
+            return _card(name, owner)
+    raise _no_model(model)
+
+
+def _card(name: str, owner: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+
+
+def _no_model(name: str) -> ApiError:
+    # The same answer whether the model does not exist or belongs to another tenant.
+    return ApiError(404, f"The model '{name}' does not exist or you do not have access to it.",
+                    code="model_not_found", param="model")
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request, who: CallerDep):
+    target = await _resolve(request, who, body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    if target.task is not None and messages[0]["role"] != "system":
+        # The adapter learned its task with this system prompt; clients send only their text.
+        module = TASKS[target.task.kind]
+        messages = module.prompt(Example(messages=tuple(messages), answer=""), target.task)
+    try:
+        prompt = prompt_ids(target.engine.tokenizer, messages)
+    except Exception as exc:  # the model's chat template refused the conversation
+        raise ApiError(400, f"messages: the model's chat template cannot render them: {exc}",
+                       param="messages") from None
+    grammar = await run_in_threadpool(_grammar, target, body.response_format)
+    requested = body.max_completion_tokens or body.max_tokens
+    sampling = _sampling(request, target, body, prompt, requested, grammar)
+    return await _respond(request, who, target, body, prompt, sampling, "chat")
+
+
+@routes.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, who: CallerDep):
+    target = await _resolve(request, who, body.model)
+    prompt = target.engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+    if not prompt:
+        raise ApiError(400, "prompt: must not be empty", param="prompt")
+    sampling = _sampling(request, target, body, prompt, body.max_tokens, None)
+    return await _respond(request, who, target, body, prompt, sampling, "text")
+
+
+async def _resolve(request: Request, who, name: str) -> Target:
+    try:  # the first request for a base loads it: not on the event loop
+        return await run_in_threadpool(request.app.state.router.resolve, who, name)
+    except NotFound:
+        raise _no_model(name) from None
+
+
+def _sampling(request, target: Target, body, prompt: list[int], requested: int | None,
+              grammar) -> Sampling:
+    """OpenAI's sampling fields, with max_tokens checked against the context and the server cap."""
+    context = target.engine.context
+    cap = request.app.state.settings.max_tokens_limit
+    if requested is not None and requested > cap:
+        raise ApiError(400, f"max_tokens is too large: {requested}. This server allows at most "
+                       f"{cap} completion tokens.", param="max_tokens", code="invalid_value")
+    if len(prompt) + (requested or 1) > context:
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, "
+                       f"you requested {len(prompt) + (requested or 1)} tokens ({len(prompt)} in "
+                       f"the prompt, {requested or 1} in the completion). Please reduce the "
+                       "length of the prompt or completion.",
+                       param="messages", code="context_length_exceeded")
+    max_tokens = requested or min(cap, context - len(prompt))
+    return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                    seed=body.seed, stop=tuple(body.stop or ()), grammar=grammar)
+
+
+def _grammar(target: Target, response_format):
+    """The compiled grammar a reply must match: the requested JSON schema or JSON object, or for
+    an extraction adapter called without one, an object with exactly its task's fields."""
+    kind = response_format.type if response_format else "text"
+    if kind == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise ApiError(400, "response_format.json_schema.schema is required for type "
+                           "json_schema", param="response_format")
+        schema = json.dumps(response_format.json_schema.schema_, sort_keys=True)
+    elif kind == "json_object":
+        schema = None
+    elif target.task is not None and target.task.kind == "extract" and target.task.fields:
+        schema = json.dumps({"type": "object", "properties": {f: {} for f in target.task.fields},
+                             "required": list(target.task.fields), "additionalProperties": False})
+    else:
+        return None
+    try:
+        return _compile(target.engine, schema)
+    except Exception as exc:
+        raise ApiError(400, f"response_format: the JSON schema cannot be used: {exc}",
+                       param="response_format") from None
+
+
+@lru_cache(maxsize=256)
+def _compile(engine, schema: str | None):
+    compiler = engine.grammar_compiler()
+    if schema is None:
+        return compiler.compile_builtin_json_grammar()
+    return compiler.compile_json_schema(schema, any_whitespace=False)
+
+
+async def _respond(request: Request, who, target: Target, body, prompt, sampling, kind: str):
+    """Run the request on its engine; stream the chunks or return them collected."""
+    cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+    stream = _Stream(request, who, target, body, prompt, sampling, kind, cid)
+    if body.stream:
+        return StreamingResponse(stream.sse(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+    async for _ in stream.chunks():
+        pass
+    return stream.collected
+
+
+class _Stream:
+    """One request's chunks, its collected reply, its log row and its metrics."""
+
+    def __init__(self, request, who, target, body, prompt, sampling, kind, cid):
+        self.app, self.who, self.target, self.body = request.app, who, target, body
+        self.prompt, self.sampling, self.kind, self.id = prompt, sampling, kind, cid
+        self.created = int(time.time())
+        self.texts = [""] * body.n
+        self.finish: list[str | None] = [None] * body.n
+        self.tokens = 0
+        self.collected: dict | None = None
+
+    def _chunk(self, choice: int, text: str | None, finish: str | None, first: bool) -> dict:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if first else (
+                {"content": text} if text is not None else {})
+            item = {"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            item = {"index": choice, "text": text or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
+                "choices": [item]}
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": self.tokens,
+                "total_tokens": len(self.prompt) + self.tokens}
+
+    async def chunks(self):
+        """The reply as OpenAI chunks; the collected reply is logged when the last one is out."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = EngineRequest(self.prompt, self.sampling,
+                            lambda *e: loop.call_soon_threadsafe(events.put_nowait, e),
+                            self.target.adapter, self.target.adapter_path, self.body.n)
+        labels = (self.body.model, self.who.tenant)
+        started, first_token, status = time.perf_counter(), None, "cancelled"
+        self.target.engine.submit(job)
+        try:
+            if self.kind == "chat":
+                for i in range(self.body.n):
+                    yield self._chunk(i, None, None, first=True)
+            remaining = self.body.n
+            while remaining:
+                event = await events.get()
+                if event[0] == "error":
+                    status = "error"
+                    raise ApiError(500, event[1], type="server_error", code="engine_error")
+                if event[0] == "text":
+                    first_token = first_token or time.perf_counter()
+                    self.texts[event[1]] += event[2]
+                    yield self._chunk(event[1], event[2], None, first=False)
+                else:
+                    _, choice, reason, n_tokens = event
+                    self.finish[choice], remaining = reason, remaining - 1
+                    self.tokens += n_tokens
+                    yield self._chunk(choice, None if self.kind == "chat" else "", reason, first=False)
+            status = "ok"
+            latency = time.perf_counter() - started
+            self.collected = self._collect()
+            await run_in_threadpool(feedback.log_completion, self.app.state.registry, self.who,
+                                    self.target, as_dict(self.body), self.collected, latency)
+            metrics = self.app.state.metrics
+            metrics.latency.labels(*labels).observe(latency)
+            if first_token:
+                metrics.first_token.labels(*labels).observe(first_token - started)
+            metrics.prompt_tokens.labels(*labels).inc(len(self.prompt))
+            metrics.completion_tokens.labels(*labels).inc(self.tokens)
+        finally:
+            job.cancelled = status != "ok"  # a client that went away frees its batch rows
+            self.app.state.metrics.requests.labels(*labels, status).inc()
+
+    def _collect(self) -> dict:
+        if self.kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                        "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(self.texts, self.finish))]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(self.texts, self.finish))]
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
+                "choices": choices, "usage": self.usage()}
+
+    async def sse(self):
+        """Server-sent events: each chunk, the usage chunk if asked, then [DONE]."""
+        try:
+            async for chunk in self.chunks():
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except ApiError as exc:  # headers are sent: the error travels as an event
+            yield f"data: {json.dumps(error_body(exc.message, exc.type, exc.code))}\n\n"
+            return
+        options = self.body.stream_options
+        if options is not None and options.include_usage:
+            usage = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat"
+                     else "text_completion", "created": self.created, "model": self.body.model,
+                     "choices": [], "usage": self.usage()}
+            yield f"data: {json.dumps(usage)}\n\n"
+        yield "data: [DONE]\n\n"

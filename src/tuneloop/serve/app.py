@@ -1,0 +1,200 @@
+"""The FastAPI application: settings, errors in OpenAI's shape, authentication, limits, metrics.
+
+Routes live by resource: api.py (models, chat and text completions), feedback.py, files.py and
+jobs.py (fine-tuning as a service). Every error a client can cause is an `ApiError` rendered as
+{"error": {"message", "type", "param", "code"}} with the status OpenAI uses for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tuneloop.serve.auth import Caller, RateLimiter, lookup
+from tuneloop.serve.metrics import Metrics
+from tuneloop.serve.router import Router
+from tuneloop.store import Registry
+
+log = logging.getLogger("tuneloop.serve")
+
+
+@dataclass
+class Settings:
+    """How the server runs; `tuneloop serve` flags map onto these one to one."""
+
+    workspace: Path
+    bases: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct"])
+    auth: bool = True  # False: every request is tenant "default" (a single-user machine)
+    max_body_bytes: int = 1 * 2**20  # inference and feedback requests
+    max_upload_bytes: int = 512 * 2**20  # /v1/files
+    max_tokens_limit: int = 4096  # no single reply is longer than this
+    log_retention_days: int = 30  # request log rows without feedback are deleted after this
+    max_batch: int = 32
+    adapter_budget_mb: int = 512
+    worker: bool = True  # run queued fine-tuning jobs in a worker process
+
+
+class ApiError(Exception):
+    """An error returned to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.code, self.param, self.headers = code, param, headers
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The application; engines load on first use, the job worker starts with the app."""
+    registry = Registry.open(settings.workspace)
+    router = Router(registry, settings.bases, {
+        "max_batch": settings.max_batch, "adapter_budget_bytes": settings.adapter_budget_mb * 2**20})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from tuneloop.serve import feedback
+
+        feedback.apply_retention(registry, settings.log_retention_days)
+        yield
+        router.close()
+
+    app = FastAPI(title="tuneloop", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.settings, app.state.registry, app.state.router = settings, registry, router
+    app.state.limiter, app.state.metrics = RateLimiter(), Metrics(router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
+
+    from tuneloop.serve import api, feedback
+
+    for module in (api, feedback):
+        app.include_router(module.routes)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "engines": {k: {"running": len(e.rows), "queued": e.queue_depth(),
+                                                "adapters": list(e.pool.resident)}
+                                            for k, e in router.engines.items()}}
+
+    @app.get("/metrics")
+    def metrics():
+        return PlainTextResponse(generate_latest(app.state.metrics.registry),
+                                 media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def caller(request: Request) -> Caller:
+    """The authenticated caller of a request (401 without a valid key, 429 over its rate)."""
+    settings: Settings = request.app.state.settings
+    if not settings.auth:
+        return Caller("default", None, 10**9, None)
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer ") or not header[7:].strip():
+        raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer KEY' "
+                       "(create one with `tuneloop keys create --tenant NAME`)",
+                       code="missing_api_key")
+    who = lookup(request.app.state.registry, header[7:].strip())
+    if who is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    wait = request.app.state.limiter.allow(who.key_id, who.rate_per_minute)
+    if wait is not None:
+        raise ApiError(429, f"Rate limit reached: {who.rate_per_minute} requests per minute for "
+                       f"this key; retry in {wait:.1f} s", type="requests",
+                       code="rate_limit_exceeded", headers={"retry-after": str(int(wait) + 1)})
+    return who
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param),
+                            status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            message = f"The body is not valid JSON: {first.get('msg')} (at character {where[-1] if where else '?'})"
+            return JSONResponse(error_body(message, "invalid_request_error", "invalid_json"), 400)
+        param = ".".join(where) or None
+        message = f"{param or 'body'}: {first.get('msg')}"
+        return JSONResponse(error_body(message, "invalid_request_error", "invalid_value", param), 400)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc):
+        return JSONResponse(error_body(f"Unknown route {request.method} {request.url.path}",
+                                       "invalid_request_error", "unknown_url"), 404)
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, exc):
+        return JSONResponse(error_body(f"Method {request.method} is not allowed on {request.url.path}",
+                                       "invalid_request_error", "method_not_allowed"), 405)
+
+
+class BodyLimit:
+    """Refuse request bodies over the limit (413) before they are read into memory, whether
+    the client declares a Content-Length or streams the body in chunks."""
+
+    def __init__(self, app, limit: int, upload_limit: int):
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.upload_limit if scope["path"].startswith("/v1/files") else self.limit
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _too_large(send, limit)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await _too_large(send, limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    response = JSONResponse(error_body(f"Request body is larger than this server's limit of "
+                                       f"{limit} bytes", "invalid_request_error",
+                                       "request_too_large"), 413)
+    await response({"type": "http"}, None, send)
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=5)
+
+

@@ -1,0 +1,111 @@
+"""Tenants and API keys. A key is shown once, at creation; the registry keeps only its SHA-256
+(keys are 256 random bits, so a fast hash is as safe as a slow one) and a short prefix for lists."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from tuneloop.errors import TuneloopError
+from tuneloop.store import Registry, _now, new_id
+from tuneloop.store.serving import ApiKey, Tenant
+
+KEY_PREFIX = "tl-"
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the tenant, the key's id and its rate limit."""
+
+    tenant: str
+    key_id: str | None
+    rate_per_minute: int
+    bases: tuple[str, ...] | None  # base models this tenant may call; None: all served
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def ensure_tenant(registry: Registry, name: str, bases: list[str] | None = None) -> Tenant:
+    """The tenant `name`, created on first use (with the bases it may call, default all)."""
+    if not TENANT_NAME.match(name):
+        raise TuneloopError(f"tenant name '{name}' is not valid: use lower-case letters, digits, "
+                            "'-' and '_' (at most 63 characters)")
+    with registry.session() as s, s.begin():
+        tenant = s.get(Tenant, name)
+        if tenant is None:
+            tenant = Tenant(name=name, bases=bases)
+            s.add(tenant)
+        elif bases is not None:
+            tenant.bases = bases
+        return tenant
+
+
+def create_key(registry: Registry, tenant: str, name: str | None = None,
+               rate_per_minute: int = 600, bases: list[str] | None = None) -> tuple[ApiKey, str]:
+    """(row, secret) of a new key for `tenant`; the secret is not stored and cannot be shown again."""
+    ensure_tenant(registry, tenant, bases)
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    with registry.session() as s, s.begin():
+        row = ApiKey(id=new_id("key"), tenant=tenant, prefix=secret[:10], sha256=hash_key(secret),
+                     name=name, rate_per_minute=rate_per_minute)
+        s.add(row)
+    return row, secret
+
+
+def list_keys(registry: Registry, tenant: str | None = None) -> list[ApiKey]:
+    with registry.session() as s:
+        q = select(ApiKey).order_by(ApiKey.created)
+        if tenant:
+            q = q.where(ApiKey.tenant == tenant)
+        return list(s.scalars(q))
+
+
+def revoke_key(registry: Registry, key_id: str) -> ApiKey:
+    """Revoke a key by id (or its unique prefix); it stops working on the next request."""
+    with registry.session() as s, s.begin():
+        matches = s.scalars(select(ApiKey).where(ApiKey.id.startswith(key_id))).all()
+        if len(matches) != 1:
+            raise TuneloopError(f"no single key matches '{key_id}'; `tuneloop keys list` shows them")
+        matches[0].revoked = matches[0].revoked or _now()
+        return matches[0]
+
+
+def lookup(registry: Registry, secret: str) -> Caller | None:
+    """The caller a presented key belongs to, or None for an unknown or revoked key."""
+    with registry.session() as s:
+        row = s.scalars(select(ApiKey).where(ApiKey.sha256 == hash_key(secret))).first()
+        if row is None or row.revoked is not None:
+            return None
+        tenant = s.get(Tenant, row.tenant)
+        bases = tuple(tenant.bases) if tenant.bases is not None else None
+        return Caller(row.tenant, row.id, row.rate_per_minute, bases)
+
+
+class RateLimiter:
+    """Requests per key in a sliding 60-second window (in memory: one server process)."""
+
+    def __init__(self):
+        self._seen: dict[str, deque] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def allow(self, key: str, per_minute: int) -> float | None:
+        """None if the request may go ahead, else the seconds until it may."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen[key]
+            while seen and now - seen[0] >= 60:
+                seen.popleft()
+            if len(seen) >= per_minute:
+                return 60 - (now - seen[0])
+            seen.append(now)
+            return None

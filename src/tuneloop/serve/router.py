@@ -1,0 +1,98 @@
+"""Model names → engines. A base model name is served by its engine as is; a deployment name
+is a run: a LoRA-family adapter rides on its base's engine (sharing it with every other
+adapter of that base), while a full fine-tune or a DoRA adapter (PEFT cannot mix DoRA rows
+in a batch) gets an engine of its own, its adapter merged."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tuneloop import models
+from tuneloop.serve.adapters import BASE
+from tuneloop.serve.auth import Caller
+from tuneloop.serve.engine import Engine
+from tuneloop.store import Registry, Run
+from tuneloop.store.serving import Deployment
+from tuneloop.tasks import TaskInfo
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a request for one model name goes."""
+
+    name: str
+    engine: Engine
+    adapter: str = BASE
+    adapter_path: Path | None = None
+    run_id: str | None = None
+    task: TaskInfo | None = None
+
+
+class NotFound(Exception):
+    """The model does not exist for this caller (the same answer whether it exists elsewhere)."""
+
+
+class Router:
+    """Resolves the model names a tenant may call, creating engines on first use."""
+
+    def __init__(self, registry: Registry, bases: list[str], engine_options: dict | None = None):
+        self.registry = registry
+        self.bases = list(bases)
+        self.engine_options = engine_options or {}
+        self.engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+
+    def visible(self, caller: Caller) -> list[tuple[str, str]]:
+        """(name, owner) of every model the caller may use: its bases and its deployments."""
+        names = [(b, "tuneloop") for b in self.bases if caller.bases is None or b in caller.bases]
+        with self.registry.session() as s:
+            rows = s.scalars(select(Deployment).where(Deployment.tenant == caller.tenant)
+                             .order_by(Deployment.name))
+            names += [(row.name, caller.tenant) for row in rows]
+        return names
+
+    def resolve(self, caller: Caller, name: str) -> Target:
+        """The target of model `name` for this caller, or NotFound."""
+        if name in self.bases:
+            if caller.bases is not None and name not in caller.bases:
+                raise NotFound(name)
+            return Target(name, self.engine(name))
+        with self.registry.session() as s:
+            row = s.get(Deployment, name)
+            if row is None or row.tenant != caller.tenant:
+                raise NotFound(name)
+            run = s.get(Run, row.run_id)
+        folder = Path(run.adapter_path)
+        meta = json.loads((folder / "tuneloop.json").read_text())
+        task = TaskInfo.from_dict(meta["task"]) if meta.get("task") else None
+        if meta.get("method") in ("full", "dora"):
+            return Target(name, self.engine(run.id, artifact=folder), run_id=run.id, task=task)
+        # PEFT adapter names become module keys: the run id is unique and safe there.
+        return Target(name, self.engine(meta["base_model"]), adapter=run.id.replace("-", "_"),
+                      adapter_path=folder, run_id=run.id, task=task)
+
+    def engine(self, key: str, artifact: Path | None = None) -> Engine:
+        """The engine of a base model (or of one run's own weights), loaded on first use."""
+        with self._lock:
+            if key not in self.engines:
+                if artifact is not None:
+                    from tuneloop.evaluate import load_artifact
+
+                    model, meta = load_artifact(artifact)
+                    if meta.get("method") == "dora":
+                        model = model.merge_and_unload()
+                    tokenizer = models.load_tokenizer(meta["base_model"])
+                else:
+                    model, tokenizer = models.load_model(key), models.load_tokenizer(key)
+                self.engines[key] = Engine(model.eval(), tokenizer, name=f"engine-{key}",
+                                           **self.engine_options)
+            return self.engines[key]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
