@@ -44,7 +44,7 @@ def server(request, tiny_model, tmp_path_factory):
         deploy(registry, f"{tenant}-intents", run["run_id"], tenant, force=True)
         keys[tenant] = create_key(registry, tenant, bases=[str(tiny_model)])[1]
     settings = Settings(workspace=folder / "ws", bases=[str(tiny_model)], max_body_bytes=64 * 1024,
-                        max_tokens_limit=200, worker=False)
+                        max_tokens_limit=200, worker=True)
     with running(settings) as url:
         yield {"url": url, "keys": keys, "registry": registry, "base": str(tiny_model),
                "folder": folder}
@@ -194,3 +194,75 @@ def test_feedback_under_concurrent_load_is_never_lost(server):
     with server["registry"].session() as s:
         stored = s.scalar(select(func.count()).select_from(Feedback).where(Feedback.completion_id == reply.id))
     assert failures == [] and stored == 120
+
+
+def chat_rows(n, seed):
+    return [{"messages": [{"role": "user", "content": r["text"]},
+                          {"role": "assistant", "content": r["label"]}]} for r in make_rows(n, seed)]
+
+
+def wait_for(c, job_id, states, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = c.fine_tuning.jobs.retrieve(job_id)
+        if job.status in states:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job.status} after {timeout} s")
+
+
+def test_fine_tuning_job_from_an_uploaded_file_then_answers_by_its_ft_name(server):
+    c = client(server, "globex")
+    path = write_jsonl(server["folder"] / "upload.jsonl", chat_rows(24, seed=3))
+    uploaded = c.files.create(file=path.open("rb"), purpose="fine-tune")
+    assert uploaded.id in [f.id for f in c.files.list().data]
+    assert client(server, "acme").files.list().data == []  # files are per tenant
+    job = c.fine_tuning.jobs.create(model=server["base"], training_file=uploaded.id, suffix="intents",
+                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+                                    seed=3, metadata={"team": "support"})
+    assert job.status == "validating_files" and job.metadata == {"team": "support"}
+    done = wait_for(c, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model.startswith("ft:") and ":globex:intents:" in done.fine_tuned_model
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=50).data]
+    assert "The job has successfully completed" in messages and any("Step" in m for m in messages)
+    reply = c.chat.completions.create(model=done.fine_tuned_model, max_tokens=5,
+                                      messages=[{"role": "user", "content": "i lost my card"}])
+    assert reply.model == done.fine_tuned_model and reply.choices[0].message.role == "assistant"
+    assert done.fine_tuned_model in [m.id for m in c.models.list().data]
+    assert done.id in [j.id for j in c.fine_tuning.jobs.list().data]
+    assert c.files.delete(uploaded.id).deleted
+
+
+def test_bad_training_file_is_refused_with_its_line_and_a_running_job_can_be_cancelled(server):
+    c = client(server, "globex")
+    bad = server["folder"] / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "oops"}\n')
+    with pytest.raises(openai.BadRequestError) as caught:
+        c.files.create(file=bad.open("rb"), purpose="fine-tune")
+    assert "line 2" in caught.value.body["message"]
+    path = write_jsonl(server["folder"] / "long.jsonl", chat_rows(60, seed=4))
+    uploaded = c.files.create(file=path.open("rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model=server["base"], training_file=uploaded.id,
+                                    hyperparameters={"n_epochs": 200})
+    wait_for(c, job.id, ("running",))
+    c.fine_tuning.jobs.cancel(job.id)
+    assert wait_for(c, job.id, ("cancelled", "succeeded", "failed")).status == "cancelled"
+
+
+def test_jobs_persist_across_an_api_restart(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELOOP_DB_URL", f"sqlite:///{tmp_path / 'r.db'}")
+    monkeypatch.setenv("TUNELOOP_HOME", str(tmp_path / "ws"))
+    registry = Registry.open(tmp_path / "ws")
+    secret = create_key(registry, "acme")[1]
+    settings = Settings(workspace=tmp_path / "ws", bases=[str(tiny_model)], worker=False)
+    with running(settings) as url:  # an API with no worker: the job waits in the registry
+        c = openai.OpenAI(base_url=url + "/v1", api_key=secret, max_retries=0)
+        path = write_jsonl(tmp_path / "train.jsonl", chat_rows(12, seed=5))
+        file_id = c.files.create(file=path.open("rb"), purpose="fine-tune").id
+        job = c.fine_tuning.jobs.create(model=str(tiny_model), training_file=file_id,
+                                        hyperparameters={"n_epochs": 1})
+    settings.worker = True
+    with running(settings) as url:  # restarted, with its worker: the same job runs to the end
+        c = openai.OpenAI(base_url=url + "/v1", api_key=secret, max_retries=0)
+        assert wait_for(c, job.id, ("succeeded", "failed", "cancelled")).status == "succeeded"

@@ -65,10 +65,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        from tuneloop.serve import feedback
+        from tuneloop.serve import feedback, jobs
 
         feedback.apply_retention(registry, settings.log_retention_days)
+        worker = jobs.start_worker(settings.workspace) if settings.worker else None
         yield
+        if worker is not None:
+            jobs.stop_worker(worker)
         router.close()
 
     app = FastAPI(title="tuneloop", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -77,9 +80,9 @@ def create_app(settings: Settings) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
 
-    from tuneloop.serve import api, feedback
+    from tuneloop.serve import api, feedback, files, jobs
 
-    for module in (api, feedback):
+    for module in (api, feedback, files, jobs):
         app.include_router(module.routes)
 
     @app.get("/health")

@@ -55,7 +55,8 @@ class Stopped(Exception):
 
 
 def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
-          resume: str | None = None, on_validation=None, processes: int = 1) -> dict:
+          resume: str | None = None, on_validation=None, processes: int = 1,
+          on_run=None) -> dict:
     """Train per recipe, evaluate on data.test, record everything in the registry.
 
     With `resume` (a run id) the recipe is that run's own, and training continues from its
@@ -92,6 +93,8 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
                                started=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
     run_dir = ws / "runs" / run.id
     run_dir.mkdir(parents=True, exist_ok=True)
+    if on_run:  # callers that track the run (a fine-tuning job) learn its id before training
+        on_run(run.id)
     started = time.perf_counter()
     try:
         baselines = {}

@@ -1,0 +1,110 @@
+"""/v1/files: training files uploaded by a tenant, checked line by line on upload."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Form, Request, UploadFile
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from tuneloop.data.formats import scan
+from tuneloop.serve.app import ApiError, CallerDep
+from tuneloop.store import Registry, new_id
+from tuneloop.store.serving import File
+
+routes = APIRouter()
+
+
+def file_object(row: File) -> dict:
+    return {"id": row.id, "object": "file", "bytes": row.bytes, "filename": row.filename,
+            "created_at": _ts(row.created), "purpose": row.purpose, "status": "processed",
+            "status_details": None}
+
+
+def _ts(when) -> int:
+    import datetime as dt
+
+    return int(when.replace(tzinfo=dt.timezone.utc).timestamp()) if when else None
+
+
+@routes.post("/v1/files")
+async def upload(request: Request, who: CallerDep, file: UploadFile, purpose: str = Form(...)):
+    if purpose != "fine-tune":
+        raise ApiError(400, f"purpose '{purpose}' is not supported here: use 'fine-tune'",
+                       param="purpose")
+    folder = Path(request.app.state.settings.workspace) / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-")
+    digest, size = hashlib.sha256(), 0
+    with os.fdopen(fd, "wb") as f:
+        while chunk := await file.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+            f.write(chunk)
+    try:
+        row = await run_in_threadpool(_register, request.app.state.registry, who.tenant,
+                                      Path(tmp), file.filename or "upload.jsonl", size,
+                                      digest.hexdigest())
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return file_object(row)
+
+
+def _register(registry: Registry, tenant: str, tmp: Path, filename: str, size: int,
+              sha256: str) -> File:
+    """Check every line; keep the file (renamed into place) only if all of them are usable."""
+    report = scan(tmp)
+    if not report.ok or report.valid == 0:
+        shown = "; ".join(f"line {p.line}: {p.message}" for p in report.problems[:5])
+        more = sum(report.counts.values()) - min(5, len(report.problems))
+        raise ApiError(400, f"{filename}: {shown or 'no usable rows'}"
+                       + (f" (and {more} more problems)" if more > 0 else ""),
+                       param="file", code="invalid_file")
+    file_id = new_id("file")
+    final = tmp.parent / f"{file_id}.jsonl"
+    os.replace(tmp, final)
+    with registry.session() as s, s.begin():
+        row = File(id=file_id, tenant=tenant, filename=filename, purpose="fine-tune", bytes=size,
+                   sha256=sha256, path=str(final))
+        s.add(row)
+    return row
+
+
+def get_file(registry: Registry, tenant: str, file_id: str, param: str = "file_id") -> File:
+    with registry.session() as s:
+        row = s.get(File, file_id)
+    if row is None or row.tenant != tenant:
+        raise ApiError(404, f"No such file: '{file_id}'", param=param, code="file_not_found")
+    return row
+
+
+@routes.get("/v1/files")
+def list_files(request: Request, who: CallerDep):
+    with request.app.state.registry.session() as s:
+        rows = s.scalars(select(File).where(File.tenant == who.tenant).order_by(File.created.desc()))
+        return {"object": "list", "data": [file_object(r) for r in rows], "has_more": False}
+
+
+@routes.get("/v1/files/{file_id}")
+def retrieve_file(file_id: str, request: Request, who: CallerDep):
+    return file_object(get_file(request.app.state.registry, who.tenant, file_id))
+
+
+@routes.get("/v1/files/{file_id}/content")
+def file_content(file_id: str, request: Request, who: CallerDep):
+    row = get_file(request.app.state.registry, who.tenant, file_id)
+    return FileResponse(row.path, media_type="application/jsonl", filename=row.filename)
+
+
+@routes.delete("/v1/files/{file_id}")
+def delete_file(file_id: str, request: Request, who: CallerDep):
+    row = get_file(request.app.state.registry, who.tenant, file_id)
+    with request.app.state.registry.session() as s, s.begin():
+        s.delete(s.get(File, row.id))
+    Path(row.path).unlink(missing_ok=True)
+    return {"id": row.id, "object": "file", "deleted": True}

@@ -1,0 +1,189 @@
+"""The fine-tuning job worker: `python -m tuneloop.serve.worker` (started by `tuneloop serve`).
+
+It claims one job at a time from the registry, so any number of API restarts (or several
+workers on one database) never lose or double-run a job. A job whose worker died mid-run is
+taken up again and resumes from its run's newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import traceback
+
+from sqlalchemy import select, update
+
+from tuneloop import project
+from tuneloop.data.validate import validate
+from tuneloop.errors import TuneloopError
+from tuneloop.project import recipe_from_dict
+from tuneloop.serve.deploy import deploy
+from tuneloop.serve.jobs import add_event
+from tuneloop.store import Registry, _now
+from tuneloop.store.serving import File, Job
+from tuneloop.train.plan import LORA_LR
+from tuneloop.train.run import Stopped, train
+
+log = logging.getLogger("tuneloop.worker")
+ACTIVE = ("validating_files", "queued", "running")
+
+
+def _alive(worker: str | None) -> bool:
+    """Whether a worker id (host:pid) names a live process on this host (others: assumed alive)."""
+    if not worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+
+
+def claim(registry: Registry, me: str) -> Job | None:
+    """Take the oldest active job that no live worker holds (a conditional update: one winner)."""
+    with registry.session() as s:
+        jobs = list(s.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.created)))
+    for job in jobs:
+        if job.worker == me or _alive(job.worker):
+            continue
+        with registry.session() as s, s.begin():
+            won = s.execute(update(Job).where(Job.id == job.id, Job.status == job.status,
+                                              (Job.worker == job.worker) if job.worker else
+                                              Job.worker.is_(None))
+                            .values(worker=me)).rowcount == 1
+        if won:
+            if job.worker:
+                add_event(registry, job.id, f"Worker {job.worker} stopped; job taken over by {me}")
+            with registry.session() as s:
+                return s.get(Job, job.id)
+    return None
+
+
+def _path(registry: Registry, file_id: str) -> str:
+    with registry.session() as s:
+        return s.get(File, file_id).path
+
+
+def _set(registry: Registry, job_id: str, **fields) -> Job:
+    with registry.session() as s, s.begin():
+        job = s.get(Job, job_id)
+        for key, value in fields.items():
+            setattr(job, key, value)
+        return job
+
+
+def _recipe(registry: Registry, job: Job):
+    kind = job.method["type"]
+    hyper = job.method[kind]["hyperparameters"]
+    data = {"train": _path(registry, job.training_file)}
+    if job.validation_file:
+        data["validation"] = _path(registry, job.validation_file)
+    recipe = {"base_model": job.model, "task": "chat", "data": data, "name": job.id,
+              "method": "dpo" if kind == "dpo" else "lora", "seed": job.seed, "baselines": []}
+    if hyper.get("n_epochs") not in (None, "auto"):
+        recipe["epochs"] = hyper["n_epochs"]
+    if hyper.get("learning_rate_multiplier") not in (None, "auto"):
+        from tuneloop.train.dpo import DPO_LR
+
+        recipe["learning_rate"] = (DPO_LR if kind == "dpo" else LORA_LR) * hyper["learning_rate_multiplier"]
+    if kind == "dpo" and hyper.get("beta") not in (None, "auto"):
+        recipe["dpo"] = {"beta": hyper["beta"]}
+    return recipe_from_dict(recipe, source=f"fine-tuning job {job.id}")
+
+
+def fine_tuned_name(job: Job) -> str:
+    base = job.model.rstrip("/").rsplit("/", 1)[-1]
+    return f"ft:{base}:{job.tenant}:{job.suffix or ''}:{job.id.rsplit('-', 1)[-1]}"
+
+
+def process(registry: Registry, job: Job, workspace) -> None:
+    """Take one claimed job to a final state."""
+    try:
+        if job.status == "validating_files":
+            task = None if job.method["type"] == "dpo" else "chat"
+            for param in ("training_file", "validation_file"):
+                if getattr(job, param):
+                    report = validate(_path(registry, getattr(job, param)), task, model=job.model)
+                    if not report.ok:
+                        first = report.problems[0]
+                        raise TuneloopError(f"{param} line {first.line}: {first.message}")
+            job = _set(registry, job.id, status="queued")
+            add_event(registry, job.id, "Files validated; job queued")
+        recipe = _recipe(registry, job)
+        job = _set(registry, job.id, status="running", started=job.started or _now())
+        add_event(registry, job.id, "Fine-tuning job started" if not job.run_id else
+                  f"Resuming run {job.run_id} from its newest checkpoint")
+
+        def progress(step, steps, loss, tokens_per_s):
+            with registry.session() as s:
+                cancel = s.get(Job, job.id).cancel_requested
+            if cancel:
+                raise Stopped("cancelled by the client")
+            if step == 1 or step == steps or step % max(1, steps // 20) == 0:
+                add_event(registry, job.id, f"Step {step}/{steps}: training loss={loss:.4f}",
+                          data={"step": step, "total_steps": steps, "train_loss": loss,
+                                "tokens_per_s": tokens_per_s})
+
+        result = train(recipe, workspace=workspace, progress=progress, resume=job.run_id,
+                       on_run=lambda run_id: _set(registry, job.id, run_id=run_id))
+        name = fine_tuned_name(job)
+        deploy(registry, name, result["run_id"], job.tenant, force=True,
+               reason=f"fine-tuning job {job.id}")
+        _set(registry, job.id, status="succeeded", fine_tuned_model=name, finished=_now(),
+             trained_tokens=int(result.get("train_tokens", 0)))
+        add_event(registry, job.id, f"New fine-tuned model created: {name}")
+        add_event(registry, job.id, "The job has successfully completed")
+    except Stopped:
+        _set(registry, job.id, status="cancelled", finished=_now())
+        add_event(registry, job.id, "Job cancelled")
+    except TuneloopError as exc:
+        _fail(registry, job, "invalid_training_file" if job.status == "validating_files"
+              else "training_error", str(exc))
+    except Exception as exc:  # noqa: BLE001  a worker outlives any one job's failure
+        log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+        _fail(registry, job, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _fail(registry: Registry, job: Job, code: str, message: str) -> None:
+    param = "training_file" if code == "invalid_training_file" else None
+    _set(registry, job.id, status="failed", finished=_now(),
+         error={"code": code, "message": message[:2000], "param": param})
+    add_event(registry, job.id, message[:2000], level="error")
+
+
+def main(poll_s: float = 0.5) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
+    workspace = project.workspace()
+    registry = Registry.open(workspace)
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt  # leaves the job running for the next worker to resume
+
+    signal.signal(signal.SIGTERM, stop)
+    log.info("worker %s polling %s", me, registry.url.split("@")[-1])
+    try:
+        while not stopping:
+            job = claim(registry, me)
+            if job is None:
+                time.sleep(poll_s)
+                continue
+            log.info("job %s: %s", job.id, job.status)
+            process(registry, job, workspace)
+    except KeyboardInterrupt:
+        log.info("worker %s stopped", me)
+
+
+if __name__ == "__main__":
+    main()
