@@ -79,7 +79,7 @@ def test_continuous_batching_matches_each_request_alone(tiny):
 
 def test_mixed_adapter_batch_gives_every_row_its_own_adapter(tiny, tiny_model, tmp_path):
     _, tok = tiny
-    paths = {name: make_adapter(tiny_model, tmp_path / name, seed) for name, seed in (("alpha", 1), ("beta", 2))}
+    paths = {name: make_adapter(tiny_model, tmp_path / name, seed, rank) for name, seed, rank in (("alpha", 1, 4), ("beta", 2, 8))}
     engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), tok, max_batch=8)
     jobs = [(p, name) for p in PROMPTS for name in (BASE, "alpha", "beta")]
     results = {}

@@ -3,8 +3,8 @@
 One thread owns the model. Each step it admits waiting requests (their prompts are run
 through the model together, left-padded, and their KV caches are joined to the running
 batch), then advances every running sequence by one token in a single forward pass. Rows
-for different adapters share that pass: PEFT's mixed-adapter batches (`adapter_names`)
-apply each row's own LoRA weights. A sequence leaves the batch the moment it finishes, and
+for different adapters share that pass: the stacked-LoRA layers (adapters.py) apply each
+row's own adapter. A sequence leaves the batch the moment it finishes, and
 its place is free for the next request: no request waits for a slower neighbour's reply.
 
 Streaming is the only way out: every new piece of text is handed to the request's `emit`
@@ -185,11 +185,9 @@ class Engine:
         return rows
 
     def _forward(self, ids, mask, positions, rows, cache):
-        kwargs = {}
-        if self.pool.resident:  # a PeftModel: each row with its own adapter (or none)
-            kwargs["adapter_names"] = [r.request.adapter for r in rows]
+        self.pool.select([r.request.adapter for r in rows])  # each row its own adapter (or none)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float(), out.past_key_values
 
     def _prefill(self, new: list[_Row]) -> None:

@@ -1,7 +1,7 @@
 """Model names → engines. A base model name is served by its engine as is; a deployment name
-is a run: a LoRA-family adapter rides on its base's engine (sharing it with every other
-adapter of that base), while a full fine-tune or a DoRA adapter (PEFT cannot mix DoRA rows
-in a batch) gets an engine of its own, its adapter merged."""
+is a run: a LoRA adapter rides on its base's engine (sharing it with every other adapter of
+that base), while a full fine-tune, or an adapter with parts stacked LoRA does not cover
+(DoRA, say), gets an engine of its own, its adapter merged."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from tuneloop import models
-from tuneloop.serve.adapters import BASE
+from tuneloop.serve.adapters import BASE, Unsupported, check_supported
 from tuneloop.serve.auth import Caller
 from tuneloop.serve.engine import Engine
 from tuneloop.store import Registry, Run
@@ -70,7 +70,11 @@ class Router:
         folder = Path(run.adapter_path)
         meta = json.loads((folder / "tuneloop.json").read_text())
         task = TaskInfo.from_dict(meta["task"]) if meta.get("task") else None
-        if meta.get("method") in ("full", "dora"):
+        try:
+            if meta.get("method") == "full":
+                raise Unsupported("a full fine-tune")
+            check_supported(folder)
+        except Unsupported:  # its own engine, the adapter merged into a copy of the base
             return Target(name, self.engine(run.id, artifact=folder), run_id=run.id, task=task)
         # PEFT adapter names become module keys: the run id is unique and safe there.
         return Target(name, self.engine(meta["base_model"]), adapter=run.id.replace("-", "_"),
@@ -84,7 +88,7 @@ class Router:
                     from tuneloop.evaluate import load_artifact
 
                     model, meta = load_artifact(artifact)
-                    if meta.get("method") == "dora":
+                    if meta.get("method") != "full":
                         model = model.merge_and_unload()
                     tokenizer = models.load_tokenizer(meta["base_model"])
                 else:

@@ -1,0 +1,79 @@
+"""Promotion and keys: a run is deployed only with evidence, rollback walks back the history,
+keys are stored hashed and printed once (on SQLite, and PostgreSQL when configured)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import DB_KINDS, fresh_db_url
+from tests.test_cli import assert_user_error, tl
+from tuneloop.errors import TuneloopError
+from tuneloop.serve.auth import create_key, hash_key, list_keys, lookup, revoke_key
+from tuneloop.serve.deploy import deploy, deployed_history, events, rollback
+from tuneloop.store import Registry
+
+
+@pytest.fixture(params=DB_KINDS)
+def registry(request, tmp_path):
+    return Registry(fresh_db_url(request.param, tmp_path))
+
+
+def add_run(registry, test_ds, accuracy, passed=True, gate=True):
+    metrics = {"accuracy": accuracy}
+    if gate:
+        metrics["gate"] = {"metric": "accuracy", "best_baseline": "few-shot", "best_baseline_value": 0.4,
+                           "run_value": accuracy, "gain": accuracy - 0.4, "margin": 0.02, "passed": passed}
+    run = registry.add_run(task="classify", base_model="m", method="lora", status="done",
+                           recipe={}, test_dataset=test_ds, metrics=metrics, adapter_path="/a")
+    registry.add_evaluation(run_id=run.id, model=run.id, dataset=test_ds, strategy="fine-tuned",
+                            task="classify", metrics={"accuracy": accuracy})
+    return run
+
+
+def test_promotion_needs_a_passed_gate_and_a_better_score_on_the_same_test_set(registry):
+    test = registry.add_dataset("ab" * 32, "/t.jsonl", 10, "classify").id
+    first, worse, better = (add_run(registry, test, a) for a in (0.7, 0.65, 0.8))
+    failed = add_run(registry, test, 0.5, passed=False)
+    ungated = add_run(registry, test, 0.9, gate=False)
+    with pytest.raises(TuneloopError, match="did not pass its gate"):
+        deploy(registry, "intents", failed.id, "acme")
+    with pytest.raises(TuneloopError, match="no evaluation gate"):
+        deploy(registry, "intents", ungated.id, "acme")
+    deploy(registry, "intents", first.id, "acme")
+    with pytest.raises(TuneloopError, match="does not beat"):
+        deploy(registry, "intents", worse.id, "acme")
+    event = deploy(registry, "intents", better.id, "acme")
+    assert event.previous_run_id == first.id and "0.800 > 0.700" in event.reason
+    deploy(registry, "intents", worse.id, "acme", force=True)
+    assert deployed_history(registry, "intents", "acme") == [first.id, better.id, worse.id]
+    assert rollback(registry, "intents", "acme").run_id == better.id
+    assert rollback(registry, "intents", "acme").run_id == first.id
+    with pytest.raises(TuneloopError, match="no earlier run"):
+        rollback(registry, "intents", "acme")
+    assert [e.action for e in events(registry, "intents")] == ["deploy"] * 3 + ["rollback"] * 2
+    with pytest.raises(TuneloopError, match="taken by another tenant"):
+        deploy(registry, "intents", better.id, "globex")
+
+
+def test_keys_are_stored_hashed_and_revocation_is_immediate(registry):
+    row, secret = create_key(registry, "acme", rate_per_minute=5)
+    assert secret.startswith("tl-") and row.sha256 == hash_key(secret) and secret not in row.prefix * 2
+    assert lookup(registry, secret).tenant == "acme" and lookup(registry, secret + "x") is None
+    revoke_key(registry, row.id)
+    assert lookup(registry, secret) is None
+    assert [k.id for k in list_keys(registry, "acme")] == [row.id]
+    with pytest.raises(TuneloopError, match="not valid"):
+        create_key(registry, "Not A Tenant")
+
+
+def test_keys_cli_prints_the_key_alone_on_its_last_line(tmp_path):
+    env = {"TUNELOOP_HOME": str(tmp_path / "ws"), "TUNELOOP_DB_URL": ""}
+    made = tl("keys", "create", "--tenant", "acme", "--rate", "30", env=env)
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip().splitlines()[-1]
+    registry = Registry.open(tmp_path / "ws")
+    assert lookup(registry, secret).rate_per_minute == 30
+    listed = tl("keys", "list", "--json", env=env)
+    assert secret not in listed.stdout and secret[:10] in listed.stdout
+    assert_user_error(tl("deploy", "x", "--run", "run-nope", env=env), "no run 'run-nope'")
+    assert_user_error(tl("rollback", "x", env=env), "no earlier run")
