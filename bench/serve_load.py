@@ -163,25 +163,42 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--port", type=int, default=8470)
+    ap.add_argument("--shared-threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of the shared server")
+    ap.add_argument("--only", choices=["shared", "merged"], default=None)
     args = ap.parse_args()
     prompts = [json.loads(line)["text"] for line in (ROOT / "examples/banking77/test.jsonl").open()]
     ws = Path(tempfile.mkdtemp(prefix="tuneloop-serve-bench-"))
     adapters = make_adapters(ws, args.adapters)
-    merged = merged_copies(ws, adapters)
+    merged = merged_copies(ws, adapters) if args.only != "shared" else []
     key = register(ws, adapters)
     threads = os.cpu_count() or 1
     out = {"setup": vars(args), "cpu_threads": threads}
 
-    server = start(ws, args.port, [BASE], auth=True, threads=threads)
+    if args.only != "merged":
+        shared(out, ws, args, adapters, key, prompts)
+    if args.only != "shared":
+        merged_run(out, ws, args, merged, prompts, threads)
+    if "shared" in out and "merged" in out:
+        out["throughput_ratio"] = out["shared"]["tokens_per_s"] / out["merged"]["tokens_per_s"]
+        out["memory_ratio"] = out["merged"]["peak_rss_mb"] / out["shared"]["peak_rss_mb"]
+    print(json.dumps(out, indent=2))
+
+
+def shared(out, ws, args, adapters, key, prompts):
+    server = start(ws, args.port, [BASE], auth=True, threads=args.shared_threads)
     url = f"http://127.0.0.1:{args.port}"
     rss = PeakRss([server.pid])
     out["shared"] = load([(url, a.name, key) for a in adapters], prompts, args.clients,
                          args.requests, args.max_tokens)
     out["shared"]["peak_rss_mb"] = rss.stop()
+    out["shared"]["torch_threads"] = args.shared_threads
     server.terminate()
     server.wait()
 
-    # One process per merged model; the machine's threads are split between them.
+
+def merged_run(out, ws, args, merged, prompts, threads):
+    """One process per merged model; the machine's threads are split between them."""
     per = max(1, threads // len(merged))
     servers = [start(ws, args.port + 1 + i, [str(m)], auth=False, threads=per)
                for i, m in enumerate(merged)]
@@ -190,12 +207,10 @@ def main() -> None:
                           for i, m in enumerate(merged)], prompts, args.clients, args.requests,
                          args.max_tokens)
     out["merged"]["peak_rss_mb"] = rss.stop()
+    out["merged"]["torch_threads_each"] = per
     for s in servers:
         s.terminate()
         s.wait()
-    out["throughput_ratio"] = out["shared"]["tokens_per_s"] / out["merged"]["tokens_per_s"]
-    out["memory_ratio"] = out["merged"]["peak_rss_mb"] / out["shared"]["peak_rss_mb"]
-    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

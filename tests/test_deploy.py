@@ -77,3 +77,37 @@ def test_keys_cli_prints_the_key_alone_on_its_last_line(tmp_path):
     assert secret not in listed.stdout and secret[:10] in listed.stdout
     assert_user_error(tl("deploy", "x", "--run", "run-nope", env=env), "no run 'run-nope'")
     assert_user_error(tl("rollback", "x", env=env), "no earlier run")
+
+
+def test_serve_command_answers_on_its_port(tiny_model, tmp_path):
+    import socket
+    import subprocess
+    import time
+
+    import httpx2 as httpx
+
+    from tests.test_cli import EXE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "TUNELOOP_HOME": str(tmp_path / "ws"), "TUNELOOP_DB_URL": ""}
+    proc = subprocess.Popen([EXE, "serve", "--port", str(port), "--base", str(tiny_model),
+                             "--no-auth", "--no-worker"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+            "model": str(tiny_model), "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    # uvicorn shuts down cleanly, then re-raises SIGTERM so the exit status says why it ended
+    assert proc.returncode in (0, -15) and "Traceback" not in output
+    assert "Finished server process" in output

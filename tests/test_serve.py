@@ -266,3 +266,14 @@ def test_jobs_persist_across_an_api_restart(tiny_model, tmp_path, monkeypatch):
     with running(settings) as url:  # restarted, with its worker: the same job runs to the end
         c = openai.OpenAI(base_url=url + "/v1", api_key=secret, max_retries=0)
         assert wait_for(c, job.id, ("succeeded", "failed", "cancelled")).status == "succeeded"
+
+
+def test_rate_limit_per_key_answers_429(server):
+    secret = create_key(server["registry"], "acme", rate_per_minute=2)[1]
+    c = openai.OpenAI(base_url=server["url"] + "/v1", api_key=secret, max_retries=0)
+    c.models.list()
+    c.models.list()
+    with pytest.raises(openai.RateLimitError) as caught:
+        c.models.list()
+    assert caught.value.response.headers["retry-after"].isdigit()
+    assert client(server).models.list().data  # other keys are not affected

@@ -102,3 +102,44 @@ def test_dpo_trains_smollm2_on_preference_pairs_and_evaluates(tmp_path, workspac
     scored = tl("eval", "--model", result["run_id"], "--data", tmp_path / "test.jsonl", "--json")
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout)["preference_accuracy"] == result["test"]["preference_accuracy"]
+
+
+def test_server_serves_a_smollm2_adapter_like_peft_and_holds_json_schemas(tmp_path, workspace, monkeypatch):
+    import jsonschema
+    import openai
+    import torch
+    from peft import PeftModel
+
+    from tests.serving import running
+    from tuneloop import models
+    from tuneloop.serve.app import Settings
+    from tuneloop.serve.deploy import deploy
+    from tuneloop.store import Registry
+
+    monkeypatch.delenv("TUNELOOP_DB_URL", raising=False)
+    result = train(load_recipe(small_banking77(tmp_path, "max_steps: 3\nbaselines: []\n")),
+                   workspace=workspace)
+    deploy(Registry.open(workspace), "intents", result["run_id"], force=True)
+    question = "I still have not received my new card, how long does it take?"
+    with running(Settings(workspace=workspace, auth=False, worker=False)) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        served = c.chat.completions.create(model="intents", max_tokens=12, temperature=0,
+                                           messages=[{"role": "user", "content": question}])
+        schema = {"type": "object", "required": ["intent", "urgent"], "additionalProperties": False,
+                  "properties": {"intent": {"type": "string", "maxLength": 40}, "urgent": {"type": "boolean"}}}
+        structured = c.chat.completions.create(
+            model="smollm2-135m-instruct", max_tokens=40, temperature=0,
+            messages=[{"role": "user", "content": f"Classify as JSON: {question}"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    jsonschema.validate(json.loads(structured.choices[0].message.content), schema)
+    # The same prompt through PEFT's own model: the stacked-LoRA engine must agree.
+    tok = models.load_tokenizer("smollm2-135m-instruct")
+    peft = PeftModel.from_pretrained(models.load_model("smollm2-135m-instruct"), result["artifact"]).eval()
+    messages = [{"role": "system", "content": "Classify the user's message. Reply with the label only."},
+                {"role": "user", "content": question}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = peft.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert served.choices[0].message.content == expected
+    assert served.usage.prompt_tokens == ids["input_ids"].shape[1]
