@@ -277,3 +277,29 @@ def test_rate_limit_per_key_answers_429(server):
         c.models.list()
     assert caught.value.response.headers["retry-after"].isdigit()
     assert client(server).models.list().data  # other keys are not affected
+
+
+def test_a_job_whose_worker_dies_is_taken_over_and_resumes_from_its_checkpoint(server):
+    """The worker is killed after the run's first checkpoint; the server starts a new worker,
+    which takes the job over and resumes the run from that checkpoint."""
+    import signal
+
+    from tuneloop.store.serving import Job
+
+    c = client(server, "globex")
+    path = write_jsonl(server["folder"] / "resume.jsonl", chat_rows(60, seed=6))
+    file_id = c.files.create(file=path.open("rb"), purpose="fine-tune").id
+    job = c.fine_tuning.jobs.create(model=server["base"], training_file=file_id,
+                                    hyperparameters={"n_epochs": 40})
+    deadline = time.time() + 300
+    while not c.fine_tuning.jobs.checkpoints.list(job.id).data:  # the first checkpoint is written
+        assert time.time() < deadline and c.fine_tuning.jobs.retrieve(job.id).status != "succeeded"
+        time.sleep(0.2)
+    with server["registry"].session() as s:
+        worker = s.get(Job, job.id).worker
+    os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)  # the worker dies mid-run
+    done = wait_for(c, job.id, ("succeeded", "failed", "cancelled"))  # the server starts another
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any("taken over" in m for m in messages)
+    assert any(m.startswith("Resuming run") for m in messages)

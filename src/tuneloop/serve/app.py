@@ -7,6 +7,7 @@ jobs.py (fine-tuning as a service). Every error a client can cause is an `ApiErr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -68,10 +69,14 @@ def create_app(settings: Settings) -> FastAPI:
         from tuneloop.serve import feedback, jobs
 
         feedback.apply_retention(registry, settings.log_retention_days)
-        worker = jobs.start_worker(settings.workspace) if settings.worker else None
+        supervisor = None
+        if settings.worker:
+            app.state.worker = jobs.start_worker(settings.workspace)
+            supervisor = asyncio.create_task(_supervise(app, settings))
         yield
-        if worker is not None:
-            jobs.stop_worker(worker)
+        if supervisor is not None:
+            supervisor.cancel()
+            jobs.stop_worker(app.state.worker)
         router.close()
 
     app = FastAPI(title="tuneloop", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -97,6 +102,18 @@ def create_app(settings: Settings) -> FastAPI:
                                  media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _supervise(app: FastAPI, settings: Settings, every_s: float = 2.0) -> None:
+    """Restart the job worker if it dies; the new one takes over its job (and resumes it)."""
+    from tuneloop.serve import jobs
+
+    while True:
+        await asyncio.sleep(every_s)
+        code = app.state.worker.poll()  # also reaps it, so it is not left a zombie
+        if code is not None:
+            log.warning("job worker exited with status %s; starting another", code)
+            app.state.worker = jobs.start_worker(settings.workspace)
 
 
 def caller(request: Request) -> Caller:

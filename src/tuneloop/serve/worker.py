@@ -14,6 +14,8 @@ import socket
 import time
 import traceback
 
+import psutil
+
 from sqlalchemy import select, update
 
 from tuneloop import project
@@ -32,19 +34,17 @@ ACTIVE = ("validating_files", "queued", "running")
 
 
 def _alive(worker: str | None) -> bool:
-    """Whether a worker id (host:pid) names a live process on this host (others: assumed alive)."""
+    """Whether a worker id (host:pid) names a live process on this host (others: assumed alive).
+    A zombie (dead, not yet reaped by the process that started it) is dead."""
     if not worker:
         return False
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname():
         return True
     try:
-        os.kill(int(pid), 0)
-        return True
-    except (ProcessLookupError, ValueError):
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
         return False
-    except PermissionError:
-        return True
 
 
 def claim(registry: Registry, me: str) -> Job | None:
