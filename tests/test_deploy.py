@@ -111,3 +111,21 @@ def test_serve_command_answers_on_its_port(tiny_model, tmp_path):
     # uvicorn shuts down cleanly, then re-raises SIGTERM so the exit status says why it ended
     assert proc.returncode in (0, -15) and "Traceback" not in output
     assert "Finished server process" in output
+
+
+def test_request_log_retention_keeps_rows_with_feedback(registry):
+    import datetime as dt
+
+    from tuneloop.serve.feedback import apply_retention
+    from tuneloop.store.serving import Completion, Feedback
+
+    old = dt.datetime(2020, 1, 1)
+    with registry.session() as s, s.begin():
+        for cid, created in (("c-old", old), ("c-old-rated", old), ("c-new", None)):
+            s.add(Completion(id=cid, tenant="t", model="m", request={}, response={"choices": []},
+                             prompt_tokens=1, completion_tokens=1, latency_ms=1.0,
+                             **({"created": created} if created else {})))
+        s.add(Feedback(id="fb-1", completion_id="c-old-rated", tenant="t", kind="rating", choice=0, rating=1))
+    assert apply_retention(registry, days=30) == 1
+    with registry.session() as s:
+        assert sorted(c.id for c in s.query(Completion)) == ["c-new", "c-old-rated"]

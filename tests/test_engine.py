@@ -149,3 +149,22 @@ def test_json_schema_grammar_always_parses_and_validates(tiny):
         jsonschema.validate(json.loads(c.text), schema)
         assert c.finish_reason == "stop"
     engine.close()
+
+
+def test_an_extraction_adapter_is_held_to_its_fields_without_a_response_format(tiny):
+    from tuneloop.serve.api import _grammar
+    from tuneloop.serve.router import Target
+    from tuneloop.tasks import TaskInfo
+
+    model, tok = tiny
+    engine = Engine(model, tok)
+    target = Target("receipts", engine, task=TaskInfo("extract", fields=("total", "date")))
+    grammar = _grammar(target, None)
+    assert _grammar(Target("base", engine), None) is None  # a plain model is not constrained
+    replies = complete(engine, ids(tok, "total 12 on monday"),
+                       Sampling(max_tokens=200, temperature=0.8, seed=1, grammar=grammar), n=3)
+    for reply in replies:
+        if reply.finish_reason == "stop":  # a random model may run out of tokens in a string
+            assert set(json.loads(reply.text)) == {"total", "date"}
+    assert any(r.finish_reason == "stop" for r in replies)
+    engine.close()
