@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import DB_KINDS, fresh_db_url, write_jsonl, make_rows
-from tests.serving import running
+from tuneloop.serve.app import running
 from tests.test_train_lora import recipe_for
 from tuneloop.data.formats import load_examples
 from tuneloop.serve.app import Settings

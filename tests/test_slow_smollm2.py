@@ -110,7 +110,7 @@ def test_server_serves_a_smollm2_adapter_like_peft_and_holds_json_schemas(tmp_pa
     import torch
     from peft import PeftModel
 
-    from tests.serving import running
+    from tuneloop.serve.app import running
     from tuneloop import models
     from tuneloop.serve.app import Settings
     from tuneloop.serve.deploy import deploy

@@ -1,6 +1,7 @@
 """`tuneloop demo`: the whole loop on the shipped banking77 subset, with a scoreboard at the end.
 
-validate → prompting baselines → LoRA training → evaluation → gate → scoreboard + HTML report.
+validate → prompting baselines → LoRA training → evaluation → gate → scoreboard + HTML report
+→ deploy (if the evidence allows) → serve behind the OpenAI API → feedback → feedback datasets.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def run_demo(out, err) -> dict:
         out.print(note)
     out.print(f"report: {run_dir / 'report.html'}  loss curve: {run_dir / 'loss.png'}")
     result = {"scoreboard": rows, "gate": verdict, "run_id": run["run_id"],
-              "report": str(run_dir / "report.html")}
+              "report": str(run_dir / "report.html"),
+              "serving": serve_step(run["run_id"], recipe, out)}
     (project.workspace() / "demo.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -101,3 +103,55 @@ def _cell(column: str, value) -> str:
     if column in ("ms_per_request", "train_tokens_per_s", "wall_s"):
         return f"{value:.0f}"
     return f"{value:.4f}" if column.startswith("usd") else f"{value:.3f}"
+
+
+def serve_step(run_id: str, recipe, out) -> dict:
+    """Deploy the run if it earned it, serve it on loopback, ask it three test questions
+    through the OpenAI chat API, rate or correct each answer, and export the feedback."""
+    import datetime as dt
+    import urllib.request
+
+    from tuneloop.data.formats import load_examples
+    from tuneloop.serve.app import Settings, running
+    from tuneloop.serve.auth import create_key
+    from tuneloop.serve.deploy import deploy, deployments
+    from tuneloop.serve.feedback import export
+    from tuneloop.store import Registry
+
+    out.rule("6. deploy, serve (OpenAI-compatible API), feedback")
+    ws = project.workspace()
+    registry = Registry.open(ws)
+    name = "banking77-intents"
+    try:
+        event = deploy(registry, name, run_id, tenant="demo")
+        out.print(f"deployed {name} → {run_id}: {event.reason}")
+    except TuneloopError as refused:  # the gate failed, or an earlier demo's run is as good
+        out.print(f"not deployed: {refused}")
+    if name not in [d.name for d in deployments(registry, "demo")]:
+        return {"deployment": None}
+    key = create_key(registry, "demo", name="demo")[1]
+
+    def call(url, path, body):
+        request = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={
+            "authorization": f"Bearer {key}", "content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read())
+
+    answers = []
+    with running(Settings(workspace=ws, bases=[recipe.base_model], worker=False)) as url:
+        for example in load_examples(recipe.data.test, recipe.task)[:3]:
+            question = example.messages[-1]["content"]
+            reply = call(url, "/v1/chat/completions", {
+                "model": name, "temperature": 0, "max_tokens": 16,
+                "messages": [{"role": "user", "content": question}]})
+            answer = reply["choices"][0]["message"]["content"]
+            answers.append({"question": question, "answer": answer, "gold": example.label,
+                            "completion_id": reply["id"]})
+            out.print(f"POST /v1/chat/completions {question!r} → {answer!r} (gold {example.label})")
+            call(url, "/v1/feedback", {"completion_id": reply["id"], **(
+                {"rating": 1} if answer.strip() == example.label else {"correction": example.label})})
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    summary = export(registry, name, ws / "datasets" / f"feedback-{name}-{stamp}", tenant="demo")
+    out.print(f"feedback → {summary['folder']}: " + ", ".join(
+        f"{k} {v['rows']} rows" for k, v in summary["datasets"].items()))
+    return {"deployment": name, "answers": answers, "feedback_datasets": summary}

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -207,6 +208,38 @@ async def _too_large(send, limit: int) -> None:
                                        f"{limit} bytes", "invalid_request_error",
                                        "request_too_large"), 413)
     await response({"type": "http"}, None, send)
+
+
+@contextlib.contextmanager
+def running(settings: Settings, host: str = "127.0.0.1"):
+    """The server in a background thread on a free loopback port; yields its base URL. For
+    tests, benchmarks and the demo: the same application `tuneloop serve` runs."""
+    import socket
+    import threading
+    import urllib.request
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, 0))
+    sock.listen(64)
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
