@@ -77,6 +77,7 @@ def test_keys_cli_prints_the_key_alone_on_its_last_line(tmp_path):
     assert secret not in listed.stdout and secret[:10] in listed.stdout
     assert_user_error(tl("deploy", "x", "--run", "run-nope", env=env), "no run 'run-nope'")
     assert_user_error(tl("rollback", "x", env=env), "no earlier run")
+    assert_user_error(tl("feedback", "export", "--adapter", "x", env=env), "no feedback on 'x'")
 
 
 def test_serve_command_answers_on_its_port(tiny_model, tmp_path):

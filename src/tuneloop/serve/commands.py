@@ -153,6 +153,8 @@ def deployments(tenant: Optional[str] = typer.Option(None), as_json: bool = JSON
 @feedback_app.command("export")
 def feedback_export(
     adapter: str = typer.Option(..., help="Deployment name whose feedback to export."),
+    tenant: Optional[str] = typer.Option(None, help="Only this tenant's feedback (a base "
+                                         "model's name is shared by every tenant)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder to create "
                                            "(default: WORKSPACE/datasets/feedback-NAME-TIME)."),
     as_json: bool = JSON_OPT,
@@ -168,7 +170,7 @@ def feedback_export(
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     folder = out_dir or workspace() / "datasets" / f"feedback-{adapter.replace(':', '_')}-{stamp}"
-    summary = export(_registry(), adapter, folder)
+    summary = export(_registry(), adapter, folder, tenant)
     if as_json:
         return _print_json(summary)
     for name, info in summary["datasets"].items():
