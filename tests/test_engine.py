@@ -168,3 +168,12 @@ def test_an_extraction_adapter_is_held_to_its_fields_without_a_response_format(t
             assert set(json.loads(reply.text)) == {"total", "date"}
     assert any(r.finish_reason == "stop" for r in replies)
     engine.close()
+
+
+def test_a_request_that_fails_gets_an_error_and_the_engine_serves_on(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        complete(engine, [10**6], Sampling(max_tokens=3, temperature=0))  # no such token id
+    assert complete(engine, ids(tok, "help"), Sampling(max_tokens=3, temperature=0))[0].tokens > 0
+    engine.close()

@@ -167,8 +167,15 @@ class Engine:
                 request.emit("error", f"adapter '{request.adapter}' failed to load: {exc}")
                 continue
             new.extend(self._rows_for(request))
-        if new:
+        if not new:
+            return
+        try:
             self._prefill(new)
+        except Exception as exc:  # the running batch is untouched: only the newcomers fail
+            log.exception("prefill failed")
+            for request in {id(r.request): r.request for r in new}.values():
+                request.cancelled = True  # if they had joined the batch, the next step drops them
+                request.emit("error", f"generation failed: {exc}")
 
     def _rows_for(self, request: Request) -> list[_Row]:
         rows = []
