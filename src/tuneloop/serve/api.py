@@ -169,12 +169,15 @@ class _Stream:
             delta = {"role": "assistant", "content": ""} if first else (
                 {"content": text} if text is not None else {})
             item = {"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish}
-            obj = "chat.completion.chunk"
         else:
             item = {"index": choice, "text": text or "", "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
+        return self._envelope("chat.completion.chunk" if self.kind == "chat" else "text_completion",
+                              choices=[item])
+
+    def _envelope(self, obj: str, **fields) -> dict:
+        """The fields every chunk and reply of this request carries, then `fields`."""
         return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
-                "choices": [item]}
+                **fields}
 
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": self.tokens,
@@ -234,8 +237,7 @@ class _Stream:
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
                        for i, (t, f) in enumerate(zip(self.texts, self.finish))]
             obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.body.model,
-                "choices": choices, "usage": self.usage()}
+        return self._envelope(obj, choices=choices, usage=self.usage())
 
     async def sse(self):
         """Server-sent events: each chunk, the usage chunk if asked, then [DONE]."""
@@ -247,8 +249,7 @@ class _Stream:
             return
         options = self.body.stream_options
         if options is not None and options.include_usage:
-            usage = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat"
-                     else "text_completion", "created": self.created, "model": self.body.model,
-                     "choices": [], "usage": self.usage()}
+            usage = self._envelope("chat.completion.chunk" if self.kind == "chat"
+                                   else "text_completion", choices=[], usage=self.usage())
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"

@@ -66,6 +66,7 @@ class _Row:
     choice: int
     generator: torch.Generator
     matcher: object | None
+    bitmask: torch.Tensor | None = None  # the matcher's allowed tokens, refilled every step
     next_token: int = -1
     tokens: list[int] = field(default_factory=list)
     length: int = 0  # real tokens in the KV cache for this row
@@ -83,13 +84,14 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.context = _context_length(model, tokenizer)
+        self.vocab = model.get_output_embeddings().weight.shape[0]  # logits width
         self.stop_ids = _stop_token_ids(model, tokenizer)
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.tokens_generated = 0
-        self._grammar_info = None
+        self._grammar_compiler = None
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -118,14 +120,13 @@ class Engine:
 
     def grammar_compiler(self):
         """An xgrammar compiler for this tokenizer (built once: it indexes the vocabulary)."""
-        if self._grammar_info is None:
+        if self._grammar_compiler is None:
             import xgrammar as xgr
 
-            vocab = self.model.get_output_embeddings().weight.shape[0]
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab,
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab,
                                                       stop_token_ids=sorted(self.stop_ids))
-            self._grammar_info = xgr.GrammarCompiler(info, max_threads=1)
-        return self._grammar_info
+            self._grammar_compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self._grammar_compiler
 
     # --- the engine thread -------------------------------------------------------------------
 
@@ -183,12 +184,13 @@ class Engine:
             seed = (request.sampling.seed + choice if request.sampling.seed is not None
                     else random.getrandbits(62))
             generator = torch.Generator().manual_seed(seed)
-            matcher = None
+            matcher = bitmask = None
             if request.sampling.grammar is not None:
                 import xgrammar as xgr
 
                 matcher = xgr.GrammarMatcher(request.sampling.grammar)
-            rows.append(_Row(request, choice, generator, matcher))
+                bitmask = xgr.allocate_token_bitmask(1, self.vocab)
+            rows.append(_Row(request, choice, generator, matcher, bitmask))
         return rows
 
     def _forward(self, ids, mask, positions, rows, cache):
@@ -274,10 +276,9 @@ def _sample(logits: torch.Tensor, row: _Row) -> int:
     if row.matcher is not None:
         import xgrammar as xgr
 
-        bitmask = xgr.allocate_token_bitmask(1, logits.shape[-1])
-        row.matcher.fill_next_token_bitmask(bitmask)
+        row.matcher.fill_next_token_bitmask(row.bitmask)
         logits = logits.unsqueeze(0).cpu()
-        xgr.apply_token_bitmask_inplace(logits, bitmask)
+        xgr.apply_token_bitmask_inplace(logits, row.bitmask)
         logits = logits[0]
     s = row.request.sampling
     if s.temperature <= 0:

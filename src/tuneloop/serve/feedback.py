@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.app import ApiError, CallerDep
-from tuneloop.serve.schemas import FeedbackRequest
+from tuneloop.serve.schemas import FeedbackRequest, unix_time
 from tuneloop.store import Registry, _now, new_id
 from tuneloop.store.serving import Completion, Feedback
 
@@ -60,7 +60,7 @@ async def post_feedback(body: FeedbackRequest, request: Request, who: CallerDep)
         raise ApiError(400, str(exc), param="rating") from None
     row = await run_in_threadpool(_store_feedback, request.app.state.registry, who.tenant, body, kind)
     return {"id": row.id, "object": "feedback", "completion_id": row.completion_id, "kind": kind,
-            "created": int(row.created.replace(tzinfo=dt.timezone.utc).timestamp())}
+            "created": unix_time(row.created)}
 
 
 def _store_feedback(registry: Registry, tenant: str, body: FeedbackRequest, kind: str) -> Feedback:

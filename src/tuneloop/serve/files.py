@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneloop.data.formats import scan
 from tuneloop.serve.app import ApiError, CallerDep
+from tuneloop.serve.schemas import unix_time
 from tuneloop.store import Registry, new_id
 from tuneloop.store.serving import File
 
@@ -22,14 +23,8 @@ routes = APIRouter()
 
 def file_object(row: File) -> dict:
     return {"id": row.id, "object": "file", "bytes": row.bytes, "filename": row.filename,
-            "created_at": _ts(row.created), "purpose": row.purpose, "status": "processed",
+            "created_at": unix_time(row.created), "purpose": row.purpose, "status": "processed",
             "status_details": None}
-
-
-def _ts(when) -> int:
-    import datetime as dt
-
-    return int(when.replace(tzinfo=dt.timezone.utc).timestamp()) if when else None
 
 
 @routes.post("/v1/files")

@@ -18,8 +18,8 @@ from pydantic import Field
 from sqlalchemy import select
 
 from tuneloop.serve.app import ApiError, CallerDep
-from tuneloop.serve.files import _ts, get_file
-from tuneloop.serve.schemas import Open
+from tuneloop.serve.files import get_file
+from tuneloop.serve.schemas import Open, unix_time
 from tuneloop.store import Registry, _now, new_id
 from tuneloop.store.serving import Job, JobEvent
 
@@ -58,8 +58,8 @@ class JobRequest(Open):
 def job_object(job: Job) -> dict:
     method = job.method
     return {
-        "id": job.id, "object": "fine_tuning.job", "created_at": _ts(job.created),
-        "finished_at": _ts(job.finished), "model": job.model, "fine_tuned_model": job.fine_tuned_model,
+        "id": job.id, "object": "fine_tuning.job", "created_at": unix_time(job.created),
+        "finished_at": unix_time(job.finished), "model": job.model, "fine_tuned_model": job.fine_tuned_model,
         "organization_id": job.tenant, "status": job.status,
         "hyperparameters": method[method["type"]]["hyperparameters"],
         "method": method, "training_file": job.training_file,
@@ -87,8 +87,7 @@ def get_job(registry: Registry, tenant: str, job_id: str) -> Job:
 @routes.post("/v1/fine_tuning/jobs")
 def create_job(body: JobRequest, request: Request, who: CallerDep):
     registry = request.app.state.registry
-    if body.model not in [name for name, owner in request.app.state.router.visible(who)
-                          if owner == "tuneloop"]:
+    if body.model not in request.app.state.router.allowed_bases(who):
         raise ApiError(404, f"The model '{body.model}' does not exist or is not available to "
                        "fine-tune here", param="model", code="model_not_found")
     get_file(registry, who.tenant, body.training_file, "training_file")
@@ -152,7 +151,7 @@ def job_events(job_id: str, request: Request, who: CallerDep, limit: int = 20,
         if after and after.startswith("ftevent-") and after[8:].isdigit():
             q = q.where(JobEvent.id < int(after[8:]))
         rows = list(s.scalars(q.limit(limit + 1)))
-    data = [{"object": "fine_tuning.job.event", "id": f"ftevent-{e.id}", "created_at": _ts(e.created),
+    data = [{"object": "fine_tuning.job.event", "id": f"ftevent-{e.id}", "created_at": unix_time(e.created),
              "level": e.level, "message": e.message, "data": e.data,
              "type": "metrics" if e.data else "message"} for e in rows[:limit]]
     return {"object": "list", "data": data, "has_more": len(rows) > limit}

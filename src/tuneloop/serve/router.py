@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import select
@@ -37,6 +38,20 @@ class NotFound(Exception):
     """The model does not exist for this caller (the same answer whether it exists elsewhere)."""
 
 
+@lru_cache(maxsize=1024)
+def _artifact(folder: Path) -> tuple[dict, bool]:
+    """(tuneloop.json, whether stacked LoRA serves it) of a finished run's artifact. Read once
+    per folder, not on every request: a finished run's artifact does not change."""
+    meta = json.loads((folder / "tuneloop.json").read_text())
+    try:
+        if meta.get("method") == "full":
+            raise Unsupported("a full fine-tune")
+        check_supported(folder)
+    except Unsupported:
+        return meta, False
+    return meta, True
+
+
 class Router:
     """Resolves the model names a tenant may call, creating engines on first use."""
 
@@ -47,9 +62,13 @@ class Router:
         self.engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
 
+    def allowed_bases(self, caller: Caller) -> list[str]:
+        """The served base models this caller may call (and fine-tune)."""
+        return [b for b in self.bases if caller.bases is None or b in caller.bases]
+
     def visible(self, caller: Caller) -> list[tuple[str, str]]:
         """(name, owner) of every model the caller may use: its bases and its deployments."""
-        names = [(b, "tuneloop") for b in self.bases if caller.bases is None or b in caller.bases]
+        names = [(b, "tuneloop") for b in self.allowed_bases(caller)]
         with self.registry.session() as s:
             rows = s.scalars(select(Deployment).where(Deployment.tenant == caller.tenant)
                              .order_by(Deployment.name))
@@ -59,7 +78,7 @@ class Router:
     def resolve(self, caller: Caller, name: str) -> Target:
         """The target of model `name` for this caller, or NotFound."""
         if name in self.bases:
-            if caller.bases is not None and name not in caller.bases:
+            if name not in self.allowed_bases(caller):
                 raise NotFound(name)
             return Target(name, self.engine(name))
         with self.registry.session() as s:
@@ -68,13 +87,9 @@ class Router:
                 raise NotFound(name)
             run = s.get(Run, row.run_id)
         folder = Path(run.adapter_path)
-        meta = json.loads((folder / "tuneloop.json").read_text())
+        meta, stackable = _artifact(folder)
         task = TaskInfo.from_dict(meta["task"]) if meta.get("task") else None
-        try:
-            if meta.get("method") == "full":
-                raise Unsupported("a full fine-tune")
-            check_supported(folder)
-        except Unsupported:  # its own engine, the adapter merged into a copy of the base
+        if not stackable:  # its own engine, the adapter merged into a copy of the base
             return Target(name, self.engine(run.id, artifact=folder), run_id=run.id, task=task)
         # PEFT adapter names become module keys: the run id is unique and safe there.
         return Target(name, self.engine(meta["base_model"]), adapter=run.id.replace("-", "_"),

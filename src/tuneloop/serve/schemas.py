@@ -3,6 +3,7 @@ accepted and ignored, as OpenAI-compatible servers commonly do, so newer SDKs ke
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -95,6 +96,11 @@ class FeedbackRequest(Open):
         if len(kinds) != 1:
             raise ValueError("give exactly one of rating, correction or preferred_over")
         return kinds[0]
+
+
+def unix_time(when: dt.datetime | None) -> int | None:
+    """A registry timestamp (naive UTC) as the Unix seconds OpenAI's objects carry."""
+    return int(when.replace(tzinfo=dt.timezone.utc).timestamp()) if when else None
 
 
 def as_dict(obj: Any) -> dict:
