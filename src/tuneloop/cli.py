@@ -21,7 +21,7 @@ from tuneloop.errors import TuneloopError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Fine-tune a small open model on your task, and prove it was worth it.")
-data_app = typer.Typer(no_args_is_help=True, help="Check and inspect training data.")
+data_app = typer.Typer(no_args_is_help=True, help="Check, prepare, anonymize and report on data.")
 runs_app = typer.Typer(no_args_is_help=True, help="Training runs in the registry.")
 models_app = typer.Typer(no_args_is_help=True, help="Base models tuneloop knows.")
 app.add_typer(data_app, name="data")
@@ -452,3 +452,4 @@ def tune(
 
 
 from tuneloop.serve import commands as _serving_commands  # noqa: E402,F401  (serve, keys, deploy, ...)
+from tuneloop.data import commands as _data_commands  # noqa: E402,F401  (prepare, anonymize, ...)

@@ -130,10 +130,11 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
         raise TuneloopError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
 
 
-def _explain(err: dict) -> str:
+def _explain(err: dict, root: type[BaseModel] | None = None) -> str:
+    """One validation error as a line that names the key and the fix."""
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        parent = Recipe
+        parent = root or Recipe
         for part in err["loc"][:-1]:
             ann = parent.model_fields.get(str(part))
             parent = ann.annotation if ann and isinstance(ann.annotation, type) else parent

@@ -38,6 +38,21 @@ class Dataset(Base):
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
 
 
+class DatasetVersion(Base):
+    """A prepared dataset (`tuneloop data prepare`): its splits, lineage and the full report."""
+
+    __tablename__ = "dataset_versions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(256), nullable=True, index=True)
+    parent: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    task: Mapped[str] = mapped_column(String(32))
+    folder: Mapped[str] = mapped_column(String(1024))
+    splits: Mapped[dict] = mapped_column(JSON)  # split → registered dataset id
+    report: Mapped[dict] = mapped_column(JSON)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
 class Run(Base):
     __tablename__ = "runs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -104,6 +119,46 @@ class Registry:
             ds = Dataset(id="ds-" + sha256[:12], sha256=sha256, path=path, rows=rows, task=task)
             s.add(ds)
             return ds
+
+    def add_version(self, version_id: str, report: dict, folder: Path) -> DatasetVersion:
+        """Record a prepared version and register each split file, in one transaction."""
+        with self.session() as s, s.begin():
+            splits = {}
+            for split, info in report["splits"].items():
+                ds = s.scalars(select(Dataset).where(Dataset.sha256 == info["sha256"])).first()
+                if ds is None:
+                    ds = Dataset(id="ds-" + info["sha256"][:12], sha256=info["sha256"],
+                                 path=str(folder / f"{split}.jsonl"), rows=info["rows"],
+                                 task=report["task"])
+                    s.add(ds)
+                splits[split] = ds.id
+            version = DatasetVersion(id=version_id, name=report.get("name"),
+                                     parent=report.get("parent"), sha256=report["sha256"],
+                                     task=report["task"], folder=str(folder), splits=splits,
+                                     report=json.loads(to_json(report)))
+            s.add(version)
+            return version
+
+    def get_version(self, version_id: str) -> DatasetVersion | None:
+        with self.session() as s:
+            found = s.get(DatasetVersion, version_id)
+            if found is None and version_id:
+                matches = s.scalars(select(DatasetVersion).where(
+                    DatasetVersion.id.startswith(version_id))).all()
+                found = matches[0] if len(matches) == 1 else None
+            return found
+
+    def latest_version_id(self, name: str | None) -> str | None:
+        if not name:
+            return None
+        with self.session() as s:
+            return s.scalars(select(DatasetVersion.id).where(DatasetVersion.name == name)
+                             .order_by(DatasetVersion.created.desc())).first()
+
+    def list_versions(self, limit: int = 50) -> list[DatasetVersion]:
+        with self.session() as s:
+            return list(s.scalars(select(DatasetVersion)
+                                  .order_by(DatasetVersion.created.desc()).limit(limit)))
 
     def add_run(self, **fields) -> Run:
         with self.session() as s, s.begin():

@@ -185,6 +185,25 @@ def m003_serving(conn: sa.Connection) -> None:
     md.create_all(conn)
 
 
+@migration
+def m004_dataset_versions(conn: sa.Connection) -> None:
+    # `tuneloop data prepare`: each prepared dataset with its parent, splits and report.
+    md = sa.MetaData()
+    sa.Table(
+        "dataset_versions", md,
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("name", sa.String(256), nullable=True, index=True),
+        sa.Column("parent", sa.String(32), nullable=True),
+        sa.Column("sha256", sa.String(64), nullable=False),
+        sa.Column("task", sa.String(32), nullable=False),
+        sa.Column("folder", sa.String(1024), nullable=False),
+        sa.Column("splits", sa.JSON, nullable=False),
+        sa.Column("report", sa.JSON, nullable=False),
+        sa.Column("created", sa.DateTime, nullable=False),
+    )
+    md.create_all(conn)
+
+
 def migrate(engine: sa.Engine) -> list[str]:
     """Apply every migration not yet recorded; returns the names applied."""
     applied = []

@@ -1,0 +1,574 @@
+"""`tuneloop data prepare`: a raw export in, a clean, anonymized, leak-free dataset version out.
+
+    ingest → clean → exact dedup → near dedup → (semantic dedup) → anonymize → split → check
+
+Ingest, cleaning and exact/near deduplication stream: rows go through one at a time and the kept
+ones are spooled to disk, so memory holds only one 8-byte digest and one MinHash signature per
+kept row. Anonymization streams over the spool in batches. The split needs only labels and
+duplicate groups. Everything is written to a temporary folder that is renamed into place once
+complete, and only then recorded in the registry: a failed run leaves no version behind.
+
+The same pipeline runs from Python on a list of dicts or a `datasets.Dataset`:
+
+    from tuneloop.data.curate import prepare
+    version = prepare(rows, PrepareRecipe(task="classify"))
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tuneloop.data import clean as cleaning
+from tuneloop.data.dedup import NearDuplicates, exact_digest, semantic_duplicates
+from tuneloop.data.formats import MIN_EXAMPLES, Problem, file_sha256, parse_row
+from tuneloop.data.ingest import read_rows
+from tuneloop.data.rows import prompt_text, reply_text
+from tuneloop.errors import TuneloopError
+
+EXAMPLES_PER_REASON = 5
+SNIPPET = 300
+SPLITS = ("train", "validation", "test")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    path: Path = Field(description="JSONL, CSV, TSV or Parquet file")
+    mapping: dict[str, str] | None = Field(None, description="tuneloop field → column, e.g. "
+                                           "{text: utterance, label: intent}; only these are kept")
+
+
+class CleanSpec(_Strict):
+    enabled: bool = True
+    normalize: bool = Field(True, description="NFC, line ends, invisible characters, spacing")
+    collapse_repeats: bool = Field(True, description="consecutive repeated lines kept once")
+    min_chars: int = Field(2, ge=0, description="shortest prompt kept")
+    max_chars: int = Field(100_000, gt=0, description="longest prompt + reply kept")
+    max_repeated_fraction: float = Field(0.3, ge=0, le=1, description="drop rows where more "
+                                         "than this share of lines repeat an earlier line")
+    drop_empty_reply: bool = True
+    drop_echo: bool = Field(True, description="drop replies that only repeat the prompt")
+
+
+class NearSpec(_Strict):
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of character "
+                             "5-grams at which two prompts are one example")
+    num_perm: int = Field(128, ge=16, le=1024)
+
+
+class SemanticSpec(_Strict):
+    enabled: bool = False
+    threshold: float = Field(0.95, gt=0, le=1, description="cosine of MiniLM embeddings")
+
+
+class DedupSpec(_Strict):
+    exact: bool = True
+    near: NearSpec = NearSpec()
+    semantic: SemanticSpec = SemanticSpec()
+
+
+class AnonymizeSpec(_Strict):
+    enabled: bool = True
+    mode: Literal["placeholder", "fake", "reversible"] = "placeholder"
+    entities: list[str] | None = Field(None, description="types to replace; default all")
+    exclude: list[str] = Field(default_factory=list, description="types to leave in place")
+    ner: bool = Field(True, description="names, organizations, places (model); off: patterns only")
+    fields: list[str] | None = Field(None, description="top-level fields to scan; default all text")
+
+
+class SplitSpec(_Strict):
+    validation: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+    stratify: bool = Field(True, description="same label mix in every split (classification)")
+    group_near_duplicates: bool = Field(True, description="near-duplicates that were kept "
+                                        "(dedup off) land in one split")
+
+
+class ReportSpec(_Strict):
+    model: str | None = Field("smollm2-135m-instruct", description="tokenizer for the length "
+                              "histogram (chat template included); null to skip")
+
+
+class PrepareRecipe(_Strict):
+    """A data preparation, as saved YAML. Only `task` and `inputs` are required."""
+
+    name: str | None = Field(None, description="versions of one name form a lineage")
+    task: Literal["classify", "extract", "chat"]
+    inputs: list[InputSpec] = Field(default_factory=list)
+    parent: str | None = Field(None, description="version this one derives from; default: the "
+                               "latest of the same name")
+    on_error: Literal["fail", "skip"] = Field("fail", description="a malformed row fails the "
+                                              "run (default) or is skipped and reported")
+    clean: CleanSpec = CleanSpec()
+    dedup: DedupSpec = DedupSpec()
+    anonymize: AnonymizeSpec = AnonymizeSpec()
+    split: SplitSpec = SplitSpec()
+    check_against: list[Path] = Field(default_factory=list, description="test files whose "
+                                      "prompts must not appear in training data")
+    drop_contaminated: bool = Field(True, description="remove training rows that match them")
+    report: ReportSpec = ReportSpec()
+
+
+def load_prepare_recipe(path: str | Path) -> PrepareRecipe:
+    """Parse a preparation recipe; relative paths are relative to the file."""
+    from tuneloop.project import _explain
+
+    path = Path(path)
+    if not path.is_file():
+        raise TuneloopError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise TuneloopError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise TuneloopError(f"{path}: a recipe is a YAML mapping (key: value)")
+    try:
+        recipe = PrepareRecipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_explain(e, PrepareRecipe) for e in exc.errors()]
+        raise TuneloopError(f"{path} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+    base = path.resolve().parent
+    inputs = [i.model_copy(update={"path": base / i.path}) for i in recipe.inputs]
+    checks = [base / p for p in recipe.check_against]
+    return recipe.model_copy(update={"inputs": inputs, "check_against": checks})
+
+
+@dataclass
+class Step:
+    """What one step did: rows in and out, why rows left, a few of each kind."""
+
+    name: str
+    settings: dict = field(default_factory=dict)
+    rows_in: int = 0
+    rows_out: int = 0
+    changed: int = 0
+    removed: Counter = field(default_factory=Counter)
+    examples: list[dict] = field(default_factory=list)
+
+    def drop(self, reason: str, where: str, row: dict | None, **extra) -> None:
+        self.removed[reason] += 1
+        if sum(1 for e in self.examples if e["reason"] == reason) < EXAMPLES_PER_REASON:
+            self.examples.append({"reason": reason, "where": where,
+                                  "text": _snippet(row), **extra})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "removed": dict(self.removed)}
+
+
+def _snippet(row: dict | None) -> str:
+    if row is None:
+        return ""
+    text = prompt_text(row)
+    reply = reply_text(row)
+    if reply:
+        text += " → " + reply
+    elif row.get("label") is not None:
+        text += f" → [{row['label']}]"
+    return text[:SNIPPET]
+
+
+@dataclass
+class Version:
+    """A prepared dataset version: its folder, splits and the report of how it was made."""
+
+    id: str
+    folder: Path
+    report: dict
+    created: bool  # False: identical content was already recorded under this id
+
+    def path(self, split: str) -> Path:
+        return self.folder / f"{split}.jsonl"
+
+
+Source = tuple[str, Iterator[tuple[int, dict | None, Problem | None]]]
+
+
+def sources_from_files(recipe: PrepareRecipe) -> list[Source]:
+    if not recipe.inputs:
+        raise TuneloopError("nothing to prepare: give input files (recipe `inputs:` or "
+                            "`tuneloop data prepare FILE... --task KIND`)")
+    return [(str(i.path), read_rows(i.path, i.mapping)) for i in recipe.inputs]
+
+
+def source_from_rows(rows: Iterable[dict], name: str = "rows") -> Source:
+    """Python rows (dicts, or a `datasets.Dataset`, which iterates as dicts) as a source."""
+    return name, ((i + 1, dict(row), None) for i, row in enumerate(rows))
+
+
+def prepare(data: Iterable[dict] | None = None, recipe: PrepareRecipe | None = None, *,
+            workspace: Path | None = None, progress: Callable[[str], None] | None = None
+            ) -> Version:
+    """Run the pipeline on `data` (rows) or on the recipe's input files; record the version."""
+    from tuneloop.project import workspace as default_workspace
+
+    if recipe is None:
+        raise TuneloopError("prepare needs a recipe (at least the task)")
+    workspace = workspace or default_workspace()
+    sources = [source_from_rows(data)] if data is not None else sources_from_files(recipe)
+    root = workspace / "datasets"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))
+    try:
+        report = _run(sources, recipe, tmp, workspace, progress or (lambda _: None))
+        return _record(report, recipe, tmp, root, workspace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Path,
+         progress: Callable[[str], None]) -> dict:
+    spool = tmp / "spool.jsonl"
+    ingest = Step("ingest", {"on_error": recipe.on_error, "inputs": [s[0] for s in sources]})
+    clean = Step("clean", recipe.clean.model_dump())
+    exact = Step("dedup_exact", {"enabled": recipe.dedup.exact})
+    near = Step("dedup_near", recipe.dedup.near.model_dump())
+    settings = cleaning.CleanSettings(**recipe.clean.model_dump(exclude={"enabled"}))
+    near_index = (NearDuplicates(recipe.dedup.near.threshold, recipe.dedup.near.num_perm)
+                  if recipe.dedup.near.enabled or recipe.split.group_near_duplicates else None)
+    digests: dict[bytes, int] = {}
+    kept: list[dict] = []  # per spooled row: where it came from, its label and duplicate group
+    problems: list[str] = []
+    inputs = []
+    progress("reading, cleaning and deduplicating")
+    with spool.open("w", encoding="utf-8") as out:
+        for name, rows in sources:
+            count = 0
+            for line, row, problem in rows:
+                count += 1
+                ingest.rows_in += 1
+                where = f"{name}:{line}"
+                if problem is None:
+                    example, _, found = parse_row(row, line, recipe.task)
+                    problem = found[0] if found else None
+                if problem is not None:
+                    if len(problems) < 20:
+                        problems.append(f"  {name} line {problem.line}: {problem.code}: "
+                                        f"{problem.message}")
+                    ingest.drop(problem.code, where, row if isinstance(row, dict) else None,
+                                message=problem.message)
+                    continue
+                ingest.rows_out += 1
+                clean.rows_in += 1
+                if recipe.clean.enabled:
+                    row, reason, changed = cleaning.clean_row(row, settings)
+                    clean.changed += changed
+                    if reason:
+                        clean.drop(reason, where, row)
+                        continue
+                clean.rows_out += 1
+                key = cleaning.match_key(prompt_text(row))
+                digest = exact_digest(key)
+                exact.rows_in += 1
+                first = digests.get(digest)
+                if first is not None and recipe.dedup.exact:
+                    exact.drop("duplicate", where, row, of=kept[first]["where"],
+                               same_answer=_answer(row) == kept[first]["answer"])
+                    kept[first]["dupes"].append(where)
+                    continue
+                exact.rows_out += 1
+                near.rows_in += 1
+                group = first
+                if near_index is not None and first is None:
+                    sig = near_index.signature(key)
+                    match, similarity = near_index.match(key, sig)
+                    if match is not None and recipe.dedup.near.enabled:
+                        near.drop("near_duplicate", where, row, of=kept[match]["where"],
+                                  similarity=round(similarity, 3))
+                        kept[match]["near"].append((where, round(similarity, 3)))
+                        continue
+                    group = match
+                    near_index.add(len(kept), key, sig)
+                near.rows_out += 1
+                if first is None:
+                    digests[digest] = len(kept)
+                kept.append({"where": where, "label": row.get("label"), "answer": _answer(row),
+                             "group": kept[group]["group"] if group is not None else len(kept),
+                             "dupes": [], "near": []})
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            inputs.append({"name": name, "rows": count,
+                           "sha256": file_sha256(name) if Path(name).is_file() else None})
+    if problems and recipe.on_error == "fail":
+        total = sum(ingest.removed.values())
+        raise TuneloopError(f"{total} malformed row(s); nothing was recorded:\n" +
+                            "\n".join(problems) + "\nFix them, or set `on_error: skip` to leave "
+                            "them out (they are listed in the report).")
+    steps = [ingest, clean, exact, near]
+    dropped = set()
+    if recipe.dedup.semantic.enabled:
+        progress("semantic deduplication (MiniLM)")
+        semantic = Step("dedup_semantic", recipe.dedup.semantic.model_dump(), rows_in=len(kept))
+        rows = list(_read(spool))
+        for index, (other, cosine) in semantic_duplicates(
+                [prompt_text(r) for r in rows], recipe.dedup.semantic.threshold).items():
+            semantic.drop("semantic_duplicate", kept[index]["where"], rows[index],
+                          of=kept[other]["where"], similarity=cosine)
+            kept[other]["near"].append((kept[index]["where"], cosine))
+            dropped.add(index)
+        semantic.rows_out = len(kept) - len(dropped)
+        steps.append(semantic)
+    final = tmp / "rows.jsonl"
+    pii = _anonymize(spool, final, dropped, recipe, tmp, workspace, progress)
+    if pii is not None:
+        steps.append(pii.pop("step"))
+    survivors = [i for i in range(len(kept)) if i not in dropped]
+    if len(survivors) < MIN_EXAMPLES:
+        raise TuneloopError(f"only {len(survivors)} example(s) left after cleaning and "
+                            f"deduplication; at least {MIN_EXAMPLES} are needed. See which step "
+                            "removed them with on_error: skip, or loosen its settings.")
+    progress("splitting")
+    assignment = split_groups([kept[i]["group"] for i in survivors],
+                              [kept[i]["label"] for i in survivors] if recipe.task == "classify"
+                              else None, recipe.split)
+    contamination, drop_train = _contamination(final, survivors, assignment, recipe)
+    maps = pii.pop("maps") if pii else {}
+    splits = _write_splits(final, survivors, assignment, drop_train, tmp, maps, workspace)
+    if contamination:
+        steps.append(contamination.pop("step"))
+    clusters = [{"kept": k["where"], "exact": k["dupes"][:10], "near": k["near"][:10],
+                 "size": 1 + len(k["dupes"]) + len(k["near"])}
+                for k in kept if k["dupes"] or k["near"]]
+    clusters.sort(key=lambda c: -c["size"])
+    return {
+        "name": recipe.name, "task": recipe.task, "inputs": inputs,
+        "recipe": json.loads(recipe.model_dump_json()),
+        "steps": [s.to_dict() for s in steps],
+        "splits": splits, "clusters": {"count": len(clusters), "largest": clusters[:50]},
+        "pii": pii, "contamination": contamination,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _answer(row: dict) -> str:
+    if row.get("label") is not None:
+        return str(row["label"])
+    if row.get("fields") is not None:
+        return json.dumps(row["fields"], sort_keys=True, ensure_ascii=False)
+    return reply_text(row) or ""
+
+
+def _read(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _anonymize(spool: Path, final: Path, dropped: set[int], recipe: PrepareRecipe, tmp: Path,
+               workspace: Path, progress: Callable[[str], None]) -> dict | None:
+    """Stream the spool through the detector in batches; None when anonymization is off."""
+    spec = recipe.anonymize
+    if not spec.enabled:
+        os.replace(spool, final)
+        return None
+    from tuneloop.data import pii
+
+    progress("finding and replacing personal data")
+    entities = [e for e in (spec.entities or pii.ENTITY_TYPES) if e not in spec.exclude]
+    detector = pii.Detector(entities, ner=spec.ner)
+    step = Step("anonymize", spec.model_dump())
+    by_type: Counter = Counter()
+    maps: dict[int, dict[str, str]] = {}
+    batch: list[tuple[int, dict]] = []
+    with final.open("w", encoding="utf-8") as out:
+        def flush():
+            rows, findings, row_maps = pii.anonymize_rows([r for _, r in batch], detector,
+                                                          spec.mode, spec.fields)
+            for (index, _), row, found, mapping in zip(batch, rows, findings, row_maps):
+                step.rows_in += 1
+                step.rows_out += 1
+                if found:
+                    step.changed += 1
+                    by_type.update(f.type for f in found)
+                    if len(step.examples) < 20:  # anonymized text only: the report is shareable
+                        step.examples.append({"reason": "replaced", "where": str(index + 1),
+                                              "types": sorted({f.type for f in found}),
+                                              "text": _snippet(row)})
+                if mapping:
+                    maps[index] = mapping
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            batch.clear()
+
+        for index, row in enumerate(_read(spool)):
+            if index in dropped:
+                out.write("null\n")  # keeps positions; never written to a split
+                continue
+            batch.append((index, row))
+            if len(batch) == 256:
+                flush()
+        if batch:
+            flush()
+    return {"step": step, "maps": maps, "by_type": dict(by_type.most_common()), "rows_with_pii": step.changed,
+            "mode": spec.mode, "entities": entities}
+
+
+def split_groups(groups: list[int], labels: list | None, spec: SplitSpec) -> list[str]:
+    """A split name per row. Rows of one group stay together; with labels, each label's groups
+    are divided by the fractions on their own (stratified). Deterministic for a seed."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    strata: dict[Any, list[int]] = {}
+    for g, rows in members.items():
+        key = labels[rows[0]] if labels is not None and spec.stratify else None
+        strata.setdefault(key, []).append(g)
+    rng = random.Random(spec.seed)
+    out = [""] * len(groups)
+    for key in sorted(strata, key=str):
+        gs = sorted(strata[key])
+        rng.shuffle(gs)
+        total = sum(len(members[g]) for g in gs)
+        want = {"test": spec.test * total, "validation": spec.validation * total}
+        got = Counter()
+        for g in gs:
+            # Fill test, then validation, then train; round to the nearest row count.
+            name = next((s for s in ("test", "validation")
+                         if got[s] + len(members[g]) / 2 <= want[s]), "train")
+            got[name] += len(members[g])
+            for i in members[g]:
+                out[i] = name
+    return out
+
+
+def _contamination(final: Path, survivors: list[int], assignment: list[str],
+                   recipe: PrepareRecipe) -> tuple[dict | None, set[int]]:
+    """Training rows whose prompt exactly or nearly matches a row of a given test file."""
+    if not recipe.check_against:
+        return None, set()
+    step = Step("contamination", {"files": [str(p) for p in recipe.check_against],
+                                  "threshold": recipe.dedup.near.threshold,
+                                  "drop": recipe.drop_contaminated})
+    index = NearDuplicates(recipe.dedup.near.threshold, recipe.dedup.near.num_perm)
+    digests: dict[bytes, int] = {}
+    rows = {}
+    position = {s: n for n, s in enumerate(survivors)}
+    for i, row in enumerate(_read(final)):
+        n = position.get(i)
+        if n is None or assignment[n] != "train":
+            continue
+        key = cleaning.match_key(prompt_text(row))
+        digests.setdefault(exact_digest(key), i)
+        index.add(i, key)
+        rows[i] = row
+    hits: dict[int, dict] = {}
+    per_file = {}
+    for path in recipe.check_against:
+        found = 0
+        for line, row, problem in read_rows(path):
+            if problem is not None or not isinstance(row, dict):
+                continue
+            key = cleaning.match_key(prompt_text(row))
+            match = digests.get(exact_digest(key))
+            similarity = 1.0
+            if match is None:
+                match, similarity = index.match(key)
+            if match is not None:
+                found += 1
+                hits.setdefault(match, {"test": f"{path}:{line}", "similarity": round(similarity, 3)})
+        per_file[str(path)] = found
+    step.rows_in = sum(1 for a in assignment if a == "train")
+    for i, hit in hits.items():
+        step.drop("matches_test_row", f"train row {i + 1}", rows[i], **hit)
+    drop = set(hits) if recipe.drop_contaminated else set()
+    step.rows_out = step.rows_in - len(drop)
+    return {"step": step, "test_rows_matched": per_file, "train_rows_matching": len(hits),
+            "dropped": len(drop)}, drop
+
+
+def _write_splits(final: Path, survivors: list[int], assignment: list[str], drop: set[int],
+                  tmp: Path, maps: dict[int, dict[str, str]], workspace: Path) -> dict:
+    """Write train/validation/test; reversible maps are re-keyed to each split's line numbers."""
+    position = {s: n for n, s in enumerate(survivors)}
+    split_maps: dict[str, dict[int, dict[str, str]]] = {s: {} for s in SPLITS}
+    files = {s: (tmp / f"{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
+    info = {s: {"rows": 0, "labels": Counter()} for s in SPLITS}
+    try:
+        for i, line in enumerate(final.open(encoding="utf-8")):
+            n = position.get(i)
+            if n is None or i in drop:
+                continue
+            name = assignment[n]
+            files[name].write(line)
+            row = json.loads(line)
+            info[name]["rows"] += 1
+            if i in maps:
+                split_maps[name][info[name]["rows"]] = maps[i]
+            if row.get("label") is not None:
+                info[name]["labels"][str(row["label"])] += 1
+    finally:
+        for f in files.values():
+            f.close()
+    for s in SPLITS:
+        path = tmp / f"{s}.jsonl"
+        if info[s]["rows"] == 0:
+            path.unlink()
+            del info[s]
+            continue
+        info[s]["sha256"] = file_sha256(path)
+        if split_maps[s]:
+            from tuneloop.data import pii
+
+            pii.write_map(pii.map_path(path), split_maps[s], workspace)
+        info[s]["labels"] = dict(sorted(info[s]["labels"].items()))
+    return info
+
+
+def _record(report: dict, recipe: PrepareRecipe, tmp: Path, root: Path, workspace: Path) -> Version:
+    """Rename the finished folder into place, then record it in one registry transaction."""
+    from tuneloop.data.report import token_lengths
+    from tuneloop.store import Registry
+
+    digest = hashlib.sha256(json.dumps({s: v["sha256"] for s, v in report["splits"].items()},
+                                       sort_keys=True).encode()).hexdigest()
+    version_id = "dv-" + digest[:12]
+    registry = Registry.open(workspace)
+    existing = registry.get_version(version_id)
+    if existing is not None:
+        return Version(version_id, Path(existing.folder), existing.report, created=False)
+    report["id"], report["sha256"] = version_id, digest
+    report["parent"] = recipe.parent or registry.latest_version_id(recipe.name)
+    if recipe.parent and registry.get_version(recipe.parent) is None:
+        raise TuneloopError(f"parent version {recipe.parent} is not in the registry; "
+                            "`tuneloop data versions` lists them")
+    if recipe.report.model:
+        report["token_lengths"] = token_lengths(
+            [tmp / f"{s}.jsonl" for s in report["splits"]], recipe.task, recipe.report.model)
+    (tmp / "spool.jsonl").unlink(missing_ok=True)
+    (tmp / "rows.jsonl").unlink(missing_ok=True)
+    (tmp / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str),
+                                     encoding="utf-8")
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(report["recipe"], sort_keys=False),
+                                     encoding="utf-8")
+    folder = root / version_id
+    if folder.exists():  # left by a run whose registry write failed: same content, replace it
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    try:
+        registry.add_version(version_id, report, folder)
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return Version(version_id, folder, report, created=True)
+
+
+def registry():
+    """The registry of the current workspace."""
+    from tuneloop.project import workspace
+    from tuneloop.store import Registry
+
+    return Registry.open(workspace())

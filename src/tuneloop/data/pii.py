@@ -1,0 +1,467 @@
+"""Personal data: find it with Presidio's analyzer, replace it with Presidio's anonymizer.
+
+Two layers feed one Presidio `AnalyzerEngine`:
+- patterns with checksums (Presidio's recognizers): e-mail, phone (libphonenumber), credit card
+  (Luhn), IBAN (mod 97), IP, URL, US SSN, UK NINO;
+- a spaCy named-entity model for people, organizations, places and addresses, dates, ages and
+  nationality/religious/political groups. No hub is reachable at run time and spaCy's own
+  pipelines are not on PyPI, so tuneloop trains this model itself, once, on the MIT-licensed
+  Presidio synthetic PII sentences shipped in `resources/` (about two minutes on two cores), and
+  caches it by the hash of its data and settings.
+
+Replacements are consistent within an example: the same person is `<PERSON_1>` in the prompt,
+the reply and the extracted fields. `fake` mode puts realistic stand-ins (Faker, seeded by the
+original so reruns agree) instead; `reversible` mode keeps the placeholder → original map,
+encrypted (Fernet) with a key that stays in the workspace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tuneloop.data.rows import get_path, set_path, text_paths
+from tuneloop.errors import TuneloopError
+
+RESOURCES = Path(__file__).parent / "resources"
+NER_TRAIN = RESOURCES / "pii_ner_train.jsonl"
+NER_EPOCHS = 25
+# Training labels of the shipped data → the types tuneloop reports. Street addresses, zip codes
+# and places are one LOCATION: for anonymization what matters is that they go, not which they were.
+# The model learns the structured types too, from their context ("card number ..."): a card
+# number that fails the Luhn check is still somebody's card number in a support ticket.
+NER_LABELS = {"PERSON": "PERSON", "ORGANIZATION": "ORGANIZATION", "GPE": "LOCATION",
+              "STREET_ADDRESS": "LOCATION", "ZIP_CODE": "LOCATION", "DATE_TIME": "DATE_TIME",
+              "AGE": "AGE", "NRP": "NRP", "EMAIL_ADDRESS": "EMAIL_ADDRESS",
+              "PHONE_NUMBER": "PHONE_NUMBER", "CREDIT_CARD": "CREDIT_CARD",
+              "IBAN_CODE": "IBAN_CODE", "IP_ADDRESS": "IP_ADDRESS", "DOMAIN_NAME": "URL",
+              "US_SSN": "US_SSN"}
+NER_TYPES = sorted(set(NER_LABELS.values()))
+PATTERN_TYPES = ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "URL",
+                 "US_SSN", "UK_NINO"]
+ENTITY_TYPES = sorted(set(NER_TYPES) | set(PATTERN_TYPES))
+MODES = ("placeholder", "fake", "reversible")
+SCORE_THRESHOLD = 0.4
+
+for name in ("presidio-analyzer", "presidio-anonymizer"):
+    logging.getLogger(name).setLevel(logging.ERROR)  # it warns per text about unused languages
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One piece of personal data in a text: its type and character span (end exclusive)."""
+
+    type: str
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+def cache_root() -> Path:
+    """Models tuneloop builds for itself: $TUNELOOP_CACHE, else ~/.cache/tuneloop."""
+    return Path(os.environ.get("TUNELOOP_CACHE") or Path.home() / ".cache" / "tuneloop")
+
+
+def ner_model_path(epochs: int = NER_EPOCHS) -> Path:
+    """Where the name recognizer trained from the shipped data with these settings lives."""
+    digest = hashlib.sha256(NER_TRAIN.read_bytes() + json.dumps([NER_LABELS, epochs]).encode())
+    return cache_root() / f"pii-ner-{digest.hexdigest()[:12]}"
+
+
+def train_ner(out: Path, rows: Iterable[dict] | None = None, epochs: int = NER_EPOCHS,
+              on_epoch: Callable[[int, int, float], None] | None = None, seed: int = 0) -> Path:
+    """Train a spaCy NER pipeline on rows {"text", "entities": [[start, end, label], ...]}.
+
+    Written to a temporary folder and renamed, so a half-trained model is never loaded.
+    """
+    import spacy
+    from spacy.training import Example
+    from spacy.util import filter_spans, fix_random_seed, minibatch
+
+    fix_random_seed(seed)
+    if rows is None:
+        rows = (json.loads(line) for line in NER_TRAIN.open(encoding="utf-8"))
+    nlp = spacy.blank("en")
+    ner = nlp.add_pipe("ner")
+    examples = []
+    for row in rows:
+        doc = nlp.make_doc(row["text"])
+        spans = []
+        for start, end, label in row["entities"]:
+            label = NER_LABELS.get(label, label if label in NER_TYPES else None)
+            if label and (span := doc.char_span(start, end, label=label, alignment_mode="expand")):
+                spans.append(span)
+        ents = [(s.start_char, s.end_char, s.label_) for s in filter_spans(spans)]
+        examples.append(Example.from_dict(doc, {"entities": ents}))
+    for label in NER_TYPES:
+        ner.add_label(label)
+    optimizer = nlp.initialize(lambda: examples)
+    rng = random.Random(seed)
+    for epoch in range(epochs):
+        rng.shuffle(examples)
+        losses: dict[str, float] = {}
+        for batch in minibatch(examples, size=16):
+            nlp.update(batch, drop=0.2, sgd=optimizer, losses=losses)
+        if on_epoch:
+            on_epoch(epoch + 1, epochs, losses.get("ner", 0.0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    nlp.to_disk(tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first: its model is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_ner_model(on_epoch: Callable[[int, int, float], None] | None = None) -> Path:
+    """The cached name recognizer, trained now if this machine has none yet."""
+    path = ner_model_path()
+    if not (path / "meta.json").is_file():
+        train_ner(path, on_epoch=on_epoch)
+    return path
+
+
+def _analyzer(ner: bool, nlp_path: Path | None):
+    import spacy
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+    from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, EmailRecognizer,
+                                                          IbanRecognizer, IpRecognizer,
+                                                          PhoneRecognizer, SpacyRecognizer,
+                                                          UkNinoRecognizer, UrlRecognizer,
+                                                          UsSsnRecognizer)
+
+    class Engine(SpacyNlpEngine):
+        """Presidio's spaCy engine over a pipeline already in memory (it would download one)."""
+
+        def __init__(self, nlp):
+            super().__init__(ner_model_configuration=NerModelConfiguration(
+                model_to_presidio_entity_mapping={t: t for t in NER_TYPES},
+                low_score_entity_names=[], labels_to_ignore=[]))
+            self.nlp = {"en": nlp}
+
+        def load(self) -> None:
+            pass
+
+    nlp = spacy.load(nlp_path) if ner and nlp_path else spacy.blank("en")
+    registry = RecognizerRegistry(supported_languages=["en"])
+    for recognizer in (EmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(),
+                       IbanRecognizer(), IpRecognizer(), UrlRecognizer(), UsSsnRecognizer(),
+                       UkNinoRecognizer()):
+        registry.add_recognizer(recognizer)
+    if ner:
+        registry.add_recognizer(SpacyRecognizer(supported_entities=NER_TYPES))
+    # Only the checksum-validated patterns add to what the model finds on its own.
+    return AnalyzerEngine(registry=registry, nlp_engine=Engine(nlp), supported_languages=["en"])
+
+
+class Detector:
+    """Finds personal data of the chosen types; `ner=False` keeps only the pattern layer."""
+
+
+    def __init__(self, entities: Iterable[str] | None = None, ner: bool = True,
+                 score_threshold: float = SCORE_THRESHOLD, model: Path | None = None):
+        self.entities = list(entities) if entities else list(ENTITY_TYPES)
+        unknown = sorted(set(self.entities) - set(ENTITY_TYPES))
+        if unknown:
+            raise TuneloopError(f"unknown personal-data type(s) {unknown}; known: "
+                                f"{', '.join(ENTITY_TYPES)}")
+        self.ner = ner and bool(set(self.entities) & set(NER_TYPES))
+        self.threshold = score_threshold
+        self.engine = _analyzer(self.ner, (model or ensure_ner_model()) if self.ner else None)
+
+    def find(self, text: str) -> list[Finding]:
+        return self.find_many([text])[0]
+
+    def find_many(self, texts: list[str], batch_size: int = 64) -> list[list[Finding]]:
+        """Findings per text, overlaps resolved (higher score, then longer span, wins)."""
+        results = []
+        nlp = self.engine.nlp_engine
+        for text, artifacts in nlp.process_batch(texts, "en", batch_size=batch_size):
+            found = self.engine.analyze(text, "en", entities=self.entities, nlp_artifacts=artifacts,
+                                        score_threshold=self.threshold)
+            results.append(_resolve(text, found))
+        return results
+
+
+def _from_model(result) -> bool:
+    return (result.recognition_metadata or {}).get("recognizer_name") == "SpacyRecognizer"
+
+
+def _resolve(text: str, found) -> list[Finding]:
+    """Non-overlapping findings: pattern matches (validated formats) before the model's guesses,
+    then longer spans, then higher scores."""
+    chosen: list[Finding] = []
+    for r in sorted(found, key=lambda r: (_from_model(r), -(r.end - r.start), -r.score, r.start)):
+        start, end = r.start, r.end
+        while end > start and text[end - 1] in " \n\t.,;:":  # trailing punctuation is not the name
+            end -= 1
+        if end <= start or any(start < c.end and c.start < end for c in chosen):
+            continue
+        chosen.append(Finding(r.entity_type, start, end, text[start:end], round(r.score, 3)))
+    return sorted(chosen, key=lambda f: f.start)
+
+
+class Replacer:
+    """Replacements for one example: the same original gets the same stand-in everywhere."""
+
+    def __init__(self, mode: str = "placeholder"):
+        if mode not in MODES:
+            raise TuneloopError(f"anonymize mode {mode!r}: use one of {', '.join(MODES)}")
+        self.mode = mode
+        self.seen: dict[tuple[str, str], str] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, kind: str, original: str) -> str:
+        key = (kind, " ".join(original.casefold().split()))
+        if key not in self.seen:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            self.seen[key] = (_fake(kind, original) if self.mode == "fake"
+                              else f"<{kind}_{self.counts[kind]}>")
+        return self.seen[key]
+
+    def mapping(self) -> dict[str, str]:
+        """Stand-in → original (the first spelling seen), for reversible mode."""
+        return {v: k[1] for k, v in self.seen.items()}
+
+
+@lru_cache(maxsize=1)
+def _faker():
+    from faker import Faker
+
+    return Faker("en_US")
+
+
+FAKES = {"PERSON": "name", "ORGANIZATION": "company", "LOCATION": "city", "DATE_TIME": "date",
+         "EMAIL_ADDRESS": "email", "PHONE_NUMBER": "phone_number", "IP_ADDRESS": "ipv4",
+         "CREDIT_CARD": "credit_card_number", "IBAN_CODE": "iban", "URL": "url", "US_SSN": "ssn",
+         "AGE": "pyint", "NRP": "language_name", "UK_NINO": "ssn"}
+
+
+def _fake(kind: str, original: str) -> str:
+    fake = _faker()
+    fake.seed_instance(int.from_bytes(hashlib.sha256(f"{kind}:{original}".encode()).digest()[:8]))
+    value = getattr(fake, FAKES.get(kind, "word"))()
+    return str(value if kind != "AGE" else fake.pyint(18, 90))
+
+
+def anonymize_text(text: str, findings: list[Finding], replace: Replacer) -> str:
+    """The text with each finding replaced (Presidio's anonymizer, one custom operator per type)."""
+    if not findings:
+        return text
+    from presidio_anonymizer import AnonymizerEngine
+    from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+
+    for f in sorted(findings, key=lambda f: f.start):
+        replace(f.type, f.text)  # number in reading order (the anonymizer works back to front)
+    results = [RecognizerResult(f.type, f.start, f.end, f.score) for f in findings]
+    operators = {f.type: OperatorConfig("custom", {"lambda": (lambda s, t=f.type: replace(t, s))})
+                 for f in findings}
+    return _anonymizer(AnonymizerEngine).anonymize(text, results, operators).text
+
+
+@lru_cache(maxsize=1)
+def _anonymizer(cls):
+    return cls()
+
+
+def anonymize_rows(rows: list[dict], detector: Detector, mode: str = "placeholder",
+                   fields: Iterable[str] | None = None
+                   ) -> tuple[list[dict], list[list[Finding]], list[dict[str, str]]]:
+    """Anonymize a batch of rows in place of copies: (new rows, findings per row, maps per row).
+
+    Strings that equal a replaced original exactly (an extracted field holding the customer's
+    name) are replaced too, so fields stay consistent with the anonymized text.
+    """
+    out_rows, all_findings, maps = [], [], []
+    per_row = [text_paths(r, fields) for r in rows]
+    texts = [get_path(r, p) for r, paths in zip(rows, per_row) for p in paths]
+    found = iter(detector.find_many(texts))
+    for row, paths in zip(rows, per_row):
+        new = json.loads(json.dumps(row))
+        replace = Replacer(mode)
+        findings: list[Finding] = []
+        for path in paths:
+            hits = next(found)
+            findings.extend(hits)
+            set_path(new, path, anonymize_text(get_path(row, path), hits, replace))
+        if replace.seen:
+            by_original = {k[1]: v for k, v in replace.seen.items()}
+            for path in text_paths(new, fields):
+                value = get_path(new, path)
+                key = " ".join(value.casefold().split())
+                if key in by_original:
+                    set_path(new, path, by_original[key])
+        out_rows.append(new)
+        all_findings.append(findings)
+        maps.append(replace.mapping() if mode == "reversible" else {})
+    return out_rows, all_findings, maps
+
+
+def key_path(workspace: Path) -> Path:
+    return workspace / "keys" / "pii.key"
+
+
+def _fernet(workspace: Path, create: bool):
+    from cryptography.fernet import Fernet
+
+    path = key_path(workspace)
+    if not path.is_file():
+        if not create:
+            raise TuneloopError(f"{path}: no key; reversible maps can only be opened in the "
+                                "workspace that wrote them")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Fernet.generate_key())
+    return Fernet(path.read_bytes())
+
+
+def write_map(path: Path, maps: dict[int, dict[str, str]], workspace: Path) -> None:
+    """Encrypt {row number: {stand-in: original}} to `path` (temp file + rename)."""
+    token = _fernet(workspace, create=True).encrypt(json.dumps(maps, ensure_ascii=False).encode())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(token)
+    os.replace(tmp, path)
+
+
+def read_map(path: Path, workspace: Path) -> dict[int, dict[str, str]]:
+    from cryptography.fernet import InvalidToken
+
+    try:
+        raw = _fernet(workspace, create=False).decrypt(Path(path).read_bytes())
+    except InvalidToken:
+        raise TuneloopError(f"{path}: not readable with this workspace's key "
+                            f"({key_path(workspace)})") from None
+    return {int(k): v for k, v in json.loads(raw).items()}
+
+
+def restore(value, mapping: dict[str, str]):
+    """Put the originals back into a value (string, list or dict) anonymized in reversible mode."""
+    if isinstance(value, str):
+        for stand_in in sorted(mapping, key=len, reverse=True):
+            value = value.replace(stand_in, mapping[stand_in])
+        return value
+    if isinstance(value, list):
+        return [restore(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {k: restore(v, mapping) for k, v in value.items()}
+    return value
+
+
+def _file_rows(path: Path, fields: Iterable[str] | None):
+    """Readable rows of a data file in batches of 256; an unreadable row stops with its line."""
+    from tuneloop.data.ingest import read_rows
+
+    batch: list[tuple[int, dict]] = []
+    for line, row, problem in read_rows(path):
+        if problem is not None:
+            raise TuneloopError(f"{path} line {problem.line}: {problem.code}: {problem.message}; "
+                                "nothing was written")
+        if not isinstance(row, dict):
+            raise TuneloopError(f"{path} line {line}: a row must be a JSON object; nothing was "
+                                "written")
+        batch.append((line, row))
+        if len(batch) == 256:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def scan_file(path: str | Path, detector: Detector, fields: Iterable[str] | None = None) -> dict:
+    """Personal data in a file, reported without changing it: counts by type and each finding's
+    line, field path and type (the text itself is not repeated)."""
+    path = Path(path)
+    by_type: dict[str, int] = {}
+    findings, rows, with_pii = [], 0, 0
+    for batch in _file_rows(path, fields):
+        per_row = [text_paths(r, fields) for _, r in batch]
+        found = iter(detector.find_many([get_path(r, p) for (_, r), ps in zip(batch, per_row)
+                                         for p in ps]))
+        for (line, _), paths in zip(batch, per_row):
+            rows += 1
+            hit = False
+            for p in paths:
+                for f in next(found):
+                    hit = True
+                    by_type[f.type] = by_type.get(f.type, 0) + 1
+                    if len(findings) < 1000:
+                        findings.append({"line": line, "field": ".".join(map(str, p)),
+                                         "type": f.type, "start": f.start, "end": f.end,
+                                         "score": f.score})
+            with_pii += hit
+    return {"path": str(path), "rows": rows, "rows_with_pii": with_pii,
+            "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
+            "findings": findings}
+
+
+def anonymize_file(src: str | Path, dst: str | Path, detector: Detector, mode: str = "placeholder",
+                   fields: Iterable[str] | None = None, workspace: Path | None = None) -> dict:
+    """Anonymize every row of a data file into JSONL at `dst` (temp file + rename: a failure
+    leaves no output). Reversible mode also writes `dst`.map.enc."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise TuneloopError(f"{dst}: write the anonymized copy to a new file, not over the input")
+    if mode == "reversible" and workspace is None:
+        raise TuneloopError("reversible mode needs a workspace to keep its key in")
+    tmp = dst.with_name(dst.name + ".tmp")
+    by_type: dict[str, int] = {}
+    maps: dict[int, dict[str, str]] = {}
+    rows = with_pii = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            for batch in _file_rows(src, fields):
+                new, findings, row_maps = anonymize_rows([r for _, r in batch], detector, mode,
+                                                         fields)
+                for (line, _), row, found, mapping in zip(batch, new, findings, row_maps):
+                    rows += 1
+                    with_pii += bool(found)
+                    for f in found:
+                        by_type[f.type] = by_type.get(f.type, 0) + 1
+                    if mapping:
+                        maps[rows] = mapping
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if maps:
+            write_map(map_path(dst), maps, workspace)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"input": str(src), "output": str(dst), "rows": rows, "rows_with_pii": with_pii,
+            "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])), "mode": mode,
+            "map": str(map_path(dst)) if maps else None}
+
+
+def map_path(dst: Path) -> Path:
+    return dst.with_name(dst.name + ".map.enc")
+
+
+def reidentify_file(src: str | Path, dst: str | Path, map_file: str | Path,
+                    workspace: Path) -> int:
+    """Undo reversible anonymization: row n of `src` gets the originals of map entry n."""
+    src, dst = Path(src), Path(dst)
+    maps = read_map(Path(map_file), workspace)
+    tmp = dst.with_name(dst.name + ".tmp")
+    rows = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            for batch in _file_rows(src, None):
+                for _, row in batch:
+                    rows += 1
+                    out.write(json.dumps(restore(row, maps.get(rows, {})), ensure_ascii=False)
+                              + "\n")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
