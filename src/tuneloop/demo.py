@@ -39,12 +39,13 @@ def run_demo(out, err) -> dict:
     recipe = load_recipe(folder / "recipe.yaml")
     started = time.perf_counter()
 
-    out.rule("1. validate the data")
+    out.rule("1. validate and prepare the data")
     for path in (recipe.data.train, recipe.data.test):
         report = validate(path, task=recipe.task, model=recipe.base_model)
         out.print(f"{path.name}: {report.valid}/{report.rows} valid, problems: {report.counts or 'none'}")
         if not report.ok:
             raise TuneloopError(f"{path} is invalid; run `tuneloop data validate {path}`")
+    recipe = prepare_step(folder, recipe, out)
 
     out.rule("2. prompting baselines: zero-shot, few-shot, many-shot (the yardstick)")
     t0 = time.perf_counter()
@@ -95,6 +96,23 @@ def run_demo(out, err) -> dict:
               "serving": serve_step(run["run_id"], recipe, out)}
     (project.workspace() / "demo.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def prepare_step(folder: Path, recipe, out):
+    """Clean, deduplicate, anonymize and split the training file into a dataset version; the
+    recipe then trains on its train and validation splits."""
+    from tuneloop.data.curate import load_prepare_recipe, prepare
+
+    version = prepare(recipe=load_prepare_recipe(folder / "prepare.yaml"))
+    for step in version.report["steps"]:
+        removed = ", ".join(f"{k} {v}" for k, v in step["removed"].items()) or "none removed"
+        out.print(f"{step['name']}: {step['rows_in']} → {step['rows_out']} ({removed})")
+    out.print(f"dataset {version.id}: " + ", ".join(
+        f"{k} {v['rows']}" for k, v in version.report["splits"].items()) +
+        f"; report: tuneloop data report {version.id}", highlight=False)
+    data = recipe.data.model_copy(update={"train": version.path("train"),
+                                          "validation": version.path("validation")})
+    return recipe.model_copy(update={"data": data})
 
 
 def _cell(column: str, value) -> str:

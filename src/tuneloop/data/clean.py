@@ -8,10 +8,8 @@ to plain ones, trailing spaces cut, runs of blank lines shortened. Indentation i
 from __future__ import annotations
 
 import re
-import sys
 import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
 
 from tuneloop.data.rows import get_path, prompt_text, reply_text, set_path, text_paths
 
@@ -30,18 +28,18 @@ def normalize(text: str) -> str:
     return _BLANK_RUNS.sub("\n\n", _TRAILING.sub("", text)).strip()
 
 
-@lru_cache(maxsize=1)
-def _punctuation() -> re.Pattern:
-    chars = "".join(chr(c) for c in range(sys.maxunicode + 1)
-                    if unicodedata.category(chr(c)).startswith("P"))
-    return re.compile("[" + re.escape(chars) + "]+")
+_NOT_WORD = re.compile(r"[^\w\s]")
+
+
+def _drop_punctuation(match: re.Match) -> str:
+    return " " if unicodedata.category(match.group())[0] == "P" else match.group()
 
 
 def match_key(text: str) -> str:
     """Text as compared for duplicates: case, width, punctuation and spacing ignored; letters of
     every script, digits and symbols (emoji) kept."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(_punctuation().sub(" ", text).split())
+    return " ".join(_NOT_WORD.sub(_drop_punctuation, text).split())
 
 
 def collapse_repeats(text: str) -> str:

@@ -22,7 +22,9 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
+from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,7 +71,7 @@ class NearSpec(_Strict):
     enabled: bool = True
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of character "
                              "5-grams at which two prompts are one example")
-    num_perm: int = Field(128, ge=16, le=1024)
+    num_perm: int = Field(256, ge=16, le=1024, description="MinHash permutations: more, less noise")
 
 
 class SemanticSpec(_Strict):
@@ -243,7 +245,7 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
     near_index = (NearDuplicates(recipe.dedup.near.threshold, recipe.dedup.near.num_perm)
                   if recipe.dedup.near.enabled or recipe.split.group_near_duplicates else None)
     digests: dict[bytes, int] = {}
-    kept: list[dict] = []  # per spooled row: where it came from, its label and duplicate group
+    kept = _Kept()  # per spooled row: where it came from, its label and duplicate group
     problems: list[str] = []
     inputs = []
     progress("reading, cleaning and deduplicating")
@@ -278,9 +280,9 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
                 exact.rows_in += 1
                 first = digests.get(digest)
                 if first is not None and recipe.dedup.exact:
-                    exact.drop("duplicate", where, row, of=kept[first]["where"],
-                               same_answer=_answer(row) == kept[first]["answer"])
-                    kept[first]["dupes"].append(where)
+                    exact.drop("duplicate", where, row, of=kept.where(first),
+                               same_answer=_digest(_answer(row)) == kept.answers[first])
+                    kept.cluster(first)["exact"].append(where)
                     continue
                 exact.rows_out += 1
                 near.rows_in += 1
@@ -289,18 +291,17 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
                     sig = near_index.signature(key)
                     match, similarity = near_index.match(key, sig)
                     if match is not None and recipe.dedup.near.enabled:
-                        near.drop("near_duplicate", where, row, of=kept[match]["where"],
+                        near.drop("near_duplicate", where, row, of=kept.where(match),
                                   similarity=round(similarity, 3))
-                        kept[match]["near"].append((where, round(similarity, 3)))
+                        kept.cluster(match)["near"].append((where, round(similarity, 3)))
                         continue
                     group = match
                     near_index.add(len(kept), key, sig)
                 near.rows_out += 1
                 if first is None:
                     digests[digest] = len(kept)
-                kept.append({"where": where, "label": row.get("label"), "answer": _answer(row),
-                             "group": kept[group]["group"] if group is not None else len(kept),
-                             "dupes": [], "near": []})
+                kept.add(name, line, row.get("label"), _digest(_answer(row)),
+                         kept.groups[group] if group is not None else len(kept))
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             inputs.append({"name": name, "rows": count,
                            "sha256": file_sha256(name) if Path(name).is_file() else None})
@@ -317,9 +318,9 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
         rows = list(_read(spool))
         for index, (other, cosine) in semantic_duplicates(
                 [prompt_text(r) for r in rows], recipe.dedup.semantic.threshold).items():
-            semantic.drop("semantic_duplicate", kept[index]["where"], rows[index],
-                          of=kept[other]["where"], similarity=cosine)
-            kept[other]["near"].append((kept[index]["where"], cosine))
+            semantic.drop("semantic_duplicate", kept.where(index), rows[index],
+                          of=kept.where(other), similarity=cosine)
+            kept.cluster(other)["near"].append((kept.where(index), cosine))
             dropped.add(index)
         semantic.rows_out = len(kept) - len(dropped)
         steps.append(semantic)
@@ -333,17 +334,16 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
                             f"deduplication; at least {MIN_EXAMPLES} are needed. See which step "
                             "removed them with on_error: skip, or loosen its settings.")
     progress("splitting")
-    assignment = split_groups([kept[i]["group"] for i in survivors],
-                              [kept[i]["label"] for i in survivors] if recipe.task == "classify"
+    assignment = split_groups([kept.groups[i] for i in survivors],
+                              [kept.labels[i] for i in survivors] if recipe.task == "classify"
                               else None, recipe.split)
     contamination, drop_train = _contamination(final, survivors, assignment, recipe)
     maps = pii.pop("maps") if pii else {}
     splits = _write_splits(final, survivors, assignment, drop_train, tmp, maps, workspace)
     if contamination:
         steps.append(contamination.pop("step"))
-    clusters = [{"kept": k["where"], "exact": k["dupes"][:10], "near": k["near"][:10],
-                 "size": 1 + len(k["dupes"]) + len(k["near"])}
-                for k in kept if k["dupes"] or k["near"]]
+    clusters = [{"kept": kept.where(i), "exact": c["exact"][:10], "near": c["near"][:10],
+                 "size": 1 + len(c["exact"]) + len(c["near"])} for i, c in kept.clusters.items()]
     clusters.sort(key=lambda c: -c["size"])
     return {
         "name": recipe.name, "task": recipe.task, "inputs": inputs,
@@ -353,6 +353,42 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
         "pii": pii, "contamination": contamination,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+class _Kept:
+    """Per spooled row, compactly: source and line, label, answer digest, duplicate group;
+    clusters only for rows that have duplicates. About 100 bytes a row."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.sources = array("H")
+        self.lines = array("q")
+        self.labels: list = []
+        self.answers: list[bytes] = []
+        self.groups = array("q")
+        self.clusters: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def add(self, name: str, line: int, label, answer: bytes, group: int) -> None:
+        if not self.names or self.names[-1] != name:
+            self.names.append(name)
+        self.sources.append(len(self.names) - 1)
+        self.lines.append(line)
+        self.labels.append(sys.intern(label) if isinstance(label, str) else label)
+        self.answers.append(answer)
+        self.groups.append(group)
+
+    def where(self, i: int) -> str:
+        return f"{self.names[self.sources[i]]}:{self.lines[i]}"
+
+    def cluster(self, i: int) -> dict:
+        return self.clusters.setdefault(i, {"exact": [], "near": []})
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
 
 def _answer(row: dict) -> str:
