@@ -329,3 +329,23 @@ def test_cli_prepare_report_and_errors(tmp_path):
     assert_user_error(tl("data", "prepare", data, env=env), "--task")
     scan = tl("data", "pii-scan", data, "--no-ner", "--json", env=env)
     assert scan.returncode == 0 and json.loads(scan.stdout)["rows_with_pii"] == 0
+
+
+def test_python_api_takes_a_datasets_dataset(workspace):
+    from datasets import Dataset
+
+    rows = make_rows(30, seed=11) + [{"text": "Grüße aus Köln 🇩🇪, rufen Sie +49 221 1234567 an",
+                                      "label": "top_up"}]
+    version = prepare(Dataset.from_list(rows), recipe(split={"validation": 0, "test": 0},
+                                                      dedup={"near": {"enabled": False}}))
+    out = read(version.path("train"))
+    assert len(out) == 31 and version.report["inputs"][0]["name"] == "rows"
+    german = next(r for r in out if r["text"].startswith("Grüße"))
+    assert german["text"] == "Grüße aus Köln 🇩🇪, rufen Sie <PHONE_NUMBER_1> an"
+
+
+def test_shipped_preparation_recipe_parses():
+    from tuneloop.data.curate import load_prepare_recipe
+
+    spec = load_prepare_recipe(ROOT / "examples/banking77/prepare.yaml")
+    assert spec.inputs[0].path.is_file() and spec.check_against[0].is_file()

@@ -20,36 +20,34 @@ def detector():
     return pii.Detector()
 
 
-def test_training_is_cached_by_content_and_writes_a_loadable_model(tmp_path):
-    rows = [{"text": f"Please call Anna Schmidt about order {i}", "entities": [[12, 24, "PERSON"]]}
-            for i in range(20)] + [{"text": "Please call me about my order", "entities": []}] * 5
-    out = pii.train_ner(tmp_path / "ner", rows=rows, epochs=3)
+def test_training_writes_a_loadable_model_and_is_keyed_by_content(tmp_path):
+    names = ["Anna Schmidt", "Peter Novak", "Li Wei", "Omar Haddad", "Julia Rossi"]
+    rows = [{"text": f"Please call {n} about order {i}", "entities": [[12, 12 + len(n), "PERSON"]]}
+            for i, n in enumerate(names * 6)]
+    rows += [{"text": f"Please call me about order {i}", "entities": []} for i in range(10)]
+    out = pii.train_ner(tmp_path / "ner", rows=rows, epochs=10)
     assert (out / "meta.json").is_file() and not list(tmp_path.glob("ner.*"))  # no temp left
-    found = pii.Detector(["PERSON"], model=out).find("Please call Anna Schmidt about order 7")
-    assert [(f.type, f.text) for f in found] == [("PERSON", "Anna Schmidt")]
-    assert pii.ner_model_path() == pii.ner_model_path()
+    found = pii.Detector(["PERSON"], model=out).find("Please call Peter Novak about order 77")
+    assert [(f.type, f.text) for f in found] == [("PERSON", "Peter Novak")]
     assert pii.ner_model_path().name.startswith("pii-ner-")
+    assert pii.ner_model_path(epochs=3) != pii.ner_model_path()  # settings are in the key
 
 
 def test_names_places_and_organizations_are_replaced_consistently(detector):
     row = {"messages": [
         {"role": "user", "content": "Hi, this is Maria Gonzalez from Acme Corp in Chicago. "
                                     "My email is maria.gonzalez@acme.com 🙂"},
-        {"role": "assistant", "content": "Thanks Maria Gonzalez, I have updated the account."}]}
+        {"role": "assistant", "content": "I have updated the account for Maria Gonzalez."}]}
     [new], [found], _ = pii.anonymize_rows([row], detector)
-    text = json.dumps(new, ensure_ascii=False)
-    for original in ("Maria Gonzalez", "maria.gonzalez@acme.com", "Chicago"):
-        assert original not in text
-    assert "<PERSON_1>" in new["messages"][0]["content"]
-    assert "Thanks <PERSON_1>" in new["messages"][1]["content"]  # same person, same placeholder
-    assert "🙂" in new["messages"][0]["content"]
-    assert {"PERSON", "EMAIL_ADDRESS", "LOCATION"} <= {f.type for f in found}
+    assert new["messages"][0]["content"] == ("Hi, this is <PERSON_1> from <ORGANIZATION_1> in "
+                                             "<LOCATION_1>. My email is <EMAIL_ADDRESS_1> 🙂")
+    assert new["messages"][1]["content"] == "I have updated the account for <PERSON_1>."
 
 
 def test_text_without_personal_data_is_left_alone(detector):
     texts = ["How do I top up my card with a bank transfer?",
-             "Wie lange dauert eine Überweisung ins Ausland?",
-             "My card payment was declined, why? 😞"]
+             "Thank you so much for your help!",
+             "Where can I see the exchange rate for yen? 😞"]  # an emoji is not an address
     assert [detector.find(t) for t in texts] == [[], [], []]
 
 

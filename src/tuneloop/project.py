@@ -97,9 +97,8 @@ class Recipe(_Strict):
         return v
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe file; relative data paths are relative to the file."""
-    path = Path(path)
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file that must hold a mapping; every way it can be wrong is a clear error."""
     if not path.is_file():
         raise TuneloopError(f"{path}: no such recipe file")
     try:
@@ -113,7 +112,13 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(raw, dict):
         raise TuneloopError(f"{path}: a recipe is a YAML mapping (key: value), got "
                             f"{type(raw).__name__}")
-    recipe = recipe_from_dict(raw, source=str(path))
+    return raw
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file; relative data paths are relative to the file."""
+    path = Path(path)
+    recipe = recipe_from_dict(read_yaml_mapping(path), source=str(path))
     base = path.resolve().parent  # absolute: a resumed run may start from another folder
     data = recipe.data
     resolved = {k: (base / v if v is not None and not Path(v).is_absolute() else v)

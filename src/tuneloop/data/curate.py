@@ -130,17 +130,10 @@ class PrepareRecipe(_Strict):
 
 def load_prepare_recipe(path: str | Path) -> PrepareRecipe:
     """Parse a preparation recipe; relative paths are relative to the file."""
-    from tuneloop.project import _explain
+    from tuneloop.project import _explain, read_yaml_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise TuneloopError(f"{path}: no such recipe file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise TuneloopError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise TuneloopError(f"{path}: a recipe is a YAML mapping (key: value)")
+    raw = read_yaml_mapping(path)
     try:
         recipe = PrepareRecipe.model_validate(raw)
     except ValidationError as exc:

@@ -208,6 +208,23 @@ class Detector:
         return results
 
 
+def _digits(text: str) -> int:
+    return sum(c.isdigit() for c in text)
+
+
+# What a structured value must at least look like before the model's guess of it is believed
+# (the model, trained on context, would otherwise call an emoji after "email:" an address).
+SHAPES = {
+    "EMAIL_ADDRESS": lambda t: "@" in t and "." in t,
+    "PHONE_NUMBER": lambda t: _digits(t) >= 6,
+    "CREDIT_CARD": lambda t: _digits(t) >= 12,
+    "IBAN_CODE": lambda t: _digits(t) >= 8 and any(c.isalpha() for c in t[:2]),
+    "IP_ADDRESS": lambda t: _digits(t) >= 2 and ("." in t or ":" in t),
+    "URL": lambda t: "." in t and " " not in t,
+    "US_SSN": lambda t: _digits(t) >= 7,
+}
+
+
 def _from_model(result) -> bool:
     return (result.recognition_metadata or {}).get("recognizer_name") == "SpacyRecognizer"
 
@@ -218,9 +235,17 @@ def _resolve(text: str, found) -> list[Finding]:
     chosen: list[Finding] = []
     for r in sorted(found, key=lambda r: (_from_model(r), -(r.end - r.start), -r.score, r.start)):
         start, end = r.start, r.end
+        if _from_model(r) and r.entity_type in SHAPES:
+            # The tokenizer splits "60-56-85-91" at hyphens: a structured value runs to spaces.
+            while start > 0 and not text[start - 1].isspace():
+                start -= 1
+            while end < len(text) and not text[end].isspace():
+                end += 1
         while end > start and text[end - 1] in " \n\t.,;:":  # trailing punctuation is not the name
             end -= 1
         if end <= start or any(start < c.end and c.start < end for c in chosen):
+            continue
+        if _from_model(r) and not SHAPES.get(r.entity_type, bool)(text[start:end]):
             continue
         chosen.append(Finding(r.entity_type, start, end, text[start:end], round(r.score, 3)))
     return sorted(chosen, key=lambda f: f.start)
@@ -299,11 +324,16 @@ def propagate(texts: list[str], hits: list[list[Finding]]) -> list[list[Finding]
                          sorted(known, key=len, reverse=True)) + r")(?!\w)", re.IGNORECASE)
     out = []
     for text, found in zip(texts, hits):
-        extra = [Finding(known[m.group().casefold()].type, m.start(), m.end(), m.group(),
-                         known[m.group().casefold()].score)
-                 for m in pattern.finditer(text)
-                 if not any(m.start() < f.end and f.start < m.end() for f in found)]
-        out.append(sorted(found + extra, key=lambda f: f.start) if extra else found)
+        found = list(found)
+        for m in pattern.finditer(text):
+            overlapping = [f for f in found if m.start() < f.end and f.start < m.end()]
+            # A known mention replaces shorter guesses it overlaps ("Maria" as an organization
+            # where "Maria Gonzalez" is a person elsewhere in the row); longer ones stand.
+            if all(f.end - f.start <= m.end() - m.start() for f in overlapping):
+                first = known[m.group().casefold()]
+                found = [f for f in found if f not in overlapping]
+                found.append(Finding(first.type, m.start(), m.end(), m.group(), first.score))
+        out.append(sorted(found, key=lambda f: f.start))
     return out
 
 
