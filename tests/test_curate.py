@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_rows, write_jsonl
+from tests.conftest import DB_KINDS, fresh_db_url, make_rows, write_jsonl
 from tests.test_cli import assert_user_error, tl
 from tuneloop.data import clean, pii
 from tuneloop.data.curate import PrepareRecipe, SplitSpec, prepare, split_groups
@@ -216,7 +216,9 @@ def test_csv_and_parquet_with_mapping_become_one_version(tmp_path, workspace):
     assert version.report["inputs"][0]["rows"] == 20
 
 
-def test_versions_are_content_addressed_and_chained_by_name(workspace):
+@pytest.mark.parametrize("db", DB_KINDS)
+def test_versions_are_content_addressed_and_chained_by_name(db, workspace, monkeypatch):
+    monkeypatch.setenv("TUNELOOP_DB_URL", fresh_db_url(db, workspace.parent))
     rows = make_rows(50, seed=2)
     first = prepare(rows, recipe(name="support", anonymize={"enabled": False}))
     again = prepare(rows, recipe(name="support", anonymize={"enabled": False}))
