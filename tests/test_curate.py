@@ -188,6 +188,9 @@ def test_contamination_check_drops_training_rows_seen_in_a_test_file(tmp_path, w
                                    split={"test": 0, "validation": 0}))
     step = steps(version)["contamination"]
     assert step["removed"] == {"matches_test_row": 3}
+    assert {(e["where"], e["test"]) for e in step["examples"]} == {
+        ("rows:4", "given_test.jsonl:1"), ("rows:11", "given_test.jsonl:2"),
+        ("rows:21", "given_test.jsonl:3")}
     train = {r["text"] for r in read(version.path("train"))}
     assert not {rows[3]["text"], rows[10]["text"], rows[20]["text"]} & train
     assert len(train) == 57
@@ -247,7 +250,7 @@ def test_malformed_row_fails_and_records_nothing(tmp_path, workspace):
                                     anonymize={"enabled": False}))
     ingest = steps(skipped)["ingest"]
     assert ingest["removed"] == {"invalid_json": 1, "missing_content": 1}
-    assert {e["where"] for e in ingest["examples"]} == {f"{path}:7", f"{path}:12"}
+    assert {e["where"] for e in ingest["examples"]} == {"raw.jsonl:7", "raw.jsonl:12"}
 
 
 # -- personal data, pattern layer ----------------------------------------------------------

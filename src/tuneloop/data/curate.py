@@ -244,11 +244,12 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
     progress("reading, cleaning and deduplicating")
     with spool.open("w", encoding="utf-8") as out:
         for name, rows in sources:
+            label = Path(name).name  # rows are named file:line in the report; inputs list paths
             count = 0
             for line, row, problem in rows:
                 count += 1
                 ingest.rows_in += 1
-                where = f"{name}:{line}"
+                where = f"{label}:{line}"
                 if problem is None:
                     example, _, found = parse_row(row, line, recipe.task)
                     problem = found[0] if found else None
@@ -293,7 +294,7 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
                 near.rows_out += 1
                 if first is None:
                     digests[digest] = len(kept)
-                kept.add(name, line, row.get("label"), _digest(_answer(row)),
+                kept.add(label, line, row.get("label"), _digest(_answer(row)),
                          kept.groups[group] if group is not None else len(kept))
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             inputs.append({"name": name, "rows": count,
@@ -330,7 +331,7 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
     assignment = split_groups([kept.groups[i] for i in survivors],
                               [kept.labels[i] for i in survivors] if recipe.task == "classify"
                               else None, recipe.split)
-    contamination, drop_train = _contamination(final, survivors, assignment, recipe)
+    contamination, drop_train = _contamination(final, survivors, assignment, recipe, kept)
     maps = pii.pop("maps") if pii else {}
     splits = _write_splits(final, survivors, assignment, drop_train, tmp, maps, workspace)
     if contamination:
@@ -475,7 +476,7 @@ def split_groups(groups: list[int], labels: list | None, spec: SplitSpec) -> lis
 
 
 def _contamination(final: Path, survivors: list[int], assignment: list[str],
-                   recipe: PrepareRecipe) -> tuple[dict | None, set[int]]:
+                   recipe: PrepareRecipe, kept: "_Kept") -> tuple[dict | None, set[int]]:
     """Training rows whose prompt exactly or nearly matches a row of a given test file."""
     if not recipe.check_against:
         return None, set()
@@ -508,11 +509,12 @@ def _contamination(final: Path, survivors: list[int], assignment: list[str],
                 match, similarity = index.match(key)
             if match is not None:
                 found += 1
-                hits.setdefault(match, {"test": f"{path}:{line}", "similarity": round(similarity, 3)})
+                hits.setdefault(match, {"test": f"{Path(path).name}:{line}",
+                                        "similarity": round(similarity, 3)})
         per_file[str(path)] = found
     step.rows_in = sum(1 for a in assignment if a == "train")
     for i, hit in hits.items():
-        step.drop("matches_test_row", f"train row {i + 1}", rows[i], **hit)
+        step.drop("matches_test_row", kept.where(i), rows[i], **hit)
     drop = set(hits) if recipe.drop_contaminated else set()
     step.rows_out = step.rows_in - len(drop)
     return {"step": step, "test_rows_matched": per_file, "train_rows_matching": len(hits),

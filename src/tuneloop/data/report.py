@@ -81,7 +81,7 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;
 color:#1d2430}h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ccd}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ccd;
 padding:3px 8px;text-align:left;vertical-align:top}th{background:#eef1f6}
-code{background:#eef1f6;padding:0 3px}.muted{color:#667}"""
+code{background:#eef1f6;padding:0 3px}.muted{color:#667}td:last-child{min-width:24em}"""
 
 
 def render_html(report: dict) -> str:
