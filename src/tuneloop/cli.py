@@ -146,10 +146,16 @@ def _print_metrics(result: dict) -> None:
     out.print(table)
 
 
-@app.command("eval")
+eval_app = typer.Typer(help="Score models, and compare them on the same test rows.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.callback(invoke_without_command=True)
 def eval_(
-    model: str = typer.Option(..., "--model", help="base model (catalog id, folder) or run id"),
-    data: Path = typer.Option(..., "--data", help="JSONL test data"),
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", help="base model (catalog id, folder) "
+                                        "or run id"),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL test data"),
     task: Optional[str] = typer.Option(None, help="classify | extract | chat (base models)"),
     labels_from: Optional[Path] = typer.Option(None, help="training file giving the label set"),
     as_json: bool = JSON_OPT,
@@ -157,7 +163,12 @@ def eval_(
     """Score a base model (zero-shot) or a run's adapter on a data file.
 
     Example: tuneloop eval --model smollm2-135m-instruct --data test.jsonl --task classify
+             tuneloop eval compare RUN_A RUN_B     (same test rows, intervals, paired tests)
     """
+    if ctx.invoked_subcommand:
+        return
+    if not model or not data:
+        raise TuneloopError("give --model and --data (or `tuneloop eval compare A B`)")
     from tuneloop.evaluate import evaluate
 
     result = evaluate(model, data, task=task, labels_from=labels_from)
@@ -165,6 +176,50 @@ def eval_(
         _print_json(result)
         return
     _print_metrics(result)
+
+
+@eval_app.command("compare")
+def eval_compare(
+    refs: list[str] = typer.Argument(..., help="runs or evaluation ids; the first is the "
+                                     "reference the others are compared with"),
+    baselines: bool = typer.Option(True, help="add the first run's prompting baselines"),
+    html_out: Optional[Path] = typer.Option(None, "--out", help="write the HTML report here"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Compare models on the same test rows: metric with 95% bootstrap intervals, paired
+    difference and p-value (McNemar too for labels), the rows fixed and broken.
+
+    Example: tuneloop eval compare run-20261123-ab12cd run-20261123-ef34gh --out cmp.html
+    """
+    from tuneloop.evaluate import compare as cmp
+    from tuneloop.project import workspace
+    from tuneloop.store import Registry
+
+    registry = Registry.open(workspace())
+    entries = [cmp.load(ref, registry) for ref in refs]
+    if baselines:
+        known = {e.evaluation for e in entries}
+        entries += [cmp.load(ev, registry) for ev in cmp.gate_baselines(entries[0], registry)
+                    if ev not in known]
+    result = cmp.compare(entries)
+    if html_out:
+        cmp.write_html(result, html_out)
+    if as_json:
+        _print_json(result)
+        return
+    metric = result["metric"]
+    table = Table("model", metric, "95% interval", "vs first", "p", "fixed", "broken",
+                  title=f"{result['rows']} shared test rows")
+    pairs = {p["model"]: p for p in result["pairs"]}
+    for m in result["models"]:
+        p = pairs.get(m["name"])
+        table.add_row(m["name"], f"{m[metric]:.3f}", f"{m['low']:.3f}–{m['high']:.3f}",
+                      f"{p['difference']:+.3f}" if p else "–",
+                      f"{p['p_value']:.3f}" if p else "–", str(p["fixed"]) if p else "–",
+                      str(p["broken"]) if p else "–")
+    out.print(table)
+    if html_out:
+        out.print(f"report: {html_out}", highlight=False)
 
 
 @app.command()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def record_evaluation(registry, folder: Path, result: dict, **fields):
-    """Write folder/predictions.jsonl and metrics.json atomically, and add a registry row."""
+    """Write folder/predictions.jsonl and metrics.json atomically, and add a registry row
+    (named like the folder when the folder is named by an evaluation id)."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "predictions.jsonl.tmp"
     with tmp.open("w", encoding="utf-8") as f:
@@ -16,4 +17,6 @@ def record_evaluation(registry, folder: Path, result: dict, **fields):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, folder / "predictions.jsonl")
     (folder / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+    if folder.name.startswith("ev-"):
+        fields.setdefault("id", folder.name)
     return registry.add_evaluation(metrics=result["metrics"], **fields)

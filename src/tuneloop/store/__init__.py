@@ -186,9 +186,9 @@ class Registry:
         with self.session() as s:
             return list(s.scalars(select(Run).order_by(Run.created.desc()).limit(limit)))
 
-    def add_evaluation(self, **fields) -> Evaluation:
+    def add_evaluation(self, id: str | None = None, **fields) -> Evaluation:
         with self.session() as s, s.begin():
-            ev = Evaluation(id=new_id("ev"), **fields)
+            ev = Evaluation(id=id or new_id("ev"), **fields)
             s.add(ev)
             return ev
 
