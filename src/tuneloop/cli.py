@@ -215,7 +215,8 @@ def eval_compare(
         p = pairs.get(m["name"])
         table.add_row(m["name"], f"{m[metric]:.3f}", f"{m['low']:.3f}–{m['high']:.3f}",
                       f"{p['difference']:+.3f}" if p else "–",
-                      f"{p['p_value']:.3f}" if p else "–", str(p["fixed"]) if p else "–",
+                      cmp.fmt_p(p["p_value"]).lstrip("= ") if p else "–",
+                      str(p["fixed"]) if p else "–",
                       str(p["broken"]) if p else "–")
     out.print(table)
     if html_out:

@@ -162,6 +162,11 @@ def compare(entries: list[Scored]) -> dict:
             "resamples": RESAMPLES, "models": models, "pairs": pairs}
 
 
+def fmt_p(p: float) -> str:
+    """A p-value as read: resampling cannot resolve below 1/RESAMPLES."""
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
 def render_html(result: dict) -> str:
     """The comparison as one self-contained page."""
     from tuneloop.data.report import CSS, _table
@@ -177,8 +182,8 @@ def render_html(result: dict) -> str:
     for p in result["pairs"]:
         verdict = ("a real difference" if p["p_value"] < 0.05 else "not distinguishable from noise")
         out.append(f"<h2>{p['model']} vs {p['against']}</h2><p>difference {p['difference']:+.3f} "
-                   f"({p['low']:+.3f} – {p['high']:+.3f}), paired bootstrap p = {p['p_value']:.3f}"
-                   + (f", McNemar p = {p['mcnemar_p']:.3f}" if "mcnemar_p" in p else "")
+                   f"({p['low']:+.3f} – {p['high']:+.3f}), paired bootstrap p {fmt_p(p['p_value'])}"
+                   + (f", McNemar p {fmt_p(p['mcnemar_p'])}" if "mcnemar_p" in p else "")
                    + f": {verdict}. {p['fixed']} rows fixed, {p['broken']} broken.</p>")
         if p["examples"]:
             out.append(_table(["line", "change", "gold", "before", "after"], [
