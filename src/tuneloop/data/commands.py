@@ -26,11 +26,19 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _announce_training() -> None:
+    """Say so before the first use on a machine trains the name recognizer."""
+    from tuneloop.data import pii
+
+    if not pii.ner_model_ready():
+        err.print("training the name recognizer once for this machine (a few minutes)…")
+
+
 def _detector(entities: str | None, no_ner: bool):
     from tuneloop.data import pii
 
-    if not no_ner and not pii.ner_model_path().joinpath("meta.json").is_file():
-        err.print("training the name recognizer once for this machine (about two minutes)…")
+    if not no_ner:
+        _announce_training()
     return pii.Detector(_split(entities), ner=not no_ner)
 
 
@@ -77,10 +85,7 @@ def data_prepare(
         update["anonymize"] = recipe.anonymize.model_copy(update={"enabled": False})
     recipe = recipe.model_copy(update=update)
     if recipe.anonymize.enabled and recipe.anonymize.ner:
-        from tuneloop.data import pii
-
-        if not pii.ner_model_path().joinpath("meta.json").is_file():
-            err.print("training the name recognizer once for this machine (about two minutes)…")
+        _announce_training()
     version = prepare(recipe=recipe, progress=lambda m: err.print(f"[dim]{m}…[/]"))
     report = version.report
     if as_json:

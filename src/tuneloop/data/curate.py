@@ -275,7 +275,7 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
                 first = digests.get(digest)
                 if first is not None and recipe.dedup.exact:
                     exact.drop("duplicate", where, row, of=kept.where(first),
-                               same_answer=_digest(_answer(row)) == kept.answers[first])
+                               same_answer=exact_digest(_answer(row)) == kept.answers[first])
                     kept.cluster(first)["exact"].append(where)
                     continue
                 exact.rows_out += 1
@@ -294,7 +294,7 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
                 near.rows_out += 1
                 if first is None:
                     digests[digest] = len(kept)
-                kept.add(label, line, row.get("label"), _digest(_answer(row)),
+                kept.add(label, line, row.get("label"), exact_digest(_answer(row)),
                          kept.groups[group] if group is not None else len(kept))
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             inputs.append({"name": name, "rows": count,
@@ -379,10 +379,6 @@ class _Kept:
 
     def cluster(self, i: int) -> dict:
         return self.clusters.setdefault(i, {"exact": [], "near": []})
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
 
 def _answer(row: dict) -> str:

@@ -71,15 +71,12 @@ class Finding:
     score: float
 
 
-def cache_root() -> Path:
-    """Models tuneloop builds for itself: $TUNELOOP_CACHE, else ~/.cache/tuneloop."""
-    return Path(os.environ.get("TUNELOOP_CACHE") or Path.home() / ".cache" / "tuneloop")
-
-
 def ner_model_path(epochs: int = NER_EPOCHS) -> Path:
     """Where the name recognizer trained from the shipped data with these settings lives."""
     digest = hashlib.sha256(NER_TRAIN.read_bytes() + NER_NEGATIVES.read_bytes() +
                             json.dumps([NER_LABELS, epochs, LOWERCASE_EVERY]).encode())
+    from tuneloop.models import cache_root
+
     return cache_root() / f"pii-ner-{digest.hexdigest()[:12]}"
 
 
@@ -137,10 +134,15 @@ def training_rows() -> list[dict]:
                    for r in rows[::LOWERCASE_EVERY]]
 
 
+def ner_model_ready() -> bool:
+    """Whether this machine has the name recognizer already (else the next use trains it)."""
+    return (ner_model_path() / "meta.json").is_file()
+
+
 def ensure_ner_model(on_epoch: Callable[[int, int, float], None] | None = None) -> Path:
     """The cached name recognizer, trained now if this machine has none yet."""
     path = ner_model_path()
-    if not (path / "meta.json").is_file():
+    if not ner_model_ready():
         train_ner(path, on_epoch=on_epoch)
     return path
 
@@ -298,7 +300,6 @@ def anonymize_text(text: str, findings: list[Finding], replace: Replacer) -> str
     """The text with each finding replaced (Presidio's anonymizer, one custom operator per type)."""
     if not findings:
         return text
-    from presidio_anonymizer import AnonymizerEngine
     from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
 
     for f in sorted(findings, key=lambda f: f.start):
@@ -306,12 +307,14 @@ def anonymize_text(text: str, findings: list[Finding], replace: Replacer) -> str
     results = [RecognizerResult(f.type, f.start, f.end, f.score) for f in findings]
     operators = {f.type: OperatorConfig("custom", {"lambda": (lambda s, t=f.type: replace(t, s))})
                  for f in findings}
-    return _anonymizer(AnonymizerEngine).anonymize(text, results, operators).text
+    return _anonymizer().anonymize(text, results, operators).text
 
 
 @lru_cache(maxsize=1)
-def _anonymizer(cls):
-    return cls()
+def _anonymizer():
+    from presidio_anonymizer import AnonymizerEngine
+
+    return AnonymizerEngine()
 
 
 def propagate(texts: list[str], hits: list[list[Finding]]) -> list[list[Finding]]:

@@ -44,10 +44,15 @@ def catalog() -> dict[str, ModelInfo]:
     return {e["id"]: ModelInfo(**e) for e in entries}
 
 
+def cache_root() -> Path:
+    """What tuneloop builds for itself, shared by every workspace of this user:
+    $TUNELOOP_CACHE, else ~/.cache/tuneloop."""
+    return Path(os.environ.get("TUNELOOP_CACHE") or Path.home() / ".cache" / "tuneloop")
+
+
 def cache_dir() -> Path:
-    """Where converted models live: shared by every workspace of this user."""
-    root = os.environ.get("TUNELOOP_CACHE") or Path.home() / ".cache" / "tuneloop"
-    return Path(root) / "models"
+    """Where converted models live."""
+    return cache_root() / "models"
 
 
 def resolve(model: str) -> Path | str:
