@@ -509,3 +509,4 @@ def tune(
 
 from tuneloop.serve import commands as _serving_commands  # noqa: E402,F401  (serve, keys, deploy, ...)
 from tuneloop.data import commands as _data_commands  # noqa: E402,F401  (prepare, anonymize, ...)
+from tuneloop.synth import commands as _synth_commands  # noqa: E402,F401  (synth)

@@ -208,9 +208,12 @@ def source_from_rows(rows: Iterable[dict], name: str = "rows") -> Source:
 
 
 def prepare(data: Iterable[dict] | None = None, recipe: PrepareRecipe | None = None, *,
-            workspace: Path | None = None, progress: Callable[[str], None] | None = None
-            ) -> Version:
-    """Run the pipeline on `data` (rows) or on the recipe's input files; record the version."""
+            workspace: Path | None = None, progress: Callable[[str], None] | None = None,
+            lineage: dict | None = None) -> Version:
+    """Run the pipeline on `data` (rows) or on the recipe's input files; record the version.
+
+    `lineage` (e.g. the teacher and prompts of synthetic rows) is kept in the report.
+    """
     from tuneloop.project import workspace as default_workspace
 
     if recipe is None:
@@ -222,6 +225,8 @@ def prepare(data: Iterable[dict] | None = None, recipe: PrepareRecipe | None = N
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))
     try:
         report = _run(sources, recipe, tmp, workspace, progress or (lambda _: None))
+        if lineage:
+            report["lineage"] = lineage
         return _record(report, recipe, tmp, root, workspace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,8 +10,12 @@ from tuneloop.data.tokenize import Encoded, prompt_ids
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
-             batch_tokens: int = 2048, on_batch=None) -> tuple[list[str], list[int]]:
-    """Greedy replies to chat prompts, in input order, and the number of tokens each generated."""
+             batch_tokens: int = 2048, on_batch=None, temperature: float = 0.0,
+             seed: int = 0) -> tuple[list[str], list[int]]:
+    """Replies to chat prompts, in input order, and the number of tokens each generated.
+
+    Greedy by default; with a `temperature` each reply is sampled (seeded by `seed`).
+    """
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     lengths = [len(e) for e in encoded]
     budget = max(batch_tokens, max(lengths) + max_new_tokens)
@@ -19,12 +23,16 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
     replies: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
     model.eval()
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                if temperature > 0 else {"do_sample": False})
     for idx in batches:
         batch = collate([Encoded(encoded[i], encoded[i]) for i in idx], tokenizer.pad_token_id,
                         left_pad=True)
+        if temperature > 0:
+            torch.manual_seed(seed)
         out = model.generate(input_ids=batch["input_ids"].to(model.device),
                              attention_mask=batch["attention_mask"].to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=False,
+                             max_new_tokens=max_new_tokens, **sampling,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         _collect(tokenizer, out[:, batch["input_ids"].shape[1]:], idx, replies, counts)
         if on_batch:

@@ -1,0 +1,1 @@
+"""Synthetic data from a teacher model: labelling, answering, expanding, preference pairs."""

@@ -1,0 +1,545 @@
+"""`tuneloop synth RECIPE.yaml`: a teacher labels, answers, expands or ranks, filters keep what
+can be trusted, and the result is a dataset version with the teacher in its lineage.
+
+Modes:
+  label        unlabeled inputs get a label (classify) or fields (extract), validated against
+               the label set / field names; optional self-consistency over several samples.
+  answer       instructions get the teacher's reply (SFT pairs).
+  expand       new inputs written from a few seed examples at a time (self-instruct), filtered
+               for near-duplicates of the seeds and of each other, then labelled or answered
+               (for classification, only those the teacher labels as intended are kept).
+  preferences  two sampled replies per instruction and a judge's choice (DPO pairs).
+Filters: the answer's validity, agreement across samples, an LLM judge's 1-5 score, and
+near-duplicates of existing data (`dedup_against`) or of test sets (`check_against`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneloop import tasks
+from tuneloop.data import clean as cleaning
+from tuneloop.data.curate import (AnonymizeSpec, InputSpec, PrepareRecipe, ReportSpec, SplitSpec,
+                                  prepare)
+from tuneloop.data.dedup import NearDuplicates, exact_digest
+from tuneloop.data.formats import Example, parse_row, prompt_messages
+from tuneloop.data.ingest import read_rows
+from tuneloop.data.rows import prompt_text
+from tuneloop.errors import TuneloopError
+from tuneloop.synth.teacher import (Ask, Cache, EndpointTeacher, LocalTeacher, Teacher, Usage,
+                                    ask_all)
+from tuneloop.tasks import TaskInfo
+
+JUDGE_SYSTEM = ("You grade answers. Rate how well the answer serves the request: correct, "
+                "complete, clear. Reply with one digit from 1 (useless) to 5 (excellent).")
+PAIR_SYSTEM = ("You compare two answers to the same request. Reply with the letter of the "
+               "better one, A or B, and nothing else.")
+EXPAND_SYSTEM = ("You write realistic new examples for a dataset. Reply with one example per "
+                 "line and nothing else: no numbering, no quotes, no comments.")
+EXAMPLES_PER_REASON = 5
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherSpec(_Strict):
+    endpoint: str | None = Field(None, description="base URL of an OpenAI-compatible API, "
+                                 "e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="the endpoint's model name; without endpoint: "
+                              "a catalog model or folder run locally")
+    run: str | None = Field(None, description="a finished run whose model is the teacher")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable with the key")
+    terms: str | None = Field(None, description="licence/terms of the teacher's outputs, recorded "
+                              "in the lineage and checked by `train` (local: the catalog's)")
+    concurrency: int = Field(8, ge=1, le=256, description="requests in flight (endpoint)")
+    max_retries: int = Field(5, ge=0, le=20, description="retries with backoff per request")
+    timeout_s: float = Field(120.0, gt=0)
+    max_tokens: int = Field(256, gt=0, description="longest reply")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.run and (self.endpoint or self.model):
+            raise ValueError("give either run, or endpoint + model, or a local model")
+        if self.endpoint and not self.model:
+            raise ValueError("an endpoint needs the model name to ask for (model: ...)")
+        if not (self.run or self.model):
+            raise ValueError("name the teacher: run: RUN_ID, or endpoint: URL + model: NAME")
+        return self
+
+
+class ConsistencySpec(_Strict):
+    samples: int = Field(1, ge=1, le=16, description="answers sampled per input (label mode)")
+    temperature: float = Field(0.8, gt=0, le=2)
+    min_agreement: float = Field(0.6, gt=0, le=1, description="share of samples that must give "
+                                 "the majority answer")
+
+
+class JudgeSpec(_Strict):
+    enabled: bool = False
+    teacher: TeacherSpec | None = Field(None, description="default: the teacher itself")
+    min_score: int = Field(4, ge=1, le=5, description="keep answers scored at least this")
+
+
+class ExpandSpec(_Strict):
+    requests: int = Field(20, ge=1, description="generation requests (each writes `per_request`)")
+    per_request: int = Field(5, ge=1, le=50, description="new inputs asked for per request")
+    shots: int = Field(5, ge=1, le=50, description="seed examples shown per request")
+    temperature: float = Field(1.0, gt=0, le=2)
+    verify: bool = Field(True, description="classify: keep only inputs the teacher labels as "
+                         "the label they were written for")
+
+
+class SynthRecipe(_Strict):
+    """A synthetic-data generation, as saved YAML."""
+
+    name: str | None = Field(None, description="versions of one name form a lineage")
+    task: Literal["classify", "extract", "chat"]
+    mode: Literal["label", "answer", "expand", "preferences"]
+    teacher: TeacherSpec
+    inputs: list[InputSpec] = Field(default_factory=list, description="unlabeled inputs")
+    seeds: list[InputSpec] = Field(default_factory=list, description="labelled examples: the "
+                                   "label set / fields, and the examples `expand` imitates")
+    labels: list[str] | None = Field(None, description="classify: the label set (default: from "
+                                     "seeds, else the teacher run's)")
+    fields: list[str] | None = Field(None, description="extract: the field names")
+    instruction: str | None = Field(None, description="system prompt replacing the task's")
+    include_seeds: bool = Field(False, description="the version also holds the seed rows")
+    consistency: ConsistencySpec = ConsistencySpec()
+    judge: JudgeSpec = JudgeSpec()
+    expand: ExpandSpec = ExpandSpec()
+    dedup_against: list[Path] = Field(default_factory=list, description="existing data: rows "
+                                      "that (nearly) repeat it are dropped")
+    check_against: list[Path] = Field(default_factory=list, description="test sets: rows that "
+                                      "(nearly) repeat them are dropped")
+    near_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard of 5-grams: a near "
+                                  "duplicate")
+    seed: int = 0
+    split: SplitSpec = SplitSpec(validation=0.0, test=0.0)
+    anonymize: AnonymizeSpec = AnonymizeSpec(enabled=False)
+    report: ReportSpec = ReportSpec()
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.mode == "label" and self.task == "chat":
+            raise ValueError("mode label is for classify and extract; use mode answer for chat")
+        if self.mode in ("answer", "preferences") and self.task != "chat":
+            raise ValueError(f"mode {self.mode} writes replies: use it with task chat")
+        if self.mode == "expand" and not self.seeds:
+            raise ValueError("mode expand imitates seed examples: add seeds: [{path: ...}]")
+        if self.mode != "expand" and not self.inputs:
+            raise ValueError(f"mode {self.mode} needs inputs: [{{path: ...}}]")
+        return self
+
+
+def load_synth_recipe(path: str | Path) -> SynthRecipe:
+    """Parse a synth recipe; relative paths are relative to the file."""
+    from tuneloop.project import _explain, read_yaml_mapping
+
+    path = Path(path)
+    try:
+        recipe = SynthRecipe.model_validate(read_yaml_mapping(path))
+    except ValidationError as exc:
+        lines = [_explain(e, SynthRecipe) for e in exc.errors()]
+        raise TuneloopError(f"{path} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+    base = path.resolve().parent
+    return recipe.model_copy(update={
+        "inputs": [i.model_copy(update={"path": base / i.path}) for i in recipe.inputs],
+        "seeds": [i.model_copy(update={"path": base / i.path}) for i in recipe.seeds],
+        "dedup_against": [base / p for p in recipe.dedup_against],
+        "check_against": [base / p for p in recipe.check_against]})
+
+
+def make_teacher(spec: TeacherSpec, registry) -> Teacher:
+    if spec.endpoint:
+        return EndpointTeacher(spec.endpoint, spec.model, spec.api_key_env, spec.concurrency,
+                               spec.max_retries, spec.timeout_s, spec.terms)
+    teacher = LocalTeacher(spec.run or spec.model, registry)
+    if spec.terms:
+        teacher.terms = spec.terms
+    return teacher
+
+
+class Filters:
+    """Why rows were dropped, with a few examples of each reason."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.examples: list[dict] = []
+
+    def drop(self, reason: str, text: str, **extra) -> None:
+        self.counts[reason] += 1
+        if sum(1 for e in self.examples if e["reason"] == reason) < EXAMPLES_PER_REASON:
+            self.examples.append({"reason": reason, "text": text[:300], **extra})
+
+
+def _read(specs: list[InputSpec], task: str, labelled: bool) -> list[dict]:
+    """Rows of the input files; labelled rows are validated as the task's training rows."""
+    rows = []
+    for spec in specs:
+        for line, row, problem in read_rows(spec.path, spec.mapping):
+            if problem is not None:
+                raise TuneloopError(f"{spec.path} line {problem.line}: {problem.code}: "
+                                    f"{problem.message}")
+            if labelled:
+                _, _, found = parse_row(row, line, task)
+                if found:
+                    raise TuneloopError(f"{spec.path} line {line}: {found[0].code}: "
+                                        f"{found[0].message}")
+            elif input_messages(row) is None:
+                raise TuneloopError(f"{spec.path} line {line}: no input: give \"text\", "
+                                    "\"prompt\" or \"messages\"")
+            rows.append(row)
+    return rows
+
+
+def input_messages(row: dict) -> list[dict] | None:
+    """The conversation to answer: a text, a prompt, or messages without the final reply."""
+    if isinstance(row.get("text"), str) and row["text"].strip():
+        return [{"role": "user", "content": row["text"].strip()}]
+    if "prompt" in row:
+        return prompt_messages(row["prompt"])
+    messages = row.get("messages")
+    if isinstance(messages, list):
+        turns = prompt_messages([m for m in messages if isinstance(m, dict)])
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        return turns or None
+    return None
+
+
+def _task_info(recipe: SynthRecipe, seeds: list[dict], teacher: Teacher) -> TaskInfo:
+    if recipe.task == "chat":
+        return TaskInfo("chat")
+    trained = teacher.trained_for if getattr(teacher.trained_for, "kind", None) == recipe.task \
+        else None
+    if recipe.task == "classify":
+        labels = recipe.labels or sorted({str(r["label"]) for r in seeds if r.get("label")}) or \
+            (list(trained.labels) if trained else [])
+        if not labels:
+            raise TuneloopError("classify needs its label set: labels: [...], seeds with labels, "
+                                "or a teacher run trained on the task")
+        return TaskInfo("classify", labels=tuple(labels))
+    fields = recipe.fields or list(dict.fromkeys(k for r in seeds for k in r.get("fields") or {})) \
+        or (list(trained.fields) if trained else [])
+    if not fields:
+        raise TuneloopError("extract needs its field names: fields: [...], seeds with fields, or "
+                            "a teacher run trained on the task")
+    return TaskInfo("extract", fields=tuple(fields))
+
+
+def _prompt(recipe: SynthRecipe, info: TaskInfo, teacher: Teacher, messages: list[dict]
+            ) -> list[dict]:
+    """What the teacher is asked: the task's prompt (the one a teacher run was trained on,
+    else the zero-shot prompt that names the labels/fields), or the recipe's instruction."""
+    if recipe.task == "chat":
+        head = [{"role": "system", "content": recipe.instruction}] if recipe.instruction else []
+        return head + messages
+    trained = teacher.trained_for
+    zero_shot = not (trained is not None and trained.kind == info.kind and
+                     set(trained.labels) >= set(info.labels) and
+                     set(trained.fields) >= set(info.fields))
+    example = Example(messages=tuple(messages), answer="")
+    built = tasks.TASKS[info.kind].prompt(example, info, zero_shot=zero_shot)
+    if recipe.instruction:
+        built[0] = {"role": "system", "content": recipe.instruction}
+    return built
+
+
+def _valid(task: str, info: TaskInfo, reply) -> tuple[object, str | None]:
+    """(the answer as data, None) or (None, why it is not valid)."""
+    if reply is None:
+        return None, "teacher_failed"
+    if reply.truncated:
+        return None, "truncated"
+    text = reply.text.strip()
+    if not text:
+        return None, "empty"
+    if task == "classify":
+        label, exact = tasks.classify.parse(text, info)
+        return (label, None) if exact else (None, "invalid_label")
+    if task == "extract":
+        fields, ok = tasks.extract.parse(text, info)
+        if not ok:
+            return None, "invalid_json"
+        if set(fields) - set(info.fields):
+            return None, "unknown_field"
+        if any(not isinstance(v, (str, int, float, bool, type(None))) for v in fields.values()):
+            return None, "nested_value"
+        return {f: fields.get(f, "") for f in info.fields}, None
+    return text, None
+
+
+def _consensus(answers: list, min_agreement: float) -> tuple[object, float]:
+    """The majority answer among valid samples and its share of all samples."""
+    keys = [json.dumps(a, sort_keys=True) for a in answers if a is not None]
+    if not keys:
+        return None, 0.0
+    key, count = Counter(keys).most_common(1)[0]
+    share = count / len(answers)
+    return (json.loads(key) if share >= min_agreement else None), share
+
+
+def _score(reply) -> int | None:
+    match = re.search(r"[1-5]", reply.text) if reply is not None else None
+    return int(match.group()) if match else None
+
+
+class Synth:
+    """One generation: the teacher, its cache, the usage and filter counts."""
+
+    def __init__(self, recipe: SynthRecipe, workspace: Path, progress):
+        from tuneloop.store import Registry
+
+        self.recipe, self.progress = recipe, progress
+        self.registry = Registry.open(workspace)
+        self.teacher = make_teacher(recipe.teacher, self.registry)
+        self.judge = (make_teacher(recipe.judge.teacher, self.registry)
+                      if recipe.judge.enabled and recipe.judge.teacher else self.teacher)
+        self.cache = Cache(workspace / "synth" / "cache.sqlite")
+        self.usage, self.filters = Usage(), Filters()
+        self.prompts: dict[str, str] = {}
+
+    def ask(self, asks: list[Ask], what: str, teacher: Teacher | None = None):
+        self.progress(f"{what}: {len(asks)} request(s)")
+        return ask_all(teacher or self.teacher, asks, self.cache, self.usage)
+
+    def label(self, items: list[tuple[list[dict], dict]], info: TaskInfo) -> list[dict]:
+        """Rows for (messages, row) items: labelled / answered, validated, agreed on."""
+        c = self.recipe.consistency
+        samples = c.samples if self.recipe.task != "chat" else 1
+        prompts = [_prompt(self.recipe, info, self.teacher, m) for m, _ in items]
+        if prompts:
+            self.prompts.setdefault("task", prompts[0][0]["content"] if prompts[0][0]["role"] ==
+                                    "system" else "")
+        asks = [Ask.of(p, max_tokens=self.recipe.teacher.max_tokens,
+                       temperature=c.temperature if samples > 1 else 0.0, sample=s)
+                for p in prompts for s in range(samples)]
+        replies = self.ask(asks, "answering")
+        out = []
+        for n, (messages, row) in enumerate(items):
+            got = [_valid(self.recipe.task, info, r)
+                   for r in replies[n * samples:(n + 1) * samples]]
+            text = messages[-1]["content"]
+            if samples == 1:
+                answer, why = got[0]
+                if why:
+                    self.filters.drop(why, text, reply=(replies[n].text if replies[n] else ""))
+                    continue
+            else:
+                answer, share = _consensus([a for a, _ in got], c.min_agreement)
+                if answer is None:
+                    why = "disagreement" if share else got[0][1]  # no valid sample: say why
+                    self.filters.drop(why, text, agreement=round(share, 2))
+                    continue
+            out.append(_row(self.recipe.task, messages, answer, row))
+        return self._judged(out)
+
+    def _judged(self, rows: list[dict]) -> list[dict]:
+        if not self.recipe.judge.enabled or not rows:
+            return rows
+        self.prompts["judge"] = JUDGE_SYSTEM
+        asks = [Ask.of([{"role": "system", "content": JUDGE_SYSTEM},
+                        {"role": "user", "content": f"Request:\n{prompt_text(r)}\n\nAnswer:\n"
+                                                    f"{_answer_text(r)}"}], max_tokens=4)
+                for r in rows]
+        kept = []
+        for row, reply in zip(rows, self.ask(asks, "judging", self.judge)):
+            score = _score(reply)
+            if score is None or score < self.recipe.judge.min_score:
+                self.filters.drop("judge_score", prompt_text(row), score=score)
+                continue
+            kept.append(row)
+        return kept
+
+    def preferences(self, items: list[tuple[list[dict], dict]]) -> list[dict]:
+        temperature = self.recipe.consistency.temperature
+        asks = [Ask.of(_prompt(self.recipe, TaskInfo("chat"), self.teacher, m), sample=s,
+                       temperature=temperature, max_tokens=self.recipe.teacher.max_tokens)
+                for m, _ in items for s in (0, 1)]
+        replies = self.ask(asks, "sampling two replies each")
+        pairs, pair_asks = [], []
+        self.prompts["pair"] = PAIR_SYSTEM
+        for n, (messages, _) in enumerate(items):
+            a, b = replies[2 * n], replies[2 * n + 1]
+            text = messages[-1]["content"]
+            if a is None or b is None or not a.text.strip() or not b.text.strip():
+                self.filters.drop("teacher_failed", text)
+                continue
+            if a.text.strip() == b.text.strip():
+                self.filters.drop("identical", text)
+                continue
+            pairs.append((messages, a.text.strip(), b.text.strip()))
+            pair_asks.append(Ask.of([{"role": "system", "content": PAIR_SYSTEM},
+                                     {"role": "user", "content": f"Request:\n{text}\n\nA:\n"
+                                      f"{a.text.strip()}\n\nB:\n{b.text.strip()}"}], max_tokens=2))
+        out = []
+        for (messages, a, b), verdict in zip(pairs, self.ask(pair_asks, "judging pairs",
+                                                              self.judge)):
+            choice = (verdict.text.strip()[:1].upper() if verdict else "")
+            if choice not in ("A", "B"):
+                self.filters.drop("no_verdict", messages[-1]["content"],
+                                  reply=verdict.text if verdict else "")
+                continue
+            chosen, rejected = (a, b) if choice == "A" else (b, a)
+            out.append({"prompt": messages, "chosen": chosen, "rejected": rejected})
+        return out
+
+    def expand(self, seeds: list[dict], info: TaskInfo) -> list[tuple[list[dict], dict]]:
+        """New inputs in the seeds' style, each with the label it was written for (classify)."""
+        spec, rng = self.recipe.expand, random.Random(self.recipe.seed)
+        self.prompts["expand"] = EXPAND_SYSTEM
+        by_label: dict[str | None, list[dict]] = {}
+        for row in seeds:
+            by_label.setdefault(row.get("label") if info.kind == "classify" else None, []).append(row)
+        groups = sorted(by_label, key=str)
+        asks, intended = [], []
+        for r in range(spec.requests):
+            group = groups[r % len(groups)]
+            shots = rng.sample(by_label[group], min(spec.shots, len(by_label[group])))
+            about = f" Every message has the intent \"{group}\"." if group is not None else ""
+            lines = "\n".join(f"- {' '.join(prompt_text(s).split())}" for s in shots)
+            asks.append(Ask.of([{"role": "system", "content": EXPAND_SYSTEM},
+                                {"role": "user", "content": f"Examples:\n{lines}\n\nWrite "
+                                 f"{spec.per_request} new, different ones of the same kind.{about}"}],
+                               temperature=spec.temperature, sample=r,
+                               max_tokens=self.recipe.teacher.max_tokens))
+            intended.append(group)
+        index = NearDuplicates(self.recipe.near_threshold)
+        digests: dict[bytes, str] = {}  # exact key -> "seed" or "new"
+        for i, row in enumerate(seeds):
+            key = cleaning.match_key(prompt_text(row))
+            digests[exact_digest(key)] = "seed"
+            index.add(-1 - i, key)  # seeds have negative ids, new inputs their position
+        items = []
+        for reply, group in zip(self.ask(asks, "writing new inputs"), intended):
+            for text in _lines(reply.text if reply else ""):
+                key = cleaning.match_key(text)
+                if len(key) < 3:
+                    self.filters.drop("too_short", text)
+                    continue
+                seen = digests.get(exact_digest(key))
+                if seen is None:
+                    match, _ = index.match(key)
+                    seen = None if match is None else "seed" if match < 0 else "new"
+                if seen is not None:
+                    self.filters.drop("repeats_seed" if seen == "seed" else "duplicate", text)
+                    continue
+                digests[exact_digest(key)] = "new"
+                index.add(len(items), key)
+                items.append(([{"role": "user", "content": text}], {"intended": group}))
+        self.progress(f"{len(items)} new input(s) written")
+        return items
+
+    def overlapping(self, rows: list[dict], files: list[Path], reason: str) -> list[dict]:
+        """Rows whose prompt does not (nearly) repeat a row of `files`."""
+        if not files:
+            return rows
+        index = NearDuplicates(self.recipe.near_threshold)
+        digests = set()
+        for n, path in enumerate(files):
+            for _, row, problem in read_rows(path):
+                if problem is None and isinstance(row, dict):
+                    key = cleaning.match_key(prompt_text(row))
+                    digests.add(exact_digest(key))
+                    index.add(n, key)
+        kept = []
+        for row in rows:
+            key = cleaning.match_key(prompt_text(row))
+            if exact_digest(key) in digests or index.match(key)[0] is not None:
+                self.filters.drop(reason, prompt_text(row))
+                continue
+            kept.append(row)
+        return kept
+
+
+def _lines(text: str) -> list[str]:
+    """One example per line; bullets, numbering and wrapping quotes removed."""
+    out = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", line).strip().strip('"“”')
+        if line:
+            out.append(line)
+    return out
+
+
+def _row(task: str, messages: list[dict], answer, source: dict) -> dict:
+    if task == "classify":
+        return {"text": messages[-1]["content"], "label": answer}
+    if task == "extract":
+        return {"text": messages[-1]["content"], "fields": answer}
+    return {"messages": [*messages, {"role": "assistant", "content": answer}]}
+
+
+def _answer_text(row: dict) -> str:
+    if "label" in row:
+        return str(row["label"])
+    if "fields" in row:
+        return json.dumps(row["fields"], ensure_ascii=False)
+    return row["messages"][-1]["content"]
+
+
+def synthesize(recipe: SynthRecipe, workspace: Path | None = None, progress=None):
+    """Generate, filter and record: returns the dataset version (tuneloop.data.curate.Version)."""
+    from tuneloop.project import workspace as default_workspace
+
+    workspace = workspace or default_workspace()
+    progress = progress or (lambda _: None)
+    job = Synth(recipe, workspace, progress)
+    try:
+        seeds = _read(recipe.seeds, recipe.task, labelled=True)
+        info = _task_info(recipe, seeds, job.teacher)
+        if recipe.mode == "expand":
+            items = job.expand(seeds, info)
+        else:
+            items = [(input_messages(r), r) for r in _read(recipe.inputs, recipe.task, False)]
+        offered = len(items)
+        if recipe.mode == "preferences":
+            rows = job.preferences(items)
+        else:
+            rows = job.label(items, info)
+            if recipe.mode == "expand" and recipe.task == "classify" and recipe.expand.verify:
+                rows = _verified(rows, items, job)
+        rows = job.overlapping(rows, recipe.dedup_against, "repeats_existing")
+        rows = job.overlapping(rows, recipe.check_against, "matches_test_row")
+    finally:
+        job.cache.close()
+    if job.usage.failed and not rows:
+        raise TuneloopError(f"every request to the teacher failed ({job.usage.failed}); the "
+                            f"first error: {job.usage.errors[0]}")
+    synthetic = len(rows)
+    if recipe.include_seeds:
+        rows = seeds + rows
+    lineage = {
+        "kind": "synthetic", "mode": recipe.mode, "teacher": job.teacher.describe(),
+        "judge": job.judge.describe() if recipe.judge.enabled else None,
+        "prompts": job.prompts, "usage": job.usage.to_dict(),
+        "offered": offered, "synthetic_rows": synthetic, "seed_rows": len(seeds),
+        "dropped": dict(job.filters.counts), "dropped_examples": job.filters.examples,
+        "recipe": json.loads(recipe.model_dump_json()),
+    }
+    prep = PrepareRecipe(name=recipe.name, task=recipe.task, split=recipe.split,
+                         anonymize=recipe.anonymize, check_against=recipe.check_against,
+                         dedup={"near": {"threshold": recipe.near_threshold}},
+                         report=recipe.report)
+    return prepare(rows, prep, workspace=workspace, progress=progress, lineage=lineage)
+
+
+def _verified(rows: list[dict], items: list, job: Synth) -> list[dict]:
+    """Expanded classification inputs the teacher labelled as the label they were written for."""
+    intended = {m[-1]["content"]: src["intended"] for m, src in items}
+    kept = []
+    for row in rows:
+        if row["label"] != intended.get(row["text"]):
+            job.filters.drop("label_mismatch", row["text"], intended=intended.get(row["text"]),
+                             teacher=row["label"])
+            continue
+        kept.append(row)
+    return kept

@@ -1,0 +1,226 @@
+"""Synthetic data: a tiny OpenAI-compatible teacher on loopback, asked through the real
+`openai` client; the cache, the retries, every filter and the recorded lineage."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from tuneloop.errors import TuneloopError
+from tuneloop.synth.run import SynthRecipe, synthesize
+
+KEYWORDS = {"card": "card_lost", "rate": "exchange_rate", "top up": "top_up"}
+NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+         "juliet", "kilo", "lima", "mike", "november"]  # distinct words: no near-duplicates
+
+
+class Teacher:
+    """Answers by keyword; counts what it was asked; can refuse or fail on purpose."""
+
+    def __init__(self):
+        self.asked: Counter = Counter()  # (user text, seed) answered
+        self.requests = 0
+        self.refuse_after: int | None = None  # then 401: an interruption the client cannot retry
+        self.fail_first = 0  # 503s before answering: retried by the client
+
+    def reply(self, body: dict) -> tuple[int, str]:
+        self.requests += 1
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return 503, ""
+        if self.refuse_after is not None and sum(self.asked.values()) >= self.refuse_after:
+            return 401, ""
+        system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
+        user = body["messages"][-1]["content"]
+        self.asked[(user, body.get("seed"))] += 1
+        if "grade answers" in system:
+            return 200, "2" if "rate" in user.split("Answer:")[0] else "5"
+        if "compare two answers" in system:
+            return 200, "B"
+        if "new examples" in system:
+            seed = body.get("seed", 0)
+            return 200, ("- my card did not arrive yet\n- my card did not arrive yet!\n"
+                         f"2. where can i see the rate for {NAMES[seed]}\n"
+                         "- i lost my card alpha\n")  # the last repeats a seed
+        if "Reply with the label only" in system:
+            if "ambiguous" in user:
+                return 200, ["card_lost", "top_up"][body.get("seed", 0) % 2]
+            if "nonsense" in user:
+                return 200, "weather_report"
+            return 200, next((v for k, v in KEYWORDS.items() if k in user), "top_up")
+        return 200, f"Answer {body.get('seed', 0)} to: {user}"
+
+
+@pytest.fixture()
+def teacher():
+    state = Teacher()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, text = state.reply(body)
+            if status != 200:
+                payload = {"error": {"message": "unavailable", "type": "server_error"}}
+            else:
+                payload = {"id": "x", "object": "chat.completion", "created": 0,
+                           "model": body["model"],
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": text}}],
+                           "usage": {"prompt_tokens": 10, "completion_tokens": 2,
+                                     "total_tokens": 12}}
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield state
+    server.shutdown()
+
+
+def recipe(teacher, **kw) -> SynthRecipe:
+    base = {"task": "classify", "mode": "label", "name": "synth-test",
+            "teacher": {"endpoint": teacher.url, "model": "tiny", "concurrency": 1,
+                        "max_retries": 3, "terms": "Apache-2.0"},
+            "labels": ["card_lost", "exchange_rate", "top_up"], "report": {"model": None}}
+    for key, value in kw.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
+    return SynthRecipe.model_validate(base)
+
+
+def inputs(tmp_path: Path, n: int = 12) -> Path:
+    words = ["card", "rate", "top up"]
+    return write_jsonl(tmp_path / "unlabeled.jsonl",
+                       [{"text": f"{NAMES[i]} asks about my {words[i % 3]}"} for i in range(n)])
+
+
+def read(version) -> list[dict]:
+    return [json.loads(line) for line in version.path("train").open()]
+
+
+def test_interrupted_generation_resumes_without_asking_twice(teacher, tmp_path, workspace):
+    spec = recipe(teacher, inputs=[{"path": inputs(tmp_path)}])
+    teacher.refuse_after = 5
+    with pytest.raises(TuneloopError, match="refused"):
+        synthesize(spec, workspace)
+    assert sum(teacher.asked.values()) == 5
+    teacher.refuse_after = None
+    version = synthesize(spec, workspace)
+    assert all(count == 1 for count in teacher.asked.values())  # none asked twice
+    assert sum(teacher.asked.values()) == 12
+    usage = version.report["lineage"]["usage"]
+    assert (usage["requests"], usage["cached"]) == (7, 5)
+    assert usage["prompt_tokens"] == 70 and usage["completion_tokens"] == 14
+    rows = read(version)
+    assert len(rows) == 12
+    assert all(r["label"] == KEYWORDS[next(k for k in KEYWORDS if k in r["text"])] for r in rows)
+    before = teacher.requests
+    again = synthesize(spec, workspace)  # everything cached: no request at all
+    assert teacher.requests == before and again.id == version.id and not again.created
+
+
+def test_server_errors_are_retried_with_backoff(teacher, tmp_path, workspace):
+    teacher.fail_first = 2
+    version = synthesize(recipe(teacher, inputs=[{"path": inputs(tmp_path, 10)}]), workspace)
+    usage = version.report["lineage"]["usage"]
+    assert usage["failed"] == 0 and usage["requests"] == 10
+    assert teacher.requests == 12
+
+
+def test_label_filters_validity_agreement_judge_and_leaks(teacher, tmp_path, workspace):
+    rows = [{"text": f"my card question {NAMES[i]}"} for i in range(10)] + \
+           [{"text": "nonsense words here"}, {"text": "an ambiguous one"},
+            {"text": "what is the rate today"}, {"text": "the top up is late 7"}]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "What is the rate today?",
+                                                  "label": "exchange_rate"}])
+    existing = write_jsonl(tmp_path / "old.jsonl", [{"text": "the top up is late 8",
+                                                     "label": "top_up"}])
+    version = synthesize(recipe(teacher, inputs=[{"path": data}], check_against=[test],
+                                dedup_against=[existing], consistency={"samples": 4}), workspace)
+    lineage = version.report["lineage"]
+    assert lineage["dropped"] == {"invalid_label": 1, "disagreement": 1, "matches_test_row": 1,
+                                  "repeats_existing": 1}
+    assert len(read(version)) == 10
+    assert sum(teacher.asked.values()) == 14 * 4  # four samples each, seeds 0..3
+    # The judge: answers about rates score 2 and are dropped at min_score 4.
+    rows2 = write_jsonl(tmp_path / "in2.jsonl", [{"text": f"rate question {NAMES[i]}"} for i in range(3)]
+                        + [{"text": f"card question {NAMES[i]}"} for i in range(10)])
+    judged = synthesize(recipe(teacher, inputs=[{"path": rows2}], judge={"enabled": True}),
+                        workspace)
+    assert judged.report["lineage"]["dropped"] == {"judge_score": 3}
+    assert judged.report["lineage"]["prompts"]["judge"].startswith("You grade answers")
+
+
+def test_expand_filters_seed_repeats_duplicates_and_mislabels(teacher, tmp_path, workspace):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl",
+                        [{"text": f"i lost my card {NAMES[i]}", "label": "card_lost"}
+                         for i in range(6)] +
+                        [{"text": f"rate for euro {NAMES[i]}", "label": "exchange_rate"}
+                         for i in range(6, 12)])
+    version = synthesize(recipe(teacher, mode="expand", seeds=[{"path": seeds}], labels=None,
+                                include_seeds=True, expand={"requests": 4, "per_request": 3}),
+                         workspace)
+    lineage = version.report["lineage"]
+    # Requests alternate card_lost / exchange_rate. Each reply: "did not arrive" twice (new
+    # only in the first reply), a rate question (new each time), a seed repeated.
+    assert lineage["dropped"]["repeats_seed"] == 4
+    assert lineage["dropped"]["duplicate"] == 7
+    # The rate questions written for card_lost (requests 0 and 2) are labelled otherwise.
+    assert lineage["dropped"]["label_mismatch"] == 2
+    rows = read(version)
+    new = [r for r in rows if not r["text"].startswith(("i lost", "rate for euro"))]
+    assert sorted((r["text"], r["label"]) for r in new) == [
+        ("my card did not arrive yet", "card_lost"),
+        ("where can i see the rate for bravo", "exchange_rate"),
+        ("where can i see the rate for delta", "exchange_rate")]
+    assert len(rows) == 12 + 3
+
+
+def test_answers_and_preference_pairs_for_chat(teacher, tmp_path, workspace):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"How do I do {NAMES[i]}?"}
+                                              for i in range(10)])
+    answers = synthesize(recipe(teacher, task="chat", mode="answer", labels=None,
+                                inputs=[{"path": data}]), workspace)
+    rows = read(answers)
+    assert rows[0]["messages"][-1] == {"role": "assistant",
+                                       "content": f"Answer 0 to: {rows[0]['messages'][0]['content']}"}
+    pairs = synthesize(recipe(teacher, task="chat", mode="preferences", labels=None,
+                              inputs=[{"path": data}]), workspace)
+    rows = read(pairs)
+    assert len(rows) == 10
+    assert all(r["chosen"].startswith("Answer 1") and r["rejected"].startswith("Answer 0")
+               for r in rows)
+    assert pairs.report["lineage"]["teacher"] == {"id": f"{teacher.url}#tiny",
+                                                  "terms": "Apache-2.0"}
+
+
+def test_recipe_errors_name_the_fix(tmp_path):
+    from tuneloop.synth.run import load_synth_recipe
+
+    path = tmp_path / "synth.yaml"
+    path.write_text("task: classify\nmode: expand\nteacher: {endpoint: http://x/v1}\n")
+    with pytest.raises(TuneloopError) as err:
+        load_synth_recipe(path)
+    assert "teacher: Value error, an endpoint needs the model name" in str(err.value)
+    path.write_text("task: classify\nmode: expand\nteacher: {run: run-1}\nteachr: {}\n")
+    with pytest.raises(TuneloopError) as err:
+        load_synth_recipe(path)
+    assert "teachr: unknown key; did you mean 'teacher'?" in str(err.value)
+    path.write_text("task: classify\nmode: expand\nteacher: {run: run-1}\n")
+    with pytest.raises(TuneloopError, match="add seeds"):
+        load_synth_recipe(path)
