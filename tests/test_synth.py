@@ -92,9 +92,9 @@ def teacher():
     server.shutdown()
 
 
-def recipe(teacher, **kw) -> SynthRecipe:
+def recipe(server, **kw) -> SynthRecipe:
     base = {"task": "classify", "mode": "label", "name": "synth-test",
-            "teacher": {"endpoint": teacher.url, "model": "tiny", "concurrency": 1,
+            "teacher": {"endpoint": server.url, "model": "tiny", "concurrency": 1,
                         "max_retries": 3, "terms": "Apache-2.0"},
             "labels": ["card_lost", "exchange_rate", "top_up"], "report": {"model": None}}
     for key, value in kw.items():
@@ -224,3 +224,24 @@ def test_recipe_errors_name_the_fix(tmp_path):
     path.write_text("task: classify\nmode: expand\nteacher: {run: run-1}\n")
     with pytest.raises(TuneloopError, match="add seeds"):
         load_synth_recipe(path)
+
+
+def test_training_on_a_teachers_outputs_obeys_the_licence_policy(teacher, tmp_path, workspace,
+                                                                  tiny_model):
+    from tuneloop.project import recipe_from_dict
+    from tuneloop.store import Registry
+    from tuneloop.train.run import train
+
+    spec = recipe(teacher, inputs=[{"path": inputs(tmp_path)}],
+                  teacher={"terms": "Hosted API Terms"})
+    version = synthesize(spec, workspace)
+    base = {"base_model": str(tiny_model), "task": "classify", "max_steps": 1, "baselines": [],
+            "data": {"train": str(version.path("train"))}}
+    with pytest.raises(TuneloopError, match=r"teacher .* under the terms 'Hosted API Terms'.*"
+                                            r"accept_licences: \[\"Hosted API Terms\"\]"):
+        train(recipe_from_dict(base), workspace=workspace)
+    assert Registry.open(workspace).list_runs() == []  # refused before a run was recorded
+    result = train(recipe_from_dict({**base, "accept_licences": ["Hosted API Terms"]}),
+                   workspace=workspace)
+    run = Registry.open(workspace).get_run(result["run_id"])
+    assert run.recipe["teachers"] == [{"id": f"{teacher.url}#tiny", "terms": "Hosted API Terms"}]

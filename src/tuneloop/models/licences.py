@@ -27,3 +27,18 @@ def check(model: str, allowed: list[str], accepted: list[str]) -> dict:
         f"model '{model}' is under the {licence['name']}{restricted}, which this recipe's licence "
         f"policy does not allow (allowed: {', '.join(allowed) or 'none'}). Read the terms; to "
         f"accept them, add to the recipe:  accept_licences: [\"{licence['name']}\"]")
+
+
+def check_teachers(teachers: list[dict], allowed: list[str], accepted: list[str],
+                   source: str) -> list[dict]:
+    """The teachers whose outputs are in a training file, or a TuneloopError for the first one
+    whose terms the policy does not allow (synthetic data carries its teacher's terms)."""
+    for teacher in teachers:
+        terms = teacher.get("terms")
+        if terms and terms not in allowed and terms not in accepted:
+            raise TuneloopError(
+                f"{source} holds outputs of teacher {teacher.get('id')}, under the terms "
+                f"'{terms}', which this recipe's licence policy does not allow for training "
+                f"(allowed: {', '.join(allowed) or 'none'}). Read the terms; to accept them, "
+                f"add to the recipe:  accept_licences: [\"{terms}\"]")
+    return teachers

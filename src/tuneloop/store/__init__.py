@@ -160,6 +160,13 @@ class Registry:
             return list(s.scalars(select(DatasetVersion)
                                   .order_by(DatasetVersion.created.desc()).limit(limit)))
 
+    def versions_holding(self, sha256: str) -> list[DatasetVersion]:
+        """The prepared versions one of whose split files has this content."""
+        with self.session() as s:
+            return [v for v in s.scalars(select(DatasetVersion))
+                    if any(info.get("sha256") == sha256
+                           for info in (v.report.get("splits") or {}).values())]
+
     def add_run(self, **fields) -> Run:
         with self.session() as s, s.begin():
             run = Run(id=new_id("run"), **fields)

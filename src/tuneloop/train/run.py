@@ -70,12 +70,18 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
         run = registry.get_run(resume)
         if run.status == "done":
             raise TuneloopError(f"run {run.id} has finished; there is nothing to resume")
-        recipe = recipe_from_dict({k: v for k, v in run.recipe.items() if k != "licence"},
+        recipe = recipe_from_dict({k: v for k, v in run.recipe.items()
+                                   if k not in ("licence", "teachers")},
                                   source=f"run {run.id}'s recipe")
     licence = licences.check(recipe.base_model, recipe.allowed_licences, recipe.accept_licences)
     phase("loading data")
     splits = load_splits(recipe.data, recipe.task)
-    train_ds = registry.add_dataset(file_sha256(recipe.data.train), str(recipe.data.train),
+    train_sha = file_sha256(recipe.data.train)
+    teachers = licences.check_teachers(
+        [v.report["lineage"]["teacher"] for v in registry.versions_holding(train_sha)
+         if (v.report.get("lineage") or {}).get("teacher")],
+        recipe.allowed_licences, recipe.accept_licences, str(recipe.data.train))
+    train_ds = registry.add_dataset(train_sha, str(recipe.data.train),
                                     len(splits.train), recipe.task)
     test_ds = (registry.add_dataset(file_sha256(recipe.data.test), str(recipe.data.test),
                                     len(splits.test), recipe.task) if recipe.data.test else None)
@@ -87,7 +93,8 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
     else:
         run = registry.add_run(name=recipe.name, task=recipe.task, base_model=recipe.base_model,
                                method=recipe.method, status="running",
-                               recipe={**json.loads(recipe.model_dump_json()), "licence": licence},
+                               recipe={**json.loads(recipe.model_dump_json()), "licence": licence,
+                                       "teachers": teachers},
                                train_dataset=train_ds.id,
                                test_dataset=test_ds.id if test_ds else None,
                                started=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
