@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from tuneloop.errors import TuneloopError
 from tuneloop.models.licences import DEFAULT_ALLOWED
@@ -51,15 +52,30 @@ class DpoSpec(_Strict):
                               "default: a fresh adapter on the base model")
 
 
+class DistillSpec(_Strict):
+    teacher: str | None = Field(None, description="the teacher: a finished run or a model")
+    mode: Literal["logits", "sequence"] = Field(
+        "logits", description="logits: also match the teacher's token distribution (needs a "
+        "shared tokenizer) | sequence: learn the teacher's answers only")
+    targets: Literal["teacher", "data"] = Field(
+        "teacher", description="answers learned: the teacher's replies to the training inputs, "
+        "or the data's own")
+    top_k: int | None = Field(50, ge=1, description="KL over the teacher's top-k tokens; null: "
+                              "the whole vocabulary")
+    temperature: float = Field(1.0, gt=0, description="softens both distributions")
+    weight: float = Field(0.5, ge=0, le=1, description="share of the KL term; the rest is the "
+                          "cross-entropy of the answers")
+
+
 class Recipe(_Strict):
     """A training run, as saved YAML. Only base_model, task and data are required."""
 
     base_model: str = Field("smollm2-135m-instruct", description="catalog id, folder or hub id")
     task: Literal["classify", "extract", "chat"] = Field(description="classify | extract | chat")
     data: DataSpec
-    method: Literal["lora", "dora", "qlora", "full", "dpo"] = Field(
+    method: Literal["lora", "dora", "qlora", "full", "dpo", "distill"] = Field(
         "lora", description="lora | dora | qlora (4-bit base) | full (every weight) | dpo "
-        "(preference pairs)")
+        "(preference pairs) | distill (a LoRA student learns from distill.teacher)")
     name: str | None = Field(None, description="a label for the run")
     seed: int = Field(0, description="makes batching, init and dropout repeatable")
     epochs: float | None = Field(None, gt=0, description="passes over the data; default by size")
@@ -78,6 +94,7 @@ class Recipe(_Strict):
     lora: LoraSpec = LoraSpec()
     full: FullSpec = FullSpec()
     dpo: DpoSpec = DpoSpec()
+    distill: DistillSpec = DistillSpec()
     baselines: list[Literal["zero-shot", "few-shot", "many-shot", "similar-shot", "rag"]] = Field(
         ["zero-shot", "few-shot", "many-shot"], description="prompting strategies the run must beat")
     gate_margin: float = Field(0.0, description="the gate passes when the run's headline metric "
@@ -88,6 +105,12 @@ class Recipe(_Strict):
         default_factory=lambda: list(DEFAULT_ALLOWED), description="base-model licences allowed")
     accept_licences: list[str] = Field(
         default_factory=list, description="further licences accepted explicitly, by name")
+
+    @model_validator(mode="after")
+    def _distill_has_teacher(self):
+        if self.method == "distill" and not self.distill.teacher:
+            raise ValueError("method distill needs its teacher: distill: {teacher: RUN_ID}")
+        return self
 
     @field_validator("base_model")
     @classmethod

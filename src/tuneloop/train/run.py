@@ -50,6 +50,24 @@ def _distributed(recipe, run_dir: Path, processes: int, resume: bool) -> dict:
             "stats": stats, "artifact": artifact}
 
 
+def _distill_stats(out: dict, teacher, splits, recipe) -> dict:
+    """The student's mean per-token KL to the teacher on the validation answers."""
+    from tuneloop.data.batching import collate, length_grouped_batches
+    from tuneloop.data.tokenize import encode
+    from tuneloop.train.distill import mean_kl
+
+    if not splits.validation:
+        return {}
+    from tuneloop.tasks import TASKS
+
+    tok, module = out["tokenizer"], TASKS[recipe.task]
+    enc = [encode(tok, module.prompt(e, splits.info), module.target(e)) for e in splits.validation]
+    order = length_grouped_batches([len(x) for x in enc], 2048, seed=0)
+    kl = mean_kl(out["model"], teacher, (collate([enc[i] for i in b], tok.pad_token_id)
+                                          for b in order))
+    return {"final_val_kl": kl, "distill": recipe.distill.model_dump()}
+
+
 class Stopped(Exception):
     """Raised by a callback to end a run on purpose (a pruned search trial); status "stopped"."""
 
@@ -74,6 +92,9 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
                                    if k not in ("licence", "teachers")},
                                   source=f"run {run.id}'s recipe")
     licence = licences.check(recipe.base_model, recipe.allowed_licences, recipe.accept_licences)
+    if recipe.method == "distill" and processes > 1:
+        raise TuneloopError("method distill trains in one process (the teacher sits beside the "
+                            "student); leave out --processes")
     phase("loading data")
     splits = load_splits(recipe.data, recipe.task)
     train_sha = file_sha256(recipe.data.train)
@@ -108,8 +129,17 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
         dpo = recipe.method == "dpo"  # preferences: no prompting baselines to beat
         if recipe.data.test and recipe.baselines and not dpo:
             baselines = recipe_baselines(recipe, workspace=ws, on_phase=phase)
+        distill = recipe.method == "distill"
+        if distill:
+            from tuneloop.train.distill import DISTILL, prepare_distillation
+
+            splits, loss_fn, teacher = prepare_distillation(recipe, splits, registry, phase)
         phase(f"training {run.id}")
-        if dpo:
+        if distill:
+            out = run_sft(DISTILL, recipe, splits, run_dir, progress, resume=bool(resume),
+                          on_validation=on_validation, loss_fn=loss_fn)
+            out["stats"].update(_distill_stats(out, teacher, splits, recipe))
+        elif dpo:
             out = run_dpo(recipe, splits, run_dir, progress, resume=bool(resume),
                           registry=registry)
         elif processes > 1:

@@ -63,13 +63,17 @@ def schedule(lengths: list[int], epochs: float, batch_tokens: int, seed: int) ->
 
 
 def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None,
-            resume: bool = False, on_validation=None, rank: int = 0, world: int = 1) -> dict:
+            resume: bool = False, on_validation=None, rank: int = 0, world: int = 1,
+            loss_fn: Callable | None = None) -> dict:
     """Train with `method` into run_dir/<method.artifact>; returns the run's training metrics.
 
     `progress(step, steps, loss, tokens_per_s)` is called after every optimizer step, and
     `on_validation(step, loss)` after every validation (it may raise to stop the run). With
     `resume`, training continues from the newest intact checkpoint in run_dir/checkpoints and
     ends with the weights and curves an uninterrupted run would have.
+
+    `loss_fn(model, batch) -> (summed loss, answer tokens)` replaces the completion loss
+    (distillation); validation stays the completion loss.
 
     With `world` > 1 (processes launched by `train.distributed`), each step's micro-batches are
     dealt out to the ranks, gradients are summed across them, and only rank 0 writes: the
@@ -123,7 +127,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         step_loss, step_tokens = 0.0, 0
         for batch in batches[rank::world]:  # this rank's share of the step
-            loss, _ = completion_loss(model, batch)
+            loss, _ = (loss_fn or completion_loss)(model, batch)
             (loss / n_target).backward()  # mean over every answer token of the step
             step_loss += loss.detach().item() / n_target
             step_tokens += int(batch["attention_mask"].sum())

@@ -1,0 +1,140 @@
+"""Knowledge distillation (`method: distill`): a student LoRA learns from a teacher model.
+
+Sequence-level: the teacher answers every training input (greedy) and the student is trained
+on those answers; this works whatever the two tokenizers are. Logit-level (the default when
+teacher and student share a tokenizer): at every answer token the student's distribution is
+also pulled towards the teacher's, by the KL divergence over the teacher's top-k tokens (or the
+whole vocabulary), which carries far more information per token than the one chosen token.
+
+    loss = weight * T^2 * KL(teacher_T || student_T) + (1 - weight) * CE(student, teacher's answer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from tuneloop import tasks
+from tuneloop.errors import TuneloopError
+from tuneloop.train.loss import answer_logits
+from tuneloop.train.lora import LORA
+
+DISTILL = replace(LORA, name="distill")
+
+
+def load_teacher(recipe, registry):
+    """(model, tokenizer, TaskInfo or None) of the recipe's teacher: a run or a model."""
+    from tuneloop.evaluate import load_for_eval
+
+    model, tokenizer, info, run = load_for_eval(recipe.distill.teacher, registry)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model, tokenizer, info, run
+
+
+def shares_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def teacher_answers(model, tokenizer, examples, info, teacher_info, max_new_tokens: int):
+    """The examples with their answers replaced by the teacher's greedy replies to them."""
+    from tuneloop.evaluate.generate import generate
+
+    module = tasks.TASKS[info.kind]
+    # A teacher fine-tuned on this task gets its training prompt; any other model the prompt
+    # that names the labels / fields.
+    zero_shot = teacher_info is None or teacher_info.kind != info.kind
+    prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
+    replies, _ = generate(model, tokenizer, prompts, max_new_tokens)
+    out = []
+    for e, reply in zip(examples, replies):
+        reply = reply.strip()
+        if info.kind == "classify":
+            out.append(dataclasses.replace(e, label=reply or e.label, answer=reply or e.answer))
+        elif info.kind == "extract":
+            fields, ok = module.parse(reply, info)
+            out.append(dataclasses.replace(e, fields=fields if ok else e.fields,
+                                           answer=reply or e.answer))
+        else:
+            out.append(dataclasses.replace(e, answer=reply or e.answer))
+    return out
+
+
+def _kl(student_logits, teacher_logits, top_k: int | None, temperature: float):
+    """Summed KL(teacher || student) over answer positions at `temperature`: over the whole
+    vocabulary, or over the teacher's top-k tokens plus one bucket for all the others (zero
+    exactly when the student matches the teacher on those k + 1 outcomes)."""
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if not top_k or top_k >= log_p.shape[-1]:
+        return (log_p.exp() * (log_p - s)).sum()
+    log_p_k, index = log_p.topk(top_k, dim=-1)
+    log_q_k = s.gather(-1, index)
+    p_rest = (1 - log_p_k.exp().sum(-1)).clamp_min(1e-12)
+    q_rest = (1 - log_q_k.exp().sum(-1)).clamp_min(1e-12)
+    return ((log_p_k.exp() * (log_p_k - log_q_k)).sum()
+            + (p_rest * (p_rest.log() - q_rest.log())).sum())
+
+
+def distill_loss(model, batch, teacher, top_k: int | None, temperature: float, weight: float):
+    """(summed loss over answer tokens, their count): the KL to the teacher mixed with the
+    cross-entropy of the batch's answers (the teacher's own, for sequence-level targets)."""
+    logits, targets, _ = answer_logits(model, batch)
+    with torch.no_grad():
+        teacher_logits, _, _ = answer_logits(teacher, batch)
+    kl = _kl(logits, teacher_logits, top_k, temperature) * temperature ** 2
+    ce = F.cross_entropy(logits, targets, reduction="sum")
+    return weight * kl + (1 - weight) * ce, int(targets.numel())
+
+
+@torch.no_grad()
+def mean_kl(student, teacher, batches) -> float:
+    """Mean per-token KL(teacher || student) over the whole vocabulary (validation)."""
+    total, count = 0.0, 0
+    student.eval()
+    for batch in batches:
+        s, targets, _ = answer_logits(student, batch)
+        t, _, _ = answer_logits(teacher, batch)
+        total += float(_kl(s, t, None, 1.0))
+        count += int(targets.numel())
+    return total / count if count else float("nan")
+
+
+def prepare_distillation(recipe, splits, registry, on_phase):
+    """Load the teacher, check the tokenizers, and rewrite the splits' answers as the
+    teacher's; returns (splits, loss_fn or None for sequence-level, teacher model, tokenizer)."""
+    from tuneloop import models
+    from tuneloop.evaluate.runner import max_new_tokens
+    from tuneloop.models import licences
+
+    spec = recipe.distill
+    on_phase(f"loading the teacher {spec.teacher}")
+    teacher, teacher_tok, teacher_info, run = load_teacher(recipe, registry)
+    # The teacher's outputs train the student: its licence must be allowed like a base model's.
+    licences.check(run.base_model if run else spec.teacher, recipe.allowed_licences,
+                   recipe.accept_licences)
+    student_tok = models.load_tokenizer(recipe.base_model)
+    same = shares_tokenizer(teacher_tok, student_tok)
+    if spec.mode == "logits" and not same:
+        raise TuneloopError(f"logit distillation needs the teacher ({spec.teacher}) and the "
+                            f"student ({recipe.base_model}) to share a tokenizer, and they do "
+                            "not; use distill: {mode: sequence}")
+    if spec.targets == "teacher":
+        on_phase("the teacher answers the training inputs")
+        limit = max_new_tokens(student_tok, splits.train, splits.info)
+        train = teacher_answers(teacher, teacher_tok, splits.train, splits.info, teacher_info,
+                                limit)
+        validation = teacher_answers(teacher, teacher_tok, splits.validation, splits.info,
+                                     teacher_info, limit)
+        info = tasks.describe(splits.info.kind, train) if splits.info.kind != "classify" \
+            else splits.info
+        splits = dataclasses.replace(splits, train=train, validation=validation, info=info)
+    loss_fn = (partial(distill_loss, teacher=teacher, top_k=spec.top_k,
+                       temperature=spec.temperature, weight=spec.weight)
+               if spec.mode == "logits" else None)
+    return splits, loss_fn, teacher

@@ -1,0 +1,75 @@
+"""Distillation on the tiny model: the KL term, teacher answers as targets, and a student that
+moves towards its teacher while the teacher and the base stay as they were."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tuneloop.errors import TuneloopError
+from tuneloop.project import recipe_from_dict
+from tuneloop.train.distill import _kl
+from tuneloop.train.run import train
+
+
+def test_kl_is_zero_for_the_same_distribution_and_positive_otherwise():
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 50)
+    assert float(_kl(teacher.clone(), teacher, None, 1.0)) == pytest.approx(0.0, abs=1e-5)
+    assert float(_kl(teacher.clone(), teacher, 5, 2.0)) == pytest.approx(0.0, abs=1e-5)
+    student = torch.randn(6, 50, requires_grad=True)
+    full, top = _kl(student, teacher, None, 1.0), _kl(student, teacher, 5, 1.0)
+    assert float(full) > 0 and float(top) > 0
+    assert float(top) <= float(full) + 1e-5
+    top.backward()
+    # The top-k form is a lower bound of the full KL (it merges the other tokens into one).
+    assert student.grad.abs().sum() > 0
+
+
+def recipe(tiny_model, train_file, test_file, **extra):
+    return recipe_from_dict({"base_model": str(tiny_model), "task": "classify", "baselines": [],
+                             "data": {"train": str(train_file), "test": str(test_file)},
+                             "epochs": 2, "learning_rate": 5e-3, "batch_tokens": 256, **extra})
+
+
+def test_distilled_student_moves_towards_its_teacher(tiny_model, classify_files, workspace):
+    from tuneloop.evaluate import load_artifact
+    from tuneloop.store import Registry
+
+    train_file, test_file = classify_files
+    teacher_run = train(recipe(tiny_model, train_file, test_file, epochs=4), workspace=workspace)
+    teacher_file = workspace / "runs" / teacher_run["run_id"] / "adapter" / \
+        "adapter_model.safetensors"
+    teacher_bytes = teacher_file.read_bytes()
+
+    results = {}
+    for mode in ("sequence", "logits"):
+        results[mode] = train(recipe(tiny_model, train_file, test_file, method="distill",
+                                     distill={"teacher": teacher_run["run_id"], "mode": mode,
+                                              "top_k": None, "weight": 1.0}),
+                              workspace=workspace)
+    assert teacher_file.read_bytes() == teacher_bytes  # the teacher did not train
+    for mode, result in results.items():
+        assert result["method"] == "distill" and result["distill"]["mode"] == mode
+        assert result["final_val_kl"] >= 0
+        meta = json.loads((workspace / "runs" / result["run_id"] / "adapter" /
+                           "tuneloop.json").read_text())
+        assert meta["method"] == "distill"
+        model, _ = load_artifact(workspace / "runs" / result["run_id"] / "adapter")
+        b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        assert b and all(p.abs().sum() > 0 for p in b)  # adapters trained from zero
+    # Matching the whole distribution gets closer to the teacher than its answers alone.
+    assert results["logits"]["final_val_kl"] < results["sequence"]["final_val_kl"]
+    run = Registry.open(workspace).get_run(results["logits"]["run_id"])
+    assert run.recipe["distill"]["teacher"] == teacher_run["run_id"]
+
+
+def test_distill_needs_a_teacher_and_one_process(tiny_model, classify_files, workspace):
+    train_file, test_file = classify_files
+    with pytest.raises(TuneloopError, match="distill: {teacher: RUN_ID}"):
+        recipe(tiny_model, train_file, test_file, method="distill")
+    with pytest.raises(TuneloopError, match="one process"):
+        train(recipe(tiny_model, train_file, test_file, method="distill",
+                     distill={"teacher": "run-x"}), workspace=workspace, processes=2)
