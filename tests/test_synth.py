@@ -245,3 +245,28 @@ def test_training_on_a_teachers_outputs_obeys_the_licence_policy(teacher, tmp_pa
                    workspace=workspace)
     run = Registry.open(workspace).get_run(result["run_id"])
     assert run.recipe["teachers"] == [{"id": f"{teacher.url}#tiny", "terms": "Hosted API Terms"}]
+
+
+def test_synth_command_prints_the_version_and_explains_mistakes(teacher, tmp_path, workspace):
+    import yaml
+
+    from tests.test_cli import assert_user_error, tl
+
+    recipe_file = tmp_path / "synth.yaml"
+    spec = {"task": "classify", "mode": "label", "labels": ["card_lost", "exchange_rate",
+                                                            "top_up"],
+            "teacher": {"endpoint": teacher.url, "model": "tiny", "terms": "MIT"},
+            "inputs": [{"path": "unlabeled.jsonl"}], "report": {"model": None}}
+    inputs(tmp_path)
+    recipe_file.write_text(yaml.safe_dump(spec))
+    proc = tl("synth", recipe_file, "--json", env={"TUNELOOP_HOME": str(workspace)})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["id"].startswith("dv-") and out["splits"]["train"]["rows"] == 12
+    assert out["lineage"]["teacher"]["terms"] == "MIT"
+    proc = tl("synth", recipe_file, env={"TUNELOOP_HOME": str(workspace)})
+    assert proc.returncode == 0 and "0 request(s) sent, 12 from the cache" in proc.stdout
+    spec["inputs"] = [{"path": "missing.jsonl"}]
+    recipe_file.write_text(yaml.safe_dump(spec))
+    assert_user_error(tl("synth", recipe_file, env={"TUNELOOP_HOME": str(workspace)}),
+                      "missing.jsonl")

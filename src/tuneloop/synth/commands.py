@@ -30,8 +30,9 @@ def synth(
                      "splits": version.report["splits"], "lineage": lineage})
         return
     usage = lineage["usage"]
-    out.print(f"teacher {lineage['teacher']['id']} (terms: {lineage['teacher']['terms'] or 'not "
-              f"given'}): {usage['requests']} request(s) sent, {usage['cached']} from the cache, "
+    terms = lineage["teacher"]["terms"] or "not given"
+    out.print(f"teacher {lineage['teacher']['id']} (terms: {terms}): "
+              f"{usage['requests']} request(s) sent, {usage['cached']} from the cache, "
               f"{usage['failed']} failed; {usage['prompt_tokens']} prompt + "
               f"{usage['completion_tokens']} completion tokens", highlight=False)
     table = Table("kept", "dropped: reason", title=f"{lineage['offered']} input(s) offered")

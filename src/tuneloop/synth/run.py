@@ -529,7 +529,10 @@ def synthesize(recipe: SynthRecipe, workspace: Path | None = None, progress=None
                          anonymize=recipe.anonymize, check_against=recipe.check_against,
                          dedup={"near": {"threshold": recipe.near_threshold}},
                          report=recipe.report)
-    return prepare(rows, prep, workspace=workspace, progress=progress, lineage=lineage)
+    version = prepare(rows, prep, workspace=workspace, progress=progress, lineage=lineage)
+    if not version.created:  # the same rows again (e.g. all from the cache): say what this did
+        version.report = {**version.report, "lineage": lineage}
+    return version
 
 
 def _verified(rows: list[dict], items: list, job: Synth) -> list[dict]:
