@@ -270,3 +270,48 @@ def test_synth_command_prints_the_version_and_explains_mistakes(teacher, tmp_pat
     recipe_file.write_text(yaml.safe_dump(spec))
     assert_user_error(tl("synth", recipe_file, env={"TUNELOOP_HOME": str(workspace)}),
                       "missing.jsonl")
+
+
+def test_a_local_run_teaches_in_batches_and_its_samples_are_cached(tiny_model, classify_files,
+                                                                   tmp_path, workspace):
+    from conftest import make_rows
+    from tuneloop.project import recipe_from_dict
+    from tuneloop.train.run import train
+
+    train_file, test_file = classify_files
+    run = train(recipe_from_dict({"base_model": str(tiny_model), "task": "classify",
+                                  "baselines": [], "epochs": 4, "learning_rate": 5e-3,
+                                  "batch_tokens": 256, "data": {"train": str(train_file)}}),
+                workspace=workspace)
+    unlabeled = write_jsonl(tmp_path / "unlabeled.jsonl",
+                            [{"text": r["text"] + " new"} for r in make_rows(15, seed=7)])
+    spec = SynthRecipe.model_validate({
+        "task": "classify", "mode": "label", "teacher": {"run": run["run_id"], "max_tokens": 8},
+        "inputs": [{"path": unlabeled}], "seeds": [{"path": train_file}], "include_seeds": True,
+        "consistency": {"samples": 2, "min_agreement": 1.0}, "report": {"model": None}})
+    first = synthesize(spec, workspace)
+    lineage = first.report["lineage"]
+    assert lineage["teacher"] == {"id": f"local:{run['run_id']}", "terms": None}
+    assert lineage["usage"]["requests"] == 30 and lineage["usage"]["completion_tokens"] > 0
+    assert lineage["synthetic_rows"] + sum(lineage["dropped"].values()) == 15
+    labels = {"card_lost", "exchange_rate", "top_up"}
+    assert all(json.loads(line)["label"] in labels for line in first.path("train").open())
+    again = synthesize(spec, workspace)
+    assert again.report["lineage"]["usage"]["requests"] == 0
+    assert again.report["lineage"]["usage"]["cached"] == 30
+    assert again.id == first.id
+
+
+def test_extracted_fields_must_be_a_flat_object_with_known_keys():
+    from tuneloop.synth.run import _valid
+    from tuneloop.synth.teacher import Reply
+    from tuneloop.tasks import TaskInfo
+
+    info = TaskInfo("extract", fields=("total", "date"))
+    assert _valid("extract", info, Reply('{"total": "9.50"}')) == (
+        {"total": "9.50", "date": ""}, None)
+    assert _valid("extract", info, Reply('{"total": 1, "vendor": "x"}'))[1] == "unknown_field"
+    assert _valid("extract", info, Reply('{"total": {"a": 1}}'))[1] == "nested_value"
+    assert _valid("extract", info, Reply("total is 9.50"))[1] == "invalid_json"
+    assert _valid("extract", info, Reply('{"total": "9', truncated=True))[1] == "truncated"
+    assert _valid("extract", info, None)[1] == "teacher_failed"
