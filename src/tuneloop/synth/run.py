@@ -34,7 +34,7 @@ from tuneloop.data.ingest import read_rows
 from tuneloop.data.rows import prompt_text
 from tuneloop.errors import TuneloopError
 from tuneloop.synth.teacher import (Ask, Cache, EndpointTeacher, LocalTeacher, Teacher, Usage,
-                                    ask_all)
+                                    ask_all, request_cache_path)
 from tuneloop.tasks import TaskInfo
 
 JUDGE_SYSTEM = ("You grade answers. Rate how well the answer serves the request: correct, "
@@ -303,7 +303,7 @@ class Synth:
         self.teacher = make_teacher(recipe.teacher, self.registry)
         self.judge = (make_teacher(recipe.judge.teacher, self.registry)
                       if recipe.judge.enabled and recipe.judge.teacher else self.teacher)
-        self.cache = Cache(workspace / "synth" / "cache.sqlite")
+        self.cache = Cache(request_cache_path(workspace))
         self.usage, self.filters = Usage(), Filters()
         self.prompts: dict[str, str] = {}
 

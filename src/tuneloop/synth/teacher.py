@@ -88,6 +88,11 @@ class Cache:
         self.db.close()
 
 
+def request_cache_path(workspace: Path) -> Path:
+    """The workspace's one cache of teacher and judge replies."""
+    return workspace / "cache" / "requests.sqlite"
+
+
 class Teacher:
     """Answers Asks. Subclasses implement `answer`, yielding (index, Reply or error) pairs."""
 
