@@ -39,6 +39,8 @@ class Teacher:
         system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
         user = body["messages"][-1]["content"]
         self.asked[(user, body.get("seed"))] += 1
+        if "impartial judge" in system:
+            return 200, judge_reply(system, user)
         if "grade answers" in system:
             return 200, "2" if "rate" in user.split("Answer:")[0] else "5"
         if "compare two answers" in system:
@@ -55,6 +57,30 @@ class Teacher:
                 return 200, "weather_report"
             return 200, next((v for k, v in KEYWORDS.items() if k in user), "top_up")
         return 200, f"Answer {body.get('seed', 0)} to: {user}"
+
+
+def section(user: str, name: str) -> str | None:
+    for part in user.split("\n\n"):
+        if part.startswith(name + ":\n"):
+            return part[len(name) + 2:]
+    return None
+
+
+def judge_reply(system: str, user: str) -> str:
+    """A judge that prefers the answer equal to the reference; position-biased on inputs
+    that say "biased"; unreadable on inputs that say "mumble"."""
+    request = section(user, "Request")
+    if "mumble" in request:
+        return "hmm, hard to say"
+    reference = section(user, "Reference answer")
+    if "Two answers" in system:
+        if "biased" in request:
+            return json.dumps({"winner": "A", "reason": "the first one"})
+        a, b = section(user, "Answer A"), section(user, "Answer B")
+        winner = "A" if a == reference else "B" if b == reference else "tie"
+        return json.dumps({"winner": winner, "reason": "matches the reference"})
+    answer = section(user, "Answer")
+    return json.dumps({"score": 5 if answer == reference else 1, "reason": "compared"})
 
 
 @pytest.fixture()

@@ -223,6 +223,66 @@ def eval_compare(
         out.print(f"report: {html_out}", highlight=False)
 
 
+@eval_app.command("judge")
+def eval_judge(
+    refs: list[str] = typer.Argument(..., help="one run/evaluation (scores 1-5) or two (which "
+                                     "answers better, asked in both orders)"),
+    judge_run: Optional[str] = typer.Option(None, "--judge-run", help="a finished run as judge"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="a catalog model, or "
+                                              "the endpoint's model name"),
+    judge_endpoint: Optional[str] = typer.Option(None, "--judge-endpoint", help="base URL of an "
+                                                 "OpenAI-compatible API"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="variable holding the endpoint's key"),
+    rubric: Optional[str] = typer.Option(None, help="what makes an answer good"),
+    human: Optional[Path] = typer.Option(None, help="JSONL {line, score}: human scores the "
+                                         "judge is checked against"),
+    limit: Optional[int] = typer.Option(None, help="judge only the first N test rows"),
+    reference: bool = typer.Option(True, help="show the judge the reference answer"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Let an LLM judge grade a model's answers (pointwise) or two models' (pairwise).
+
+    Example: tuneloop eval judge RUN --judge-endpoint http://127.0.0.1:8080/v1 --judge-model m
+             tuneloop eval judge RUN_A RUN_B --judge-model smollm2-135m-instruct
+    """
+    from tuneloop.evaluate.judge import RUBRIC, run_judge
+    from tuneloop.project import workspace
+
+    spec = {"run": judge_run, "model": judge_model, "endpoint": judge_endpoint,
+            "api_key_env": api_key_env}
+    try:
+        from tuneloop.synth.run import TeacherSpec
+
+        TeacherSpec.model_validate(spec)
+    except ValueError:
+        raise TuneloopError("name the judge: --judge-run RUN, --judge-model MODEL, or "
+                            "--judge-endpoint URL --judge-model NAME") from None
+    result = run_judge(refs, spec, workspace(), rubric or RUBRIC, human, limit, reference)
+    if as_json:
+        _print_json({k: v for k, v in result.items() if k != "judgements"})
+        return
+    judge = f"judge {result['judge']['id']}, prompt {result['prompt']['id']}"
+    if result["mode"] == "pointwise":
+        agree = result["agreement_with_metric"]
+        out.print(f"{result['model']}: mean score {result['mean_score']:.2f} "
+                  f"({result['low']:.2f}–{result['high']:.2f}) on {result['rows']} rows "
+                  f"({result['unparsed']} unparsed); {judge}", highlight=False)
+        out.print(f"agreement with the task metric: {agree['agreement']}" +
+                  (f", with humans: {result['agreement_with_humans']}"
+                   if "agreement_with_humans" in result else ""), highlight=False)
+    else:
+        out.print(f"{result['second']} vs {result['first']}: wins {result['second_wins']}, "
+                  f"losses {result['first_wins']}, ties {result['ties']} on {result['rows']} "
+                  f"rows; win rate {result['second_win_rate']:.3f} "
+                  f"({result['low']:.3f}–{result['high']:.3f}); {judge}", highlight=False)
+        rate = result["flip_rate"]
+        out.print(f"position bias: the verdict flipped with the order in "
+                  f"{result['position_flips']} rows" + (f" ({rate:.0%} of those judged)"
+                                                          if rate is not None else ""),
+                  highlight=False)
+    out.print(f"judgements: {result['path']}", highlight=False)
+
+
 @app.command()
 def baseline(
     recipe: Path = typer.Argument(..., help="recipe YAML (base_model, task, data.train, data.test)"),
