@@ -84,3 +84,15 @@ def test_compare_command_on_recorded_evaluations(workspace, tmp_path):
     elsewhere = _record(registry, workspace, {1}, other)
     assert_user_error(tl("eval", "compare", a, elsewhere, env=env), "same rows")
     assert_user_error(tl("eval", "compare", a, "ev-nope", env=env), "no run or evaluation")
+
+
+def test_every_score_carries_its_headline_interval():
+    from tuneloop.evaluate.runner import interval
+
+    rows = [{"line": i, "prediction": "a", "gold": "a" if i < 30 else "b"} for i in range(40)]
+    ci = interval("classify", rows)
+    assert ci["metric"] == "accuracy" and ci["level"] == 0.95
+    assert ci["low"] < 0.75 < ci["high"] and ci["high"] - ci["low"] < 0.35
+    rows = [{"line": 1, "prediction": {"a": "1"}, "gold": {"a": "1"}},
+            {"line": 2, "prediction": {"a": "2"}, "gold": {"a": "1"}}]
+    assert interval("extract", rows)["metric"] == "field_f1_row_mean"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tuneloop.tasks import TaskInfo, chat, classify, extract
@@ -49,3 +51,31 @@ def test_extract_parse_finds_the_json_object():
 def test_rouge_l():
     m = chat.metrics(["the cat sat", "x"], ["the cat sat", "completely different"], [True, True])
     assert m["rouge_l"] == pytest.approx(0.5)
+
+
+def test_bleu_and_exact_match_by_hand():
+    refs = ["the cat sat on the mat", "hello there"]
+    m = chat.metrics(["the cat sat on the mat", "Hello there."], refs, [True, True])
+    assert m["exact_match"] == 1.0  # case, spacing and the final period aside
+    # BLEU is case-sensitive and splits off the period: over the corpus 7/9 unigrams, 5/7
+    # bigrams, 4/5 trigrams, 3/3 4-grams match; 9 tokens vs 8, so no brevity penalty.
+    assert m["bleu"] == pytest.approx(100 * (7 / 9 * 5 / 7 * 4 / 5 * 3 / 3) ** 0.25)
+    m = chat.metrics(["the cat sat on a mat", "bye"], refs, [True, True])
+    assert m["exact_match"] == 0.0
+    # 5/7 unigrams, 3/5 bigrams, 2/4 trigrams, 1/3 4-grams; 7 tokens against 8: brevity
+    # penalty exp(1 - 8/7).
+    assert m["bleu"] == pytest.approx(100 * math.exp(1 - 8 / 7) *
+                                      (5 / 7 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+    assert "numeric_rows" not in m
+
+
+def test_final_number_match_and_errors_gsm8k_style():
+    assert chat.final_number("so L = 7 losses.\n#### 15") == 15.0
+    assert chat.final_number("The total is $1,350.50 in all") == 1350.5
+    assert chat.final_number("no digits") is None
+    m = chat.metrics(["The answer is 15.", "It costs 1,200 dollars", "I don't know", "text"],
+                     ["he won 15\n#### 15", "#### 1000", "#### 3", "plain words"],
+                     [True] * 4)
+    assert m["numeric_rows"] == 3 and m["numeric_answered"] == 2
+    assert m["numeric_match"] == pytest.approx(1 / 3)
+    assert m["mae"] == pytest.approx(100.0) and m["mse"] == pytest.approx(20000.0)

@@ -136,13 +136,17 @@ def train(
 
 
 def _print_metrics(result: dict) -> None:
-    keys = ["accuracy", "macro_f1", "field_f1", "json_valid_rate", "rouge_l", "perplexity",
-            "train_tokens", "train_tokens_per_s", "final_val_loss", "peak_rss_mb", "wall_s"]
+    keys = ["accuracy", "macro_f1", "field_f1", "json_valid_rate", "rouge_l", "bleu",
+            "exact_match", "numeric_match", "mae", "perplexity", "train_tokens",
+            "train_tokens_per_s", "final_val_loss", "final_val_kl", "peak_rss_mb", "wall_s"]
+    ci = (result.get("test") or result.get("metrics") or {}).get("ci95")
     table = Table("metric", "value")
     for k in keys:
         if result.get(k) is not None:
             v = result[k]
             table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+            if ci and ci["metric"] == k:
+                table.add_row("  95% interval", f"{ci['low']:.4g} – {ci['high']:.4g}")
     out.print(table)
 
 

@@ -94,4 +94,15 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     metrics["output_tokens_per_s"] = sum(counts) / elapsed if elapsed else 0.0
     rows = [{"line": e.line, "output": o, "prediction": p, "gold": g}
             for e, o, p, g in zip(examples, outputs, preds, golds)]
+    metrics["ci95"] = interval(info.kind, rows)
     return {"metrics": metrics, "predictions": rows}
+
+
+def interval(kind: str, rows: list[dict]) -> dict:
+    """The headline metric's 95% bootstrap interval over the rows (for extraction: of the
+    per-row field F1, whose mean is close to, but not the same as, the micro F1)."""
+    from tuneloop.evaluate.compare import LEVEL, bootstrap_interval, row_scores
+
+    low, high = bootstrap_interval(row_scores(kind, rows))
+    name = tasks.HEADLINE[kind] + ("_row_mean" if kind == "extract" else "")
+    return {"metric": name, "low": low, "high": high, "level": LEVEL}
