@@ -67,6 +67,14 @@ class DistillSpec(_Strict):
                           "cross-entropy of the answers")
 
 
+class ForgettingSpec(_Strict):
+    enabled: bool = Field(True, description="score base and fine-tuned on the general suite")
+    max_accuracy_drop: float = Field(0.1, ge=0, le=1, description="flag a larger fall in "
+                                     "general accuracy (absolute)")
+    max_loss_increase: float = Field(0.2, ge=0, description="flag a larger rise in the loss of "
+                                     "reference solutions (relative)")
+
+
 class Recipe(_Strict):
     """A training run, as saved YAML. Only base_model, task and data are required."""
 
@@ -95,6 +103,7 @@ class Recipe(_Strict):
     full: FullSpec = FullSpec()
     dpo: DpoSpec = DpoSpec()
     distill: DistillSpec = DistillSpec()
+    forgetting: ForgettingSpec = ForgettingSpec()
     baselines: list[Literal["zero-shot", "few-shot", "many-shot", "similar-shot", "rag"]] = Field(
         ["zero-shot", "few-shot", "many-shot"], description="prompting strategies the run must beat")
     gate_margin: float = Field(0.0, description="the gate passes when the run's headline metric "

@@ -68,6 +68,15 @@ def _distill_stats(out: dict, teacher, splits, recipe) -> dict:
     return {"final_val_kl": kl, "distill": recipe.distill.model_dump()}
 
 
+def _forgetting(out: dict, recipe, ws: Path) -> dict:
+    from tuneloop import models
+    from tuneloop.evaluate import forgetting
+
+    tokenizer = out.get("tokenizer") or models.load_tokenizer(recipe.base_model)
+    return forgetting.check(out["model"], tokenizer, recipe.base_model, ws, recipe.forgetting,
+                            load_base=lambda: models.load_model(recipe.base_model))
+
+
 class Stopped(Exception):
     """Raised by a callback to end a run on purpose (a pruned search trial); status "stopped"."""
 
@@ -164,6 +173,9 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
             if baselines:
                 result["baselines"] = baselines
                 result["gate"] = gate(result, baselines, recipe)
+        if recipe.forgetting.enabled:
+            phase("the forgetting check: base vs fine-tuned on the general suite")
+            result["forgetting"] = _forgetting(out, recipe, ws)
         result["wall_s"] = time.perf_counter() - started
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
         registry.update_run(run.id, status="done", metrics=result, wall_s=result["wall_s"],
