@@ -148,6 +148,13 @@ def _print_metrics(result: dict) -> None:
             if ci and ci["metric"] == k:
                 table.add_row("  95% interval", f"{ci['low']:.4g} – {ci['high']:.4g}")
     out.print(table)
+    check = result.get("forgetting")
+    if check:
+        word = "[red]FLAGGED[/]" if check["flagged"] else "[green]ok[/]"
+        out.print(f"forgetting check {word}: general accuracy {check['base']['accuracy']:.2f} → "
+                  f"{check['fine_tuned']['accuracy']:.2f}, reference loss "
+                  f"{check['base']['loss']:.3f} → {check['fine_tuned']['loss']:.3f}"
+                  + "".join(f"\n  {r}" for r in check["reasons"]))
 
 
 eval_app = typer.Typer(help="Score models, and compare them on the same test rows.")
