@@ -104,6 +104,8 @@ class Recipe(_Strict):
     dpo: DpoSpec = DpoSpec()
     distill: DistillSpec = DistillSpec()
     forgetting: ForgettingSpec = ForgettingSpec()
+    evaluators: list[str] = Field(default_factory=list, description="custom checks on every test "
+                                  "answer: built-in names, module:function or file.py:function")
     baselines: list[Literal["zero-shot", "few-shot", "many-shot", "similar-shot", "rag"]] = Field(
         ["zero-shot", "few-shot", "many-shot"], description="prompting strategies the run must beat")
     gate_margin: float = Field(0.0, description="the gate passes when the run's headline metric "
@@ -155,7 +157,9 @@ def load_recipe(path: str | Path) -> Recipe:
     data = recipe.data
     resolved = {k: (base / v if v is not None and not Path(v).is_absolute() else v)
                 for k, v in data.model_dump().items()}
-    return recipe.model_copy(update={"data": DataSpec(**resolved)})
+    evaluators = [str(base / e) if ".py:" in e and not Path(e).is_absolute() else e
+                  for e in recipe.evaluators]
+    return recipe.model_copy(update={"data": DataSpec(**resolved), "evaluators": evaluators})
 
 
 def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:

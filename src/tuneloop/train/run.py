@@ -11,6 +11,7 @@ from tuneloop import project
 from tuneloop.errors import TuneloopError
 from tuneloop.project import recipe_from_dict
 from tuneloop.models import licences
+from tuneloop.evaluate import custom
 from tuneloop.evaluate.runner import score
 from tuneloop.evaluate.store import record_evaluation
 from tuneloop.store import Registry
@@ -101,6 +102,8 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
                                    if k not in ("licence", "teachers")},
                                   source=f"run {run.id}'s recipe")
     licence = licences.check(recipe.base_model, recipe.allowed_licences, recipe.accept_licences)
+    for name in recipe.evaluators:  # a missing evaluator fails now, not after training
+        custom.resolve(name)
     if recipe.method == "distill" and processes > 1:
         raise TuneloopError("method distill trains in one process (the teacher sits beside the "
                             "student); leave out --processes")
@@ -166,6 +169,9 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
                                     beta=recipe.dpo.beta, start_adapter=start)
             else:
                 ev = score(out["model"], out["tokenizer"], splits.test, splits.info)
+                if recipe.evaluators:
+                    ev["metrics"]["custom"] = custom.apply(recipe.evaluators, splits.test,
+                                                           ev["predictions"])
             record_evaluation(registry, run_dir / "test", ev, model=run.id, run_id=run.id,
                               dataset=test_ds.id, strategy="fine-tuned", task=recipe.task)
             result["test"] = ev["metrics"]
