@@ -384,6 +384,26 @@ def runs_list(as_json: bool = JSON_OPT) -> None:
     out.print(table)
 
 
+@runs_app.command("report")
+def runs_report(
+    run_id: str,
+    html_out: Optional[Path] = typer.Option(None, "--out", help="where to write the page "
+                                            "(default: runs/RUN/report.html)"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Write a run's HTML report (scoreboard with intervals, curves, errors, forgetting check,
+    judge, lineage, cost); --json prints the same numbers.  Example: tuneloop runs report RUN"""
+    from tuneloop.evaluate import run_report
+    from tuneloop.project import workspace
+    from tuneloop.store import Registry
+
+    path, data = run_report.write(run_id, Registry.open(workspace()), workspace(), html_out)
+    if as_json:
+        _print_json({**data, "path": str(path)})
+        return
+    out.print(f"report: {path}", highlight=False)
+
+
 @runs_app.command("show")
 def runs_show(run_id: str, as_json: bool = JSON_OPT) -> None:
     """Show one run: recipe, status, metrics, artifacts.  Example: tuneloop runs show run-2026..."""

@@ -16,7 +16,6 @@ from tuneloop import project
 from tuneloop.baselines.strategies import recipe_baselines
 from tuneloop.data.validate import validate
 from tuneloop.errors import TuneloopError
-from tuneloop.evaluate.report import scoreboard_html
 
 
 def find_examples() -> Path:
@@ -85,14 +84,12 @@ def run_demo(out, err) -> dict:
              f"{run['train_tokens']} training tokens, peak RSS {run['peak_rss_mb']:.0f} MB",
              f"test rows: {run['test']['n']}; baselines {baseline_s:.0f} s; "
              f"whole demo {time.perf_counter() - started:.0f} s"]
-    run_dir = Path(run["run_dir"])
-    html = scoreboard_html("tuneloop demo: banking77 subset", rows, columns, run_dir / "loss.png", notes)
-    (run_dir / "report.html").write_text(html, encoding="utf-8")
     for note in notes:
         out.print(note)
-    out.print(f"report: {run_dir / 'report.html'}  loss curve: {run_dir / 'loss.png'}")
+    out.print(f"report: {run['report']}  (scoreboard, loss curves, worst errors, forgetting "
+              "check, lineage, cost)")
     result = {"scoreboard": rows, "gate": verdict, "run_id": run["run_id"],
-              "report": str(run_dir / "report.html"),
+              "report": run["report"],
               "serving": serve_step(run["run_id"], recipe, out)}
     (project.workspace() / "demo.json").write_text(json.dumps(result, indent=2))
     return result

@@ -78,16 +78,13 @@ def parse_winner(text: str) -> str | None:
 
 def inputs_by_line(scored: Scored, registry) -> dict[int, str]:
     """The request text of each test row, from the evaluation's registered dataset."""
-    from tuneloop.data.formats import load_examples
-    from tuneloop.store import Dataset
+    from tuneloop.evaluate.run_report import examples_by_line
 
-    with registry.session() as s:
-        ds = s.get(Dataset, scored.dataset) if scored.dataset else None
-    if ds is None or not Path(ds.path).is_file():
+    inputs = examples_by_line(scored.dataset, scored.task, registry)
+    if not inputs:
         raise TuneloopError(f"the test file of {scored.name} is not on disk any more; the judge "
                             "needs the inputs")
-    return {e.line: "\n".join(m["content"] for m in e.messages if m["role"] != "system")
-            for e in load_examples(Path(ds.path), scored.task)}
+    return inputs
 
 
 def _answer(row: dict) -> str:

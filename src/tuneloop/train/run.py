@@ -187,10 +187,13 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
         registry.update_run(run.id, status="done", metrics=result, wall_s=result["wall_s"],
                             adapter_path=str(out["artifact"]),
                             finished=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
-        return result
     except BaseException as exc:
         status = ("cancelled" if isinstance(exc, KeyboardInterrupt)
                   else "stopped" if isinstance(exc, Stopped) else "failed")
         registry.update_run(run.id, status=status, error=f"{type(exc).__name__}: {exc}"[:4000],
                             finished=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None))
         raise
+    from tuneloop.evaluate import run_report
+
+    result["report"] = str(run_report.write(run.id, registry, ws)[0])
+    return result

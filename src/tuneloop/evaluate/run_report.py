@@ -1,0 +1,281 @@
+"""One self-contained HTML report per run, and the same numbers as JSON.
+
+`report_data` gathers the evidence (scoreboard with the interval and the baselines, gate, loss
+curves, confusion matrix or per-field table, worst errors with their inputs, the forgetting
+check, judgements, custom evaluators, lineage from data to teacher, cost); `render_html` only
+formats it, so the page and `tuneloop runs report RUN --json` cannot disagree.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from tuneloop.errors import TuneloopError
+from tuneloop.tasks import HEADLINE
+
+WORST = 15
+
+
+def examples_by_line(dataset_id: str | None, task: str, registry) -> dict[int, str]:
+    """The input text of each row of a registered dataset ({} when its file is gone)."""
+    from tuneloop.data.formats import load_examples
+    from tuneloop.store import Dataset
+
+    with registry.session() as s:
+        ds = s.get(Dataset, dataset_id) if dataset_id else None
+    if ds is None or not Path(ds.path).is_file():
+        return {}
+    return {e.line: "\n".join(m["content"] for m in e.messages if m["role"] != "system")
+            for e in load_examples(Path(ds.path), task)}
+
+
+def report_data(run_id: str, registry, workspace: Path) -> dict:
+    from tuneloop.evaluate.compare import row_scores
+    from tuneloop.evaluate.runner import price_per_hour
+    from tuneloop.store import Dataset
+
+    run = registry.get_run(run_id)
+    metrics = run.metrics or {}
+    if run.status != "done":
+        raise TuneloopError(f"run {run.id} is {run.status}; a report needs a finished run")
+    run_dir = workspace / "runs" / run.id
+    test = metrics.get("test") or {}
+    headline = HEADLINE.get(run.task, "accuracy") if run.method != "dpo" else \
+        "preference_accuracy"
+    ci = test.get("ci95") or {}
+    scoreboard = [{"model": f"fine-tuned ({run.method})", headline: test.get(headline),
+                   "low": ci.get("low"), "high": ci.get("high"),
+                   "ms_per_request": test.get("latency_ms_per_request"),
+                   "usd_per_1k_requests": test.get("cost_per_1k_requests")}]
+    for name, m in (metrics.get("baselines") or {}).items():
+        scoreboard.append({"model": name, headline: m.get(headline), "low": None, "high": None,
+                           "ms_per_request": m.get("latency_ms_per_request"),
+                           "usd_per_1k_requests": m.get("cost_per_1k_requests")})
+    predictions_file = run_dir / "test" / "predictions.jsonl"
+    rows = ([json.loads(line) for line in predictions_file.open(encoding="utf-8")]
+            if predictions_file.is_file() else [])
+    worst = []
+    if rows and run.method != "dpo":
+        inputs = examples_by_line(run.test_dataset, run.task, registry)
+        scores = row_scores(run.task, rows)
+        order = sorted(range(len(rows)), key=lambda i: scores[i])
+        worst = [{"line": rows[i]["line"], "input": inputs.get(rows[i]["line"], ""),
+                  "output": rows[i]["output"], "gold": rows[i]["gold"],
+                  "score": float(scores[i])} for i in order[:WORST] if scores[i] < 1]
+    curves_file = run_dir / "curves.json"
+    with registry.session() as s:
+        train_ds = s.get(Dataset, run.train_dataset) if run.train_dataset else None
+        train_info = ({"id": train_ds.id, "path": train_ds.path, "sha256": train_ds.sha256,
+                       "rows": train_ds.rows} if train_ds else None)
+    versions = ([{"id": v.id, "name": v.name, "parent": v.parent,
+                  "lineage": {k: v.report["lineage"].get(k) for k in ("kind", "mode", "teacher")}
+                  if v.report.get("lineage") else None}
+                 for v in registry.versions_holding(train_ds.sha256)] if train_ds else [])
+    train_s = metrics.get("train_s")
+    return {
+        "run": {"id": run.id, "name": run.name, "task": run.task, "method": run.method,
+                "base_model": run.base_model, "status": run.status,
+                "started": str(run.started), "finished": str(run.finished),
+                "wall_s": run.wall_s, "artifact": run.adapter_path},
+        "headline": {"metric": headline, "value": test.get(headline), "low": ci.get("low"),
+                     "high": ci.get("high"), "rows": test.get("n")},
+        "scoreboard": scoreboard, "gate": metrics.get("gate"),
+        "training": {k: metrics.get(k) for k in (
+            "steps", "train_tokens", "train_tokens_per_s", "final_train_loss", "final_val_loss",
+            "final_val_kl", "fit", "peak_rss_mb", "peak_gpu_mb", "device")},
+        "curves": json.loads(curves_file.read_text()) if curves_file.is_file() else None,
+        "confusion": test.get("confusion"), "per_field": test.get("per_field"),
+        "worst_errors": worst, "forgetting": _without(metrics.get("forgetting"), "answers"),
+        "custom": test.get("custom"), "judgements": _judgements(workspace, run.id, registry),
+        "lineage": {"train_data": train_info, "dataset_versions": versions,
+                    "licence": run.recipe.get("licence"), "teachers": run.recipe.get("teachers"),
+                    "recipe": {k: v for k, v in run.recipe.items()
+                               if k not in ("licence", "teachers")}},
+        "cost": {"price_per_hour": price_per_hour(), "train_s": train_s,
+                 "train_usd": price_per_hour() * train_s / 3600 if train_s else None,
+                 "usd_per_1k_requests": test.get("cost_per_1k_requests")},
+    }
+
+
+def _without(d: dict | None, key: str) -> dict | None:
+    return {k: v for k, v in d.items() if k != key} if d else None
+
+
+def _judgements(workspace: Path, run_id: str, registry) -> list[dict]:
+    """Summaries of the judge results that involve this run's test evaluation."""
+    ids = {e.id for e in registry.evaluations(run_id)}
+    out = []
+    for path in sorted((workspace / "judgements").glob("*.json")):
+        if not any(i in path.stem for i in ids):  # named by the evaluation ids judged
+            continue
+        result = json.loads(path.read_text(encoding="utf-8"))
+        out.append({k: result.get(k) for k in (
+            "mode", "model", "first", "second", "rows", "mean_score", "low", "high",
+            "second_win_rate", "position_flips", "flip_rate", "agreement_with_metric",
+            "agreement_with_humans")} | {"judge": result["judge"]["id"],
+                                         "prompt": result["prompt"]["id"]})
+    return out
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _cell(value, key: str | None = None) -> str:
+    attr = f' data-key="{html.escape(key)}"' if key else ""
+    return f"<td{attr}>{html.escape(_fmt(value))}</td>"
+
+
+def _curve_svg(curves: dict, width: int = 640, height: int = 240) -> str:
+    """Training and validation loss against step as an inline SVG line chart."""
+    series = {k: v for k, v in curves.items() if v}
+    if not series:
+        return ""
+    points = [p for v in series.values() for p in v]
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points) or 1
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    y1 = y1 if y1 > y0 else y0 + 1
+
+    def xy(step, loss):
+        x = 50 + (width - 60) * (step - x0) / max(1, x1 - x0)
+        y = 10 + (height - 40) * (1 - (loss - y0) / (y1 - y0))
+        return f"{x:.1f},{y:.1f}"
+
+    colors = {"train": "#3b6ea8", "validation": "#c0392b"}
+    parts = [f'<svg role="img" aria-label="loss curves" width="{width}" height="{height}" '
+             'xmlns="http://www.w3.org/2000/svg" font-size="11" font-family="system-ui">',
+             f'<text x="4" y="14">{y1:.3f}</text><text x="4" y="{height - 30}">{y0:.3f}</text>',
+             f'<text x="50" y="{height - 8}">step {x0}</text>'
+             f'<text x="{width - 70}" y="{height - 8}">step {x1}</text>']
+    for i, (name, pts) in enumerate(series.items()):
+        color = colors.get(name, "#555")
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="'
+                     + " ".join(xy(s, v) for s, v in pts) + '"/>')
+        parts.append(f'<text x="{width - 160}" y="{16 + 14 * i}" fill="{color}">{name}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(data: dict) -> str:
+    from tuneloop.data.report import CSS
+
+    run, head = data["run"], data["headline"]
+    metric = head["metric"]
+    title = f"Run {run['id']}" + (f" — {run['name']}" if run.get("name") else "")
+    out = [f"<!doctype html><html lang=en><meta charset=utf-8><title>{html.escape(title)}"
+           f"</title><style>{CSS}</style><h1>{html.escape(title)}</h1>",
+           f"<p>{html.escape(run['task'])} · {html.escape(run['method'])} on "
+           f"<code>{html.escape(run['base_model'])}</code> · finished {html.escape(run['finished'])}"
+           f"</p><p>Test {html.escape(metric)}: <strong data-key=\"headline.value\">"
+           f"{_fmt(head['value'])}</strong> (95% interval <span data-key=\"headline.low\">"
+           f"{_fmt(head['low'])}</span> – <span data-key=\"headline.high\">{_fmt(head['high'])}"
+           f"</span>, {_fmt(head['rows'])} rows)</p>"]
+    gate = data.get("gate")
+    if gate:
+        word = "passed" if gate["passed"] else "failed"
+        out.append(f"<p>Gate <strong data-key=\"gate.passed\">{word}</strong>: "
+                   f"{gate['gain']:+.3f} over the best baseline ({html.escape(gate['best_baseline'])}"
+                   f", {gate['best_baseline_value']:.3f}); margin {gate['margin']}.</p>")
+    out.append("<h2>Scoreboard</h2><table><thead><tr><th>model</th>"
+               f"<th>{html.escape(metric)}</th><th>95% interval</th><th>ms/request</th>"
+               "<th>$/1k requests</th></tr></thead><tbody>")
+    for i, row in enumerate(data["scoreboard"]):
+        interval = ("–" if row["low"] is None else f"{row['low']:.3f} – {row['high']:.3f}")
+        out.append(f"<tr><td>{html.escape(row['model'])}</td>"
+                   + _cell(row[metric], f"scoreboard.{i}.{metric}")
+                   + f"<td>{interval}</td>" + _cell(row["ms_per_request"])
+                   + _cell(row["usd_per_1k_requests"]) + "</tr>")
+    out.append("</tbody></table><h2>Training</h2><table><tbody>")
+    for key, value in data["training"].items():
+        out.append(f"<tr><th scope=row>{html.escape(key)}</th>"
+                   + _cell(value, f"training.{key}") + "</tr>")
+    out.append("</tbody></table>")
+    if data.get("curves"):
+        out.append("<h2>Loss curves</h2>" + _curve_svg(data["curves"]))
+    if data.get("confusion"):
+        labels = sorted(data["confusion"])
+        wrong = sorted(((g, p, n) for g, row in data["confusion"].items() for p, n in row.items()
+                        if p != g), key=lambda t: -t[2])[:20]
+        out.append("<h2>Confusions</h2><p class=muted>The most frequent mistakes (gold → "
+                   f"predicted) over {len(labels)} labels.</p><table><thead><tr><th>gold</th>"
+                   "<th>predicted</th><th>rows</th></tr></thead><tbody>"
+                   + "".join(f"<tr><td>{html.escape(g)}</td><td>{html.escape(p or '(none)')}</td>"
+                             f"<td>{n}</td></tr>" for g, p, n in wrong) + "</tbody></table>")
+    if data.get("per_field"):
+        out.append("<h2>Per field</h2><table><thead><tr><th>field</th><th>exact</th>"
+                   "<th>normalized</th></tr></thead><tbody>"
+                   + "".join(f"<tr><td>{html.escape(f)}</td>" + _cell(v["exact"])
+                             + _cell(v["normalized"], f"per_field.{f}.normalized") + "</tr>"
+                             for f, v in data["per_field"].items()) + "</tbody></table>")
+    if data["worst_errors"]:
+        out.append(f"<h2>Worst errors</h2><table><thead><tr><th>line</th><th>input</th>"
+                   "<th>output</th><th>expected</th></tr></thead><tbody>"
+                   + "".join(f"<tr><td>{e['line']}</td><td>{html.escape(e['input'][:400])}</td>"
+                             f"<td>{html.escape(str(e['output'])[:400])}</td>"
+                             f"<td>{html.escape(_fmt(e['gold']) if not isinstance(e['gold'], dict) else json.dumps(e['gold']))}</td></tr>"
+                             for e in data["worst_errors"]) + "</tbody></table>")
+    check = data.get("forgetting")
+    if check:
+        word = "flagged" if check["flagged"] else "no loss of general ability beyond the limits"
+        out.append(f"<h2>Forgetting check</h2><p data-key=\"forgetting.flagged\">{word}</p>"
+                   "<table><thead><tr><th></th><th>base</th><th>fine-tuned</th></tr></thead>"
+                   "<tbody><tr><th scope=row>general accuracy</th>"
+                   + _cell(check["base"]["accuracy"])
+                   + _cell(check["fine_tuned"]["accuracy"], "forgetting.fine_tuned.accuracy")
+                   + "</tr><tr><th scope=row>reference loss</th>" + _cell(check["base"]["loss"])
+                   + _cell(check["fine_tuned"]["loss"]) + "</tr></tbody></table>"
+                   + "".join(f"<p>{html.escape(r)}</p>" for r in check["reasons"]))
+    if data.get("custom"):
+        out.append("<h2>Custom evaluators</h2><table><tbody>" + "".join(
+            f"<tr><th scope=row>{html.escape(name)} · {html.escape(k)}</th>{_cell(v)}</tr>"
+            for name, values in data["custom"].items() for k, v in values.items())
+            + "</tbody></table>")
+    if data["judgements"]:
+        out.append("<h2>LLM judge</h2><table><thead><tr><th>mode</th><th>judge</th>"
+                   "<th>result</th><th>position flips</th></tr></thead><tbody>")
+        for j in data["judgements"]:
+            result = (f"mean score {_fmt(j['mean_score'])} ({_fmt(j['low'])} – {_fmt(j['high'])})"
+                      if j["mode"] == "pointwise" else
+                      f"{j['second']} wins {_fmt(j['second_win_rate'])} against {j['first']}")
+            out.append(f"<tr><td>{j['mode']} ({html.escape(j['prompt'])})</td>"
+                       f"<td>{html.escape(j['judge'])}</td><td>{html.escape(result)}</td>"
+                       f"<td>{_fmt(j.get('flip_rate'))}</td></tr>")
+        out.append("</tbody></table>")
+    lineage, cost = data["lineage"], data["cost"]
+    train = lineage["train_data"] or {}
+    out.append("<h2>Lineage</h2><table><tbody>"
+               f"<tr><th scope=row>training data</th><td>{html.escape(str(train.get('path')))} "
+               f"({_fmt(train.get('rows'))} rows, sha256 {html.escape(str(train.get('sha256'))[:12])})"
+               "</td></tr>"
+               + "".join(f"<tr><th scope=row>dataset version</th><td>{html.escape(v['id'])} "
+                         f"{html.escape(v['name'] or '')}"
+                         + (f" · synthetic, teacher {html.escape(str(v['lineage']['teacher']))}"
+                            if v["lineage"] else "") + "</td></tr>"
+                         for v in lineage["dataset_versions"])
+               + f"<tr><th scope=row>base licence</th><td>{html.escape(str((lineage['licence'] or {}).get('name')))}</td></tr>"
+               f"<tr><th scope=row>artifact</th><td>{html.escape(str(run['artifact']))}</td></tr>"
+               "</tbody></table><h2>Cost</h2><table><tbody>"
+               f"<tr><th scope=row>training</th>{_cell(cost['train_usd'], 'cost.train_usd')}</tr>"
+               f"<tr><th scope=row>$ per 1,000 requests</th>{_cell(cost['usd_per_1k_requests'])}"
+               f"</tr><tr><th scope=row>machine price ($/hour)</th>{_cell(cost['price_per_hour'])}"
+               "</tr></tbody></table><h2>Recipe</h2><pre>"
+               + html.escape(json.dumps(lineage["recipe"], indent=1)) + "</pre></html>")
+    return "\n".join(out)
+
+
+def write(run_id: str, registry, workspace: Path, path: Path | None = None) -> tuple[Path, dict]:
+    """Write the run's report (default runs/RUN/report.html) atomically; (path, data)."""
+    data = report_data(run_id, registry, workspace)
+    path = path or workspace / "runs" / data["run"]["id"] / "report.html"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_html(data), encoding="utf-8")
+    tmp.replace(path)
+    return path, data
