@@ -79,3 +79,14 @@ def test_final_number_match_and_errors_gsm8k_style():
     assert m["numeric_rows"] == 3 and m["numeric_answered"] == 2
     assert m["numeric_match"] == pytest.approx(1 / 3)
     assert m["mae"] == pytest.approx(100.0) and m["mse"] == pytest.approx(20000.0)
+
+
+def test_field_values_normalize_amounts_and_dates():
+    n = extract.normalize
+    assert n("RM 1,234.50") == n("1234.5") == n("$1,234.50")
+    assert n("25/12/2018") == n("25-12-2018") == n("25 Dec 2018") == n("Dec 25, 2018") \
+        == n("2018-12-25") == "2018-12-25"
+    assert n("03/04/2019") == "2019-04-03"  # day first
+    assert n("  Acme  SDN BHD ") == "acme sdn bhd"
+    assert n("No. 3, Jalan 5") == "no. 3, jalan 5"  # an address is not a date
+    assert n("12") == n(12.0)

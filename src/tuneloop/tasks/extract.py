@@ -32,14 +32,28 @@ def parse(output: str, info) -> tuple[dict | None, bool]:
     return (obj, True) if isinstance(obj, dict) else (None, False)
 
 
+_DATE = re.compile(r"^\d{1,4}[./\- ]\s*(\d{1,2}|[a-z]{3,9})\.?[./\- ,]\s*\d{2,4}$|"
+                   r"^[a-z]{3,9}\.? \d{1,2},? \d{4}$")
+
+
 def normalize(value) -> str:
-    """Case, whitespace and number formatting do not make two values different."""
+    """Case, whitespace, number formatting (currency, thousands separators) and date format
+    (25/12/2018, 25-12-18, 25 Dec 2018, Dec 25, 2018 → 2018-12-25; day first, as on European
+    and Asian receipts) do not make two values different."""
     s = re.sub(r"\s+", " ", str(value if value is not None else "")).strip().lower()
-    number = re.sub(r"[,\s$€£]", "", s)
+    number = re.sub(r"[,\s$€£¥]|^rm|^usd|^eur", "", s)
     try:
         return repr(float(number))
     except ValueError:
-        return s
+        pass
+    if _DATE.match(s):
+        from dateutil import parser
+
+        try:
+            return parser.parse(s, dayfirst=not s[:4].isdigit()).date().isoformat()
+        except (ValueError, OverflowError):
+            pass
+    return s
 
 
 def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool]) -> dict:
