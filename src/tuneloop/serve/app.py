@@ -86,9 +86,9 @@ def create_app(settings: Settings) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
 
-    from tuneloop.serve import api, feedback, files, jobs
+    from tuneloop.serve import api, console, feedback, files, jobs
 
-    for module in (api, feedback, files, jobs):
+    for module in (api, feedback, files, jobs, console):
         app.include_router(module.routes)
 
     @app.get("/health")

@@ -1,0 +1,99 @@
+"""The web console in a real headless Chromium against the real server on loopback: the
+playground streams two models side by side, a thumbs-down with a correction lands in the
+feedback store and in the exported dataset, and a second tenant does not see the first's
+models. Screenshots are written; the pages log no console errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import make_rows, write_jsonl
+from tests.test_train_lora import recipe_for
+from tuneloop.serve.app import Settings, running
+from tuneloop.serve.auth import create_key
+from tuneloop.serve.deploy import deploy
+from tuneloop.serve.feedback import export
+from tuneloop.store import Registry
+from tuneloop.train.run import train
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install "
+                                                         "chromium; .ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def console(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("console")
+    saved = {k: os.environ.get(k) for k in ("TUNELOOP_DB_URL", "TUNELOOP_HOME")}
+    os.environ["TUNELOOP_DB_URL"] = f"sqlite:///{folder / 'registry.db'}"
+    os.environ["TUNELOOP_HOME"] = str(folder / "ws")
+    registry = Registry.open(folder / "ws")
+    train_file = write_jsonl(folder / "train.jsonl", make_rows(30, seed=1))
+    test_file = write_jsonl(folder / "test.jsonl", make_rows(6, seed=2))
+    keys = {}
+    for tenant, seed in (("acme", 0), ("globex", 1)):
+        run = train(recipe_for(tiny_model, train_file, test_file, max_steps=2, seed=seed,
+                               baselines=[], forgetting={"enabled": False}),
+                    workspace=folder / "ws")
+        deploy(registry, f"{tenant}-intents", run["run_id"], tenant, force=True)
+        keys[tenant] = create_key(registry, tenant, bases=[str(tiny_model)])[1]
+    settings = Settings(workspace=folder / "ws", bases=[str(tiny_model)], worker=False)
+    with running(settings) as url:
+        yield {"url": url, "keys": keys, "registry": registry, "folder": folder}
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def open_page(browser, url, key, errors):
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.fill("#key", key)
+    page.click("#login button")
+    page.wait_for_selector("input[name=model]")
+    return page
+
+
+def test_playground_streams_two_models_and_feedback_reaches_the_dataset(console, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = open_page(browser, console["url"], console["keys"]["acme"], errors)
+        models = page.eval_on_selector_all("input[name=model]", "els => els.map(e => e.value)")
+        assert "acme-intents" in models and "globex-intents" not in models and len(models) == 2
+        page.fill("#prompt", "i lost my card today")
+        page.fill("#max-tokens", "12")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll('.answer[data-done]').length == 2",
+                               timeout=120_000)
+        cards = page.query_selector_all(".answer")
+        assert sorted(c.get_attribute("data-model") for c in cards) == sorted(models)
+        for c in cards:
+            assert "tokens" in c.query_selector(".stats").inner_text()
+            assert c.get_attribute("data-completion-id").startswith("chatcmpl-")
+        tuned = next(c for c in cards if c.get_attribute("data-model") == "acme-intents")
+        tuned.query_selector(".down").click()
+        tuned.query_selector(".correction").fill("card_lost")
+        tuned.query_selector(".correct button").click()
+        page.wait_for_function("[...document.querySelectorAll('.saved')].some("
+                               "e => e.textContent == 'Correction saved.')")
+        page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+
+        other = open_page(browser, console["url"], console["keys"]["globex"], errors)
+        seen = other.eval_on_selector_all("input[name=model]", "els => els.map(e => e.value)")
+        assert "globex-intents" in seen and "acme-intents" not in seen
+        browser.close()
+    assert errors == []
+    assert (tmp_path / "playground.png").stat().st_size > 10_000
+    summary = export(console["registry"], "acme-intents", tmp_path / "fb", tenant="acme")
+    rows = [json.loads(line) for line in (tmp_path / "fb" / "sft.jsonl").open()]
+    assert rows[-1]["messages"][-1] == {"role": "assistant", "content": "card_lost"}
+    assert rows[-1]["messages"][0]["content"] == "i lost my card today"
+    assert summary["datasets"]["sft"]["rows"] >= 1
