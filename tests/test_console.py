@@ -97,3 +97,60 @@ def test_playground_streams_two_models_and_feedback_reaches_the_dataset(console,
     assert rows[-1]["messages"][-1] == {"role": "assistant", "content": "card_lost"}
     assert rows[-1]["messages"][0]["content"] == "i lost my card today"
     assert summary["datasets"]["sft"]["rows"] >= 1
+
+
+@pytest.fixture(scope="module")
+def console_with_worker(tiny_model, tmp_path_factory):
+    """A server whose job worker trains what the Runs page starts."""
+    folder = tmp_path_factory.mktemp("console-jobs")
+    saved = {k: os.environ.get(k) for k in ("TUNELOOP_DB_URL", "TUNELOOP_HOME")}
+    os.environ["TUNELOOP_DB_URL"] = f"sqlite:///{folder / 'registry.db'}"
+    os.environ["TUNELOOP_HOME"] = str(folder / "ws")
+    registry = Registry.open(folder / "ws")
+    keys = {t: create_key(registry, t, bases=[str(tiny_model)])[1] for t in ("acme", "globex")}
+    settings = Settings(workspace=folder / "ws", bases=[str(tiny_model)], worker=True)
+    with running(settings) as url:
+        yield {"url": url, "keys": keys, "folder": folder}
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def chat_file(path, n=24):
+    rows = [{"messages": [{"role": "user", "content": r["text"]},
+                          {"role": "assistant", "content": r["label"]}]} for r in make_rows(n)]
+    return write_jsonl(path, rows)
+
+
+def test_a_run_started_from_the_page_succeeds_and_shows_its_curve(console_with_worker, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    server, errors = console_with_worker, []
+    data = chat_file(tmp_path / "train.jsonl")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = open_page(browser, server["url"], server["keys"]["acme"], errors)
+        page.click("#nav-runs")
+        page.wait_for_selector("#base option", state="attached")
+        page.set_input_files("#train-file", str(data))
+        page.fill("#epochs", "2")
+        page.fill("#suffix", "console")
+        page.click("#start button")
+        page.wait_for_selector("#job:not([hidden])")
+        page.wait_for_function("document.getElementById('job-status').dataset.status == "
+                               "'succeeded'", timeout=300_000)
+        page.wait_for_function("Number(document.getElementById('curve').dataset.points) >= 2")
+        assert page.locator("#curve svg polyline").count() == 1
+        page.wait_for_function("document.getElementById('jobs').innerText.includes('succeeded')")
+        page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
+        job_id = page.inner_text("#job-id")
+
+        other = open_page(browser, server["url"], server["keys"]["globex"], errors)
+        other.click("#nav-runs")
+        other.wait_for_selector("#base option", state="attached")
+        other.click("#refresh")
+        other.wait_for_timeout(500)
+        assert job_id not in other.inner_text("#jobs")  # another tenant's runs are not shown
+        assert other.locator("#jobs tr").count() == 0
+        browser.close()
+    assert errors == []
+    assert (tmp_path / "runs.png").stat().st_size > 10_000

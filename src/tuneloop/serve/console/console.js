@@ -104,6 +104,7 @@ $("login").addEventListener("submit", (event) => {
   key = $("key").value.trim();
   sessionStorage.setItem("tuneloop-key", key);
   loadModels();
+  if (location.hash === "#runs") loadJobs();
 });
 
 $("ask").addEventListener("submit", async (event) => {
@@ -146,4 +147,130 @@ $("answers").addEventListener("submit", (event) => {
   feedback(node, {correction: node.querySelector(".correction").value});
 });
 
+// Pages: #playground and #runs, switched by the address's fragment.
+function show() {
+  const page = location.hash === "#runs" ? "runs" : "playground";
+  $("page-playground").hidden = page !== "playground";
+  $("page-runs").hidden = page !== "runs";
+  for (const name of ["playground", "runs"]) {
+    const link = $("nav-" + name);
+    if (name === page) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  if (page === "runs" && key) loadJobs();
+}
+window.addEventListener("hashchange", show);
+
+// Runs: fine-tuning jobs of this key's tenant, over /v1/files and /v1/fine_tuning/jobs.
+let openJob = null, timer = null;
+const FINAL = ["succeeded", "failed", "cancelled"];
+
+async function loadBases() {
+  const models = (await (await api("/v1/models")).json()).data;
+  const select = $("base");
+  // Base models are owned by "tuneloop"; the others are this tenant's fine-tuned adapters.
+  select.replaceChildren(...models.filter((m) => m.owned_by === "tuneloop")
+    .map((m) => new Option(m.id, m.id)));
+}
+
+async function loadJobs() {
+  try {
+    await loadBases();
+    const jobs = (await (await api("/v1/fine_tuning/jobs?limit=50")).json()).data;
+    $("jobs").replaceChildren(...jobs.map((job) => {
+      const row = document.createElement("tr");
+      row.tabIndex = 0;
+      row.dataset.job = job.id;
+      for (const value of [job.id, job.model, job.status, job.fine_tuned_model || "–",
+                           job.trained_tokens ?? "–"]) {
+        const cell = document.createElement("td");
+        cell.textContent = value;
+        row.append(cell);
+      }
+      row.addEventListener("click", () => openRun(job.id));
+      row.addEventListener("keydown", (e) => { if (e.key === "Enter") openRun(job.id); });
+      return row;
+    }));
+  } catch (e) {
+    $("start-status").textContent = "Could not list runs: " + e.message;
+  }
+}
+
+function curveSvg(points) {
+  if (points.length < 1) return "";
+  const w = 640, h = 220, xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const sx = (x) => 50 + (w - 60) * (x - x0) / Math.max(1, x1 - x0);
+  const sy = (y) => 10 + (h - 40) * (1 - (y - y0) / Math.max(1e-9, y1 - y0));
+  const line = points.map((p) => sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" ");
+  return `<svg width="${w}" height="${h}" xmlns="http://www.w3.org/2000/svg" font-size="11">` +
+    `<text x="4" y="14">${y1.toFixed(3)}</text><text x="4" y="${h - 30}">${y0.toFixed(3)}</text>` +
+    `<text x="50" y="${h - 8}">step ${x0}</text><text x="${w - 70}" y="${h - 8}">step ${x1}</text>` +
+    `<polyline fill="none" stroke="#3b6ea8" stroke-width="1.5" points="${line}"/></svg>`;
+}
+
+async function refreshRun() {
+  const id = openJob;
+  const job = await (await api("/v1/fine_tuning/jobs/" + id)).json();
+  const events = (await (await api(`/v1/fine_tuning/jobs/${id}/events?limit=200`)).json()).data;
+  if (id !== openJob) return;
+  $("job-status").textContent = job.status;
+  $("job-status").dataset.status = job.status;
+  const steps = events.filter((e) => e.data && e.data.train_loss !== undefined)
+    .map((e) => [e.data.step, e.data.train_loss]).sort((a, b) => a[0] - b[0]);
+  const last = steps[steps.length - 1];
+  const latest = events.find((e) => e.data && e.data.total_steps);
+  $("job-progress").textContent = latest ? `step ${latest.data.step} of ${latest.data.total_steps}` +
+    (latest.data.tokens_per_s ? ` · ${Math.round(latest.data.tokens_per_s)} tokens/s` : "") : "";
+  $("curve").innerHTML = curveSvg(steps);
+  $("curve").dataset.points = steps.length;
+  if (last) $("curve").setAttribute("aria-label", `training loss by step; last ${last[1].toFixed(3)}`);
+  $("events").replaceChildren(...events.map((e) => {
+    const item = document.createElement("li");
+    item.textContent = e.message;
+    return item;
+  }));
+  $("cancel").hidden = FINAL.includes(job.status);
+  if (FINAL.includes(job.status)) { clearInterval(timer); timer = null; loadJobs(); }
+}
+
+function openRun(id) {
+  openJob = id;
+  $("job").hidden = false;
+  $("job-id").textContent = id;
+  clearInterval(timer);
+  refreshRun().catch((e) => { $("job-status").textContent = "error: " + e.message; });
+  timer = setInterval(() => refreshRun().catch(() => {}), 1000);
+}
+
+$("start").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const status = $("start-status");
+  try {
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", $("train-file").files[0]);
+    status.textContent = "Uploading…";
+    const uploaded = await fetch("/v1/files", {method: "POST", body: form,
+      headers: {"authorization": "Bearer " + key}});
+    const file = await uploaded.json();
+    if (!uploaded.ok) throw new Error(file.error.message);
+    const body = {model: $("base").value, training_file: file.id};
+    if ($("epochs").value) body.hyperparameters = {n_epochs: Number($("epochs").value)};
+    if ($("suffix").value) body.suffix = $("suffix").value;
+    const job = await (await api("/v1/fine_tuning/jobs", body)).json();
+    status.textContent = "Started " + job.id + ".";
+    await loadJobs();
+    openRun(job.id);
+  } catch (e) {
+    status.textContent = "Not started: " + e.message;
+  }
+});
+$("refresh").addEventListener("click", loadJobs);
+$("cancel").addEventListener("click", async () => {
+  await api(`/v1/fine_tuning/jobs/${openJob}/cancel`, {});
+  refreshRun();
+});
+
 if (key) { $("key").value = key; loadModels(); }
+show();
