@@ -32,8 +32,8 @@ demo: install
 	$(BIN)/tuneloop demo
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
-	$(BIN)/python -m pytest -q -m slow tests
+	$(BIN)/python -m pytest -q --durations=15 -m "not slow" tests
+	$(BIN)/python -m pytest -q --durations=10 -m slow tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -39,7 +39,8 @@ def test_distilled_student_moves_towards_its_teacher(tiny_model, classify_files,
     from tuneloop.store import Registry
 
     train_file, test_file = classify_files
-    teacher_run = train(recipe(tiny_model, train_file, test_file, epochs=4), workspace=workspace)
+    teacher_run = train(recipe(tiny_model, train_file, test_file, epochs=3,
+                               forgetting={"enabled": False}), workspace=workspace)
     teacher_file = workspace / "runs" / teacher_run["run_id"] / "adapter" / \
         "adapter_model.safetensors"
     teacher_bytes = teacher_file.read_bytes()
@@ -47,6 +48,7 @@ def test_distilled_student_moves_towards_its_teacher(tiny_model, classify_files,
     results = {}
     for mode in ("sequence", "logits"):
         results[mode] = train(recipe(tiny_model, train_file, test_file, method="distill",
+                                     max_steps=12, forgetting={"enabled": False},
                                      distill={"teacher": teacher_run["run_id"], "mode": mode,
                                               "top_k": None, "weight": 1.0}),
                               workspace=workspace)
