@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -103,3 +104,40 @@ def fresh_db_url(kind: str, folder: Path) -> str:
         conn.execute(sa.text("DROP TABLE IF EXISTS _migrations"))
     engine.dispose()
     return url
+
+
+@contextlib.contextmanager
+def two_tenant_server(tiny_model: Path, folder: Path, db_kind: str = "sqlite",
+                      deployed: bool = True, **settings):
+    """The real server on loopback for tenants acme and globex (a key each, the tiny base
+    allowed); with `deployed`, each has a LoRA run of the tiny base deployed as
+    <tenant>-intents. Yields {"url", "keys", "registry", "base", "folder"}."""
+    from tests.test_train_lora import recipe_for
+    from tuneloop.serve.app import Settings, running
+    from tuneloop.serve.auth import create_key
+    from tuneloop.serve.deploy import deploy
+    from tuneloop.store import Registry
+    from tuneloop.train.run import train
+
+    saved = {k: os.environ.get(k) for k in ("TUNELOOP_DB_URL", "TUNELOOP_HOME")}
+    os.environ["TUNELOOP_DB_URL"] = fresh_db_url(db_kind, folder)
+    os.environ["TUNELOOP_HOME"] = str(folder / "ws")
+    try:
+        registry = Registry.open(folder / "ws")
+        train_file = write_jsonl(folder / "train.jsonl", make_rows(30, seed=1))
+        test_file = write_jsonl(folder / "test.jsonl", make_rows(6, seed=2))
+        keys = {}
+        for tenant, seed in (("acme", 0), ("globex", 1)):
+            if deployed:
+                run = train(recipe_for(tiny_model, train_file, test_file, max_steps=2, seed=seed,
+                                       baselines=[], forgetting={"enabled": False}),
+                            workspace=folder / "ws")
+                deploy(registry, f"{tenant}-intents", run["run_id"], tenant, force=True)
+            keys[tenant] = create_key(registry, tenant, bases=[str(tiny_model)])[1]
+        with running(Settings(workspace=folder / "ws", bases=[str(tiny_model)],
+                              **settings)) as url:
+            yield {"url": url, "keys": keys, "registry": registry, "base": str(tiny_model),
+                   "folder": folder}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -6,19 +6,12 @@ models. Screenshots are written; the pages log no console errors."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 
-from tests.conftest import make_rows, write_jsonl
-from tests.test_train_lora import recipe_for
-from tuneloop.serve.app import Settings, running
-from tuneloop.serve.auth import create_key
-from tuneloop.serve.deploy import deploy
+from tests.conftest import make_rows, two_tenant_server, write_jsonl
 from tuneloop.serve.feedback import export
-from tuneloop.store import Registry
-from tuneloop.train.run import train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install "
@@ -27,25 +20,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get i
 
 @pytest.fixture(scope="module")
 def console(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("console")
-    saved = {k: os.environ.get(k) for k in ("TUNELOOP_DB_URL", "TUNELOOP_HOME")}
-    os.environ["TUNELOOP_DB_URL"] = f"sqlite:///{folder / 'registry.db'}"
-    os.environ["TUNELOOP_HOME"] = str(folder / "ws")
-    registry = Registry.open(folder / "ws")
-    train_file = write_jsonl(folder / "train.jsonl", make_rows(30, seed=1))
-    test_file = write_jsonl(folder / "test.jsonl", make_rows(6, seed=2))
-    keys = {}
-    for tenant, seed in (("acme", 0), ("globex", 1)):
-        run = train(recipe_for(tiny_model, train_file, test_file, max_steps=2, seed=seed,
-                               baselines=[], forgetting={"enabled": False}),
-                    workspace=folder / "ws")
-        deploy(registry, f"{tenant}-intents", run["run_id"], tenant, force=True)
-        keys[tenant] = create_key(registry, tenant, bases=[str(tiny_model)])[1]
-    settings = Settings(workspace=folder / "ws", bases=[str(tiny_model)], worker=False)
-    with running(settings) as url:
-        yield {"url": url, "keys": keys, "registry": registry, "folder": folder}
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with two_tenant_server(tiny_model, tmp_path_factory.mktemp("console"), worker=False) as srv:
+        yield srv
 
 
 def open_page(browser, url, key, errors):
@@ -101,18 +77,10 @@ def test_playground_streams_two_models_and_feedback_reaches_the_dataset(console,
 
 @pytest.fixture(scope="module")
 def console_with_worker(tiny_model, tmp_path_factory):
-    """A server whose job worker trains what the Runs page starts."""
-    folder = tmp_path_factory.mktemp("console-jobs")
-    saved = {k: os.environ.get(k) for k in ("TUNELOOP_DB_URL", "TUNELOOP_HOME")}
-    os.environ["TUNELOOP_DB_URL"] = f"sqlite:///{folder / 'registry.db'}"
-    os.environ["TUNELOOP_HOME"] = str(folder / "ws")
-    registry = Registry.open(folder / "ws")
-    keys = {t: create_key(registry, t, bases=[str(tiny_model)])[1] for t in ("acme", "globex")}
-    settings = Settings(workspace=folder / "ws", bases=[str(tiny_model)], worker=True)
-    with running(settings) as url:
-        yield {"url": url, "keys": keys, "folder": folder}
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    """A server whose job worker trains what the Runs page starts; no runs yet."""
+    with two_tenant_server(tiny_model, tmp_path_factory.mktemp("console-jobs"), deployed=False,
+                           worker=True) as srv:
+        yield srv
 
 
 def chat_file(path, n=24):

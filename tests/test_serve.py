@@ -15,41 +15,21 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import DB_KINDS, fresh_db_url, write_jsonl, make_rows
+from tests.conftest import DB_KINDS, make_rows, two_tenant_server, write_jsonl
 from tuneloop.serve.app import running
-from tests.test_train_lora import recipe_for
 from tuneloop.data.formats import load_examples
 from tuneloop.serve.app import Settings
 from tuneloop.serve.auth import create_key, revoke_key
-from tuneloop.serve.deploy import deploy
 from tuneloop.serve.feedback import export
 from tuneloop.store import Registry
-from tuneloop.train.run import train
 
 
 @pytest.fixture(scope="module", params=DB_KINDS)
 def server(request, tiny_model, tmp_path_factory):
     """A server with two tenants, each with its own deployed LoRA run on the tiny base."""
-    folder = tmp_path_factory.mktemp("serve")
-    saved = {k: os.environ.get(k) for k in ("TUNELOOP_DB_URL", "TUNELOOP_HOME")}
-    os.environ["TUNELOOP_DB_URL"] = fresh_db_url(request.param, folder)
-    os.environ["TUNELOOP_HOME"] = str(folder / "ws")
-    registry = Registry.open(folder / "ws")
-    train_file = write_jsonl(folder / "train.jsonl", make_rows(30, seed=1))
-    test_file = write_jsonl(folder / "test.jsonl", make_rows(6, seed=2))
-    keys = {}
-    for tenant, seed in (("acme", 0), ("globex", 1)):
-        run = train(recipe_for(tiny_model, train_file, test_file, max_steps=2, seed=seed,
-                               baselines=[]), workspace=folder / "ws")
-        deploy(registry, f"{tenant}-intents", run["run_id"], tenant, force=True)
-        keys[tenant] = create_key(registry, tenant, bases=[str(tiny_model)])[1]
-    settings = Settings(workspace=folder / "ws", bases=[str(tiny_model)], max_body_bytes=64 * 1024,
-                        max_tokens_limit=200, worker=True)
-    with running(settings) as url:
-        yield {"url": url, "keys": keys, "registry": registry, "base": str(tiny_model),
-               "folder": folder}
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with two_tenant_server(tiny_model, tmp_path_factory.mktemp("serve"), request.param,
+                           max_body_bytes=64 * 1024, max_tokens_limit=200, worker=True) as srv:
+        yield srv
 
 
 def client(server, tenant="acme", **kw):

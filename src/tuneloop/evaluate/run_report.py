@@ -216,7 +216,7 @@ def render_html(data: dict) -> str:
                              + _cell(v["normalized"], f"per_field.{f}.normalized") + "</tr>"
                              for f, v in data["per_field"].items()) + "</tbody></table>")
     if data["worst_errors"]:
-        out.append(f"<h2>Worst errors</h2><table><thead><tr><th>line</th><th>input</th>"
+        out.append("<h2>Worst errors</h2><table><thead><tr><th>line</th><th>input</th>"
                    "<th>output</th><th>expected</th></tr></thead><tbody>"
                    + "".join(f"<tr><td>{e['line']}</td><td>{html.escape(e['input'][:400])}</td>"
                              f"<td>{html.escape(str(e['output'])[:400])}</td>"

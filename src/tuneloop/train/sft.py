@@ -32,7 +32,7 @@ from tuneloop.project import save_yaml
 from tuneloop.train import checkpoint
 from tuneloop.train.data import Splits
 from tuneloop.train.loss import completion_loss, mean_loss
-from tuneloop.train.plan import Plan, default_batch_tokens, default_epochs, make_plan
+from tuneloop.train.plan import default_batch_tokens, default_epochs, make_plan
 
 
 @dataclass(frozen=True)
