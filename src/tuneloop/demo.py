@@ -84,6 +84,12 @@ def run_demo(out, err) -> dict:
              f"{run['train_tokens']} training tokens, peak RSS {run['peak_rss_mb']:.0f} MB",
              f"test rows: {run['test']['n']}; baselines {baseline_s:.0f} s; "
              f"whole demo {time.perf_counter() - started:.0f} s"]
+    check = run.get("forgetting")
+    if check:
+        notes.append(f"forgetting check: {'FLAGGED' if check['flagged'] else 'ok'} — general "
+                     f"accuracy {check['base']['accuracy']:.2f} → "
+                     f"{check['fine_tuned']['accuracy']:.2f}, reference loss "
+                     f"{check['base']['loss']:.3f} → {check['fine_tuned']['loss']:.3f}")
     for note in notes:
         out.print(note)
     out.print(f"report: {run['report']}  (scoreboard, loss curves, worst errors, forgetting "
