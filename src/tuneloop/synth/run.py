@@ -319,8 +319,11 @@ class Synth:
         if prompts:
             self.prompts.setdefault("task", prompts[0][0]["content"] if prompts[0][0]["role"] ==
                                     "system" else "")
-        asks = [Ask.of(p, max_tokens=self.recipe.teacher.max_tokens,
-                       temperature=c.temperature if samples > 1 else 0.0, sample=s)
+        limit = self.recipe.teacher.max_tokens
+        if info.kind == "classify":  # a label is short: a reply that runs on is not one
+            limit = min(limit, 8 + max(len(label) for label in info.labels) // 2)
+        asks = [Ask.of(p, max_tokens=limit, temperature=c.temperature if samples > 1 else 0.0,
+                       sample=s)
                 for p in prompts for s in range(samples)]
         replies = self.ask(asks, "answering")
         out = []
