@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "banking77")
     parser.add_argument("--synth", type=Path, default=ROOT / "bench" / "out" / "synth_banking77")
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--epochs", type=float, default=1.0)
     args = parser.parse_args()
     state = json.loads((args.synth / "state.json").read_text())
     ws = args.synth / "workspace"
