@@ -1,7 +1,7 @@
 """The LLM judge checked on a fixed set: position bias (verdicts that flip with the order),
 and agreement of pointwise scores with the task metric.
 
-    python bench/judge_bias.py [--judge smollm2-135m-instruct] [--rows 80]
+    python bench/judge_bias.py [--judge smollm2-135m-instruct] [--rows 60]
 
 The fixed set: the first `--rows` rows of the shared banking77 test set, answered by the two
 students of bench/synth_banking77.py (10 gold rows per intent, and the same plus synthetic
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--synth", type=Path, default=ROOT / "bench" / "out" / "synth_banking77")
     parser.add_argument("--judge", default="smollm2-135m-instruct")
     parser.add_argument("--endpoint", default=None)
-    parser.add_argument("--rows", type=int, default=80)
+    parser.add_argument("--rows", type=int, default=60)
     args = parser.parse_args()
     state = json.loads((args.synth / "state.json").read_text())
     ws = args.synth / "workspace"
