@@ -53,3 +53,11 @@ def collate(items: list[Encoded], pad_id: int, left_pad: bool = False) -> dict[s
         labels[row, cols] = torch.tensor(it.labels)
         mask[row, cols] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def padded_batches(items: list[Encoded], pad_id: int, batch_tokens: int = 2048,
+                   seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """`items` collated into length-grouped batches of at most `batch_tokens` padded tokens
+    (an example longer than that alone): for loss and KL passes over a fixed set."""
+    return [collate([items[i] for i in b], pad_id)
+            for b in length_grouped_batches([len(x) for x in items], batch_tokens, seed=seed)]

@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from tuneloop.data.batching import collate, length_grouped_batches
+from tuneloop.data.batching import padded_batches
 from tuneloop.data.tokenize import encode
 from tuneloop.evaluate.generate import generate
 from tuneloop.train.loss import mean_loss
@@ -55,8 +55,7 @@ def score(model, tokenizer) -> dict:
     scored = [i for i in items if i.get("score") == "loss"]
     enc = [encode(tokenizer, [{"role": "user", "content": i["prompt"]}], i["answer"])
            for i in scored]
-    order = length_grouped_batches([len(x) for x in enc], max(2048, max(map(len, enc))), seed=0)
-    loss = mean_loss(model, (collate([enc[i] for i in b], tokenizer.pad_token_id) for b in order))
+    loss = mean_loss(model, padded_batches(enc, tokenizer.pad_token_id))
     return {"accuracy": sum(marks) / len(marks),
             "by_kind": {k: sum(v) / len(v) for k, v in kinds.items()},
             "loss": loss, "items": len(items),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tuneloop.errors import TuneloopError
+from tuneloop.tasks import extract
 from tuneloop.evaluate.compare import Scored, bootstrap_interval, row_scores
 from tuneloop.synth.teacher import Ask, Cache, Teacher, Usage, ask_all, request_cache_path
 
@@ -46,15 +47,8 @@ def prompt_version(prompt_id: str, rubric: str) -> dict:
 
 def _json_field(text: str, key: str) -> str | None:
     """`key` from the first JSON object in a reply; None when there is none."""
-    start = text.find("{")
-    if start >= 0:
-        try:
-            obj, _ = json.JSONDecoder().raw_decode(text[start:])
-            if isinstance(obj, dict) and key in obj:
-                return str(obj[key])
-        except json.JSONDecodeError:
-            pass
-    return None
+    obj, ok = extract.parse(text, None)
+    return str(obj[key]) if ok and key in obj else None
 
 
 def parse_score(text: str) -> tuple[int | None, str]:

@@ -7,7 +7,7 @@ import os
 import time
 
 from tuneloop import tasks
-from tuneloop.data.batching import collate, length_grouped_batches
+from tuneloop.data.batching import padded_batches
 from tuneloop.data.tokenize import encode, prompt_ids
 from tuneloop.baselines import shots as shots_lib
 from tuneloop.evaluate.generate import generate, generate_shared_prefix
@@ -80,9 +80,7 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
             head = shots_lib.prefix_messages(info, shots)
             prompts = [[*head, *[m for m in e.messages if m["role"] != "system"]] for e in examples]
         enc = [encode(tokenizer, p, module.target(e)) for p, e in zip(prompts, examples)]
-        order = length_grouped_batches([len(x) for x in enc],
-                                       max(batch_tokens, max(len(x) for x in enc)), seed=0)
-        loss = mean_loss(model, (collate([enc[i] for i in b], tokenizer.pad_token_id) for b in order))
+        loss = mean_loss(model, padded_batches(enc, tokenizer.pad_token_id, batch_tokens))
         metrics.update(loss=loss, perplexity=math.exp(loss))
     metrics["prompt_tokens"] = prompt_tokens  # mean per request
     metrics["generate_s"] = elapsed

@@ -9,6 +9,7 @@ soon as it arrives, so an interrupted generation resumes without asking (or payi
 from __future__ import annotations
 
 import datetime as dt
+from abc import ABC, abstractmethod
 import hashlib
 import json
 import os
@@ -93,15 +94,17 @@ def request_cache_path(workspace: Path) -> Path:
     return workspace / "cache" / "requests.sqlite"
 
 
-class Teacher:
+class Teacher(ABC):
     """Answers Asks. Subclasses implement `answer`, yielding (index, Reply or error) pairs."""
 
     id: str = ""  # identifies the teacher in cache keys and lineage
     terms: str | None = None  # the licence/terms its outputs are under
     trained_for: object = None  # TaskInfo when the teacher is a run fine-tuned on the task
 
+    @abstractmethod
     def answer(self, asks: list[Ask]) -> Iterator[tuple[int, Reply | Exception]]:
-        raise NotImplementedError
+        """(index into `asks`, its Reply or the error that remained after retries), in any
+        order."""
 
     def describe(self) -> dict:
         return {"id": self.id, "terms": self.terms}

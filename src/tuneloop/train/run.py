@@ -53,7 +53,7 @@ def _distributed(recipe, run_dir: Path, processes: int, resume: bool) -> dict:
 
 def _distill_stats(out: dict, teacher, splits, recipe) -> dict:
     """The student's mean per-token KL to the teacher on the validation answers."""
-    from tuneloop.data.batching import collate, length_grouped_batches
+    from tuneloop.data.batching import padded_batches
     from tuneloop.data.tokenize import encode
     from tuneloop.train.distill import mean_kl
 
@@ -63,9 +63,7 @@ def _distill_stats(out: dict, teacher, splits, recipe) -> dict:
 
     tok, module = out["tokenizer"], TASKS[recipe.task]
     enc = [encode(tok, module.prompt(e, splits.info), module.target(e)) for e in splits.validation]
-    order = length_grouped_batches([len(x) for x in enc], 2048, seed=0)
-    kl = mean_kl(out["model"], teacher, (collate([enc[i] for i in b], tok.pad_token_id)
-                                          for b in order))
+    kl = mean_kl(out["model"], teacher, padded_batches(enc, tok.pad_token_id))
     return {"final_val_kl": kl, "distill": recipe.distill.model_dump()}
 
 

@@ -24,7 +24,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from tuneloop import models, tasks
-from tuneloop.data.batching import collate, length_grouped_batches
+from tuneloop.data.batching import collate, length_grouped_batches, padded_batches
 from tuneloop.data.tokenize import IGNORE, encode
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import plot_curves
@@ -108,8 +108,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps)
     pad = tokenizer.pad_token_id
-    val_batches = [collate([val_set[i] for i in b], pad)
-                   for b in length_grouped_batches([len(x) for x in val_set], batch_tokens, 0)]
+    val_batches = padded_batches(val_set, pad, batch_tokens)
 
     curves = {"train": [], "validation": []}
     tokens, train_s, deadline = 0, 0.0, _deadline(recipe)
