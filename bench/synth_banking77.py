@@ -105,7 +105,8 @@ def main() -> None:
 
 def label(paths: dict[str, Path], test: Path, teacher: str, ws: Path) -> dict:
     """`tuneloop synth` in label mode; how often the teacher's labels match the hidden gold."""
-    from tuneloop.synth.run import SynthRecipe, synthesize
+    from tuneloop.synth.recipe import SynthRecipe
+    from tuneloop.synth.run import synthesize
 
     recipe = SynthRecipe.model_validate({
         "name": "b77-synth", "task": "classify", "mode": "label", "teacher": {"run": teacher},

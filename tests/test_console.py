@@ -24,6 +24,12 @@ def console(tiny_model, tmp_path_factory):
         yield srv
 
 
+def unexpected(errors: list[str], status: int) -> list[str]:
+    """The console errors other than Chromium's note on the one refusal the test provoked."""
+    note = f"the server responded with a status of {status}"
+    return [e for e in errors if note not in e]
+
+
 def open_page(browser, url, key, errors):
     page = browser.new_page(viewport={"width": 1280, "height": 860})
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -122,3 +128,188 @@ def test_a_run_started_from_the_page_succeeds_and_shows_its_curve(console_with_w
         browser.close()
     assert errors == []
     assert (tmp_path / "runs.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def console_pages(tiny_model, tmp_path_factory):
+    """Two tenants; acme's deployment has served two runs (the second deployed on top)."""
+    from tests.test_train_lora import recipe_for
+    from tuneloop.serve.deploy import deploy, deployed_history
+    from tuneloop.train.run import train
+
+    with two_tenant_server(tiny_model, tmp_path_factory.mktemp("console-pages"),
+                           worker=False) as srv:
+        first = deployed_history(srv["registry"], "acme-intents", "acme")[0]
+        folder = srv["folder"]
+        second = train(recipe_for(tiny_model, folder / "train.jsonl", folder / "test.jsonl",
+                                  max_steps=4, seed=7, baselines=[],
+                                  forgetting={"enabled": False}), workspace=folder / "ws")
+        deploy(srv["registry"], "acme-intents", second["run_id"], "acme", force=True)
+        yield {**srv, "first": first, "second": second["run_id"]}
+
+
+def test_data_page_checks_an_upload_by_line_and_pages_through_rows(console_pages, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    errors = []
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*make_rows(3), '{"text": "no label", "label"',
+                                               *make_rows(2, seed=5)])
+    good = chat_file(tmp_path / "good.jsonl", n=25)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = open_page(browser, console_pages["url"], console_pages["keys"]["acme"], errors)
+        page.click("#nav-data")
+        page.set_input_files("#data-file", str(bad))
+        page.click("#upload button")
+        page.wait_for_function("document.getElementById('upload-status').className == 'error'")
+        message = page.inner_text("#upload-status")
+        assert "bad.jsonl" in message and "line 4" in message  # the broken line, by number
+        assert page.locator("#files tr").count() == 0  # nothing kept from a bad file
+
+        page.set_input_files("#data-file", str(good))
+        page.click("#upload button")
+        page.wait_for_selector("#browser:not([hidden])")
+        page.wait_for_function("document.getElementById('rows').children.length == 20")
+        assert page.inner_text("#page-info") == "rows 1–20 of 25"
+        assert page.locator("#files tr").count() == 1
+        page.click("#next")
+        page.wait_for_function("document.getElementById('rows').children.length == 5")
+        lines = page.eval_on_selector_all("#rows tr td:first-child", "els => els.map(e => e.textContent)")
+        assert lines == ["21", "22", "23", "24", "25"]
+        assert page.is_disabled("#next") and not page.is_disabled("#prev")
+        page.screenshot(path=str(tmp_path / "data.png"), full_page=True)
+
+        other = open_page(browser, console_pages["url"], console_pages["keys"]["globex"], errors)
+        other.click("#nav-data")
+        other.wait_for_timeout(500)
+        assert other.locator("#files tr").count() == 0  # acme's file is not globex's
+        browser.close()
+    assert unexpected(errors, 400) == [] and len(errors) == 1  # the refused upload
+    assert (tmp_path / "data.png").stat().st_size > 10_000
+
+
+def test_evaluations_page_shows_reports_and_compares_two_runs(console_pages, tmp_path):
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    errors, second = [], console_pages["second"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = open_page(browser, console_pages["url"], console_pages["keys"]["acme"], errors)
+        page.click("#nav-evaluations")
+        page.wait_for_function("document.getElementById('eval-runs').children.length == 2")
+        shown = page.eval_on_selector_all("#eval-runs tr td:first-child", "els => els.map(e => e.textContent)")
+        assert set(shown) == {console_pages["first"], second}  # not globex's run
+        page.click(f"#eval-runs tr:has-text('{second}')")
+        page.wait_for_selector("#report:not([hidden])")
+        frame = page.frame_locator("#report")
+        assert second in frame.locator("h1").inner_text()
+        assert "accuracy" in frame.locator("body").inner_text()
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        page.click("#compare button")
+        page.wait_for_function("document.getElementById('eval-status').textContent.includes('against')")
+        compared = page.frame_locator("#report").locator("body").inner_text()
+        assert "fixed" in compared and "broken" in compared
+        browser.close()
+    assert errors == []
+    other = httpx.get(f"{console_pages['url']}/v1/tuneloop/runs/{second}/report",
+                      headers={"authorization": f"Bearer {console_pages['keys']['globex']}"})
+    assert other.status_code == 404 and other.json()["error"]["code"] == "run_not_found"
+
+
+def test_deployments_page_promotes_through_the_gate_and_rolls_back(console_pages, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from tuneloop.serve.deploy import deployed_history
+
+    errors, registry = [], console_pages["registry"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = open_page(browser, console_pages["url"], console_pages["keys"]["acme"], errors)
+        page.click("#nav-deployments")
+        page.wait_for_selector("#deploys tr[data-name='acme-intents']")
+        row = page.locator("#deploys tr[data-name='acme-intents']")
+        assert console_pages["second"] in row.inner_text()
+        # the run has no gate (trained without baselines): promotion is refused, with the reason
+        page.fill("#promote-name", "acme-canary")
+        page.click("#promote button")
+        page.wait_for_function("document.getElementById('promote-status').className == 'error'")
+        assert "no evaluation gate" in page.inner_text("#promote-status")
+        assert page.locator("#deploys tr").count() == 1
+        page.check("#promote-force")
+        page.click("#promote button")
+        page.wait_for_selector("#deploys tr[data-name='acme-canary']")
+        assert "now serves" in page.inner_text("#promote-status")
+        assert page.is_disabled("#deploys tr[data-name='acme-canary'] button")
+
+        page.click("#deploys tr[data-name='acme-intents'] button")
+        page.wait_for_function("document.getElementById('promote-status').textContent"
+                               ".includes('again')")
+        page.wait_for_function("document.getElementById('deploy-history').innerText"
+                               ".includes('rollback')")
+        page.screenshot(path=str(tmp_path / "deployments.png"), full_page=True)
+        browser.close()
+    assert unexpected(errors, 409) == [] and len(errors) == 1  # the refused promotion
+    assert deployed_history(registry, "acme-intents", "acme") == [console_pages["first"]]
+    assert deployed_history(registry, "acme-canary", "acme") == [console_pages["second"]]
+
+
+def test_playground_takes_a_dataset_row_examples_and_a_schema_and_saves_test_cases(
+        console_pages, tmp_path):
+    import httpx
+    from playwright.sync_api import sync_playwright
+    from sqlalchemy import select
+
+    from tuneloop.store.serving import Completion
+
+    errors, url, key = [], console_pages["url"], console_pages["keys"]["acme"]
+    data = chat_file(tmp_path / "shots.jsonl", n=12)
+    with data.open("rb") as f:
+        uploaded = httpx.post(f"{url}/v1/files", headers={"authorization": f"Bearer {key}"},
+                              data={"purpose": "fine-tune"}, files={"file": f}).json()
+    first = json.loads(data.read_text().splitlines()[0])["messages"]
+    schema = {"type": "object", "properties": {"intent": {"enum": ["card_lost", "balance"]}},
+              "required": ["intent"], "additionalProperties": False}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = open_page(browser, url, key, errors)
+        page.click("#nav-data")
+        page.click(f"#files tr:has-text('{uploaded['id']}')")
+        page.wait_for_selector("#rows tr")
+        page.click("#rows tr:first-child button")  # "Try in playground"
+        page.wait_for_selector("#page-playground:not([hidden])")
+        assert page.input_value("#prompt") == first[0]["content"]
+        assert page.inner_text("#reference") == "Expected: " + first[1]["content"]
+        page.click("#options summary")
+        page.select_option("#shots-file", uploaded["id"])
+        page.fill("#shots", "2")
+        page.fill("#schema", json.dumps(schema))
+        page.fill("#max-tokens", "60")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll('.answer[data-done]').length == 2",
+                               timeout=120_000)
+        for answer in page.query_selector_all(".answer .text"):
+            assert json.loads(answer.inner_text())["intent"] in ("card_lost", "balance")
+        tuned = page.locator(".answer[data-model='acme-intents']")
+        tuned.locator(".down").click()
+        tuned.locator(".correction").fill('{"intent": "card_lost"}')
+        tuned.locator(".case").click()
+        page.wait_for_function("[...document.querySelectorAll('.saved')].some("
+                               "e => e.textContent.startsWith('Saved as test case 1'))")
+        page.fill("#schema", "{not json")
+        page.click("#send")
+        page.wait_for_function("document.getElementById('error').textContent.includes('JSON')")
+        page.screenshot(path=str(tmp_path / "playground-options.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    with console_pages["registry"].session() as s:
+        logged = {c.model: c.request["messages"] for c in s.scalars(
+            select(Completion).where(Completion.tenant == "acme"))}
+    assert len(logged[console_pages["base"]]) == 5  # two example turns each, then the prompt
+    assert len(logged["acme-intents"]) == 1  # the fine-tuned model answers the prompt alone
+    files = httpx.get(f"{url}/v1/files", headers={"authorization": f"Bearer {key}"}).json()["data"]
+    cases = next(f for f in files if f["filename"] == "test-cases.jsonl")
+    content = httpx.get(f"{url}/v1/files/{cases['id']}/content",
+                        headers={"authorization": f"Bearer {key}"}).text
+    assert json.loads(content)["messages"] == [first[0], {"role": "assistant",
+                                                          "content": '{"intent": "card_lost"}'}]

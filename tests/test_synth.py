@@ -13,7 +13,8 @@ import pytest
 
 from conftest import write_jsonl
 from tuneloop.errors import TuneloopError
-from tuneloop.synth.run import SynthRecipe, synthesize
+from tuneloop.synth.recipe import SynthRecipe
+from tuneloop.synth.run import synthesize
 
 KEYWORDS = {"card": "card_lost", "rate": "exchange_rate", "top up": "top_up"}
 NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
@@ -236,7 +237,7 @@ def test_answers_and_preference_pairs_for_chat(teacher, tmp_path, workspace):
 
 
 def test_recipe_errors_name_the_fix(tmp_path):
-    from tuneloop.synth.run import load_synth_recipe
+    from tuneloop.synth.recipe import load_synth_recipe
 
     path = tmp_path / "synth.yaml"
     path.write_text("task: classify\nmode: expand\nteacher: {endpoint: http://x/v1}\n")

@@ -262,7 +262,7 @@ def eval_judge(
     spec = {"run": judge_run, "model": judge_model, "endpoint": judge_endpoint,
             "api_key_env": api_key_env}
     try:
-        from tuneloop.synth.run import TeacherSpec
+        from tuneloop.synth.recipe import TeacherSpec
 
         TeacherSpec.model_validate(spec)
     except ValueError:

@@ -220,7 +220,7 @@ def run_judge(refs: list[str], judge_spec: dict, workspace: Path, rubric: str = 
     workspace/judgements/<name>.json."""
     from tuneloop.evaluate import compare as cmp
     from tuneloop.store import Registry
-    from tuneloop.synth.run import TeacherSpec, make_teacher
+    from tuneloop.synth.recipe import TeacherSpec, make_teacher
 
     if len(refs) not in (1, 2):
         raise TuneloopError("give one run/evaluation (pointwise scores) or two (pairwise)")

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from tuneloop.serve.app import ApiError
 
 FOLDER = Path(__file__).parent / "console"
-FILES = {"console.js": "text/javascript", "console.css": "text/css"}
+FILES = {"console.js": "text/javascript", "pages.js": "text/javascript", "console.css": "text/css"}
 
 routes = APIRouter()
 

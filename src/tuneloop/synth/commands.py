@@ -21,7 +21,8 @@ def synth(
     Requests are cached in the workspace: run it again after an interruption and only the
     missing answers are asked for.
     """
-    from tuneloop.synth.run import load_synth_recipe, synthesize
+    from tuneloop.synth.recipe import load_synth_recipe
+    from tuneloop.synth.run import synthesize
 
     version = synthesize(load_synth_recipe(recipe), progress=lambda m: err.print(f"[dim]{m}…[/]"))
     lineage = version.report["lineage"]

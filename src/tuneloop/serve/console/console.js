@@ -3,6 +3,7 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let key = sessionStorage.getItem("tuneloop-key") || "";
+const baseModels = new Set();  // served base models ("owned_by": "tuneloop"), not adapters
 
 async function api(path, body) {
   const response = await fetch(path, {
@@ -27,6 +28,8 @@ async function loadModels() {
     legend.className = "sr-only";
     legend.textContent = "models to compare";
     box.append(legend);
+    baseModels.clear();
+    models.filter((m) => m.owned_by === "tuneloop").forEach((m) => baseModels.add(m.id));
     models.forEach((m, i) => {
       const label = document.createElement("label");
       const input = document.createElement("input");
@@ -50,13 +53,14 @@ function card(model) {
   return node;
 }
 
-async function stream(model, messages, node) {
+async function stream(model, messages, node, extra) {
   const text = node.querySelector(".text");
   const started = performance.now();
   let first = null, chunks = 0, id = null, usage = null;
   const response = await api("/v1/chat/completions", {
     model, messages, stream: true, stream_options: {include_usage: true},
     max_tokens: Number($("max-tokens").value), temperature: Number($("temperature").value),
+    ...extra,
   });
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -104,7 +108,7 @@ $("login").addEventListener("submit", (event) => {
   key = $("key").value.trim();
   sessionStorage.setItem("tuneloop-key", key);
   loadModels();
-  if (location.hash === "#runs") loadJobs();
+  show();
 });
 
 $("ask").addEventListener("submit", async (event) => {
@@ -112,6 +116,14 @@ $("ask").addEventListener("submit", async (event) => {
   const chosen = [...document.querySelectorAll("input[name=model]:checked")].map((i) => i.value);
   if (chosen.length < 1 || chosen.length > 4) {
     $("error").textContent = "Choose between one and four models.";
+    return;
+  }
+  let extra = {}, shots = [];
+  try {
+    extra = responseFormat();
+    shots = await examples();
+  } catch (e) {
+    $("error").textContent = e.message;
     return;
   }
   $("error").textContent = "";
@@ -122,16 +134,48 @@ $("ask").addEventListener("submit", async (event) => {
   $("send").disabled = true;
   await Promise.all(chosen.map((model) => {
     const node = card(model);
-    return stream(model, messages, node).catch((e) => {
+    node.dataset.messages = JSON.stringify(messages);
+    // Base models get the examples as earlier turns, after any system message.
+    const sent = baseModels.has(model) && shots.length ?
+      [...messages.slice(0, -1), ...shots, messages[messages.length - 1]] : messages;
+    return stream(model, sent, node, extra).catch((e) => {
       node.querySelector(".text").textContent = "Error: " + e.message;
     });
   }));
   $("send").disabled = false;
 });
 
+function responseFormat() {
+  const text = $("schema").value.trim();
+  if (!text) return {};
+  let schema;
+  try { schema = JSON.parse(text); } catch (e) {
+    throw new Error("The JSON schema is not valid JSON: " + e.message);
+  }
+  return {response_format: {type: "json_schema", json_schema: {name: "reply", schema}}};
+}
+
+// A dataset row as a conversation: chat rows as they are, text/label and prompt/completion rows
+// as one user turn and one assistant turn.
+function asTurns(row) {
+  if (Array.isArray(row.messages)) return row.messages.filter((m) => m.role !== "system");
+  const ask = row.text ?? row.prompt ?? row.input, answer = row.label ?? row.completion ?? row.output;
+  if (ask === undefined || answer === undefined) return [];
+  return [{role: "user", content: String(ask)},
+          {role: "assistant", content: typeof answer === "string" ? answer : JSON.stringify(answer)}];
+}
+
+async function examples() {
+  const file = $("shots-file").value, k = Number($("shots").value);
+  if (!file || !k) return [];
+  const page = await (await api(`/v1/tuneloop/files/${file}/rows?offset=0&limit=${k}`)).json();
+  return page.data.flatMap((r) => asTurns(r.row));
+}
+
 $("answers").addEventListener("click", (event) => {
   const node = event.target.closest(".answer");
   if (!node) return;
+  if (event.target.classList.contains("case")) saveCase(node);
   if (event.target.classList.contains("up")) feedback(node, {rating: 1});
   if (event.target.classList.contains("down")) {
     feedback(node, {rating: -1});
@@ -141,23 +185,42 @@ $("answers").addEventListener("click", (event) => {
   }
 });
 
+async function saveCase(node) {
+  const saved = node.querySelector(".saved");
+  const answer = node.querySelector(".correction").value.trim() ||
+    node.querySelector(".text").textContent;
+  try {
+    const file = await (await api("/v1/tuneloop/test_cases", {
+      messages: JSON.parse(node.dataset.messages), answer})).json();
+    saved.textContent = `Saved as test case ${file.rows} in ${file.filename} (${file.id}).`;
+  } catch (e) {
+    saved.textContent = "Not saved: " + e.message;
+  }
+}
+
 $("answers").addEventListener("submit", (event) => {
   event.preventDefault();
   const node = event.target.closest(".answer");
   feedback(node, {correction: node.querySelector(".correction").value});
 });
 
-// Pages: #playground and #runs, switched by the address's fragment.
+// Pages, switched by the address's fragment; pages.js registers the loaders of the others.
+const PAGES = ["playground", "runs", "data", "evaluations", "deployments"];
+const loaders = {runs: () => loadJobs()};
 function show() {
-  const page = location.hash === "#runs" ? "runs" : "playground";
-  $("page-playground").hidden = page !== "playground";
-  $("page-runs").hidden = page !== "runs";
-  for (const name of ["playground", "runs"]) {
+  const wanted = location.hash.slice(1);
+  const page = PAGES.includes(wanted) ? wanted : "playground";
+  for (const name of PAGES) {
+    $("page-" + name).hidden = name !== page;
     const link = $("nav-" + name);
     if (name === page) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
-  if (page === "runs" && key) loadJobs();
+  if (key && loaders[page]) {
+    Promise.resolve().then(loaders[page]).catch((e) => {
+      $("who").textContent = "Could not load this page: " + e.message;
+    });
+  }
 }
 window.addEventListener("hashchange", show);
 
@@ -273,4 +336,4 @@ $("cancel").addEventListener("click", async () => {
 });
 
 if (key) { $("key").value = key; loadModels(); }
-show();
+document.addEventListener("DOMContentLoaded", show);
