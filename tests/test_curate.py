@@ -354,3 +354,29 @@ def test_shipped_preparation_recipe_parses():
 
     spec = load_prepare_recipe(ROOT / "examples/banking77/prepare.yaml")
     assert spec.inputs[0].path.is_file() and spec.check_against[0].is_file()
+
+
+def test_entity_swap_moves_spans_with_the_new_values_and_keeps_case():
+    import random as rnd
+
+    row = {"text": "Ask Anna Schmidt at ACME in berlin, card 4111 1111 1111 1111.",
+           "entities": [[4, 16, "PERSON"], [20, 24, "ORGANIZATION"], [28, 34, "GPE"],
+                        [41, 60, "CREDIT_CARD"]]}
+    fakers = pii._swap_fakers(0)
+    pools = {"PERSON": ["Li Wei"], "ORGANIZATION": ["Initech"], "GPE": ["Oslo"]}
+    texts = set()
+    for seed in range(6):
+        out = pii.swap_entities(row, rnd.Random(seed), pools, fakers)
+        texts.add(out["text"])
+        values = {label: out["text"][s:e] for s, e, label in out["entities"]}
+        assert [label for _, _, label in out["entities"]] == ["PERSON", "ORGANIZATION", "GPE",
+                                                              "CREDIT_CARD"]
+        assert values["CREDIT_CARD"] == "4111 1111 1111 1111"  # not a swappable kind
+        assert len(values["PERSON"].split()) >= 2 and values["PERSON"] != "Anna Schmidt"
+        assert values["ORGANIZATION"].isupper()  # an acronym stays an acronym
+        assert values["GPE"] == values["GPE"].lower()  # lower-case stays lower-case
+        assert out["text"].startswith("Ask ") and out["text"].endswith(".")
+    assert len(texts) == 6  # each copy differs
+    rows = pii.training_rows(swap_copies=1)
+    shipped = sum(1 for _ in pii.NER_TRAIN.open())
+    assert len(rows) > 2 * shipped  # shipped + negatives + swapped + lower-cased copies
