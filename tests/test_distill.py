@@ -45,13 +45,18 @@ def test_distilled_student_moves_towards_its_teacher(tiny_model, classify_files,
         "adapter_model.safetensors"
     teacher_bytes = teacher_file.read_bytes()
 
-    results = {}
+    results, phases = {}, {}
     for mode in ("sequence", "logits"):
+        phases[mode] = []
         results[mode] = train(recipe(tiny_model, train_file, test_file, method="distill",
                                      max_steps=12, forgetting={"enabled": False},
                                      distill={"teacher": teacher_run["run_id"], "mode": mode,
                                               "top_k": None, "weight": 1.0}),
-                              workspace=workspace)
+                              workspace=workspace, on_phase=phases[mode].append)
+    # The second student's teacher answers come from the request cache, not a second pass.
+    assert not any("cached" in p for p in phases["sequence"])
+    assert any(p.endswith("teacher answers were cached from an earlier run")
+               and p.split(" of ")[0] == p.split(" of ")[1].split()[0] for p in phases["logits"])
     assert teacher_file.read_bytes() == teacher_bytes  # the teacher did not train
     for mode, result in results.items():
         assert result["method"] == "distill" and result["distill"]["mode"] == mode

@@ -12,6 +12,8 @@ whole vocabulary), which carries far more information per token than the one cho
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import replace
 from functools import partial
 
@@ -41,16 +43,37 @@ def shares_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
-def teacher_answers(model, tokenizer, examples, info, teacher_info, max_new_tokens: int):
-    """The examples with their answers replaced by the teacher's greedy replies to them."""
+def teacher_answers(model, tokenizer, examples, info, teacher_info, max_new_tokens: int,
+                    cache=None, teacher_id: str = ""):
+    """The examples with their answers replaced by the teacher's greedy replies to them, and
+    how many of those replies came from the cache.
+
+    With a `cache` (synth's request cache), replies are looked up by (teacher, prompt, limit)
+    and only the missing ones generated, so a second student of the same teacher, or a run
+    resumed after a crash, does not ask again."""
     from tuneloop.evaluate.generate import generate
+    from tuneloop.synth.teacher import Reply
 
     module = tasks.TASKS[info.kind]
     # A teacher fine-tuned on this task gets its training prompt; any other model the prompt
     # that names the labels / fields.
     zero_shot = teacher_info is None or teacher_info.kind != info.kind
     prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
-    replies, _ = generate(model, tokenizer, prompts, max_new_tokens)
+    keys = [hashlib.sha256(json.dumps(["distill-greedy", teacher_id, p, max_new_tokens],
+                                      sort_keys=True, default=str).encode()).hexdigest()
+            for p in prompts]
+    replies = [None] * len(prompts)
+    if cache is not None:
+        for i, key in enumerate(keys):
+            if (hit := cache.get(key)) is not None:
+                replies[i] = hit.text
+    missing = [i for i, r in enumerate(replies) if r is None]
+    if missing:
+        fresh, _ = generate(model, tokenizer, [prompts[i] for i in missing], max_new_tokens)
+        for i, reply in zip(missing, fresh):
+            replies[i] = reply
+            if cache is not None:
+                cache.put(keys[i], Reply(reply, 0, 0, False))
     out = []
     for e, reply in zip(examples, replies):
         reply = reply.strip()
@@ -62,7 +85,7 @@ def teacher_answers(model, tokenizer, examples, info, teacher_info, max_new_toke
                                            answer=reply or e.answer))
         else:
             out.append(dataclasses.replace(e, answer=reply or e.answer))
-    return out
+    return out, len(examples) - len(missing)
 
 
 def _kl(student_logits, teacher_logits, top_k: int | None, temperature: float):
@@ -105,7 +128,7 @@ def mean_kl(student, teacher, batches) -> float:
     return total / count if count else float("nan")
 
 
-def prepare_distillation(recipe, splits, registry, on_phase):
+def prepare_distillation(recipe, splits, registry, on_phase, workspace=None):
     """Load the teacher, check the tokenizers, and rewrite the splits' answers as the
     teacher's; returns (splits, loss_fn or None for sequence-level, teacher model, tokenizer)."""
     from tuneloop import models
@@ -125,12 +148,22 @@ def prepare_distillation(recipe, splits, registry, on_phase):
                             f"student ({recipe.base_model}) to share a tokenizer, and they do "
                             "not; use distill: {mode: sequence}")
     if spec.targets == "teacher":
+        from tuneloop.synth.teacher import Cache, request_cache_path
+
         on_phase("the teacher answers the training inputs")
         limit = max_new_tokens(student_tok, splits.train, splits.info)
-        train = teacher_answers(teacher, teacher_tok, splits.train, splits.info, teacher_info,
-                                limit)
-        validation = teacher_answers(teacher, teacher_tok, splits.validation, splits.info,
-                                     teacher_info, limit)
+        cache = Cache(request_cache_path(workspace)) if workspace is not None else None
+        teacher_id = run.id if run else f"local:{spec.teacher}"
+        try:
+            (train, hits), (validation, more) = (
+                teacher_answers(teacher, teacher_tok, part, splits.info, teacher_info, limit,
+                                cache, teacher_id) for part in (splits.train, splits.validation))
+        finally:
+            if cache is not None:
+                cache.close()
+        if hits + more:
+            on_phase(f"{hits + more} of {len(train) + len(validation)} teacher answers were "
+                     "cached from an earlier run")
         info = tasks.describe(splits.info.kind, train) if splits.info.kind != "classify" \
             else splits.info
         splits = dataclasses.replace(splits, train=train, validation=validation, info=info)

@@ -143,7 +143,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
         if distill:
             from tuneloop.train.distill import DISTILL, prepare_distillation
 
-            splits, loss_fn, teacher = prepare_distillation(recipe, splits, registry, phase)
+            splits, loss_fn, teacher = prepare_distillation(recipe, splits, registry, phase, ws)
         phase(f"training {run.id}")
         if distill:
             out = run_sft(DISTILL, recipe, splits, run_dir, progress, resume=bool(resume),
