@@ -55,8 +55,9 @@ def main() -> None:
           f"rows answered alike (ties, not asked); of the {p['rows'] - p['identical']} asked in "
           f"both orders, {p['unparsed']} unreadable, and the verdict **flipped with the order in "
           f"{p['position_flips']} ({'n/a' if flip is None else f'{flip:.0%}'})** — "
-          f"{'within' if flip is not None and flip <= 0.10 else 'far beyond'} the 10% a judge "
-          f"should stay under. Win rate of the synthetic-label student "
+          + ("no verdict was readable, so this judge cannot be used; " if flip is None else
+             f"{'within' if flip <= 0.10 else 'beyond'} the 10% a judge should stay under. ")
+          + f"Win rate of the synthetic-label student "
           f"{f(p['second_win_rate'])} ({f(p['low'])}–{f(p['high'])}).\n"
           f"- Pointwise on the synthetic-label student: mean score {f(q['mean_score'], '.2f')} "
           f"({q['unparsed']} unreadable); \"score ≥ 4\" agrees with right/wrong on "

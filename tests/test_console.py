@@ -280,6 +280,8 @@ def test_playground_takes_a_dataset_row_examples_and_a_schema_and_saves_test_cas
         page.wait_for_selector("#page-playground:not([hidden])")
         assert page.input_value("#prompt") == first[0]["content"]
         assert page.inner_text("#reference") == "Expected: " + first[1]["content"]
+        for box in page.query_selector_all("input[name=model]"):  # the base and one adapter
+            box.set_checked(box.get_attribute("value") in (console_pages["base"], "acme-intents"))
         page.click("#options summary")
         page.select_option("#shots-file", uploaded["id"])
         page.fill("#shots", "2")

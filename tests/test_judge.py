@@ -69,7 +69,10 @@ def test_pointwise_scores_agree_with_the_metric_and_humans(teacher, evaluations,
                                                "within_one": 1.0, "pearson": pytest.approx(
                                                    0.9707, abs=1e-3)}
     assert result["prompt"]["id"] == "pointwise-v1" and len(result["prompt"]["sha256"]) == 16
-    assert json.loads(open(result["path"]).read())["mean_score"] == result["mean_score"]
+    saved = json.loads(open(result["path"]).read())
+    assert saved["mean_score"] == result["mean_score"]
+    unread = [j for j in saved["judgements"] if j["score"] is None]
+    assert [j["reply"] for j in unread] == ["hmm, hard to say"]  # kept to show why
     again = run_judge([good], spec, workspace, human_file=human)
     assert again["usage"]["requests"] == 0 and again["usage"]["cached"] == 8
 
@@ -84,6 +87,9 @@ def test_pairwise_asks_both_orders_and_counts_position_flips(teacher, evaluation
     assert result["position_flips"] == 2 and result["flip_rate"] == pytest.approx(2 / 4)
     # Lines 1 and 2: only the second ("good") matches the reference.
     assert (result["second_wins"], result["first_wins"], result["ties"]) == (2, 0, 5)
+    saved = json.loads(open(result["path"]).read())["judgements"]
+    unread = [j for j in saved if j["winner"] is None]
+    assert len(unread) == 1 and all(unread[0]["replies"])  # the unreadable replies are kept
     assert result["second_win_rate"] == pytest.approx((2 + 2.5) / 7)
 
 

@@ -51,6 +51,11 @@ def _json_field(text: str, key: str) -> str | None:
     return str(obj[key]) if ok and key in obj else None
 
 
+def _said(reply) -> str | None:
+    """What the judge replied, kept (shortened) where no verdict could be read from it."""
+    return reply.text[:300] if reply else None
+
+
 def parse_score(text: str) -> tuple[int | None, str]:
     """(1-5 or None, reason) from a pointwise reply; a bare digit is accepted too."""
     value = _json_field(text, "score")
@@ -115,7 +120,8 @@ def pointwise(judge: Teacher, scored: Scored, inputs: dict[int, str], cache: Cac
     judged = []
     for row, reply in zip(rows, replies):
         score, reason = parse_score(reply.text) if reply else (None, "")
-        judged.append({"line": row["line"], "score": score, "reason": reason[:300]})
+        judged.append({"line": row["line"], "score": score, "reason": reason[:300]}
+                      | ({} if score is not None else {"reply": _said(reply)}))
     valid = [j for j in judged if j["score"] is not None]
     scores = np.array([j["score"] for j in valid], dtype=float)
     low, high = bootstrap_interval(scores)
@@ -185,7 +191,8 @@ def pairwise(judge: Teacher, first: Scored, second: Scored, inputs: dict[int, st
         first_order, second_order = (parse_winner(r.text) if r else None for r in replies[n])
         if first_order is None or second_order is None:
             unparsed += 1
-            outcomes.append({"line": n, "winner": None, "orders": [first_order, second_order]})
+            outcomes.append({"line": n, "winner": None, "orders": [first_order, second_order],
+                             "replies": [_said(r) for r in replies[n]]})
             continue
         # In the second order A is the second model: map both verdicts to the models.
         seen = [{"A": "first", "B": "second", "tie": "tie"}[first_order],
