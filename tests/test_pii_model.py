@@ -69,3 +69,9 @@ def test_presidio_synthetic_test_set(detector):
     leaks = [e["text"] for r, a in zip(rows, anonymized) for e in r["entities"]
              if e["label"] in claimed - {"PERSON"} and e["text"] in a["text"]]
     assert leaks == []
+
+
+def test_a_house_number_before_the_street_belongs_to_the_address(detector):
+    found = detector.find("974 Via Roma 131\n Apt. 425\n Montafia")
+    assert ("LOCATION", "974 Via Roma 131") in [(f.type, f.text) for f in found]
+    assert [(f.type, f.text) for f in detector.find("12 apples in Paris")] == [("LOCATION", "Paris")]

@@ -311,6 +311,9 @@ SHAPES = {
 }
 
 
+HOUSE_NUMBER = re.compile(r"[ \t]*\d{1,5}[A-Za-z]?[ \t]+")
+
+
 def _has_word(text: str) -> bool:
     """A name, place or date has a letter or digit in it (an emoji alone is nobody's name)."""
     return any(c.isalnum() for c in text)
@@ -334,6 +337,12 @@ def _resolve(text: str, found) -> list[Finding]:
                 end += 1
         while end > start and text[end - 1] in " \n\t.,;:":  # trailing punctuation is not the name
             end -= 1
+        if _from_model(r) and r.entity_type == "LOCATION":
+            # A house number written before the street on its line belongs to the address
+            # ("974 Via Roma 131"); the model tends to tag only the street.
+            line = text.rfind("\n", 0, start) + 1
+            if HOUSE_NUMBER.fullmatch(text, line, start):
+                start = line + len(text[line:start]) - len(text[line:start].lstrip())
         if end <= start or any(start < c.end and c.start < end for c in chosen):
             continue
         if _from_model(r) and not SHAPES.get(r.entity_type, _has_word)(text[start:end]):
