@@ -5,6 +5,7 @@ models. Screenshots are written; the pages log no console errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -22,6 +23,19 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get i
 def console(tiny_model, tmp_path_factory):
     with two_tenant_server(tiny_model, tmp_path_factory.mktemp("console"), worker=False) as srv:
         yield srv
+
+
+@contextlib.contextmanager
+def chromium():
+    """A headless Chromium (Debian's, driven by Playwright), closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def unexpected(errors: list[str], status: int) -> list[str]:
@@ -42,11 +56,8 @@ def open_page(browser, url, key, errors):
 
 
 def test_playground_streams_two_models_and_feedback_reaches_the_dataset(console, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     errors = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    with chromium() as browser:
         page = open_page(browser, console["url"], console["keys"]["acme"], errors)
         models = page.eval_on_selector_all("input[name=model]", "els => els.map(e => e.value)")
         assert "acme-intents" in models and "globex-intents" not in models and len(models) == 2
@@ -71,7 +82,6 @@ def test_playground_streams_two_models_and_feedback_reaches_the_dataset(console,
         other = open_page(browser, console["url"], console["keys"]["globex"], errors)
         seen = other.eval_on_selector_all("input[name=model]", "els => els.map(e => e.value)")
         assert "globex-intents" in seen and "acme-intents" not in seen
-        browser.close()
     assert errors == []
     assert (tmp_path / "playground.png").stat().st_size > 10_000
     summary = export(console["registry"], "acme-intents", tmp_path / "fb", tenant="acme")
@@ -96,12 +106,9 @@ def chat_file(path, n=24):
 
 
 def test_a_run_started_from_the_page_succeeds_and_shows_its_curve(console_with_worker, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     server, errors = console_with_worker, []
     data = chat_file(tmp_path / "train.jsonl")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    with chromium() as browser:
         page = open_page(browser, server["url"], server["keys"]["acme"], errors)
         page.click("#nav-runs")
         page.wait_for_selector("#base option", state="attached")
@@ -125,7 +132,6 @@ def test_a_run_started_from_the_page_succeeds_and_shows_its_curve(console_with_w
         other.wait_for_timeout(500)
         assert job_id not in other.inner_text("#jobs")  # another tenant's runs are not shown
         assert other.locator("#jobs tr").count() == 0
-        browser.close()
     assert errors == []
     assert (tmp_path / "runs.png").stat().st_size > 10_000
 
@@ -149,14 +155,11 @@ def console_pages(tiny_model, tmp_path_factory):
 
 
 def test_data_page_checks_an_upload_by_line_and_pages_through_rows(console_pages, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     errors = []
     bad = write_jsonl(tmp_path / "bad.jsonl", [*make_rows(3), '{"text": "no label", "label"',
                                                *make_rows(2, seed=5)])
     good = chat_file(tmp_path / "good.jsonl", n=25)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    with chromium() as browser:
         page = open_page(browser, console_pages["url"], console_pages["keys"]["acme"], errors)
         page.click("#nav-data")
         page.set_input_files("#data-file", str(bad))
@@ -183,18 +186,14 @@ def test_data_page_checks_an_upload_by_line_and_pages_through_rows(console_pages
         other.click("#nav-data")
         other.wait_for_timeout(500)
         assert other.locator("#files tr").count() == 0  # acme's file is not globex's
-        browser.close()
     assert unexpected(errors, 400) == [] and len(errors) == 1  # the refused upload
     assert (tmp_path / "data.png").stat().st_size > 10_000
 
 
 def test_evaluations_page_shows_reports_and_compares_two_runs(console_pages, tmp_path):
     import httpx
-    from playwright.sync_api import sync_playwright
-
     errors, second = [], console_pages["second"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    with chromium() as browser:
         page = open_page(browser, console_pages["url"], console_pages["keys"]["acme"], errors)
         page.click("#nav-evaluations")
         page.wait_for_function("document.getElementById('eval-runs').children.length == 2")
@@ -210,7 +209,6 @@ def test_evaluations_page_shows_reports_and_compares_two_runs(console_pages, tmp
         page.wait_for_function("document.getElementById('eval-status').textContent.includes('against')")
         compared = page.frame_locator("#report").locator("body").inner_text()
         assert "fixed" in compared and "broken" in compared
-        browser.close()
     assert errors == []
     other = httpx.get(f"{console_pages['url']}/v1/tuneloop/runs/{second}/report",
                       headers={"authorization": f"Bearer {console_pages['keys']['globex']}"})
@@ -218,13 +216,10 @@ def test_evaluations_page_shows_reports_and_compares_two_runs(console_pages, tmp
 
 
 def test_deployments_page_promotes_through_the_gate_and_rolls_back(console_pages, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     from tuneloop.serve.deploy import deployed_history
 
     errors, registry = [], console_pages["registry"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    with chromium() as browser:
         page = open_page(browser, console_pages["url"], console_pages["keys"]["acme"], errors)
         page.click("#nav-deployments")
         page.wait_for_selector("#deploys tr[data-name='acme-intents']")
@@ -248,7 +243,6 @@ def test_deployments_page_promotes_through_the_gate_and_rolls_back(console_pages
         page.wait_for_function("document.getElementById('deploy-history').innerText"
                                ".includes('rollback')")
         page.screenshot(path=str(tmp_path / "deployments.png"), full_page=True)
-        browser.close()
     assert unexpected(errors, 409) == [] and len(errors) == 1  # the refused promotion
     assert deployed_history(registry, "acme-intents", "acme") == [console_pages["first"]]
     assert deployed_history(registry, "acme-canary", "acme") == [console_pages["second"]]
@@ -257,7 +251,6 @@ def test_deployments_page_promotes_through_the_gate_and_rolls_back(console_pages
 def test_playground_takes_a_dataset_row_examples_and_a_schema_and_saves_test_cases(
         console_pages, tmp_path):
     import httpx
-    from playwright.sync_api import sync_playwright
     from sqlalchemy import select
 
     from tuneloop.store.serving import Completion
@@ -270,8 +263,7 @@ def test_playground_takes_a_dataset_row_examples_and_a_schema_and_saves_test_cas
     first = json.loads(data.read_text().splitlines()[0])["messages"]
     schema = {"type": "object", "properties": {"intent": {"enum": ["card_lost", "balance"]}},
               "required": ["intent"], "additionalProperties": False}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    with chromium() as browser:
         page = open_page(browser, url, key, errors)
         page.click("#nav-data")
         page.click(f"#files tr:has-text('{uploaded['id']}')")
@@ -302,7 +294,6 @@ def test_playground_takes_a_dataset_row_examples_and_a_schema_and_saves_test_cas
         page.click("#send")
         page.wait_for_function("document.getElementById('error').textContent.includes('JSON')")
         page.screenshot(path=str(tmp_path / "playground-options.png"), full_page=True)
-        browser.close()
     assert errors == []
     with console_pages["registry"].session() as s:
         logged = {c.model: c.request["messages"] for c in s.scalars(

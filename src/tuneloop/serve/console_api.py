@@ -56,13 +56,11 @@ def _visible_run(request: Request, who, run_id: str, param: str = "run_id") -> R
 
 
 def run_summary(run: Run) -> dict:
-    metrics = run.metrics or {}
-    gate = metrics.get("gate")
+    metric = deployments.headline(run) if run.status == "done" else None
     return {"id": run.id, "name": run.name, "status": run.status, "method": run.method,
             "task": run.task, "base_model": run.base_model, "created_at": unix_time(run.created),
-            "headline": deployments.headline(run) if run.status == "done" else None,
-            "value": metrics.get(deployments.headline(run)) if run.status == "done" else None,
-            "gate": gate}
+            "headline": metric, "value": (run.metrics or {}).get(metric) if metric else None,
+            "gate": (run.metrics or {}).get("gate")}
 
 
 @routes.get("/v1/tuneloop/runs")
@@ -147,13 +145,12 @@ def list_deployments(request: Request, who: CallerDep):
     out = []
     for row in deployments.deployments(registry, who.tenant):
         run = registry.get_run(row.run_id)
+        history = deployments.events(registry, row.name, who.tenant)
         out.append({
             "name": row.name, "run": run_summary(run), "updated_at": unix_time(row.updated),
-            "history": [{"action": e.action, "run_id": e.run_id, "previous_run_id":
-                         e.previous_run_id, "forced": e.forced, "reason": e.reason,
-                         "created_at": unix_time(e.created)}
-                        for e in reversed(deployments.events(registry, row.name, who.tenant))],
-            "can_roll_back": len(deployments.deployed_history(registry, row.name, who.tenant)) > 1,
+            "history": [_event(e) | {"created_at": unix_time(e.created)}
+                        for e in reversed(history)],
+            "can_roll_back": len(deployments.run_stack(history)) > 1,
             "traffic": _traffic(registry, who.tenant, row.name)})
     return {"object": "list", "data": out}
 

@@ -98,8 +98,13 @@ def rollback(registry: Registry, name: str, tenant: str = "default") -> Deployme
 
 def deployed_history(registry: Registry, name: str, tenant: str) -> list[str]:
     """Runs of a deployment as a stack: a deploy pushes its run, a rollback pops one."""
+    return run_stack(events(registry, name, tenant))
+
+
+def run_stack(history: list[DeploymentEvent]) -> list[str]:
+    """The stack of runs that a deployment's events, oldest first, leave."""
     stack: list[str] = []
-    for event in events(registry, name, tenant):
+    for event in history:
         if event.action == "deploy":
             stack.append(event.run_id)
         elif event.action == "rollback" and stack:
