@@ -40,6 +40,24 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request, monkeypatch):
+    """Tests outside the slow set work on a hidden-32 model, where a second intra-op thread
+    only adds synchronisation: on two cores shared with a worker subprocess or another job,
+    OpenMP's spinning threads made a 30-second test take over three minutes. One thread here
+    and in the subprocesses the test starts; the slow SmolLM2 tests keep the machine's threads."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer, hidden-32 Llama with a byte-level BPE tokenizer and a ChatML template."""

@@ -214,6 +214,67 @@ def test_fine_tuning_job_from_an_uploaded_file_then_answers_by_its_ft_name(serve
     assert c.files.delete(uploaded.id).deleted
 
 
+def test_a_job_takes_recipe_keys_checked_when_it_is_created(server):
+    c = client(server, "globex")
+    path = write_jsonl(server["folder"] / "recipe-job.jsonl", chat_rows(24, seed=5))
+    file_id = c.files.create(file=path.open("rb"), purpose="fine-tune").id
+    for recipe, says in (("lora: {rank: 4\nepochs: 2", "not valid YAML at line"),
+                         ({"base_model": "other"}, "recipe.base_model is set by the job"),
+                         ("lora: {rnak: 4}", "did you mean 'rank'"),
+                         ("- epochs", "must be a mapping")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            c.fine_tuning.jobs.create(model=server["base"], training_file=file_id,
+                                      extra_body={"recipe": recipe})
+        assert says in caught.value.body["message"] and caught.value.body["param"] == "recipe"
+    before = {j.id for j in c.fine_tuning.jobs.list(limit=100).data}
+    job = c.fine_tuning.jobs.create(model=server["base"], training_file=file_id,
+                                    extra_body={"recipe": "lora: {rank: 4}\nmax_steps: 3\n"})
+    assert before == {j.id for j in c.fine_tuning.jobs.list(limit=100).data} - {job.id}  # none kept
+    done = wait_for(c, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    run = server["registry"].get_run(_job_run(server, job.id))
+    assert run.recipe["lora"]["rank"] == 4 and run.recipe["max_steps"] == 3
+    settings = httpx.get(f"{server['url']}/v1/tuneloop/jobs/{job.id}/recipe",
+                         headers={"authorization": f"Bearer {server['keys']['globex']}"}).json()
+    assert settings["resolved"] and "rank: 4" in settings["yaml"] and "\nplan:\n" in settings["yaml"]
+    assert httpx.get(f"{server['url']}/v1/tuneloop/jobs/{job.id}/recipe", headers={
+        "authorization": f"Bearer {server['keys']['acme']}"}).status_code == 404  # not acme's job
+
+
+def _job_run(server, job_id):
+    from tuneloop.store.serving import Job
+
+    with server["registry"].session() as s:
+        return s.get(Job, job_id).run_id
+
+
+def test_a_running_jobs_finish_is_estimated_from_its_pace(tmp_path):
+    import datetime as dt
+
+    from tuneloop.serve.jobs import estimated_finish
+    from tuneloop.store.serving import Job, JobEvent
+
+    registry = Registry.open(tmp_path / "ws")
+    start = dt.datetime(2026, 1, 1, 12, 0, 0)
+    with registry.session() as s, s.begin():
+        s.add(Job(id="ftjob-pace", tenant="t", model="m", training_file="file-x",
+                  method={"type": "supervised", "supervised": {"hyperparameters": {}}}, seed=1,
+                  status="running", cancel_requested=False))
+    with registry.session() as s:
+        job = s.get(Job, "ftjob-pace")
+    assert estimated_finish(registry, job) is None  # no pace yet
+    with registry.session() as s, s.begin():
+        s.add(JobEvent(job_id=job.id, level="info", message="started", created=start))
+        for step, seconds in ((1, 10), (5, 30)):  # 4 steps in 20 s: 5 s a step
+            s.add(JobEvent(job_id=job.id, level="info", message=f"Step {step}/25",
+                           data={"step": step, "total_steps": 25, "train_loss": 1.0},
+                           created=start + dt.timedelta(seconds=seconds)))
+    last = int((start + dt.timedelta(seconds=30)).replace(tzinfo=dt.timezone.utc).timestamp())
+    assert estimated_finish(registry, job) == last + 20 * 5
+    job.status = "succeeded"
+    assert estimated_finish(registry, job) is None
+
+
 def test_bad_training_file_is_refused_with_its_line_and_a_running_job_can_be_cancelled(server):
     c = client(server, "globex")
     bad = server["folder"] / "bad.jsonl"

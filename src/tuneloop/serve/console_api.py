@@ -1,4 +1,4 @@
-"""/v1/tuneloop/*: what the console's Data, Evaluations and Deployments pages read, scoped to
+"""/v1/tuneloop/*: what the console's Runs, Data, Evaluations and Deployments pages read, scoped to
 the caller's tenant like the rest of the API.
 
 A tenant's runs are those its fine-tuning jobs produced and those it has deployed (on a server
@@ -68,6 +68,30 @@ def list_runs(request: Request, who: CallerDep):
     registry = request.app.state.registry
     ids = tenant_runs(registry, who.tenant, not request.app.state.settings.auth)
     return {"object": "list", "data": [run_summary(registry.get_run(i)) for i in ids]}
+
+
+@routes.get("/v1/tuneloop/jobs/{job_id}/recipe")
+def job_settings(job_id: str, request: Request, who: CallerDep):
+    """What a fine-tuning job trains with, as YAML: once training has started, the run's
+    recipe.yaml (every key, and the plan made from them: steps, learning rate, batch tokens,
+    rank); before that, the recipe its fields and `recipe` keys make."""
+    import yaml
+
+    from tuneloop.serve.jobs import get_job, job_recipe
+
+    registry = request.app.state.registry
+    job = get_job(registry, who.tenant, job_id)
+    written = Path(request.app.state.settings.workspace) / "runs" / (job.run_id or "-") / "recipe.yaml"
+    if written.is_file():
+        text = written.read_text(encoding="utf-8")
+    else:
+        try:
+            recipe = json.loads(job_recipe(registry, job).model_dump_json())
+        except TuneloopError as exc:  # a file removed since: say so rather than fail the page
+            raise ApiError(409, str(exc), param="job_id", code="recipe_unavailable") from None
+        text = yaml.safe_dump({"recipe": recipe}, sort_keys=False)
+    return {"object": "fine_tuning.job.recipe", "job_id": job.id, "run_id": job.run_id,
+            "resolved": written.is_file(), "yaml": text}
 
 
 @routes.get("/v1/tuneloop/runs/{run_id}/report", response_class=HTMLResponse)

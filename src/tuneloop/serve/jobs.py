@@ -3,6 +3,11 @@
 A job is a row in the registry; the worker process (worker.py) takes it through
 validating_files → queued → running → succeeded | failed | cancelled, so jobs outlive the API
 process. A succeeded job's model is deployed for its tenant as ft:BASE:TENANT:SUFFIX:ID.
+
+One extension: `recipe`, tuneloop recipe keys (a mapping, or YAML text) laid over what the
+job's own fields say (`task: classify`, `method: full`, `lora: {rank: 16}`, `epochs: 3`...). It
+is checked when the job is created, so a mistake is a 400 naming the key, never a failed job.
+The job's model and files stay the job's: `base_model`, `data` and `name` are refused there.
 """
 
 from __future__ import annotations
@@ -13,18 +18,22 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from fastapi import APIRouter, Request
 from pydantic import Field
 from sqlalchemy import select
 
+from tuneloop.errors import TuneloopError
+from tuneloop.project import Recipe, recipe_from_dict
 from tuneloop.serve.app import ApiError, CallerDep
 from tuneloop.serve.files import get_file
 from tuneloop.serve.schemas import Open, unix_time
 from tuneloop.store import Registry, _now, new_id
-from tuneloop.store.serving import Job, JobEvent
+from tuneloop.store.serving import File, Job, JobEvent
 
 routes = APIRouter()
 FINAL = ("succeeded", "failed", "cancelled")
+JOB_KEYS = ("base_model", "data", "name")  # set by the job's model, files and id
 
 
 class Hyperparameters(Open):
@@ -53,6 +62,54 @@ class JobRequest(Open):
     suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     seed: int | None = None
     metadata: dict[str, str] | None = None
+    recipe: dict | str | None = None  # tuneloop recipe keys; see the module's docstring
+
+
+def recipe_keys(raw: dict | str | None) -> dict | None:
+    """The `recipe` extension as a mapping (YAML text is parsed), or a 400 that says why not."""
+    if isinstance(raw, str):
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ApiError(400, f"recipe is not valid YAML{where}: "
+                           f"{getattr(exc, 'problem', None) or exc}", param="recipe",
+                           code="invalid_recipe") from None
+    if raw is None or raw == {}:
+        return None
+    if not isinstance(raw, dict):
+        raise ApiError(400, "recipe must be a mapping of recipe keys, such as "
+                       "'task: classify' or 'lora: {rank: 16}'", param="recipe", code="invalid_recipe")
+    taken = [k for k in JOB_KEYS if k in raw]
+    if taken:
+        raise ApiError(400, f"recipe.{taken[0]} is set by the job itself (model, training_file, "
+                       "validation_file); remove it from the recipe", param="recipe",
+                       code="invalid_recipe")
+    return raw
+
+
+def job_recipe(registry: Registry, job: Job) -> Recipe:
+    """The recipe a job trains with: its OpenAI fields, then its `recipe` keys over them."""
+    from tuneloop.train.dpo import DPO_LR
+    from tuneloop.train.plan import LORA_LR
+
+    kind = job.method["type"]
+    hyper = job.method[kind]["hyperparameters"]
+    with registry.session() as s:
+        data = {"train": s.get(File, job.training_file).path}
+        if job.validation_file:
+            data["validation"] = s.get(File, job.validation_file).path
+    recipe = {"base_model": job.model, "task": "chat", "data": data, "name": job.id,
+              "method": "dpo" if kind == "dpo" else "lora", "seed": job.seed, "baselines": []}
+    if hyper.get("n_epochs") not in (None, "auto"):
+        recipe["epochs"] = hyper["n_epochs"]
+    if hyper.get("learning_rate_multiplier") not in (None, "auto"):
+        recipe["learning_rate"] = (DPO_LR if kind == "dpo" else LORA_LR) * hyper["learning_rate_multiplier"]
+    if kind == "dpo" and hyper.get("beta") not in (None, "auto"):
+        recipe["dpo"] = {"beta": hyper["beta"]}
+    return recipe_from_dict({**recipe, **(job.recipe or {})},
+                            source=f"the recipe of fine-tuning job {job.id}")
 
 
 def job_object(job: Job) -> dict:
@@ -65,8 +122,27 @@ def job_object(job: Job) -> dict:
         "method": method, "training_file": job.training_file,
         "validation_file": job.validation_file, "result_files": [], "trained_tokens": job.trained_tokens,
         "error": job.error, "seed": job.seed, "metadata": job.meta, "integrations": [],
-        "estimated_finish": None, "user_provided_suffix": job.suffix,
+        "estimated_finish": None, "user_provided_suffix": job.suffix, "recipe": job.recipe,
     }
+
+
+def estimated_finish(registry: Registry, job: Job) -> int | None:
+    """When a running job's training should end (unix time), from the pace between its first
+    and newest step events; None until two steps apart have been reported."""
+    if job.status != "running":
+        return None
+    with registry.session() as s:
+        rows = [e for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job.id,
+                                                            JobEvent.data.is_not(None))
+                                     .order_by(JobEvent.id))
+                if isinstance(e.data, dict) and "total_steps" in e.data]
+    if len(rows) < 2:
+        return None
+    first, last = rows[0], rows[-1]
+    steps, seconds = last.data["step"] - first.data["step"], (last.created - first.created).total_seconds()
+    if steps <= 0 or seconds <= 0:
+        return None
+    return unix_time(last.created) + round((last.data["total_steps"] - last.data["step"]) * seconds / steps)
 
 
 def add_event(registry: Registry, job_id: str, message: str, level: str = "info",
@@ -97,12 +173,17 @@ def create_job(body: JobRequest, request: Request, who: CallerDep):
     hyper = method.hyperparameters()
     if body.hyperparameters is not None and body.method is None:
         hyper = body.hyperparameters.model_dump()
+    job = Job(id=new_id("ftjob"), tenant=who.tenant, model=body.model,
+              training_file=body.training_file, validation_file=body.validation_file,
+              method={"type": method.type, method.type: {"hyperparameters": hyper}},
+              suffix=body.suffix or None, seed=body.seed if body.seed is not None else 42,
+              meta=body.metadata, status="validating_files", cancel_requested=False,
+              recipe=recipe_keys(body.recipe))
+    try:
+        job_recipe(registry, job)
+    except TuneloopError as exc:
+        raise ApiError(400, str(exc), param="recipe", code="invalid_recipe") from None
     with registry.session() as s, s.begin():
-        job = Job(id=new_id("ftjob"), tenant=who.tenant, model=body.model,
-                  training_file=body.training_file, validation_file=body.validation_file,
-                  method={"type": method.type, method.type: {"hyperparameters": hyper}},
-                  suffix=body.suffix or None, seed=body.seed if body.seed is not None else 42,
-                  meta=body.metadata, status="validating_files", cancel_requested=False)
         s.add(job)
     add_event(registry, job.id, f"Created fine-tuning job: {job.id}")
     return job_object(job)
@@ -122,7 +203,9 @@ def list_jobs(request: Request, who: CallerDep, limit: int = 20, after: str | No
 
 @routes.get("/v1/fine_tuning/jobs/{job_id}")
 def retrieve_job(job_id: str, request: Request, who: CallerDep):
-    return job_object(get_job(request.app.state.registry, who.tenant, job_id))
+    registry = request.app.state.registry
+    job = get_job(registry, who.tenant, job_id)
+    return {**job_object(job), "estimated_finish": estimated_finish(registry, job)}
 
 
 @routes.post("/v1/fine_tuning/jobs/{job_id}/cancel")

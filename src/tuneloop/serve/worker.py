@@ -21,12 +21,10 @@ from sqlalchemy import select, update
 from tuneloop import project
 from tuneloop.data.validate import validate
 from tuneloop.errors import TuneloopError
-from tuneloop.project import recipe_from_dict
 from tuneloop.serve.deploy import deploy
-from tuneloop.serve.jobs import add_event
+from tuneloop.serve.jobs import add_event, job_recipe
 from tuneloop.store import Registry, _now
-from tuneloop.store.serving import File, Job
-from tuneloop.train.plan import LORA_LR
+from tuneloop.store.serving import Job
 from tuneloop.train.run import Stopped, train
 
 log = logging.getLogger("tuneloop.worker")
@@ -67,36 +65,12 @@ def claim(registry: Registry, me: str) -> Job | None:
     return None
 
 
-def _path(registry: Registry, file_id: str) -> str:
-    with registry.session() as s:
-        return s.get(File, file_id).path
-
-
 def _set(registry: Registry, job_id: str, **fields) -> Job:
     with registry.session() as s, s.begin():
         job = s.get(Job, job_id)
         for key, value in fields.items():
             setattr(job, key, value)
         return job
-
-
-def _recipe(registry: Registry, job: Job):
-    kind = job.method["type"]
-    hyper = job.method[kind]["hyperparameters"]
-    data = {"train": _path(registry, job.training_file)}
-    if job.validation_file:
-        data["validation"] = _path(registry, job.validation_file)
-    recipe = {"base_model": job.model, "task": "chat", "data": data, "name": job.id,
-              "method": "dpo" if kind == "dpo" else "lora", "seed": job.seed, "baselines": []}
-    if hyper.get("n_epochs") not in (None, "auto"):
-        recipe["epochs"] = hyper["n_epochs"]
-    if hyper.get("learning_rate_multiplier") not in (None, "auto"):
-        from tuneloop.train.dpo import DPO_LR
-
-        recipe["learning_rate"] = (DPO_LR if kind == "dpo" else LORA_LR) * hyper["learning_rate_multiplier"]
-    if kind == "dpo" and hyper.get("beta") not in (None, "auto"):
-        recipe["dpo"] = {"beta": hyper["beta"]}
-    return recipe_from_dict(recipe, source=f"fine-tuning job {job.id}")
 
 
 def fine_tuned_name(job: Job) -> str:
@@ -107,17 +81,18 @@ def fine_tuned_name(job: Job) -> str:
 def process(registry: Registry, job: Job, workspace) -> None:
     """Take one claimed job to a final state."""
     try:
+        recipe = job_recipe(registry, job)
         if job.status == "validating_files":
-            task = None if job.method["type"] == "dpo" else "chat"
-            for param in ("training_file", "validation_file"):
-                if getattr(job, param):
-                    report = validate(_path(registry, getattr(job, param)), task, model=job.model)
+            task = None if recipe.method == "dpo" else recipe.task
+            for param, path in (("training_file", recipe.data.train),
+                                ("validation_file", recipe.data.validation)):
+                if path:
+                    report = validate(path, task, model=job.model)
                     if not report.ok:
                         first = report.problems[0]
                         raise TuneloopError(f"{param} line {first.line}: {first.message}")
             job = _set(registry, job.id, status="queued")
             add_event(registry, job.id, "Files validated; job queued")
-        recipe = _recipe(registry, job)
         job = _set(registry, job.id, status="running", started=job.started or _now())
         add_event(registry, job.id, "Fine-tuning job started" if not job.run_id else
                   f"Resuming run {job.run_id} from its newest checkpoint")

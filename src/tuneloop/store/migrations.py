@@ -204,6 +204,12 @@ def m004_dataset_versions(conn: sa.Connection) -> None:
     md.create_all(conn)
 
 
+@migration
+def m005_job_recipe(conn: sa.Connection) -> None:
+    # A fine-tuning job may carry tuneloop recipe keys (task, method, lora, epochs, ...).
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN recipe JSON"))
+
+
 def migrate(engine: sa.Engine) -> list[str]:
     """Apply every migration not yet recorded; returns the names applied."""
     applied = []

@@ -127,6 +127,9 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
     plan = make_plan(recipe.model_copy(update={"batch_tokens": batch_tokens}), len(micro_batches),
                      epochs, max_length, tokens_per_step,
                      sum(p.numel() for p in model.parameters()), DPO_LR)
+    # the resolved settings, readable while the run trains
+    save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
+               "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
     if start is None:
         model = attach_lora(model, plan.lora_rank, plan.lora_alpha, recipe.lora.dropout,
                             recipe.lora.targets)
@@ -186,8 +189,6 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
         "trainable_params": sum(p.numel() for p in trainable), "device": str(models.device()),
         "dropped_as_leaks": splits.dropped_as_leaks,
     }
-    save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
-               "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
     (run_dir / "curves.json").write_text(json.dumps(curves))
     return {"model": model, "tokenizer": tokenizer, "plan": plan, "stats": stats,
             "artifact": artifact, "start": start}

@@ -102,6 +102,9 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
                      len(micro_batches), epochs, max_length, tokens_per_step * world, n_params,
                      method.learning_rate)
     writes = rank == 0
+    if writes:  # the resolved settings, readable while the run trains
+        save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
+                   "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
 
     model = method.prepare(model, recipe, plan)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -189,8 +192,6 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         "trainable_params": sum(p.numel() for p in trainable),
         "dropped_as_leaks": splits.dropped_as_leaks,
     }
-    save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
-               "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
     (run_dir / "curves.json").write_text(json.dumps(curves))
     return {"model": model, "tokenizer": tokenizer, "plan": plan, "stats": stats,
             "artifact": artifact}

@@ -272,6 +272,36 @@ function curveSvg(points) {
     `<polyline fill="none" stroke="#3b6ea8" stroke-width="1.5" points="${line}"/></svg>`;
 }
 
+function duration(seconds) {
+  const s = Math.round(seconds);
+  return s < 60 ? `${s} s` : s < 3600 ? `${Math.floor(s / 60)} min ${s % 60} s` :
+    `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+}
+
+let settingsShown = {};
+async function showSettings(id, job) {
+  // The resolved recipe is fetched until training has resolved it (then it no longer changes);
+  // checkpoints while the run trains and once more when it ends.
+  if (!settingsShown[id]) {
+    try {
+      const settings = await (await api(`/v1/tuneloop/jobs/${id}/recipe`)).json();
+      if (id !== openJob) return;
+      $("job-recipe").textContent = settings.yaml;
+      $("job-recipe").dataset.resolved = settings.resolved;
+      if (settings.resolved) settingsShown[id] = true;
+    } catch (e) {
+      $("job-recipe").textContent = "Recipe not available: " + e.message;
+    }
+  }
+  const checkpoints = (await (await api(`/v1/fine_tuning/jobs/${id}/checkpoints?limit=20`)).json()).data;
+  if (id !== openJob) return;
+  $("checkpoints").replaceChildren(...(checkpoints.length ? checkpoints.map((c) => {
+    const item = document.createElement("li");
+    item.textContent = `step ${c.step_number} · ${c.fine_tuned_model_checkpoint}`;
+    return item;
+  }) : [Object.assign(document.createElement("li"), {className: "muted", textContent: "none yet"})]));
+}
+
 async function refreshRun() {
   const id = openJob;
   const job = await (await api("/v1/fine_tuning/jobs/" + id)).json();
@@ -283,8 +313,11 @@ async function refreshRun() {
     .map((e) => [e.data.step, e.data.train_loss]).sort((a, b) => a[0] - b[0]);
   const last = steps[steps.length - 1];
   const latest = events.find((e) => e.data && e.data.total_steps);
+  const eta = job.estimated_finish ? Math.max(0, job.estimated_finish - Date.now() / 1000) : null;
   $("job-progress").textContent = latest ? `step ${latest.data.step} of ${latest.data.total_steps}` +
-    (latest.data.tokens_per_s ? ` · ${Math.round(latest.data.tokens_per_s)} tokens/s` : "") : "";
+    (latest.data.tokens_per_s ? ` · ${Math.round(latest.data.tokens_per_s)} tokens/s` : "") +
+    (eta !== null && job.status === "running" ? ` · training ends in about ${duration(eta)}` : "") : "";
+  await showSettings(id, job);
   $("curve").innerHTML = curveSvg(steps);
   $("curve").dataset.points = steps.length;
   if (last) $("curve").setAttribute("aria-label", `training loss by step; last ${last[1].toFixed(3)}`);
@@ -321,6 +354,7 @@ $("start").addEventListener("submit", async (event) => {
     const body = {model: $("base").value, training_file: file.id};
     if ($("epochs").value) body.hyperparameters = {n_epochs: Number($("epochs").value)};
     if ($("suffix").value) body.suffix = $("suffix").value;
+    if ($("recipe").value.trim()) body.recipe = $("recipe").value;
     const job = await (await api("/v1/fine_tuning/jobs", body)).json();
     status.textContent = "Started " + job.id + ".";
     await loadJobs();
