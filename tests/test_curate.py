@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import DB_KINDS, fresh_db_url, make_rows, write_jsonl
 from tests.test_cli import assert_user_error, tl
-from tuneloop.data import clean, pii
+from tuneloop.data import clean, pii, pii_model
 from tuneloop.data.curate import PrepareRecipe, SplitSpec, prepare, split_groups
 from tuneloop.data.dedup import NearDuplicates, semantic_duplicates
 from tuneloop.errors import TuneloopError
@@ -362,11 +362,11 @@ def test_entity_swap_moves_spans_with_the_new_values_and_keeps_case():
     row = {"text": "Ask Anna Schmidt at ACME in berlin, card 4111 1111 1111 1111.",
            "entities": [[4, 16, "PERSON"], [20, 24, "ORGANIZATION"], [28, 34, "GPE"],
                         [41, 60, "CREDIT_CARD"]]}
-    fakers = pii._swap_fakers(0)
+    fakers = pii_model._swap_fakers(0)
     pools = {"PERSON": ["Li Wei"], "ORGANIZATION": ["Initech"], "GPE": ["Oslo"]}
     texts = set()
     for seed in range(6):
-        out = pii.swap_entities(row, rnd.Random(seed), pools, fakers)
+        out = pii_model.swap_entities(row, rnd.Random(seed), pools, fakers)
         texts.add(out["text"])
         values = {label: out["text"][s:e] for s, e, label in out["entities"]}
         assert [label for _, _, label in out["entities"]] == ["PERSON", "ORGANIZATION", "GPE",
@@ -377,6 +377,6 @@ def test_entity_swap_moves_spans_with_the_new_values_and_keeps_case():
         assert values["GPE"] == values["GPE"].lower()  # lower-case stays lower-case
         assert out["text"].startswith("Ask ") and out["text"].endswith(".")
     assert len(texts) == 6  # each copy differs
-    rows = pii.training_rows(swap_copies=1)
-    shipped = sum(1 for _ in pii.NER_TRAIN.open())
+    rows = pii_model.training_rows(swap_copies=1)
+    shipped = sum(1 for _ in pii_model.NER_TRAIN.open())
     assert len(rows) > 2 * shipped  # shipped + negatives + swapped + lower-cased copies

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.data import pii
+from tuneloop.data import pii, pii_model
 
 pytestmark = pytest.mark.slow
 PRESIDIO = Path(__file__).resolve().parent.parent.parent / "shared/data/presidio_pii/test.jsonl"
@@ -25,12 +25,12 @@ def test_training_writes_a_loadable_model_and_is_keyed_by_content(tmp_path):
     rows = [{"text": f"Please call {n} about order {i}", "entities": [[12, 12 + len(n), "PERSON"]]}
             for i, n in enumerate(names * 6)]
     rows += [{"text": f"Please call me about order {i}", "entities": []} for i in range(10)]
-    out = pii.train_ner(tmp_path / "ner", rows=rows, epochs=10)
+    out = pii_model.train_ner(tmp_path / "ner", rows=rows, epochs=10)
     assert (out / "meta.json").is_file() and not list(tmp_path.glob("ner.*"))  # no temp left
     found = pii.Detector(["PERSON"], model=out).find("Please call Peter Novak about order 77")
     assert [(f.type, f.text) for f in found] == [("PERSON", "Peter Novak")]
-    assert pii.ner_model_path().name.startswith("pii-ner-")
-    assert pii.ner_model_path(epochs=3) != pii.ner_model_path()  # settings are in the key
+    assert pii_model.ner_model_path().name.startswith("pii-ner-")
+    assert pii_model.ner_model_path(epochs=3) != pii_model.ner_model_path()  # settings are in the key
 
 
 def test_names_places_and_organizations_are_replaced_consistently(detector):

@@ -41,6 +41,9 @@ def test_three_steps_and_evaluate_on_smollm2(tmp_path, workspace):
     assert result["steps"] == 3 and result["train_tokens"] > 0
     assert result["test"]["n"] == 12 and 0.0 <= result["accuracy"] <= 1.0
     assert result["peak_rss_mb"] < 6000
+    checked = result["forgetting"]  # base and fine-tuned on the same general suite
+    assert checked["items"] > 0 and 0 <= checked["base"]["accuracy"] <= 1
+    assert checked["base"]["loss"] > 0 and checked["fine_tuned"]["loss"] > 0
     adapter = Path(result["run_dir"]) / "adapter"
     assert (adapter / "adapter_model.safetensors").stat().st_size > 1_000_000
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -72,8 +75,10 @@ def test_each_method_trains_smollm2_and_its_artifact_evaluates(tmp_path, workspa
 
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed")
+    # The forgetting check is shown on the real model by the three-step test; off here.
     recipe = small_banking77(tmp_path, f"method: {method}\nmax_steps: 2\nbatch_tokens: 384\n"
-                                       "baselines: []\ncheckpoint_every: 1000\n")
+                                       "baselines: []\ncheckpoint_every: 1000\n"
+                                       "forgetting: {enabled: false}\n")
     result = train(load_recipe(recipe), workspace=workspace)
     assert result["steps"] == 2 and result["method"] == method
     scored = tl("eval", "--model", result["run_id"], "--data", tmp_path / "test.jsonl", "--json")
@@ -95,7 +100,8 @@ def test_dpo_trains_smollm2_on_preference_pairs_and_evaluates(tmp_path, workspac
     (tmp_path / "test.jsonl").write_text("\n".join(short[24:36]) + "\n")
     (tmp_path / "r.yaml").write_text("base_model: smollm2-135m-instruct\ntask: chat\nmethod: dpo\n"
                                      "data: {train: train.jsonl, test: test.jsonl}\nmax_steps: 2\n"
-                                     "batch_tokens: 1024\ncheckpoint_every: 1000\n")
+                                     "batch_tokens: 1024\ncheckpoint_every: 1000\n"
+                                     "forgetting: {enabled: false}\n")
     result = train(load_recipe(tmp_path / "r.yaml"), workspace=workspace)
     assert result["steps"] == 2 and result["test"]["n"] == 12
     assert 0.0 <= result["test"]["start_preference_accuracy"] <= 1.0
@@ -117,7 +123,8 @@ def test_server_serves_a_smollm2_adapter_like_peft_and_holds_json_schemas(tmp_pa
     from tuneloop.store import Registry
 
     monkeypatch.delenv("TUNELOOP_DB_URL", raising=False)
-    result = train(load_recipe(small_banking77(tmp_path, "max_steps: 3\nbaselines: []\n")),
+    result = train(load_recipe(small_banking77(tmp_path, "max_steps: 3\nbaselines: []\n"
+                                                         "forgetting: {enabled: false}\n")),
                    workspace=workspace)
     deploy(Registry.open(workspace), "intents", result["run_id"], force=True)
     question = "I still have not received my new card, how long does it take?"

@@ -28,9 +28,9 @@ def _split(value: str | None) -> list[str] | None:
 
 def _announce_training() -> None:
     """Say so before the first use on a machine trains the name recognizer."""
-    from tuneloop.data import pii
+    from tuneloop.data.pii_model import ner_model_ready
 
-    if not pii.ner_model_ready():
+    if not ner_model_ready():
         err.print("training the name recognizer once for this machine (a few minutes)…")
 
 
@@ -226,12 +226,12 @@ def data_reidentify(
 @data_app.command("pii-model")
 def data_pii_model(as_json: bool = JSON_OPT) -> None:
     """Train (once) and show the personal-data recognizer and the types it handles."""
-    from tuneloop.data import pii
+    from tuneloop.data import pii, pii_model
 
-    path = pii.ensure_ner_model(on_epoch=lambda e, n, loss: err.print(
+    path = pii_model.ensure_ner_model(on_epoch=lambda e, n, loss: err.print(
         f"[dim]epoch {e}/{n}: loss {loss:.1f}[/]"))
-    info = {"model": str(path), "model_types": pii.NER_TYPES, "pattern_types": pii.PATTERN_TYPES,
-            "training_data": str(pii.NER_TRAIN)}
+    info = {"model": str(path), "model_types": pii_model.NER_TYPES,
+            "pattern_types": pii.PATTERN_TYPES, "training_data": str(pii_model.NER_TRAIN)}
     if as_json:
         _print_json(info)
         return

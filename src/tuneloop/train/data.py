@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 from tuneloop import tasks
 from tuneloop.data.formats import MIN_EXAMPLES, Example, load_examples
