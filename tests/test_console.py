@@ -204,6 +204,67 @@ def test_data_page_checks_an_upload_by_line_and_pages_through_rows(console_pages
     assert (tmp_path / "data.png").stat().st_size > 10_000
 
 
+def test_data_page_prepares_a_dataset_version_with_its_report(console_pages, tmp_path):
+    import httpx
+    errors = []
+    rows = [{"messages": [{"role": "user", "content": r["text"]},
+                          {"role": "assistant", "content": r["label"]}]} for r in make_rows(40)]
+    rows += rows[:4]  # four exact duplicates
+    rows += [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": label}]}
+             for text, label in (("please write to jane.doe@example.com, my card is gone", "card_lost"),
+                                 ("what rate do you give for yen? reply to kim@example.org", "exchange_rate"),
+                                 ("my top up failed twice, mail ops-team@example.net", "top_up"))]
+    raw = write_jsonl(tmp_path / "export.jsonl", rows)
+    with chromium() as browser:
+        page = open_page(browser, console_pages["url"], console_pages["keys"]["acme"], errors)
+        page.click("#nav-data")
+        page.set_input_files("#data-file", str(raw))
+        page.click("#upload button")
+        page.wait_for_selector("#browser:not([hidden])")
+        files_before = page.locator("#files tr").count()
+        page.select_option("#prep-file", label=f"export.jsonl ({page.inner_text('#browser-file')})")
+        page.fill("#prep-name", "support")
+        page.click("#prepare summary")
+        page.fill("#prep-recipe", "dedup: {exakt: true}")  # a typo: refused, nothing prepared
+        page.click("#prepare button")
+        page.wait_for_function("document.getElementById('prepare-status').className == 'error'")
+        assert "did you mean 'exact'" in page.inner_text("#prepare-status")
+        # Names need the trained recognizer; the pattern layer finds the e-mail addresses.
+        page.fill("#prep-recipe", "anonymize: {ner: false}\nsplit: {test: 0.2, validation: 0}")
+        page.click("#prepare button")
+        page.wait_for_function("document.getElementById('prepare-status').textContent"
+                               ".startsWith('Prepared dv-')", timeout=120_000)
+        page.wait_for_selector("#version-report:not([hidden])")
+        assert "Steps" in page.frame_locator("#version-report").locator("body").inner_text()
+        page.wait_for_function("document.getElementById('versions').children.length == 1")
+        cells = page.eval_on_selector_all("#versions tr td", "els => els.map(e => e.textContent)")
+        assert cells[1] == "support" and cells[2] == "chat"
+        assert int(cells[5]) >= 4 and "EMAIL_ADDRESS 3" in cells[6], cells
+        assert page.locator("#files tr").count() == files_before + 2  # the train and test splits
+        page.screenshot(path=str(tmp_path / "data-versions.png"), full_page=True)
+
+        listed = httpx.get(console_pages["url"] + "/v1/tuneloop/datasets",
+                           headers={"authorization": "Bearer " + console_pages["keys"]["acme"]}).json()
+        version = listed["data"][0]
+        steps = {s["name"]: s for s in version["steps"]}
+        assert steps["ingest"]["rows_in"] == 47 and steps["dedup_exact"]["removed"] == {"duplicate": 4}
+        assert sum(s["rows"] for s in version["splits"].values()) == 47 - version["duplicates"]
+        train_file = version["splits"]["train"]["file_id"]
+        content = httpx.get(f"{console_pages['url']}/v1/files/{train_file}/content", headers={
+            "authorization": "Bearer " + console_pages["keys"]["acme"]}).text
+        assert "@example.com" not in content and content.count("\n") == version["splits"]["train"]["rows"]
+
+        other = open_page(browser, console_pages["url"], console_pages["keys"]["globex"], errors)
+        other.click("#nav-data")
+        other.wait_for_function("document.getElementById('versions-status').textContent"
+                                ".startsWith('No dataset versions')")  # acme's are not globex's
+        assert httpx.get(f"{console_pages['url']}/v1/tuneloop/datasets/{version['id']}/report",
+                         headers={"authorization": "Bearer " + console_pages["keys"]["globex"]}
+                         ).status_code == 404
+    assert unexpected(errors, 400) == [] and len(errors) == 1  # the refused recipe
+    assert (tmp_path / "data-versions.png").stat().st_size > 10_000
+
+
 def test_evaluations_page_shows_reports_and_compares_two_runs(console_pages, tmp_path):
     import httpx
     errors, second = [], console_pages["second"]

@@ -209,17 +209,18 @@ def source_from_rows(rows: Iterable[dict], name: str = "rows") -> Source:
 
 def prepare(data: Iterable[dict] | None = None, recipe: PrepareRecipe | None = None, *,
             workspace: Path | None = None, progress: Callable[[str], None] | None = None,
-            lineage: dict | None = None) -> Version:
-    """Run the pipeline on `data` (rows) or on the recipe's input files; record the version.
-
-    `lineage` (e.g. the teacher and prompts of synthetic rows) is kept in the report.
+            lineage: dict | None = None, sources: list[Source] | None = None) -> Version:
+    """Run the pipeline on `data` (rows), on `sources` ((name, read_rows(...)) pairs: an
+    uploaded file under the name its owner knows) or on the recipe's input files; record the
+    version. `lineage` (e.g. the teacher and prompts of synthetic rows) is kept in the report.
     """
     from tuneloop.project import workspace as default_workspace
 
     if recipe is None:
         raise TuneloopError("prepare needs a recipe (at least the task)")
     workspace = workspace or default_workspace()
-    sources = [source_from_rows(data)] if data is not None else sources_from_files(recipe)
+    if sources is None:
+        sources = [source_from_rows(data)] if data is not None else sources_from_files(recipe)
     root = workspace / "datasets"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))

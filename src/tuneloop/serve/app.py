@@ -1,8 +1,8 @@
 """The FastAPI application: settings, errors in OpenAI's shape, authentication, limits, metrics.
 
 Routes live by resource: api.py (models, chat and text completions), feedback.py, files.py and
-jobs.py (fine-tuning as a service), console_api.py (what the
-console's pages read). Every error a client can cause is an `ApiError` rendered as
+jobs.py (fine-tuning as a service), console_api.py and datasets_api.py (what the console's
+pages read, and preparing an uploaded file into a dataset version). Every error a client can cause is an `ApiError` rendered as
 {"error": {"message", "type", "param", "code"}} with the status OpenAI uses for it.
 """
 
@@ -87,9 +87,9 @@ def create_app(settings: Settings) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
 
-    from tuneloop.serve import api, console, console_api, feedback, files, jobs
+    from tuneloop.serve import api, console, console_api, datasets_api, feedback, files, jobs
 
-    for module in (api, feedback, files, jobs, console_api, console):
+    for module in (api, feedback, files, jobs, console_api, datasets_api, console):
         app.include_router(module.routes)
 
     @app.get("/health")

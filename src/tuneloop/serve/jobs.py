@@ -65,28 +65,34 @@ class JobRequest(Open):
     recipe: dict | str | None = None  # tuneloop recipe keys; see the module's docstring
 
 
-def recipe_keys(raw: dict | str | None) -> dict | None:
-    """The `recipe` extension as a mapping (YAML text is parsed), or a 400 that says why not."""
+def yaml_keys(raw: dict | str | None, example: str, param: str = "recipe") -> dict | None:
+    """A body field of recipe keys as a mapping (YAML text is parsed), or a 400 saying why not."""
     if isinstance(raw, str):
         try:
             raw = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ApiError(400, f"recipe is not valid YAML{where}: "
-                           f"{getattr(exc, 'problem', None) or exc}", param="recipe",
+            raise ApiError(400, f"{param} is not valid YAML{where}: "
+                           f"{getattr(exc, 'problem', None) or exc}", param=param,
                            code="invalid_recipe") from None
     if raw is None or raw == {}:
         return None
     if not isinstance(raw, dict):
-        raise ApiError(400, "recipe must be a mapping of recipe keys, such as "
-                       "'task: classify' or 'lora: {rank: 16}'", param="recipe", code="invalid_recipe")
-    taken = [k for k in JOB_KEYS if k in raw]
+        raise ApiError(400, f"{param} must be a mapping of recipe keys, such as {example}",
+                       param=param, code="invalid_recipe")
+    return raw
+
+
+def recipe_keys(raw: dict | str | None) -> dict | None:
+    """The `recipe` extension of a job: training recipe keys other than the job's own."""
+    keys = yaml_keys(raw, "'task: classify' or 'lora: {rank: 16}'")
+    taken = [k for k in JOB_KEYS if k in (keys or {})]
     if taken:
         raise ApiError(400, f"recipe.{taken[0]} is set by the job itself (model, training_file, "
                        "validation_file); remove it from the recipe", param="recipe",
                        code="invalid_recipe")
-    return raw
+    return keys
 
 
 def job_recipe(registry: Registry, job: Job) -> Recipe:

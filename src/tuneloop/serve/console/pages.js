@@ -1,4 +1,5 @@
-// Data, Evaluations and Deployments pages, over /v1/files and /v1/tuneloop/* (console_api.py).
+// Data, Evaluations and Deployments pages, over /v1/files and /v1/tuneloop/* (console_api.py,
+// datasets_api.py).
 // Uses $, api and key from console.js.
 "use strict";
 
@@ -40,7 +41,50 @@ async function loadFiles() {
   $("files").replaceChildren(...files.map((f) => clickable(
     cells(document.createElement("tr"), [f.id, f.filename, f.bytes, when(f.created_at)]),
     () => browse(f.id, 0))));
+  const chosen = $("prep-file").value;
+  $("prep-file").replaceChildren(...files.map((f) => new Option(`${f.filename} (${f.id})`, f.id)));
+  if (files.some((f) => f.id === chosen)) $("prep-file").value = chosen;
+  await loadVersions();
 }
+
+// Dataset versions: an uploaded file cleaned, deduplicated, anonymized and split on the server
+// (datasets_api.py); each split is one of the tenant's files, ready to train on.
+async function loadVersions() {
+  const versions = (await (await api("/v1/tuneloop/datasets")).json()).data;
+  $("versions").replaceChildren(...versions.map((v) => clickable(
+    cells(document.createElement("tr"), [v.id, v.name, v.task,
+      Object.entries(v.splits).map(([s, info]) => `${s} ${info.rows}`).join(" · "),
+      v.steps.map((s) => `${s.name} ${s.rows_out}`).join(" → "),
+      v.duplicates,
+      v.pii ? `${v.pii.rows} rows: ` + (Object.entries(v.pii.by_type)
+        .map(([t, n]) => `${t} ${n}`).join(", ") || "none") : "not scanned"]),
+    () => showReport(`/v1/tuneloop/datasets/${v.id}/report`, "Report of " + v.id,
+                     "version-report", "versions-status"))));
+  $("versions-status").textContent = versions.length ? "Choose a version to see its report." :
+    "No dataset versions yet: prepare one from a file.";
+}
+
+$("prepare").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const status = $("prepare-status");
+  const body = {task: $("prep-task").value};
+  if ($("prep-name").value) body.name = $("prep-name").value;
+  if ($("prep-recipe").value.trim()) body.recipe = $("prep-recipe").value;
+  status.className = "";
+  status.textContent = "Preparing…";
+  try {
+    const v = await (await api(`/v1/tuneloop/files/${$("prep-file").value}/prepare`, body)).json();
+    status.textContent = `${v.created ? "Prepared" : "Already prepared as"} ${v.id}: ` +
+      Object.entries(v.splits).map(([s, info]) => `${s} ${info.rows} rows (${info.file_id})`)
+        .join(", ") + ".";
+    await loadFiles();
+    showReport(`/v1/tuneloop/datasets/${v.id}/report`, "Report of " + v.id, "version-report",
+               "versions-status");
+  } catch (e) {
+    status.className = "error";
+    status.textContent = "Not prepared: " + e.message;
+  }
+});
 
 async function browse(id, start) {
   const page = await (await api(`/v1/tuneloop/files/${id}/rows?offset=${start}&limit=${PAGE_ROWS}`)).json();
@@ -124,11 +168,11 @@ async function loadRuns() {
     "No runs yet: start one on the Runs page.";
 }
 
-async function showReport(path, title) {
-  const status = $("eval-status");
+async function showReport(path, title, frameId = "report", statusId = "eval-status") {
+  const status = $(statusId);
   try {
     const html = await (await api(path)).text();
-    const frame = $("report");
+    const frame = $(frameId);
     frame.title = title;
     frame.srcdoc = html;
     frame.hidden = false;
