@@ -128,6 +128,7 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
                      epochs, max_length, tokens_per_step,
                      sum(p.numel() for p in model.parameters()), DPO_LR)
     # the resolved settings, readable while the run trains
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
                "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
     if start is None:

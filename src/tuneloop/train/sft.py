@@ -103,6 +103,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
                      method.learning_rate)
     writes = rank == 0
     if writes:  # the resolved settings, readable while the run trains
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
                    "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
 
