@@ -237,6 +237,7 @@ def test_a_job_takes_recipe_keys_checked_when_it_is_created(server):
     settings = httpx.get(f"{server['url']}/v1/tuneloop/jobs/{job.id}/recipe",
                          headers={"authorization": f"Bearer {server['keys']['globex']}"}).json()
     assert settings["resolved"] and "rank: 4" in settings["yaml"] and "\nplan:\n" in settings["yaml"]
+    assert f"train: {file_id}\n" in settings["yaml"]  # the file's id, not a server path
     assert httpx.get(f"{server['url']}/v1/tuneloop/jobs/{job.id}/recipe", headers={
         "authorization": f"Bearer {server['keys']['acme']}"}).status_code == 404  # not acme's job
 

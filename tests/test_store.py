@@ -6,8 +6,6 @@ tests against PostgreSQL.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import sqlalchemy as sa
 

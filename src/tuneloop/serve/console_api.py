@@ -74,7 +74,8 @@ def list_runs(request: Request, who: CallerDep):
 def job_settings(job_id: str, request: Request, who: CallerDep):
     """What a fine-tuning job trains with, as YAML: once training has started, the run's
     recipe.yaml (every key, and the plan made from them: steps, learning rate, batch tokens,
-    rank); before that, the recipe its fields and `recipe` keys make."""
+    rank); before that, the recipe its fields and `recipe` keys make. Data files are named by
+    their file ids."""
     import yaml
 
     from tuneloop.serve.jobs import get_job, job_recipe
@@ -90,6 +91,10 @@ def job_settings(job_id: str, request: Request, who: CallerDep):
         except TuneloopError as exc:  # a file removed since: say so rather than fail the page
             raise ApiError(409, str(exc), param="job_id", code="recipe_unavailable") from None
         text = yaml.safe_dump({"recipe": recipe}, sort_keys=False)
+    with registry.session() as s:  # the tenant's file ids, not the server's paths
+        for file_id in filter(None, (job.training_file, job.validation_file)):
+            row = s.get(File, file_id)
+            text = text.replace(row.path, file_id) if row else text
     return {"object": "fine_tuning.job.recipe", "job_id": job.id, "run_id": job.run_id,
             "resolved": written.is_file(), "yaml": text}
 
