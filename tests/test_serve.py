@@ -272,6 +272,15 @@ def test_a_running_jobs_finish_is_estimated_from_its_pace(tmp_path):
                            created=start + dt.timedelta(seconds=seconds)))
     last = int((start + dt.timedelta(seconds=30)).replace(tzinfo=dt.timezone.utc).timestamp())
     assert estimated_finish(registry, job) == last + 20 * 5
+    with registry.session() as s, s.begin():  # a worker died; the next resumes an hour later
+        later = start + dt.timedelta(hours=1)
+        s.add(JobEvent(job_id=job.id, level="info", message="Resuming run run-x from its newest "
+                       "checkpoint", created=later))
+        for step, seconds in ((6, 10), (8, 30)):  # 2 steps in 20 s: 10 s a step
+            s.add(JobEvent(job_id=job.id, level="info", message=f"Step {step}/25",
+                           data={"step": step, "total_steps": 25, "train_loss": 1.0},
+                           created=later + dt.timedelta(seconds=seconds)))
+    assert estimated_finish(registry, job) == last + 3600 + 17 * 10
     job.status = "succeeded"
     assert estimated_finish(registry, job) is None
 

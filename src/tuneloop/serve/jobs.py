@@ -34,6 +34,7 @@ from tuneloop.store.serving import File, Job, JobEvent
 routes = APIRouter()
 FINAL = ("succeeded", "failed", "cancelled")
 JOB_KEYS = ("base_model", "data", "name")  # set by the job's model, files and id
+STARTS = ("Fine-tuning job started", "Resuming run")  # the worker's events when training begins
 
 
 class Hyperparameters(Open):
@@ -133,15 +134,17 @@ def job_object(job: Job) -> dict:
 
 
 def estimated_finish(registry: Registry, job: Job) -> int | None:
-    """When a running job's training should end (unix time), from the pace between its first
-    and newest step events; None until two steps apart have been reported."""
+    """When a running job's training should end (unix time), from the pace between the first
+    and newest step events since training (re)started; None until two steps are reported."""
     if job.status != "running":
         return None
+    rows = []
     with registry.session() as s:
-        rows = [e for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job.id,
-                                                            JobEvent.data.is_not(None))
-                                     .order_by(JobEvent.id))
-                if isinstance(e.data, dict) and "total_steps" in e.data]
+        for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)):
+            if e.message.startswith(STARTS):
+                rows = []  # a resumed job's pace starts again (the gap is not training time)
+            elif isinstance(e.data, dict) and "total_steps" in e.data:
+                rows.append(e)
     if len(rows) < 2:
         return None
     first, last = rows[0], rows[-1]

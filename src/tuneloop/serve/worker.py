@@ -22,7 +22,7 @@ from tuneloop import project
 from tuneloop.data.validate import validate
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.deploy import deploy
-from tuneloop.serve.jobs import add_event, job_recipe
+from tuneloop.serve.jobs import STARTS, add_event, job_recipe
 from tuneloop.store import Registry, _now
 from tuneloop.store.serving import Job
 from tuneloop.train.run import Stopped, train
@@ -94,8 +94,8 @@ def process(registry: Registry, job: Job, workspace) -> None:
             job = _set(registry, job.id, status="queued")
             add_event(registry, job.id, "Files validated; job queued")
         job = _set(registry, job.id, status="running", started=job.started or _now())
-        add_event(registry, job.id, "Fine-tuning job started" if not job.run_id else
-                  f"Resuming run {job.run_id} from its newest checkpoint")
+        add_event(registry, job.id, STARTS[0] if not job.run_id else
+                  f"{STARTS[1]} {job.run_id} from its newest checkpoint")
 
         def progress(step, steps, loss, tokens_per_s):
             with registry.session() as s:
