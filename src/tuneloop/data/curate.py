@@ -128,17 +128,23 @@ class PrepareRecipe(_Strict):
     report: ReportSpec = ReportSpec()
 
 
-def load_prepare_recipe(path: str | Path) -> PrepareRecipe:
-    """Parse a preparation recipe; relative paths are relative to the file."""
-    from tuneloop.project import _explain, read_yaml_mapping
+def prepare_recipe_from_dict(raw: dict, source: str = "preparation recipe") -> PrepareRecipe:
+    """Validate a mapping as a PrepareRecipe; errors name each key and how to fix it."""
+    from tuneloop.project import _explain
 
-    path = Path(path)
-    raw = read_yaml_mapping(path)
     try:
-        recipe = PrepareRecipe.model_validate(raw)
+        return PrepareRecipe.model_validate(raw)
     except ValidationError as exc:
         lines = [_explain(e, PrepareRecipe) for e in exc.errors()]
-        raise TuneloopError(f"{path} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+        raise TuneloopError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+
+
+def load_prepare_recipe(path: str | Path) -> PrepareRecipe:
+    """Parse a preparation recipe; relative paths are relative to the file."""
+    from tuneloop.project import read_yaml_mapping
+
+    path = Path(path)
+    recipe = prepare_recipe_from_dict(read_yaml_mapping(path), str(path))
     base = path.resolve().parent
     inputs = [i.model_copy(update={"path": base / i.path}) for i in recipe.inputs]
     checks = [base / p for p in recipe.check_against]

@@ -18,7 +18,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -42,18 +42,12 @@ class PrepareBody(BaseModel):
     recipe: dict | str | None = None  # preparation recipe keys: clean, dedup, anonymize, split...
 
 
-def _tenant_files(registry: Registry, tenant: str) -> list[File]:
-    with registry.session() as s:
-        return list(s.scalars(select(File).where(File.tenant == tenant).order_by(File.created)))
-
-
-def _visible(request: Request, who) -> list[DatasetVersion]:
-    registry = request.app.state.registry
-    versions = registry.list_versions(limit=500)
+def _visible(request: Request, files: dict[str, str]) -> list[DatasetVersion]:
+    """The versions holding one of the tenant's files (`files`: content hash → file id)."""
+    versions = request.app.state.registry.list_versions(limit=500)
     if not request.app.state.settings.auth:
         return versions
-    mine = {f.sha256 for f in _tenant_files(registry, who.tenant)}
-    return [v for v in versions if any(info.get("sha256") in mine
+    return [v for v in versions if any(info.get("sha256") in files
                                        for info in (v.report.get("splits") or {}).values())]
 
 
@@ -77,13 +71,15 @@ def version_summary(version: DatasetVersion, files: dict[str, str]) -> dict:
 
 def _file_ids(registry: Registry, tenant: str) -> dict[str, str]:
     """Content hash → the tenant's newest file of that content."""
-    return {f.sha256: f.id for f in _tenant_files(registry, tenant)}
+    with registry.session() as s:
+        rows = s.scalars(select(File).where(File.tenant == tenant).order_by(File.created))
+        return {f.sha256: f.id for f in rows}
 
 
 @routes.get("/v1/tuneloop/datasets")
 def list_datasets(request: Request, who: CallerDep):
     files = _file_ids(request.app.state.registry, who.tenant)
-    return {"object": "list", "data": [version_summary(v, files) for v in _visible(request, who)]}
+    return {"object": "list", "data": [version_summary(v, files) for v in _visible(request, files)]}
 
 
 @routes.get("/v1/tuneloop/datasets/{version_id}/report", response_class=HTMLResponse)
@@ -92,7 +88,8 @@ def dataset_report(version_id: str, request: Request, who: CallerDep):
     labels, token lengths, personal data by type, duplicate clusters."""
     from tuneloop.data.report import render_html
 
-    found = [v for v in _visible(request, who) if v.id == version_id]
+    files = _file_ids(request.app.state.registry, who.tenant)
+    found = [v for v in _visible(request, files) if v.id == version_id]
     if not found:
         raise ApiError(404, f"No such dataset version: '{version_id}'", param="version_id",
                        code="dataset_not_found")
@@ -110,22 +107,15 @@ async def prepare_file(file_id: str, body: PrepareBody, request: Request, who: C
         raise ApiError(400, f"recipe.{taken[0]} cannot be set here: the task and name are fields "
                        "of the request, and the input is the file", param="recipe",
                        code="invalid_recipe")
-    spec = _spec({**keys, "task": body.task, "name": body.name})
+    from tuneloop.data.curate import prepare_recipe_from_dict
+
+    try:
+        spec = prepare_recipe_from_dict({**keys, "task": body.task, "name": body.name}, "recipe")
+    except TuneloopError as exc:
+        raise ApiError(400, str(exc), param="recipe", code="invalid_recipe") from None
     version, files, created = await run_in_threadpool(
         _prepare, registry, who.tenant, row, spec, Path(request.app.state.settings.workspace))
     return {**version_summary(version, files), "created": created}
-
-
-def _spec(raw: dict):
-    from tuneloop.data.curate import PrepareRecipe
-    from tuneloop.project import _explain
-
-    try:
-        return PrepareRecipe.model_validate(raw)
-    except ValidationError as exc:
-        lines = [_explain(e, PrepareRecipe).strip() for e in exc.errors()]
-        raise ApiError(400, "recipe: " + "; ".join(lines), param="recipe",
-                       code="invalid_recipe") from None
 
 
 def _prepare(registry: Registry, tenant: str, row: File, spec, workspace: Path):
