@@ -6,7 +6,10 @@ types (GPE, STREET_ADDRESS and ZIP_CODE are LOCATION; DOMAIN_NAME is URL). TITLE
 US_DRIVER_LICENSE are not claimed: findings on them are neither right nor wrong. Then every text
 is anonymized and each claimed gold string is looked for in the output.
 
-    python bench/pii_eval.py [--data ../shared/data/presidio_pii/test.jsonl] [--out FILE.json]
+`--lowercase` scores the same rows lower-cased, as chat messages are often written.
+
+    python bench/pii_eval.py [--data ../shared/data/presidio_pii/test.jsonl] [--lowercase]
+                             [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from tuneloop.data import pii
+from tuneloop.data.pii_model import lower_keep
 
 GOLD = {"PERSON": "PERSON", "ORGANIZATION": "ORGANIZATION", "GPE": "LOCATION",
         "STREET_ADDRESS": "LOCATION", "ZIP_CODE": "LOCATION", "DATE_TIME": "DATE_TIME",
@@ -35,11 +39,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(here.parent.parent / "shared/data/presidio_pii/test.jsonl"))
     ap.add_argument("--out")
-    ap.add_argument("--model", help="a spaCy NER folder instead of the cached one")
+    ap.add_argument("--model", help="a spaCy NER folder instead of the cached cased one")
+    ap.add_argument("--uncased-model", help="a spaCy NER folder for the uncased layer")
+    ap.add_argument("--lowercase", action="store_true", help="score the rows lower-cased")
     args = ap.parse_args()
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8")]
+    if args.lowercase:
+        rows = [dict(r, text=lower_keep(r["text"]), entities=[
+            dict(e, text=lower_keep(e["text"])) for e in r["entities"]]) for r in rows]
     t0 = time.perf_counter()
-    detector = pii.Detector(model=Path(args.model) if args.model else None)
+    detector = pii.Detector(model=Path(args.model) if args.model else None,
+                            uncased_model=Path(args.uncased_model) if args.uncased_model else None)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     found = detector.find_many([r["text"] for r in rows])
@@ -80,7 +90,8 @@ def main() -> None:
     unclaimed = [(e["label"], e["text"]) for r, a in zip(rows, anonymized) for e in r["entities"]
                  if e["label"] not in GOLD and e["text"] in a["text"]]
     result = {
-        "rows": len(rows), "entities_claimed": total_tp + total_fn,
+        "rows": len(rows), "lowercase": args.lowercase,
+        "uncased_layer": detector.uncased is not None, "entities_claimed": total_tp + total_fn,
         "recall": round(total_tp / (total_tp + total_fn), 3),
         "precision": round(total_tp / (total_tp + total_fp), 3),
         "per_type": per_type, "findings_on_unclaimed_gold": dict(ignored),

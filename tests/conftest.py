@@ -41,19 +41,21 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request, monkeypatch):
+def threads_per_test(request, monkeypatch):
     """Tests outside the slow set work on a hidden-32 model, where a second intra-op thread
     only adds synchronisation: on two cores shared with a worker subprocess or another job,
     OpenMP's spinning threads made a 30-second test take over three minutes. One thread here
-    and in the subprocesses the test starts; the slow SmolLM2 tests keep the machine's threads."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
+    and in the subprocesses the test starts. The slow SmolLM2 tests share the machine's cores
+    among the pytest-xdist workers running at once (all of them when run alone)."""
     import torch
 
+    threads = 1
+    if request.node.get_closest_marker("slow"):
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        threads = max(1, (os.cpu_count() or 1) // workers)
     before = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
     yield
     torch.set_num_threads(before)
 
@@ -108,12 +110,19 @@ DB_KINDS = ["sqlite"] + (["pg"] if os.environ.get("TUNELOOP_TEST_PG_URL") else [
 
 def fresh_db_url(kind: str, folder: Path) -> str:
     """A registry URL with an empty database: a new SQLite file, or the test PostgreSQL
-    database ($TUNELOOP_TEST_PG_URL, set by .ci/run) with every table dropped."""
+    database ($TUNELOOP_TEST_PG_URL, set by .ci/run) with every table dropped. Under
+    pytest-xdist each worker has its own schema of that database, so workers never drop
+    each other's tables."""
     if kind == "sqlite":
         return f"sqlite:///{folder / 'registry.db'}"
     import sqlalchemy as sa
 
-    url = os.environ["TUNELOOP_TEST_PG_URL"]
+    url = sa.make_url(os.environ["TUNELOOP_TEST_PG_URL"])
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        with sa.create_engine(url).begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{worker}"'))
+        url = url.update_query_dict({"options": f"-csearch_path={worker}"})
     engine = sa.create_engine(url)
     md = sa.MetaData()
     md.reflect(engine)
@@ -121,7 +130,7 @@ def fresh_db_url(kind: str, folder: Path) -> str:
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE IF EXISTS _migrations"))
     engine.dispose()
-    return url
+    return url.render_as_string(hide_password=False)
 
 
 @contextlib.contextmanager

@@ -267,6 +267,11 @@ def test_patterns_find_validated_formats_only():
     assert "+49 30 901820" in types["PHONE_NUMBER"]
     bad = detector.find("card 4111 1111 1111 1112 and IBAN DE00 3704 0044 0532 0130 00")
     assert not {f.type for f in bad} & {"CREDIT_CARD", "IBAN_CODE"}  # checksums fail
+    born = detector.find("Geboren am 22.11.2000, seit 2019-03-07 Kundin; DOB 11/22/2000")
+    assert [(f.type, f.text) for f in born] == [("DATE_TIME", "22.11.2000"),
+                                                ("DATE_TIME", "2019-03-07"),
+                                                ("DATE_TIME", "11/22/2000")]
+    assert detector.find("Order 3 of 12, version 2.1, 50/50 split") == []
 
 
 def test_placeholders_are_consistent_within_a_row_and_reach_the_fields():

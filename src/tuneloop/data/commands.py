@@ -228,9 +228,12 @@ def data_pii_model(as_json: bool = JSON_OPT) -> None:
     """Train (once) and show the personal-data recognizer and the types it handles."""
     from tuneloop.data import pii, pii_model
 
-    path = pii_model.ensure_ner_model(on_epoch=lambda e, n, loss: err.print(
+    if not pii_model.ner_model_ready():
+        err.print("training the cased and uncased recognizers side by side…")
+    paths = pii_model.ensure_ner_models(on_epoch=lambda e, n, loss: err.print(
         f"[dim]epoch {e}/{n}: loss {loss:.1f}[/]"))
-    info = {"model": str(path), "model_types": pii_model.NER_TYPES,
+    info = {"model": str(paths["cased"]), "uncased_model": str(paths["uncased"]),
+            "model_types": pii_model.NER_TYPES,
             "pattern_types": pii.PATTERN_TYPES, "training_data": str(pii_model.NER_TRAIN)}
     if as_json:
         _print_json(info)

@@ -2,10 +2,11 @@
 
 Two layers feed one Presidio `AnalyzerEngine`:
 - patterns with checksums (Presidio's recognizers): e-mail, phone (libphonenumber), credit card
-  (Luhn), IBAN (mod 97), IP, URL, US SSN, UK NINO;
+  (Luhn), IBAN (mod 97), IP, URL, US SSN, UK NINO, and numeric dates (11/22/2000, 2000-11-22);
 - a spaCy named-entity model for people, organizations, places and addresses, dates, ages and
   nationality/religious/political groups, which tuneloop trains itself once and caches
-  (pii_model.py).
+  (pii_model.py); a second model reads the text lower-cased, and what it finds where the first
+  found nothing is added (names in text written without capitals).
 
 Replacements are consistent within an example: the same person is `<PERSON_1>` in the prompt,
 the reply and the extracted fields. `fake` mode puts realistic stand-ins (Faker, seeded by the
@@ -26,15 +27,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from tuneloop.data.pii_model import NER_TYPES, ensure_ner_model
+from tuneloop.data.pii_model import NER_TYPES, ensure_ner_models, lower_keep
 from tuneloop.data.rows import get_path, set_path, text_paths
 from tuneloop.errors import TuneloopError
 
 PATTERN_TYPES = ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "URL",
-                 "US_SSN", "UK_NINO"]
+                 "US_SSN", "UK_NINO", "DATE_TIME"]
 ENTITY_TYPES = sorted(set(NER_TYPES) | set(PATTERN_TYPES))
 MODES = ("placeholder", "fake", "reversible")
 SCORE_THRESHOLD = 0.4
+UNCASED_SCORE = 0.8  # Presidio gives the cased model's entities 0.85
 
 for name in ("presidio-analyzer", "presidio-anonymizer"):
     logging.getLogger(name).setLevel(logging.ERROR)  # it warns per text about unused languages
@@ -55,7 +57,8 @@ def _analyzer(ner: bool, nlp_path: Path | None):
     import spacy
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
-    from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, EmailRecognizer,
+    from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, DateRecognizer,
+                                                          EmailRecognizer,
                                                           IbanRecognizer, IpRecognizer,
                                                           PhoneRecognizer, SpacyRecognizer,
                                                           UkNinoRecognizer, UrlRecognizer,
@@ -77,7 +80,7 @@ def _analyzer(ner: bool, nlp_path: Path | None):
     registry = RecognizerRegistry(supported_languages=["en"])
     for recognizer in (EmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(),
                        IbanRecognizer(), IpRecognizer(), UrlRecognizer(), UsSsnRecognizer(),
-                       UkNinoRecognizer()):
+                       UkNinoRecognizer(), DateRecognizer()):
         registry.add_recognizer(recognizer)
     if ner:
         registry.add_recognizer(SpacyRecognizer(supported_entities=NER_TYPES))
@@ -86,11 +89,14 @@ def _analyzer(ner: bool, nlp_path: Path | None):
 
 
 class Detector:
-    """Finds personal data of the chosen types; `ner=False` keeps only the pattern layer."""
+    """Finds personal data of the chosen types; `ner=False` keeps only the pattern layer.
 
+    `model` and `uncased_model` name spaCy folders instead of the cached recognizers; with
+    `model` alone there is no uncased layer."""
 
     def __init__(self, entities: Iterable[str] | None = None, ner: bool = True,
-                 score_threshold: float = SCORE_THRESHOLD, model: Path | None = None):
+                 score_threshold: float = SCORE_THRESHOLD, model: Path | None = None,
+                 uncased_model: Path | None = None):
         self.entities = list(entities) if entities else list(ENTITY_TYPES)
         unknown = sorted(set(self.entities) - set(ENTITY_TYPES))
         if unknown:
@@ -98,7 +104,15 @@ class Detector:
                                 f"{', '.join(ENTITY_TYPES)}")
         self.ner = ner and bool(set(self.entities) & set(NER_TYPES))
         self.threshold = score_threshold
-        self.engine = _analyzer(self.ner, (model or ensure_ner_model()) if self.ner else None)
+        if self.ner and model is None:
+            paths = ensure_ner_models()
+            model, uncased_model = paths["cased"], uncased_model or paths["uncased"]
+        self.engine = _analyzer(self.ner, model if self.ner else None)
+        self.uncased = None
+        if self.ner and uncased_model is not None:
+            import spacy
+
+            self.uncased = spacy.load(uncased_model)
 
     def find(self, text: str) -> list[Finding]:
         return self.find_many([text])[0]
@@ -107,11 +121,30 @@ class Detector:
         """Findings per text, overlaps resolved (higher score, then longer span, wins)."""
         results = []
         nlp = self.engine.nlp_engine
-        for text, artifacts in nlp.process_batch(texts, "en", batch_size=batch_size):
+        uncased = (self.uncased.pipe((lower_keep(t) for t in texts), batch_size=batch_size)
+                   if self.uncased else iter(lambda: None, 0))
+        for (text, artifacts), doc in zip(nlp.process_batch(texts, "en", batch_size=batch_size),
+                                          uncased):
             found = self.engine.analyze(text, "en", entities=self.entities, nlp_artifacts=artifacts,
                                         score_threshold=self.threshold)
-            results.append(_resolve(text, found))
+            chosen = _resolve(text, found)
+            if doc is not None:
+                chosen = _add_uncased(text, chosen, doc, self.entities)
+            results.append(chosen)
         return results
+
+
+def _add_uncased(text: str, chosen: list[Finding], doc, entities: list[str]) -> list[Finding]:
+    """`chosen` plus the uncased model's entities that overlap none of them, checked and
+    trimmed like the cased model's (its spans are spans of `text`: lower_keep keeps lengths)."""
+    from presidio_analyzer import RecognizerResult
+
+    guesses = [RecognizerResult(e.label_, e.start_char, e.end_char, UNCASED_SCORE,
+                                recognition_metadata={"recognizer_name": "SpacyRecognizer"})
+               for e in doc.ents if e.label_ in entities]
+    extra = [f for f in _resolve(text, guesses)
+             if not any(f.start < c.end and c.start < f.end for c in chosen)]
+    return sorted(chosen + extra, key=lambda f: f.start) if extra else chosen
 
 
 def _digits(text: str) -> int:

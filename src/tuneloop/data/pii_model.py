@@ -1,10 +1,15 @@
-"""The spaCy name recognizer behind pii.py's model layer: trained here, once, and cached.
+"""The spaCy name recognizers behind pii.py's model layer: trained here, once, and cached.
 
 No hub is reachable at run time and spaCy's own pipelines are not on PyPI, so tuneloop trains
-this model itself on the MIT-licensed Presidio synthetic PII sentences and CC-BY banking77
+these models itself on the MIT-licensed Presidio synthetic PII sentences and CC-BY banking77
 messages without personal data shipped in `resources/`, each sentence also with its names
-swapped for others (`swap_entities`) and some in lower case: about five minutes on two cores,
-cached by the hash of its data and settings.
+swapped for others (`swap_entities`). Two models, trained side by side (about five minutes on
+two cores), cached by the hash of their data, settings and this file:
+- `cased` reads text as written (a third of its rows also in lower case);
+- `uncased` reads it lower-cased, so it cannot lean on capitals. Chat messages are often
+  written without them ("follow up with benjamin a seiler"), where the cased model misses
+  names it would find capitalized; pii.py adds what the uncased model finds that the cased
+  one did not.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
+
+CASES = ("cased", "uncased")
 
 RESOURCES = Path(__file__).parent / "resources"
 NER_TRAIN = RESOURCES / "pii_ner_train.jsonl"
@@ -42,14 +49,22 @@ NER_LABELS = {"PERSON": "PERSON", "ORGANIZATION": "ORGANIZATION", "GPE": "LOCATI
               "US_SSN": "US_SSN"}
 NER_TYPES = sorted(set(NER_LABELS.values()))
 
-def ner_model_path(epochs: int = NER_EPOCHS) -> Path:
-    """Where the name recognizer trained from the shipped data with these settings lives."""
+def ner_model_path(epochs: int = NER_EPOCHS, case: str = "cased") -> Path:
+    """Where the recognizer trained from the shipped data with these settings lives. The key
+    holds this file too: a change to how rows are made never reuses an older model."""
     digest = hashlib.sha256(NER_TRAIN.read_bytes() + NER_NEGATIVES.read_bytes() +
+                            Path(__file__).read_bytes() +
                             json.dumps([NER_LABELS, epochs, LOWERCASE_EVERY, SWAP_COPIES, SWAP_LOCALES,
-                                       SWAPPABLE, BRAND_TAILS]).encode())
+                                       SWAPPABLE, BRAND_TAILS, case]).encode())
     from tuneloop.models import cache_root
 
-    return cache_root() / f"pii-ner-{digest.hexdigest()[:12]}"
+    return cache_root() / f"pii-ner-{case}-{digest.hexdigest()[:12]}"
+
+
+def lower_keep(text: str) -> str:
+    """`text` in lower case, character for character ("İ" lower-cases to two characters and is
+    left as it is), so spans found in the lowered text are spans of the original."""
+    return "".join(low if len(low := c.lower()) == 1 else c for c in text)
 
 
 def train_ner(out: Path, rows: Iterable[dict] | None = None, epochs: int = NER_EPOCHS,
@@ -98,9 +113,10 @@ def train_ner(out: Path, rows: Iterable[dict] | None = None, epochs: int = NER_E
     return out
 
 
-def training_rows(swap_copies: int = SWAP_COPIES, seed: int = 0) -> list[dict]:
-    """The shipped sentences with their entities, the negatives, copies with the entities
-    swapped, and lower-cased copies."""
+def training_rows(swap_copies: int = SWAP_COPIES, seed: int = 0, case: str = "cased") -> list[dict]:
+    """The shipped sentences with their entities, the negatives and copies with the entities
+    swapped; for the cased model also lower-cased copies of every third, for the uncased one
+    all of them lower-cased."""
     shipped = [json.loads(line) for line in NER_TRAIN.open(encoding="utf-8")]
     negatives = [json.loads(line) for line in NER_NEGATIVES.open(encoding="utf-8")]
     rng = random.Random(seed)
@@ -112,8 +128,9 @@ def training_rows(swap_copies: int = SWAP_COPIES, seed: int = 0) -> list[dict]:
     swapped = [swap_entities(row, rng, pools, fakers) for _ in range(swap_copies)
                for row in shipped if row["entities"]]
     rows = shipped + negatives + swapped
-    return rows + [{"text": r["text"].lower(), "entities": r["entities"]}
-                   for r in rows[::LOWERCASE_EVERY]]
+    lowered = rows if case == "uncased" else rows[::LOWERCASE_EVERY]
+    lowered = [{"text": lower_keep(r["text"]), "entities": r["entities"]} for r in lowered]
+    return lowered if case == "uncased" else rows + lowered
 
 
 def _swap_fakers(seed: int) -> list:
@@ -182,13 +199,30 @@ def swap_entities(row: dict, rng: random.Random, pools: dict[str, list[str]], fa
 
 
 def ner_model_ready() -> bool:
-    """Whether this machine has the name recognizer already (else the next use trains it)."""
-    return (ner_model_path() / "meta.json").is_file()
+    """Whether this machine has the recognizers already (else the next use trains them)."""
+    return all((ner_model_path(case=case) / "meta.json").is_file() for case in CASES)
 
 
-def ensure_ner_model(on_epoch: Callable[[int, int, float], None] | None = None) -> Path:
-    """The cached name recognizer, trained now if this machine has none yet."""
-    path = ner_model_path()
-    if not ner_model_ready():
-        train_ner(path, on_epoch=on_epoch)
-    return path
+def _train_case(case: str) -> Path:
+    return train_ner(ner_model_path(case=case), training_rows(case=case))
+
+
+def ensure_ner_models(on_epoch: Callable[[int, int, float], None] | None = None
+                      ) -> dict[str, Path]:
+    """The cached recognizers by case, trained now where this machine has none yet: the
+    uncased one in a second process while this one trains the cased one (spaCy trains on one
+    core); `on_epoch` hears the cased one."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    paths = {case: ner_model_path(case=case) for case in CASES}
+    missing = [case for case in CASES if not (paths[case] / "meta.json").is_file()]
+    if not missing:
+        return paths
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        others = [pool.submit(_train_case, case) for case in missing if case != "cased"]
+        if "cased" in missing:
+            train_ner(paths["cased"], training_rows(case="cased"), on_epoch=on_epoch)
+        for future in others:
+            future.result()
+    return paths

@@ -5,14 +5,21 @@ is added by the runner."""
 from __future__ import annotations
 
 import re
-
-from rouge_score import rouge_scorer
+from functools import cache
 
 # The last number in a text: optional sign, thousands separators, decimals. GSM8K references
 # end in "#### 72"; models write "The answer is $1,200." — both read as the last number.
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+@cache
+def _rouge():
+    """ROUGE-L scorer, imported on first use: rouge_score pulls in nltk and scipy (about two
+    seconds), which every command that merely lists the tasks would otherwise pay."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def prompt(example, info, zero_shot: bool = False) -> list[dict]:
@@ -50,7 +57,7 @@ def metrics(predictions: list[str], golds: list[str], valid: list[bool]) -> dict
     import sacrebleu
 
     n = len(golds)
-    scores = [_SCORER.score(g, p)["rougeL"].fmeasure for p, g in zip(predictions, golds)]
+    scores = [_rouge().score(g, p)["rougeL"].fmeasure for p, g in zip(predictions, golds)]
     out = {"rouge_l": sum(scores) / n if n else 0.0,
            "bleu": sacrebleu.corpus_bleu(predictions, [golds]).score if n else 0.0,
            "exact_match": sum(_norm(p) == _norm(g) for p, g in zip(predictions, golds)) / n

@@ -27,8 +27,11 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False) -> dict:
     ranks_dir = run_dir / "ranks"
     for old in ranks_dir.glob("*.json") if ranks_dir.exists() else []:
         old.unlink()
+    # A free port for the process group: Accelerate's default (29500) would make two runs on one
+    # machine (two jobs, two test workers) join each other's group or fail to bind.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(processes), "--num_machines", "1",
+               "--main_process_port", str(_free_port()),
                "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "tuneloop.train.distributed", str(run_dir)]
     log = run_dir / "launch.log"
@@ -45,6 +48,14 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False) -> dict:
     stats.update(processes=processes, ranks_identical=len(set(digests.values())) == 1,
                  rank_digests=digests)
     return stats
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main() -> None:
