@@ -21,11 +21,16 @@ def detector():
     return pii.Detector()
 
 
-def test_training_writes_a_loadable_model_and_is_keyed_by_content(tmp_path):
+def call_rows() -> list[dict]:
+    """Thirty sentences with a person's name and ten without, for a tiny model."""
     names = ["Anna Schmidt", "Peter Novak", "Li Wei", "Omar Haddad", "Julia Rossi"]
     rows = [{"text": f"Please call {n} about order {i}", "entities": [[12, 12 + len(n), "PERSON"]]}
             for i, n in enumerate(names * 6)]
-    rows += [{"text": f"Please call me about order {i}", "entities": []} for i in range(10)]
+    return rows + [{"text": f"Please call me about order {i}", "entities": []} for i in range(10)]
+
+
+def test_training_writes_a_loadable_model_and_is_keyed_by_content(tmp_path):
+    rows = call_rows()
     out = pii_model.train_ner(tmp_path / "ner", rows=rows, epochs=10)
     assert (out / "meta.json").is_file() and not list(tmp_path.glob("ner.*"))  # no temp left
     found = pii.Detector(["PERSON"], model=out).find("Please call Peter Novak about order 77")
@@ -36,10 +41,7 @@ def test_training_writes_a_loadable_model_and_is_keyed_by_content(tmp_path):
 
 
 def test_the_uncased_layer_adds_what_the_cased_model_left(tmp_path):
-    names = ["Anna Schmidt", "Peter Novak", "Li Wei", "Omar Haddad", "Julia Rossi"]
-    rows = [{"text": f"Please call {n} about order {i}", "entities": [[12, 12 + len(n), "PERSON"]]}
-            for i, n in enumerate(names * 6)]
-    rows += [{"text": f"Please call me about order {i}", "entities": []} for i in range(10)]
+    rows = call_rows()
     cased = pii_model.train_ner(tmp_path / "cased", rows=rows, epochs=10)
     uncased = pii_model.train_ner(tmp_path / "uncased", epochs=10, rows=[
         dict(r, text=pii_model.lower_keep(r["text"])) for r in rows])
