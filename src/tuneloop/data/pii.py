@@ -24,6 +24,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from itertools import repeat
 from pathlib import Path
 from typing import Iterable
 
@@ -122,13 +123,13 @@ class Detector:
         results = []
         nlp = self.engine.nlp_engine
         uncased = (self.uncased.pipe((lower_keep(t) for t in texts), batch_size=batch_size)
-                   if self.uncased else iter(lambda: None, 0))
+                   if self.uncased else repeat(None))
         for (text, artifacts), doc in zip(nlp.process_batch(texts, "en", batch_size=batch_size),
                                           uncased):
             found = self.engine.analyze(text, "en", entities=self.entities, nlp_artifacts=artifacts,
                                         score_threshold=self.threshold)
             chosen = _resolve(text, found)
-            if doc is not None:
+            if doc is not None and UNCASED_SCORE >= self.threshold:
                 chosen = _add_uncased(text, chosen, doc, self.entities)
             results.append(chosen)
         return results
