@@ -6,7 +6,9 @@ layer, no propagation): typed recall/precision and the gold entities no span of 
 touches (what anonymization would leave), on that validation fifth and on presidio_pii's test
 file, each as written and lower-cased. Not wired into tuneloop yet; see bench/RESULTS.md.
 
-    python bench/pii_encoder_trial.py [EPOCHS] [LR]      # 3 1e-4: ~12 min on two cores
+    python bench/pii_encoder_trial.py [EPOCHS] [LR] [--grouped]   # 3 1e-4: ~12 min on two cores
+
+`--grouped` batches rows of similar length together (less padding), in a shuffled order.
 """
 import hashlib, json, random, sys, time
 from pathlib import Path
@@ -51,14 +53,29 @@ def encode(r):
     return enc["input_ids"], labels
 data = [encode(r) for r in rows]
 model = BertForTokenClassification.from_pretrained(SRC, num_labels=len(LABELS))
-opt = torch.optim.AdamW(model.parameters(), lr=float(sys.argv[2]) if len(sys.argv) > 2 else 1e-4)
-epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+grouped = "--grouped" in sys.argv
+args = [a for a in sys.argv[1:] if a != "--grouped"]
+opt = torch.optim.AdamW(model.parameters(), lr=float(args[1]) if len(args) > 1 else 1e-4)
+epochs = int(args[0]) if args else 3
+
+
+def batches(data, epoch):
+    random.Random(epoch).shuffle(data)  # in place, so each epoch reshuffles the last order
+    if not grouped:
+        return [data[i:i + 16] for i in range(0, len(data), 16)]
+    out = []
+    for i in range(0, len(data), 512):  # sort within chunks of 32 batches, then shuffle batches
+        chunk = sorted(data[i:i + 512], key=lambda x: len(x[0]))
+        out += [chunk[j:j + 16] for j in range(0, len(chunk), 16)]
+    random.Random(epoch).shuffle(out)
+    return out
+
 steps = epochs * ((len(data) + 15) // 16); sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
 t0 = time.time()
 for ep in range(epochs):
-    random.Random(ep).shuffle(data); model.train(); tot = 0
-    for i in range(0, len(data), 16):
-        b = data[i:i+16]; n = max(len(x) for x, _ in b)
+    model.train(); tot = 0
+    for b in batches(data, ep):
+        n = max(len(x) for x, _ in b)
         ids = torch.tensor([x + [0] * (n - len(x)) for x, _ in b]); att = (ids != 0).long()
         lab = torch.tensor([y + [-100] * (n - len(y)) for _, y in b])
         loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
