@@ -32,15 +32,16 @@ install: $(BIN)/tuneloop
 demo: install
 	$(BIN)/tuneloop demo
 
-# The fast tests run one thread each, so pytest-xdist runs one per core. The slow SmolLM2 tests
+# The fast tests run one thread each, so pytest-xdist runs one per core (at most 8: each worker
+# holds torch and its test models in memory, about a gigabyte). The slow SmolLM2 tests
 # run one at a time on every core: two workers gained 8% here (454 s against 493 s) for twice
 # the memory (tests/conftest.py would give each worker its share of the threads).
 test: install
-	$(BIN)/python -m pytest -q --durations=15 -n auto --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q --durations=15 -n auto --maxprocesses 8 --dist loadfile -m "not slow" tests
 	$(BIN)/python -m pytest -q --durations=10 -m slow tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 8 --dist loadfile -m "not slow" tests
 
 bench: install
 	$(BIN)/python bench/train_throughput.py
