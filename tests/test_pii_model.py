@@ -70,7 +70,6 @@ def test_names_places_and_organizations_are_replaced_consistently(detector):
     assert new["messages"][1]["content"] == "I have updated the account for <PERSON_1>."
 
 
-
 def test_text_without_personal_data_is_left_alone(detector):
     texts = ["How do I top up my card with a bank transfer?",
              "Thank you so much for your help!",

@@ -27,11 +27,12 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def _announce_training() -> None:
-    """Say so before the first use on a machine trains the name recognizer."""
+    """Say so before the first use on a machine trains the name recognizers."""
     from tuneloop.data.pii_model import ner_model_ready
 
     if not ner_model_ready():
-        err.print("training the name recognizer once for this machine (a few minutes)…")
+        err.print("training the cased and uncased name recognizers once for this machine, side "
+                  "by side (a few minutes)…")
 
 
 def _detector(entities: str | None, no_ner: bool):
@@ -228,8 +229,7 @@ def data_pii_model(as_json: bool = JSON_OPT) -> None:
     """Train (once) and show the personal-data recognizer and the types it handles."""
     from tuneloop.data import pii, pii_model
 
-    if not pii_model.ner_model_ready():
-        err.print("training the cased and uncased recognizers side by side…")
+    _announce_training()
     paths = pii_model.ensure_ner_models(on_epoch=lambda e, n, loss: err.print(
         f"[dim]epoch {e}/{n}: loss {loss:.1f}[/]"))
     info = {"model": str(paths["cased"]), "uncased_model": str(paths["uncased"]),

@@ -3,7 +3,7 @@
 No hub is reachable at run time and spaCy's own pipelines are not on PyPI, so tuneloop trains
 these models itself on the MIT-licensed Presidio synthetic PII sentences and CC-BY banking77
 messages without personal data shipped in `resources/`, each sentence also with its names
-swapped for others (`swap_entities`). Two models, trained side by side (about five minutes on
+swapped for others (`swap_entities`). Two models, trained side by side (about four minutes on
 two cores), cached by the hash of their data, settings and this file:
 - `cased` reads text as written (a third of its rows also in lower case);
 - `uncased` reads it lower-cased, so it cannot lean on capitals. Chat messages are often
@@ -113,11 +113,13 @@ def train_ner(out: Path, rows: Iterable[dict] | None = None, epochs: int = NER_E
     return out
 
 
-def training_rows(swap_copies: int = SWAP_COPIES, seed: int = 0, case: str = "cased") -> list[dict]:
-    """The shipped sentences with their entities, the negatives and copies with the entities
-    swapped; for the cased model also lower-cased copies of every third, for the uncased one
-    all of them lower-cased."""
-    shipped = [json.loads(line) for line in NER_TRAIN.open(encoding="utf-8")]
+def training_rows(swap_copies: int = SWAP_COPIES, seed: int = 0, case: str = "cased",
+                  shipped: list[dict] | None = None) -> list[dict]:
+    """The shipped sentences with their entities (or `shipped`, a part of them held out
+    elsewhere), the negatives and copies with the entities swapped; for the cased model also
+    lower-cased copies of every third, for the uncased one all of them lower-cased."""
+    if shipped is None:
+        shipped = [json.loads(line) for line in NER_TRAIN.open(encoding="utf-8")]
     negatives = [json.loads(line) for line in NER_NEGATIVES.open(encoding="utf-8")]
     rng = random.Random(seed)
     pools: dict[str, list[str]] = {}
@@ -198,9 +200,14 @@ def swap_entities(row: dict, rng: random.Random, pools: dict[str, list[str]], fa
     return {"text": "".join(pieces), "entities": entities}
 
 
+def _missing() -> list[str]:
+    """The cases whose recognizer this machine has not trained yet."""
+    return [case for case in CASES if not (ner_model_path(case=case) / "meta.json").is_file()]
+
+
 def ner_model_ready() -> bool:
     """Whether this machine has the recognizers already (else the next use trains them)."""
-    return all((ner_model_path(case=case) / "meta.json").is_file() for case in CASES)
+    return not _missing()
 
 
 def _train_case(case: str) -> Path:
@@ -216,7 +223,7 @@ def ensure_ner_models(on_epoch: Callable[[int, int, float], None] | None = None
     from multiprocessing import get_context
 
     paths = {case: ner_model_path(case=case) for case in CASES}
-    missing = [case for case in CASES if not (paths[case] / "meta.json").is_file()]
+    missing = _missing()
     if not missing:
         return paths
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:

@@ -12,7 +12,6 @@ from functools import cache
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
-
 @cache
 def _rouge():
     """ROUGE-L scorer, imported on first use: rouge_score pulls in nltk and scipy (about two
