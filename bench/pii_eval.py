@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from tuneloop.data import pii
+from tuneloop.data import pii_model
 from tuneloop.data.pii_model import lower_keep
 
 GOLD = {"PERSON": "PERSON", "ORGANIZATION": "ORGANIZATION", "GPE": "LOCATION",
@@ -39,8 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(here.parent.parent / "shared/data/presidio_pii/test.jsonl"))
     ap.add_argument("--out")
-    ap.add_argument("--model", help="a spaCy NER folder instead of the cached cased one")
-    ap.add_argument("--uncased-model", help="a spaCy NER folder for the uncased layer")
+    ap.add_argument("--model", help="a trained recognizer's folder instead of the cached one")
     ap.add_argument("--lowercase", action="store_true", help="score the rows lower-cased")
     args = ap.parse_args()
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8")]
@@ -48,8 +48,7 @@ def main() -> None:
         rows = [dict(r, text=lower_keep(r["text"]), entities=[
             dict(e, text=lower_keep(e["text"])) for e in r["entities"]]) for r in rows]
     t0 = time.perf_counter()
-    detector = pii.Detector(model=Path(args.model) if args.model else None,
-                            uncased_model=Path(args.uncased_model) if args.uncased_model else None)
+    detector = pii.Detector(model=Path(args.model) if args.model else None)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     found = detector.find_many([r["text"] for r in rows])
@@ -91,7 +90,7 @@ def main() -> None:
                  if e["label"] not in GOLD and e["text"] in a["text"]]
     result = {
         "rows": len(rows), "lowercase": args.lowercase,
-        "uncased_layer": detector.uncased is not None, "entities_claimed": total_tp + total_fn,
+        "model": str(args.model or pii_model.ner_model_path()), "entities_claimed": total_tp + total_fn,
         "recall": round(total_tp / (total_tp + total_fn), 3),
         "precision": round(total_tp / (total_tp + total_fp), 3),
         "per_type": per_type, "findings_on_unclaimed_gold": dict(ignored),

@@ -1,6 +1,8 @@
-"""The personal-data recognizer with its trained name model (trained once per machine, a few
-minutes on two cores, then cached): names, places and organizations in English and German text,
-and the Presidio synthetic test set (read from ../shared/data, skipped where it is absent)."""
+"""The personal-data recognizer. Fast tests train a tiny BERT (two layers, a word-level
+tokenizer built here) from scratch; the slow ones use the recognizer tuneloop trains once per
+machine from the shipped MiniLM (a few minutes on two cores, then cached): names, places and
+organizations in English and German text, and the Presidio synthetic test set (read from
+../shared/data, skipped where it is absent)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from tuneloop.data import pii, pii_model
 
-pytestmark = pytest.mark.slow
 PRESIDIO = Path(__file__).resolve().parent.parent.parent / "shared/data/presidio_pii/test.jsonl"
+NAMES = ["Anna Schmidt", "Peter Novak", "Li Wei", "Omar Haddad", "Julia Rossi"]
 
 
 @pytest.fixture(scope="module")
@@ -23,39 +26,99 @@ def detector():
 
 def call_rows() -> list[dict]:
     """Thirty sentences with a person's name and ten without, for a tiny model."""
-    names = ["Anna Schmidt", "Peter Novak", "Li Wei", "Omar Haddad", "Julia Rossi"]
     rows = [{"text": f"Please call {n} about order {i}", "entities": [[12, 12 + len(n), "PERSON"]]}
-            for i, n in enumerate(names * 6)]
+            for i, n in enumerate(NAMES * 6)]
     return rows + [{"text": f"Please call me about order {i}", "entities": []} for i in range(10)]
 
 
-def test_training_writes_a_loadable_model_and_is_keyed_by_content(tmp_path):
-    rows = call_rows()
-    out = pii_model.train_ner(tmp_path / "ner", rows=rows, epochs=10)
-    assert (out / "meta.json").is_file() and not list(tmp_path.glob("ner.*"))  # no temp left
-    found = pii.Detector(["PERSON"], model=out).find("Please call Peter Novak about order 77")
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer BERT with random weights and a word-level vocabulary ("novakova" is two
+    pieces), saved as a base for the recognizer to start from."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = {w.lower() for r in call_rows() for w in r["text"].split()} | {"thanks", "."}
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "##ova"] + sorted(words)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(folder)  # an encoder without a head, as MiniLM ships
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_base, tmp_path_factory) -> Path:
+    return pii_model.train_ner(tmp_path_factory.mktemp("ner") / "model", rows=call_rows(),
+                               epochs=40, base=tiny_base, lr=3e-3)
+
+
+def test_training_rows_become_bio_tags_on_word_pieces(tiny_base):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    text = "Please call Peter Novakova about order 5"
+    person, place = text.index("Peter Novakova"), text.index("order")
+    row = {"text": text, "entities": [[person, person + 14, "PERSON"],
+                                      [place, place + 5, "GPE"]]}  # GPE trains as LOCATION
+    ids, labels, types = pii_model.encode_row(tokenizer, row)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    tags = [pii_model.BIO[y] if y >= 0 else None for y in labels]
+    assert list(zip(tokens, tags, types)) == [
+        ("[CLS]", None, 0), ("please", "O", 1), ("call", "O", 0), ("peter", "B-PERSON", 1),
+        ("novak", "I-PERSON", 1), ("##ova", "I-PERSON", 0), ("about", "O", 0),
+        ("order", "B-LOCATION", 0), ("5", "O", 0), ("[SEP]", None, 0)]
+    # special tokens carry no loss (-100); the token type is the case of the first letter
+    assert pii_model.encode_row(tokenizer, row, cased=False)[2] == [0] * len(ids)
+    assert pii_model.encode_row(tokenizer, dict(row, text=text.lower()))[:2] == (ids, labels)
+
+
+def test_training_changes_the_model_and_writes_a_loadable_folder(tiny_base, tiny_model):
+    from transformers import AutoModelForTokenClassification, BertModel
+
+    assert (tiny_model / "config.json").is_file() and (tiny_model / "tokenizer.json").is_file()
+    assert not list(tiny_model.parent.glob("model.*"))  # no temporary folder left
+    before = BertModel.from_pretrained(tiny_base).state_dict()
+    after = AutoModelForTokenClassification.from_pretrained(tiny_model)
+    assert after.config.id2label[1] == pii_model.BIO[1]
+    changed = [k for k, v in after.bert.state_dict().items() if not torch.equal(v, before[k])]
+    assert "embeddings.word_embeddings.weight" in changed and len(changed) > 10
+    found = pii.Detector(["PERSON"], model=tiny_model).find("Please call Peter Novak about order 77")
     assert [(f.type, f.text) for f in found] == [("PERSON", "Peter Novak")]
-    assert pii_model.ner_model_path().name.startswith("pii-ner-cased-")
-    assert pii_model.ner_model_path(epochs=3) != pii_model.ner_model_path()  # settings are in the key
-    assert pii_model.ner_model_path(case="uncased") != pii_model.ner_model_path()
+    assert pii.Detector(["PERSON"], model=tiny_model).find("Please call me about order 77") == []
+    assert pii_model.ner_model_path().name.startswith("pii-ner-minilm-")
+    assert pii_model.ner_model_path(epochs=2) != pii_model.ner_model_path()  # settings are keyed
 
 
-def test_the_uncased_layer_adds_what_the_cased_model_left(tmp_path):
-    rows = call_rows()
-    cased = pii_model.train_ner(tmp_path / "cased", rows=rows, epochs=10)
-    uncased = pii_model.train_ner(tmp_path / "uncased", epochs=10, rows=[
-        dict(r, text=pii_model.lower_keep(r["text"])) for r in rows])
-    for text in ("please call omar haddad about order 5", "Please call Omar Haddad about order 5"):
-        alone = pii.Detector(["PERSON"], model=cased).find(text)
-        low = pii.Detector(["PERSON"], model=uncased).find(pii_model.lower_keep(text))
-        both = pii.Detector(["PERSON"], model=cased, uncased_model=uncased).find(text)
-        assert [(f.type, f.start, f.end) for f in low] == [("PERSON", 12, 23)]
-        added = [f for f in low if not any(f.start < a.end and a.start < f.end for a in alone)]
-        assert [(f.start, f.end) for f in both] == sorted((f.start, f.end) for f in alone + added)
-        assert [f.text for f in both if f.start == 12] == [text[12:23]]  # as written, not lowered
-    assert pii_model.lower_keep("İstanbul ÄÖ") == "İstanbul äö"  # lengths kept
+def test_long_texts_are_read_in_overlapping_windows(tiny_model):
+    model = pii_model.NameModel(tiny_model)
+    filler = "Please call me about order 1 . " * 70  # ~490 tokens: two windows
+    for name in NAMES:
+        for at in (0, len(filler) // 2, len(filler)):  # first window, the overlap, the last
+            text = filler[:at] + f"Please call {name} about order 5 . " + filler[at:]
+            start = at + len("Please call ")
+            found = model.find([text])[0]
+            assert [(s, e, kind) for s, e, kind, _ in found] == [
+                (start, start + len(name), "PERSON")], (name, at)
+            assert 0.4 < found[0][3] <= 1.0
+    assert model.find([]) == [] and model.find([""]) == [[]]
 
 
+def test_lower_keep_keeps_lengths():
+    assert pii_model.lower_keep("İstanbul ÄÖ") == "İstanbul äö"
+
+
+@pytest.mark.slow
+def test_a_name_written_without_capitals_is_found(detector):
+    for text in ("please follow up with maria gonzalez tomorrow",
+                 "Please follow up with Maria Gonzalez tomorrow"):
+        assert [(f.type, f.text.lower()) for f in detector.find(text)] == [
+            ("PERSON", "maria gonzalez")]
+
+
+@pytest.mark.slow
 def test_names_places_and_organizations_are_replaced_consistently(detector):
     row = {"messages": [
         {"role": "user", "content": "Hi, this is Maria Gonzalez from Acme Corp in Chicago. "
@@ -70,13 +133,24 @@ def test_names_places_and_organizations_are_replaced_consistently(detector):
     assert new["messages"][1]["content"] == "I have updated the account for <PERSON_1>."
 
 
+@pytest.mark.slow
 def test_text_without_personal_data_is_left_alone(detector):
     texts = ["How do I top up my card with a bank transfer?",
              "Thank you so much for your help!",
-             "Where can I see the exchange rate for yen? 😞"]  # an emoji is not an address
+             "Why was my card payment declined? 😞"]  # an emoji is not an address
     assert [detector.find(t) for t in texts] == [[], [], []]
+    # Customer questions without personal data (banking77's test split; the recognizer's
+    # negatives come from its training split). Countries are places, which are replaced by
+    # design; anything else counts as a false alarm (this machine's model: "Apple" of Apple
+    # Pay, "EUR", and "13", which may be an age).
+    rows = [json.loads(line) for line in
+            (Path(__file__).resolve().parents[1] / "examples/banking77/test.jsonl").open()]
+    found = detector.find_many([r["text"] for r in rows])
+    alarms = [(f.type, f.text) for hits in found for f in hits if f.type not in ("LOCATION", "NRP")]
+    assert len(alarms) <= len(rows) // 50, alarms  # at most 2% of the messages
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not PRESIDIO.is_file(), reason="needs ../shared/data/presidio_pii")
 def test_presidio_synthetic_test_set(detector):
     rows = [json.loads(line) for line in PRESIDIO.open(encoding="utf-8")]
@@ -97,6 +171,7 @@ def test_presidio_synthetic_test_set(detector):
     assert leaks == []
 
 
+@pytest.mark.slow
 def test_a_house_number_before_the_street_belongs_to_the_address(detector):
     found = detector.find("974 Via Roma 131\n Apt. 425\n Montafia")
     assert ("LOCATION", "974 Via Roma 131") in [(f.type, f.text) for f in found]

@@ -31,8 +31,8 @@ def _announce_training() -> None:
     from tuneloop.data.pii_model import ner_model_ready
 
     if not ner_model_ready():
-        err.print("training the cased and uncased name recognizers once for this machine, side "
-                  "by side (a few minutes)…")
+        err.print("training the name recognizer once for this machine (about four minutes on "
+                  "two cores)…")
 
 
 def _detector(entities: str | None, no_ner: bool):
@@ -230,9 +230,9 @@ def data_pii_model(as_json: bool = JSON_OPT) -> None:
     from tuneloop.data import pii, pii_model
 
     _announce_training()
-    paths = pii_model.ensure_ner_models(on_epoch=lambda e, n, loss: err.print(
+    path = pii_model.ensure_ner_model(on_epoch=lambda e, n, loss: err.print(
         f"[dim]epoch {e}/{n}: loss {loss:.1f}[/]"))
-    info = {"model": str(paths["cased"]), "uncased_model": str(paths["uncased"]),
+    info = {"model": str(path), "base_model": str(pii_model.base_folder()),
             "model_types": pii_model.NER_TYPES,
             "pattern_types": pii.PATTERN_TYPES, "training_data": str(pii_model.NER_TRAIN)}
     if as_json:

@@ -1,12 +1,12 @@
 """Personal data: find it with Presidio's analyzer, replace it with Presidio's anonymizer.
 
-Two layers feed one Presidio `AnalyzerEngine`:
+Two layers feed one list of candidates:
 - patterns with checksums (Presidio's recognizers): e-mail, phone (libphonenumber), credit card
   (Luhn), IBAN (mod 97), IP, URL, US SSN, UK NINO, and numeric dates (11/22/2000, 2000-11-22);
-- a spaCy named-entity model for people, organizations, places and addresses, dates, ages and
-  nationality/religious/political groups, which tuneloop trains itself once and caches
-  (pii_model.py); a second model reads the text lower-cased, and what it finds where the first
-  found nothing is added (names in text written without capitals).
+- a token-classification model for people, organizations, places and addresses, dates, ages and
+  nationality/religious/political groups (and structured values by their context), which
+  tuneloop fine-tunes once from the MiniLM encoder it ships and caches (pii_model.py).
+Where they overlap, the validated pattern wins.
 
 Replacements are consistent within an example: the same person is `<PERSON_1>` in the prompt,
 the reply and the extracted fields. `fake` mode puts realistic stand-ins (Faker, seeded by the
@@ -24,11 +24,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from itertools import repeat
 from pathlib import Path
 from typing import Iterable
 
-from tuneloop.data.pii_model import NER_TYPES, ensure_ner_models, lower_keep
+from tuneloop.data.pii_model import NER_TYPES, NameModel, ensure_ner_model
 from tuneloop.data.rows import get_path, set_path, text_paths
 from tuneloop.errors import TuneloopError
 
@@ -37,7 +36,7 @@ PATTERN_TYPES = ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "I
 ENTITY_TYPES = sorted(set(NER_TYPES) | set(PATTERN_TYPES))
 MODES = ("placeholder", "fake", "reversible")
 SCORE_THRESHOLD = 0.4
-UNCASED_SCORE = 0.8  # Presidio gives the cased model's entities 0.85
+MODEL = "tuneloop-ner"  # recognizer name of the model's findings
 
 for name in ("presidio-analyzer", "presidio-anonymizer"):
     logging.getLogger(name).setLevel(logging.ERROR)  # it warns per text about unused languages
@@ -54,50 +53,46 @@ class Finding:
     score: float
 
 
-def _analyzer(ner: bool, nlp_path: Path | None):
+def _analyzer():
+    """Presidio's analyzer with the pattern recognizers (it tokenizes with a blank spaCy
+    pipeline, for the context words some patterns look at)."""
     import spacy
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
     from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, DateRecognizer,
                                                           EmailRecognizer,
                                                           IbanRecognizer, IpRecognizer,
-                                                          PhoneRecognizer, SpacyRecognizer,
-                                                          UkNinoRecognizer, UrlRecognizer,
-                                                          UsSsnRecognizer)
+                                                          PhoneRecognizer, UkNinoRecognizer,
+                                                          UrlRecognizer, UsSsnRecognizer)
 
     class Engine(SpacyNlpEngine):
         """Presidio's spaCy engine over a pipeline already in memory (it would download one)."""
 
         def __init__(self, nlp):
             super().__init__(ner_model_configuration=NerModelConfiguration(
-                model_to_presidio_entity_mapping={t: t for t in NER_TYPES},
-                low_score_entity_names=[], labels_to_ignore=[]))
+                model_to_presidio_entity_mapping={}, low_score_entity_names=[],
+                labels_to_ignore=[]))
             self.nlp = {"en": nlp}
 
         def load(self) -> None:
             pass
 
-    nlp = spacy.load(nlp_path) if ner and nlp_path else spacy.blank("en")
     registry = RecognizerRegistry(supported_languages=["en"])
     for recognizer in (EmailRecognizer(), PhoneRecognizer(), CreditCardRecognizer(),
                        IbanRecognizer(), IpRecognizer(), UrlRecognizer(), UsSsnRecognizer(),
                        UkNinoRecognizer(), DateRecognizer()):
         registry.add_recognizer(recognizer)
-    if ner:
-        registry.add_recognizer(SpacyRecognizer(supported_entities=NER_TYPES))
-    # Only the checksum-validated patterns add to what the model finds on its own.
-    return AnalyzerEngine(registry=registry, nlp_engine=Engine(nlp), supported_languages=["en"])
+    return AnalyzerEngine(registry=registry, nlp_engine=Engine(spacy.blank("en")),
+                          supported_languages=["en"])
 
 
 class Detector:
     """Finds personal data of the chosen types; `ner=False` keeps only the pattern layer.
 
-    `model` and `uncased_model` name spaCy folders instead of the cached recognizers; with
-    `model` alone there is no uncased layer."""
+    `model` names a trained recognizer's folder instead of the cached one."""
 
     def __init__(self, entities: Iterable[str] | None = None, ner: bool = True,
-                 score_threshold: float = SCORE_THRESHOLD, model: Path | None = None,
-                 uncased_model: Path | None = None):
+                 score_threshold: float = SCORE_THRESHOLD, model: Path | None = None):
         self.entities = list(entities) if entities else list(ENTITY_TYPES)
         unknown = sorted(set(self.entities) - set(ENTITY_TYPES))
         if unknown:
@@ -105,47 +100,31 @@ class Detector:
                                 f"{', '.join(ENTITY_TYPES)}")
         self.ner = ner and bool(set(self.entities) & set(NER_TYPES))
         self.threshold = score_threshold
-        if self.ner and model is None:
-            paths = ensure_ner_models()
-            model, uncased_model = paths["cased"], uncased_model or paths["uncased"]
-        self.engine = _analyzer(self.ner, model if self.ner else None)
-        self.uncased = None
-        if self.ner and uncased_model is not None:
-            import spacy
-
-            self.uncased = spacy.load(uncased_model)
+        self.patterns = [e for e in self.entities if e in PATTERN_TYPES]
+        self.engine = _analyzer()
+        self.model = NameModel(model or ensure_ner_model()) if self.ner else None
 
     def find(self, text: str) -> list[Finding]:
         return self.find_many([text])[0]
 
     def find_many(self, texts: list[str], batch_size: int = 64) -> list[list[Finding]]:
-        """Findings per text, overlaps resolved (higher score, then longer span, wins)."""
+        """Findings per text, overlaps resolved (patterns first, then longer spans, then
+        higher scores)."""
+        from presidio_analyzer import RecognizerResult
+
+        guesses = self.model.find(texts) if self.model else [[] for _ in texts]
         results = []
         nlp = self.engine.nlp_engine
-        uncased = (self.uncased.pipe((lower_keep(t) for t in texts), batch_size=batch_size)
-                   if self.uncased else repeat(None))
-        for (text, artifacts), doc in zip(nlp.process_batch(texts, "en", batch_size=batch_size),
-                                          uncased):
-            found = self.engine.analyze(text, "en", entities=self.entities, nlp_artifacts=artifacts,
-                                        score_threshold=self.threshold)
-            chosen = _resolve(text, found)
-            if doc is not None and UNCASED_SCORE >= self.threshold:
-                chosen = _add_uncased(text, chosen, doc, self.entities)
-            results.append(chosen)
+        for (text, artifacts), spans in zip(nlp.process_batch(texts, "en", batch_size=batch_size),
+                                            guesses):
+            found = self.engine.analyze(text, "en", entities=self.patterns, nlp_artifacts=artifacts,
+                                        score_threshold=self.threshold) if self.patterns else []
+            found += [RecognizerResult(kind, start, end, score,
+                                       recognition_metadata={"recognizer_name": MODEL})
+                      for start, end, kind, score in spans
+                      if kind in self.entities and score >= self.threshold]
+            results.append(_resolve(text, found))
         return results
-
-
-def _add_uncased(text: str, chosen: list[Finding], doc, entities: list[str]) -> list[Finding]:
-    """`chosen` plus the uncased model's entities that overlap none of them, checked and
-    trimmed like the cased model's (its spans are spans of `text`: lower_keep keeps lengths)."""
-    from presidio_analyzer import RecognizerResult
-
-    guesses = [RecognizerResult(e.label_, e.start_char, e.end_char, UNCASED_SCORE,
-                                recognition_metadata={"recognizer_name": "SpacyRecognizer"})
-               for e in doc.ents if e.label_ in entities]
-    extra = [f for f in _resolve(text, guesses)
-             if not any(f.start < c.end and c.start < f.end for c in chosen)]
-    return sorted(chosen + extra, key=lambda f: f.start) if extra else chosen
 
 
 def _digits(text: str) -> int:
@@ -174,7 +153,7 @@ def _has_word(text: str) -> bool:
 
 
 def _from_model(result) -> bool:
-    return (result.recognition_metadata or {}).get("recognizer_name") == "SpacyRecognizer"
+    return (result.recognition_metadata or {}).get("recognizer_name") == MODEL
 
 
 def _resolve(text: str, found) -> list[Finding]:

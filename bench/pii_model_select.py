@@ -1,0 +1,108 @@
+"""Choosing the name recognizer's settings without looking at the test file: a fifth of the
+shipped training sentences (by hash) is held out, the recognizer (pii_model.train_ner, as
+tuneloop trains it) learns from the rest with the settings given, and the model alone (no
+pattern layer, no propagation) is scored on the held-out fifth, as written and lower-cased:
+typed recall and precision, and the gold entities no span of any type touches (what
+anonymization would leave).
+
+    python bench/pii_model_select.py [--epochs 3] [--swap-copies 2] [--lr 1e-4]
+                                     [--no-case-feature] [--min-scores 0.4 0.6] [--test]
+
+`--test` also scores presidio_pii's test file (for the record, once settings are chosen).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from pii_eval import GOLD
+
+from tuneloop.data import pii
+from tuneloop.data import pii_model as pm
+
+HERE = Path(__file__).resolve().parent
+
+
+def held_out(row: dict) -> bool:
+    return int(hashlib.sha256(row["text"].encode()).hexdigest(), 16) % 5 == 0
+
+
+def score(model: pm.NameModel, rows: list[dict], name: str, min_score: float) -> dict:
+    tp = fn = fp = 0
+    untouched = []
+    for row, found in zip(rows, model.find([r["text"] for r in rows])):
+        found = [f for f in found if f[3] >= min_score]
+        gold = [(e[0], e[1], GOLD.get(e[2])) if isinstance(e, list) else
+                (e["start"], e["end"], GOLD.get(e["label"])) for e in row["entities"]]
+        for s, e, kind in gold:
+            if kind is None:
+                continue
+            hit = any(a < e and s < b and t == kind for a, b, t, _ in found)
+            tp, fn = tp + hit, fn + (not hit)
+            if not any(a < e and s < b for a, b, _, _ in found):
+                untouched.append(row["text"][s:e])
+        fp += sum(1 for a, b, t, _ in found
+                  if not any(a < e and s < b and kind in (t, None) for s, e, kind in gold))
+    result = {"rows": len(rows), "recall": round(tp / (tp + fn), 3),
+              "precision": round(tp / (tp + fp), 3), "untouched": len(untouched),
+              "untouched_strings": untouched[:15]}
+    print(f"{name} (score >= {min_score})", json.dumps(result), flush=True)
+    return result
+
+
+def false_alarms(model: pm.NameModel, min_score: float) -> list[str]:
+    """What the model finds in banking77's test messages (customer questions without personal
+    data; the shipped negatives come from its training split)."""
+    texts = [json.loads(line)["text"] for line in
+             open(HERE.parent / "examples/banking77/test.jsonl", encoding="utf-8")]
+    found = [t[a:b] for t, spans in zip(texts, model.find(texts)) for a, b, _, p in spans
+             if p >= min_score]
+    print(f"banking77 test, {len(texts)} messages (score >= {min_score}): {len(found)} findings",
+          found[:10], flush=True)
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=pm.NER_EPOCHS)
+    ap.add_argument("--swap-copies", type=int, default=pm.SWAP_COPIES)
+    ap.add_argument("--lr", type=float, default=pm.NER_LR)
+    ap.add_argument("--no-case-feature", action="store_true",
+                    help="train without the case of each token as its token type")
+    ap.add_argument("--min-scores", type=float, nargs="+", default=[pii.SCORE_THRESHOLD],
+                    help="score the model's findings at or above each of these probabilities")
+    ap.add_argument("--test", action="store_true")
+    args = ap.parse_args()
+    shipped = [json.loads(line) for line in pm.NER_TRAIN.open(encoding="utf-8")]
+    rows = pm.training_rows(swap_copies=args.swap_copies,
+                            shipped=[r for r in shipped if not held_out(r)])
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pm.train_ner(Path(tmp) / "ner", rows, epochs=args.epochs, lr=args.lr,
+                            case_feature=not args.no_case_feature,
+                            on_epoch=lambda e, n, loss: print(f"epoch {e}/{n} loss {loss:.1f} "
+                                                              f"{time.perf_counter() - t0:.0f} s",
+                                                              flush=True))
+        train_s = time.perf_counter() - t0
+        model = pm.NameModel(path)
+        lower = lambda rs: [dict(r, text=pm.lower_keep(r["text"])) for r in rs]  # noqa: E731
+        valid = [r for r in shipped if held_out(r)]
+        print(json.dumps({"settings": vars(args), "training_rows": len(rows),
+                          "train_s": round(train_s)}))
+        for min_score in args.min_scores:
+            score(model, valid, "validation", min_score)
+            score(model, lower(valid), "validation-lower", min_score)
+            false_alarms(model, min_score)
+        if args.test:
+            test = [json.loads(line) for line in
+                    open(HERE.parent.parent / "shared/data/presidio_pii/test.jsonl")]
+            score(model, test, "test", pii.SCORE_THRESHOLD)
+            score(model, lower(test), "test-lower", pii.SCORE_THRESHOLD)
+
+
+if __name__ == "__main__":
+    main()
