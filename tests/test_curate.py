@@ -386,8 +386,10 @@ def test_entity_swap_moves_spans_with_the_new_values_and_keeps_case():
     rows = pii_model.training_rows(swap_copies=1)
     shipped = [json.loads(line) for line in pii_model.NER_TRAIN.open()]
     negatives = sum(1 for _ in pii_model.NER_NEGATIVES.open())
-    assert rows[:len(shipped)] == shipped  # shipped, negatives, then one swapped copy of each
-    assert len(rows) == len(shipped) + negatives + sum(1 for r in shipped if r["entities"])
+    assert rows[:len(shipped)] == shipped  # shipped, negatives, a swapped copy of each, WNUT
+    wnut17 = sum(1 for _ in pii_model.NER_WNUT17.open()) if pii_model.WNUT17 else 0
+    assert len(rows) == (len(shipped) + negatives + sum(1 for r in shipped if r["entities"])
+                         + wnut17)
 
 
 def test_the_recognizer_training_rows_do_not_depend_on_the_hash_seed():

@@ -143,13 +143,14 @@ def test_text_without_personal_data_is_left_alone(detector):
              "Why was my card payment declined? 😞"]  # an emoji is not an address
     assert [detector.find(t) for t in texts] == [[], [], []]
     # Customer questions without personal data (banking77's test split; the recognizer's
-    # negatives come from its training split). Countries are places, which are replaced by
-    # design; anything else counts as a false alarm (this machine's model: "Apple" of Apple
-    # Pay, "EUR", and "13", which may be an age).
+    # negatives come from its training split). Countries are places and "Apple Pay" or
+    # "Google Pay" name companies, which are replaced by design; anything else found is a
+    # false alarm (this machine's model: "13", which may be an age).
     rows = [json.loads(line) for line in
             (Path(__file__).resolve().parents[1] / "examples/banking77/test.jsonl").open()]
     found = detector.find_many([r["text"] for r in rows])
-    alarms = [(f.type, f.text) for hits in found for f in hits if f.type not in ("LOCATION", "NRP")]
+    alarms = [(f.type, f.text) for hits in found for f in hits
+              if f.type not in ("LOCATION", "NRP", "ORGANIZATION")]
     assert len(alarms) <= len(rows) // 50, alarms  # at most 2% of the messages
 
 
