@@ -94,7 +94,7 @@ def test_training_changes_the_model_and_writes_a_loadable_folder(tiny_base, tiny
 
 def test_long_texts_are_read_in_overlapping_windows(tiny_model):
     model = pii_model.NameModel(tiny_model)
-    filler = "Please call me about order 1 . " * 70  # ~490 tokens: two windows
+    filler = "Please call me about order 1 . " * 70  # ~490 tokens: three windows
     for name in NAMES:
         for at in (0, len(filler) // 2, len(filler)):  # first window, the overlap, the last
             text = filler[:at] + f"Please call {name} about order 5 . " + filler[at:]
@@ -103,7 +103,14 @@ def test_long_texts_are_read_in_overlapping_windows(tiny_model):
             assert [(s, e, kind) for s, e, kind, _ in found] == [
                 (start, start + len(name), "PERSON")], (name, at)
             assert 0.4 < found[0][3] <= 1.0
-    assert model.find([]) == [] and model.find([""]) == [[]]
+    # A name of several pieces ("peter novak ##ova") at every place around the first window's
+    # edge (token 254 of 256): found once, whole, wherever the cut falls.
+    for words in range(240, 256):
+        text = "order " * words + "Please call Peter Novakova about order 5 ."
+        start = text.index("Peter")
+        found = [(s, e, kind) for s, e, kind, _ in model.find([text])[0]]
+        assert found == [(start, start + len("Peter Novakova"), "PERSON")], (words, found)
+    assert model.find([]) == [] and model.find([""]) == [[]] and model.find([" \n "]) == [[]]
 
 
 def test_lower_keep_keeps_lengths():

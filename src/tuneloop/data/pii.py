@@ -170,6 +170,8 @@ def _resolve(text: str, found) -> list[Finding]:
                 end += 1
         while end > start and text[end - 1] in " \n\t.,;:":  # trailing punctuation is not the name
             end -= 1
+        while start < end and text[start] in " \n\t.,;:":  # nor leading
+            start += 1
         if _from_model(r) and r.entity_type == "LOCATION":
             # A house number written before the street on its line belongs to the address
             # ("974 Via Roma 131"); the model tends to tag only the street.

@@ -80,15 +80,23 @@ def base_folder() -> Path:
 
 def ner_model_path(epochs: int = NER_EPOCHS) -> Path:
     """Where the recognizer trained from the shipped data with these settings lives. The key
-    holds this file and the base model's config too: a change to how rows are made or to what
-    they train never reuses an older model."""
+    holds the code that makes and trains on the rows and the base model's config, vocabulary
+    and weight size: a change to any of them never reuses an older model (a change to how
+    the model is read, in NameModel, does)."""
+    import inspect
+
+    base = base_folder()
+    training_code = "".join(inspect.getsource(f) for f in (
+        training_rows, _swap_fakers, _stand_in, _brand, swap_entities, case_types, encode_row,
+        _batches, train_ner))
     digest = hashlib.sha256(NER_TRAIN.read_bytes() + NER_NEGATIVES.read_bytes() +
                             (NER_WNUT17.read_bytes() if WNUT17 else b"") +
-                            Path(__file__).read_bytes() +
-                            (base_folder() / "config.json").read_bytes() +
-                            json.dumps([NER_LABELS, epochs, NER_LR, NER_BATCH, SWAP_COPIES,
-                                        SWAP_LOCALES, SWAPPABLE, BRAND_TAILS, CASE_FEATURE,
-                                        UNCASED_EVERY]).encode())
+                            training_code.encode() +
+                            (base / "config.json").read_bytes() + (base / "vocab.txt").read_bytes() +
+                            json.dumps([NER_LABELS, epochs, NER_LR, NER_BATCH, TRAIN_TOKENS,
+                                        SWAP_COPIES, SWAP_LOCALES, SWAPPABLE, BRAND_TAILS,
+                                        CASE_FEATURE, UNCASED_EVERY,
+                                        (base / "model.safetensors").stat().st_size]).encode())
     from tuneloop.models import cache_root
 
     return cache_root() / f"pii-ner-minilm-{digest.hexdigest()[:12]}"
@@ -195,6 +203,9 @@ def train_ner(out: Path, rows: Iterable[dict] | None = None, epochs: int = NER_E
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    tmp.chmod(0o755)  # mkdtemp's 0700 would keep other users of a shared cache out
+    if out.is_dir() and not (out / "config.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # a broken folder from an interrupted copy
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished first: its model is the same
@@ -204,8 +215,8 @@ def train_ner(out: Path, rows: Iterable[dict] | None = None, epochs: int = NER_E
 
 class NameModel:
     """A trained recognizer: character spans (start, end, type, score) per text, reading long
-    texts in overlapping windows of WINDOW tokens. The score is the mean probability of the
-    entity's tags."""
+    texts in overlapping windows of WINDOW tokens. Spans cover whole words; the score is the
+    mean probability, over the entity's tokens, of being inside some entity."""
 
     def __init__(self, path: Path):
         import torch
@@ -217,6 +228,7 @@ class NameModel:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForTokenClassification.from_pretrained(path).eval()
         self.labels = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
+        self.outside = self.labels.index("O")
         self.cased = getattr(self.model.config, "case_feature", False)
 
     def find(self, texts: list[str], batch_size: int = 32
@@ -226,9 +238,9 @@ class NameModel:
             return []
         enc = self.tokenizer(texts, truncation=True, max_length=WINDOW, stride=STRIDE,
                              return_overflowing_tokens=True, return_offsets_mapping=True)
-        windows = [(n, ids, offsets, case_types(texts[n], offsets, self.cased))
-                   for n, ids, offsets in zip(enc["overflow_to_sample_mapping"], enc["input_ids"],
-                                              enc["offset_mapping"])]
+        windows = [(n, ids, offsets, case_types(texts[n], offsets, self.cased), enc.word_ids(i))
+                   for i, (n, ids, offsets) in enumerate(zip(
+                       enc["overflow_to_sample_mapping"], enc["input_ids"], enc["offset_mapping"]))]
         found: list[list[tuple[int, int, str, float]]] = [[] for _ in texts]
         windows.sort(key=lambda w: len(w[1]))  # similar lengths together: little padding
         pad = self.tokenizer.pad_token_id
@@ -241,39 +253,52 @@ class NameModel:
             with torch.inference_mode():
                 probs = self.model(input_ids=ids, attention_mask=mask,
                                    token_type_ids=types).logits.softmax(-1)
-            best, tags = probs.max(-1)
-            for (text_no, _, offsets, _), row_tags, row_best in zip(batch, tags.tolist(),
-                                                                best.tolist()):
-                found[text_no] += self._spans(offsets, row_tags, row_best)
-        return [_first_of_overlaps(spans) for spans in found]
+            tags = probs.argmax(-1).tolist()
+            inside = (1 - probs[..., self.outside]).tolist()
+            for (text_no, _, offsets, _, words), row_tags, row_inside in zip(batch, tags, inside):
+                found[text_no] += self._spans(offsets, words, row_tags, row_inside)
+        return [_merge_windows(spans) for spans in found]
 
-    def _spans(self, offsets, tags, best) -> list[tuple[int, int, str, float]]:
-        """BIO tags → character spans. A word piece continuing the previous token's word, or
-        an I- tag of the same type, extends the open entity."""
-        spans, open_ = [], None  # open_: [start, end, type, sum of probabilities, tokens]
-        for (a, b), tag, p in zip(offsets, tags, best):
-            if a == b:
+    def _spans(self, offsets, words, tags, inside) -> list[tuple[int, int, str, float]]:
+        """BIO tags → character spans of whole words. An I- tag of any type, or a piece of
+        the word being read, continues the open entity, which keeps its first tag's type (the
+        model may change its mind about the type inside a name: "Gonzalez-Wojciechowska" read
+        as a person, then as an e-mail address)."""
+        first: dict[int, int] = {}  # word → its first character, and its last
+        last: dict[int, int] = {}
+        for (a, b), word in zip(offsets, words):
+            if word is not None and a < b:
+                first.setdefault(word, a)
+                last[word] = b
+        spans, open_ = [], None  # open_: [first word, last word, type, sum of p, tokens]
+        for (a, b), word, tag, p in zip(offsets, words, tags, inside):
+            if a == b or word is None:
                 continue
             label = self.labels[tag]
             if label == "O":
                 open_ = None
                 continue
-            kind = label[2:]
-            if open_ and open_[2] == kind and (label.startswith("I-") or a == open_[1]):
-                open_[1], open_[3], open_[4] = b, open_[3] + p, open_[4] + 1
+            if open_ and (label.startswith("I-") or word == open_[1]):
+                open_[1], open_[3], open_[4] = word, open_[3] + p, open_[4] + 1
             else:
-                open_ = [a, b, kind, p, 1]
+                open_ = [word, word, label[2:], p, 1]
                 spans.append(open_)
-        return [(s, e, k, total / n) for s, e, k, total, n in spans]
+        return [(first[w0], last[w1], kind, total / n) for w0, w1, kind, total, n in spans]
 
 
-def _first_of_overlaps(spans: list) -> list:
-    """Spans found in overlapping windows, each once: longer first, then higher score."""
-    kept: list = []
-    for span in sorted(spans, key=lambda s: (s[0] - s[1], -s[3], s[0])):
-        if not any(span[0] < k[1] and k[0] < span[1] for k in kept):
-            kept.append(span)
-    return sorted(kept)
+def _merge_windows(spans: list) -> list:
+    """Spans found in overlapping windows, overlaps joined into one span ("Italy 75", cut at
+    one window's edge, and "Italy" and "75263" in the next are "Italy 75263"), with the type
+    and score of its longest piece."""
+    merged: list = []
+    for span in sorted(spans):
+        if merged and span[0] < merged[-1][1]:
+            last = merged[-1]
+            piece = span if span[1] - span[0] > last[1] - last[0] else last
+            merged[-1] = (last[0], max(last[1], span[1]), piece[2], piece[3])
+        else:
+            merged.append(span)
+    return merged
 
 
 def training_rows(swap_copies: int = SWAP_COPIES, seed: int = 0,
