@@ -27,7 +27,7 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def _announce_training() -> None:
-    """Say so before the first use on a machine trains the name recognizers."""
+    """Say so before the first use on a machine trains the name recognizer."""
     from tuneloop.data.pii_model import ner_model_ready
 
     if not ner_model_ready():

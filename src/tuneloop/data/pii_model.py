@@ -88,7 +88,7 @@ def ner_model_path(epochs: int = NER_EPOCHS) -> Path:
     base = base_folder()
     training_code = "".join(inspect.getsource(f) for f in (
         training_rows, _swap_fakers, _stand_in, _brand, swap_entities, case_types, encode_row,
-        _batches, train_ner))
+        _batches, _padded, train_ner))
     digest = hashlib.sha256(NER_TRAIN.read_bytes() + NER_NEGATIVES.read_bytes() +
                             (NER_WNUT17.read_bytes() if WNUT17 else b"") +
                             training_code.encode() +
@@ -148,6 +148,17 @@ def _batches(data: list, epoch: int, size: int, seed: int) -> list[list]:
     return out
 
 
+def _padded(rows, value):
+    """Rows of ids right-padded with `value` into one tensor; `value=None`: their attention
+    mask (1 on the rows' tokens, 0 on the padding)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    if value is None:
+        return torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows])
+
+
 def train_ner(out: Path, rows: Iterable[dict] | None = None, epochs: int = NER_EPOCHS,
               on_epoch: Callable[[int, int, float], None] | None = None, seed: int = 0,
               base: Path | None = None, lr: float = NER_LR,
@@ -185,13 +196,9 @@ def train_ner(out: Path, rows: Iterable[dict] | None = None, epochs: int = NER_E
     for epoch in range(epochs):
         total = 0.0
         for batch in _batches(data, epoch, NER_BATCH, seed):
-            width = max(len(ids) for ids, _, _ in batch)
-            ids = torch.tensor([x + [pad] * (width - len(x)) for x, _, _ in batch])
-            labels = torch.tensor([y + [-100] * (width - len(y)) for _, y, _ in batch])
-            types = torch.tensor([t + [0] * (width - len(t)) for _, _, t in batch])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _, _ in batch])
-            loss = model(input_ids=ids, attention_mask=mask, token_type_ids=types,
-                         labels=labels).loss
+            ids, labels, types = zip(*batch)
+            loss = model(input_ids=_padded(ids, pad), attention_mask=_padded(ids, None),
+                         token_type_ids=_padded(types, 0), labels=_padded(labels, -100)).loss
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -246,13 +253,10 @@ class NameModel:
         pad = self.tokenizer.pad_token_id
         for i in range(0, len(windows), batch_size):
             batch = windows[i:i + batch_size]
-            width = max(len(w[1]) for w in batch)
-            ids = torch.tensor([w[1] + [pad] * (width - len(w[1])) for w in batch])
-            mask = torch.tensor([[1] * len(w[1]) + [0] * (width - len(w[1])) for w in batch])
-            types = torch.tensor([w[3] + [0] * (width - len(w[3])) for w in batch])
+            ids, types = [w[1] for w in batch], [w[3] for w in batch]
             with torch.inference_mode():
-                probs = self.model(input_ids=ids, attention_mask=mask,
-                                   token_type_ids=types).logits.softmax(-1)
+                probs = self.model(input_ids=_padded(ids, pad), attention_mask=_padded(ids, None),
+                                   token_type_ids=_padded(types, 0)).logits.softmax(-1)
             tags = probs.argmax(-1).tolist()
             inside = (1 - probs[..., self.outside]).tolist()
             for (text_no, _, offsets, _, words), row_tags, row_inside in zip(batch, tags, inside):
@@ -400,6 +404,6 @@ def ner_model_ready() -> bool:
 def ensure_ner_model(on_epoch: Callable[[int, int, float], None] | None = None) -> Path:
     """The cached recognizer, trained now where this machine has none yet."""
     path = ner_model_path()
-    if not ner_model_ready():
+    if not (path / "config.json").is_file():
         train_ner(path, training_rows(), on_epoch=on_epoch)
     return path
