@@ -4,7 +4,9 @@ Entity level: a gold entity is found when a finding of the same type overlaps it
 exact span, and found under any type — what anonymization needs). Gold labels map to tuneloop's
 types (GPE, STREET_ADDRESS and ZIP_CODE are LOCATION; DOMAIN_NAME is URL). TITLE and
 US_DRIVER_LICENSE are not claimed: findings on them are neither right nor wrong. Then every text
-is anonymized and each claimed gold string is looked for in the output.
+is anonymized and each claimed gold string is looked for in the output. The possessive-'s rule
+is also scored alone (its names that are gold entities); `--data` another file of the same
+shape (presidio_pii's train.jsonl) scores it where the model has seen the sentences.
 
 `--lowercase` scores the same rows lower-cased, as chat messages are often written.
 
@@ -33,6 +35,23 @@ GOLD = {"PERSON": "PERSON", "ORGANIZATION": "ORGANIZATION", "GPE": "LOCATION",
 
 def overlaps(a, b) -> bool:
     return a[0] < b[1] and b[0] < a[1]
+
+
+def possessive_rule(rows: list[dict]) -> dict:
+    """The possessive-'s rule (pii.possessors) alone, with the gold people as the people who
+    follow: how many of its names are gold entities of a claimed type, and the others."""
+    names = right = 0
+    others = []
+    for row in rows:
+        gold = [(e["start"], e["end"], GOLD.get(e["label"])) for e in row["entities"]]
+        people = [(s, e, "PERSON", 1.0) for s, e, kind in gold if kind == "PERSON"]
+        for start, end, _, _, _ in pii.possessors(row["text"], people):
+            names += 1
+            if any(kind and overlaps((start, end), (s, e)) for s, e, kind in gold):
+                right += 1
+            else:
+                others.append(row["text"][start:end])
+    return {"names": names, "gold_entities": right, "others": others[:20]}
 
 
 def main() -> None:
@@ -96,6 +115,7 @@ def main() -> None:
         "per_type": per_type, "findings_on_unclaimed_gold": dict(ignored),
         "leaked_after_anonymize": len(leaks), "leaks": leaks[:20],
         "unclaimed_left_in_output": len(unclaimed),
+        "possessive_rule": possessive_rule(rows),
         "detector_load_s": round(load_s, 1), "detect_rows_per_s": round(len(rows) / detect_s, 1),
         "anonymize_rows_per_s": round(len(rows) / anon_s, 1),
     }

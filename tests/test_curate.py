@@ -372,7 +372,7 @@ def test_entity_swap_moves_spans_with_the_new_values_and_keeps_case():
     pools = {"PERSON": ["Li Wei"], "ORGANIZATION": ["Initech"], "GPE": ["Oslo"]}
     texts = set()
     for seed in range(6):
-        out = pii_model.swap_entities(row, rnd.Random(seed), pools, fakers)
+        out = pii_model.swap_entities(row, pii_model.stand_ins(rnd.Random(seed), pools, fakers))
         texts.add(out["text"])
         values = {label: out["text"][s:e] for s, e, label in out["entities"]}
         assert [label for _, _, label in out["entities"]] == ["PERSON", "ORGANIZATION", "GPE",

@@ -113,6 +113,33 @@ def test_long_texts_are_read_in_overlapping_windows(tiny_model):
     assert model.find([]) == [] and model.find([""]) == [[]] and model.find([" \n "]) == [[]]
 
 
+def test_a_name_before_a_possessive_s_is_found_where_the_model_found_nothing():
+    from presidio_analyzer import RecognizerResult
+
+    def names(text, people=()):
+        spans = [(text.index(p), text.index(p) + len(p), "PERSON", 0.9) for p in people]
+        return [(text[s:e], kind) for s, e, kind, _, _ in pii.possessors(text, spans)]
+
+    # Before a person: the person's company; otherwise a person.
+    assert names("We thank Inrix Traffic and Public Storage's Anna Berg.", ["Anna Berg"]) == [
+        ("Public Storage", "ORGANIZATION")]
+    assert names("The keys are in Grace Kelly’s drawer.") == [("Grace Kelly", "PERSON")]
+    # Capitals that say nothing: a sentence's first word, contractions, days, acronyms.
+    assert names("Peter's car. Yesterday Best Western's desk called.") == [
+        ("Best Western", "PERSON")]
+    assert names("It's fine. What's up? Is there an ATM's fee on Monday's bill?") == []
+    assert names("Send it to ACME's office, and to Helen-Marie's.") == [("Helen-Marie", "PERSON")]
+    # In the detector the model's spans win where they overlap; elsewhere the rule's stay.
+    text = "Ask Vera Lind's team and Dairy Queen's buyer."
+    model = RecognizerResult("PERSON", 4, 13, 0.9, recognition_metadata={
+        "recognizer_name": pii.MODEL})
+    rule = [RecognizerResult(kind, s, e, score, recognition_metadata={"recognizer_name": name})
+            for s, e, kind, score, name in pii.possessors(text, [])]
+    assert [(f.text, f.type) for f in pii._resolve(text, rule + [model])] == [
+        ("Vera Lind", "PERSON"), ("Dairy Queen", "PERSON")]
+    assert [f.score for f in pii._resolve(text, rule + [model])] == [0.9, 0.5]
+
+
 def test_lower_keep_keeps_lengths():
     assert pii_model.lower_keep("İstanbul ÄÖ") == "İstanbul äö"
 
@@ -180,6 +207,12 @@ def test_presidio_synthetic_test_set(detector):
     leaks = [e["text"] for r, a in zip(rows, anonymized) for e in r["entities"]
              if e["label"] in claimed - {"PERSON"} and e["text"] in a["text"]]
     assert leaks == []
+    # Names, places and companies: none left on the machine that measured bench/RESULTS.md;
+    # the model is trained on each machine, so one is allowed here.
+    names = {"PERSON", "ORGANIZATION", "GPE", "STREET_ADDRESS", "ZIP_CODE", "NRP", "AGE"}
+    leaks = [e["text"] for r, a in zip(rows, anonymized) for e in r["entities"]
+             if e["label"] in names and e["text"] in a["text"]]
+    assert len(leaks) <= 1, leaks
 
 
 @pytest.mark.slow

@@ -1,12 +1,13 @@
 """Personal data: find it with Presidio's analyzer, replace it with Presidio's anonymizer.
 
-Two layers feed one list of candidates:
+Two layers and a rule feed one list of candidates:
 - patterns with checksums (Presidio's recognizers): e-mail, phone (libphonenumber), credit card
   (Luhn), IBAN (mod 97), IP, URL, US SSN, UK NINO, and numeric dates (11/22/2000, 2000-11-22);
 - a token-classification model for people, organizations, places and addresses, dates, ages and
   nationality/religious/political groups (and structured values by their context), which
-  tuneloop fine-tunes once from the MiniLM encoder it ships and caches (pii_model.py).
-Where they overlap, the validated pattern wins.
+  tuneloop fine-tunes once from the MiniLM encoder it ships and caches (pii_model.py);
+and below both, a rule for a capitalized name before a possessive 's (`possessors`).
+Where they overlap, the validated pattern wins, then the model.
 
 Replacements are consistent within an example: the same person is `<PERSON_1>` in the prompt,
 the reply and the extracted fields. `fake` mode puts realistic stand-ins (Faker, seeded by the
@@ -37,6 +38,7 @@ ENTITY_TYPES = sorted(set(NER_TYPES) | set(PATTERN_TYPES))
 MODES = ("placeholder", "fake", "reversible")
 SCORE_THRESHOLD = 0.4
 MODEL = "tuneloop-ner"  # recognizer name of the model's findings
+POSSESSOR = "tuneloop-possessor"  # and of names found by their possessive 's
 
 for name in ("presidio-analyzer", "presidio-anonymizer"):
     logging.getLogger(name).setLevel(logging.ERROR)  # it warns per text about unused languages
@@ -119,12 +121,50 @@ class Detector:
                                             guesses):
             found = self.engine.analyze(text, "en", entities=self.patterns, nlp_artifacts=artifacts,
                                         score_threshold=self.threshold) if self.patterns else []
+            spans = [span for span in spans if span[3] >= self.threshold]
             found += [RecognizerResult(kind, start, end, score,
-                                       recognition_metadata={"recognizer_name": MODEL})
-                      for start, end, kind, score in spans
-                      if kind in self.entities and score >= self.threshold]
+                                       recognition_metadata={"recognizer_name": name})
+                      for start, end, kind, score, name in
+                      [(*span, MODEL) for span in spans] + possessors(text, spans)
+                      if kind in self.entities]
             results.append(_resolve(text, found))
         return results
+
+
+# A capitalized name right before a possessive 's is somebody's or some company's name, even
+# when its words are ordinary ones the model reads as words ("and Public Storage's Anna Berg").
+# In Presidio's training sentences every such name but a contraction ("What's") and one job
+# title is a person or a company; WNUT 2017 adds places ("America's").
+POSSESSIVE = re.compile(r"(?<![\w'’&-])((?:[A-Z][a-z][\w&-]*[ \t]+)*[A-Z][a-z][\w&-]*)['’]s\b")
+NOT_POSSESSORS = set("""It What That There Here He She Who Where How When Why Let This Today
+    Tomorrow Yesterday Tonight Everyone Everybody Someone Somebody Anyone Anybody Nobody One
+    Other Another Each Year Mother Father Valentine Women Men Children Monday Tuesday Wednesday
+    Thursday Friday Saturday Sunday January February March April May June July August
+    September October November December""".split())
+
+
+def possessors(text: str, spans: list[tuple[int, int, str, float]]
+               ) -> list[tuple[int, int, str, float, str]]:
+    """Names found by their possessive 's (the model's `spans` win where they overlap): a
+    company when a person follows ("Acme Foods's Anna Berg"), else a person. A sentence's
+    first word is capitalized for the sentence and is left out, as are the words in
+    NOT_POSSESSORS ("It's", "Monday's")."""
+    found = []
+    for m in POSSESSIVE.finditer(text):
+        words = [(w.start() + m.start(1), w.end() + m.start(1), w.group())
+                 for w in re.finditer(r"\S+", m.group(1))]
+        before = text[:words[0][0]].rstrip(" \t")
+        if not before or before[-1] in ".!?:\n\"“":
+            words = words[1:]
+        while words and words[0][2] in NOT_POSSESSORS:
+            words = words[1:]
+        if not words or words[-1][2] in NOT_POSSESSORS:
+            continue
+        after = len(text) - len(text[m.end():].lstrip())
+        person_next = any(a == after and kind == "PERSON" for a, _, kind, _ in spans)
+        found.append((words[0][0], words[-1][1], "ORGANIZATION" if person_next else "PERSON",
+                      0.5, POSSESSOR))
+    return found
 
 
 def _digits(text: str) -> int:
@@ -153,14 +193,20 @@ def _has_word(text: str) -> bool:
 
 
 def _from_model(result) -> bool:
-    return (result.recognition_metadata or {}).get("recognizer_name") == MODEL
+    return (result.recognition_metadata or {}).get("recognizer_name") in (MODEL, POSSESSOR)
+
+
+def _rank(result) -> int:
+    """Validated patterns first, then the model, then names found by their possessive 's."""
+    name = (result.recognition_metadata or {}).get("recognizer_name")
+    return {MODEL: 1, POSSESSOR: 2}.get(name, 0)
 
 
 def _resolve(text: str, found) -> list[Finding]:
     """Non-overlapping findings: pattern matches (validated formats) before the model's guesses,
     then longer spans, then higher scores."""
     chosen: list[Finding] = []
-    for r in sorted(found, key=lambda r: (_from_model(r), -(r.end - r.start), -r.score, r.start)):
+    for r in sorted(found, key=lambda r: (_rank(r), -(r.end - r.start), -r.score, r.start)):
         start, end = r.start, r.end
         if _from_model(r) and r.entity_type in SHAPES:
             # The tokenizer splits "60-56-85-91" at hyphens: a structured value runs to spaces.
