@@ -124,10 +124,12 @@ def test_a_name_before_a_possessive_s_is_found_where_the_model_found_nothing():
     assert names("We thank Inrix Traffic and Public Storage's Anna Berg.", ["Anna Berg"]) == [
         ("Public Storage", "ORGANIZATION")]
     assert names("The keys are in Grace Kelly’s drawer.") == [("Grace Kelly", "PERSON")]
+    assert names("and Ástríður Steinarsdóttir's car") == [("Ástríður Steinarsdóttir", "PERSON")]
     # Capitals that say nothing: a sentence's first word, contractions, days, acronyms.
     assert names("Peter's car. Yesterday Best Western's desk called.") == [
         ("Best Western", "PERSON")]
     assert names("It's fine. What's up? Is there an ATM's fee on Monday's bill?") == []
+    assert names("An iPhone's screen, a blink-182's song.") == []
     assert names("Send it to ACME's office, and to Helen-Marie's.") == [("Helen-Marie", "PERSON")]
     # In the detector the model's spans win where they overlap; elsewhere the rule's stay.
     text = "Ask Vera Lind's team and Dairy Queen's buyer."

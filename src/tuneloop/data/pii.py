@@ -135,7 +135,8 @@ class Detector:
 # when its words are ordinary ones the model reads as words ("and Public Storage's Anna Berg").
 # In Presidio's training sentences every such name but a contraction ("What's") and one job
 # title is a person or a company; WNUT 2017 adds places ("America's").
-POSSESSIVE = re.compile(r"(?<![\w'’&-])((?:[A-Z][a-z][\w&-]*[ \t]+)*[A-Z][a-z][\w&-]*)['’]s\b")
+POSSESSIVE = re.compile(r"(?<![\w'’&-])([\w&-]+)['’]s\b")
+WORD_BEFORE = re.compile(r"([\w&-]+)[ \t]+$")
 NOT_POSSESSORS = set("""It What That There Here He She Who Where How When Why Let This Today
     Tomorrow Yesterday Tonight Everyone Everybody Someone Somebody Anyone Anybody Nobody One
     Other Another Each Year Mother Father Valentine Women Men Children Monday Tuesday Wednesday
@@ -146,15 +147,19 @@ NOT_POSSESSORS = set("""It What That There Here He She Who Where How When Why Le
 def possessors(text: str, spans: list[tuple[int, int, str, float]]
                ) -> list[tuple[int, int, str, float, str]]:
     """Names found by their possessive 's (the model's `spans` win where they overlap): a
-    company when a person follows ("Acme Foods's Anna Berg"), else a person. A sentence's
-    first word is capitalized for the sentence and is left out, as are the words in
-    NOT_POSSESSORS ("It's", "Monday's")."""
+    company when a person follows ("Acme Foods's Anna Berg"), else a person. A name is the
+    capitalized words before the 's; a sentence's first word is capitalized for the sentence
+    and is left out, as are the words in NOT_POSSESSORS ("It's", "Monday's")."""
     found = []
     for m in POSSESSIVE.finditer(text):
-        words = [(w.start() + m.start(1), w.end() + m.start(1), w.group())
-                 for w in re.finditer(r"\S+", m.group(1))]
-        before = text[:words[0][0]].rstrip(" \t")
-        if not before or before[-1] in ".!?:\n\"“":
+        words = [(m.start(1), m.end(1), m.group(1))]
+        while _capitalized(words[0][2]) and (before := WORD_BEFORE.search(
+                text, max(0, words[0][0] - 64), words[0][0])):
+            words.insert(0, (before.start(1), before.end(1), before.group(1)))
+        if not _capitalized(words[0][2]):
+            words = words[1:]
+        opening = text[:words[0][0]].rstrip(" \t") if words else ""
+        if not opening or opening[-1] in ".!?:\n\"“":
             words = words[1:]
         while words and words[0][2] in NOT_POSSESSORS:
             words = words[1:]
@@ -165,6 +170,11 @@ def possessors(text: str, spans: list[tuple[int, int, str, float]]
         found.append((words[0][0], words[-1][1], "ORGANIZATION" if person_next else "PERSON",
                       0.5, POSSESSOR))
     return found
+
+
+def _capitalized(word: str) -> bool:
+    """"Anna", "Ástríður", "McDonald": not "ATM", "iPhone" or "anna"."""
+    return word[:1].isupper() and word[1:2].islower()
 
 
 def _digits(text: str) -> int:
