@@ -124,7 +124,8 @@ def test_a_name_before_a_possessive_s_is_found_where_the_model_found_nothing():
     assert names("We thank Inrix Traffic and Public Storage's Anna Berg.", ["Anna Berg"]) == [
         ("Public Storage", "ORGANIZATION")]
     assert names("The keys are in Grace Kelly’s drawer.") == [("Grace Kelly", "PERSON")]
-    assert names("and Ástríður Steinarsdóttir's car") == [("Ástríður Steinarsdóttir", "PERSON")]
+    assert names("and Ástríður Steinarsdóttir's car") == [
+        ("Ástríður Steinarsdóttir", "PERSON")]
     # Capitals that say nothing: a sentence's first word, contractions, days, acronyms.
     assert names("Peter's car. Yesterday Best Western's desk called.") == [
         ("Best Western", "PERSON")]
