@@ -3,10 +3,13 @@ with identical weights, equal to one process with twice the gradient accumulatio
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from tests.test_train_lora import recipe_for
+from tuneloop.errors import TuneloopError
 from tuneloop.train.run import train
 
 
@@ -28,3 +31,38 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)
     assert abs(two["final_train_loss"] - one["final_train_loss"]) < 1e-6
     assert two["accuracy"] == one["accuracy"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_process_fsdp_shards_the_model_and_matches_one_process(
+        method, tiny_model, classify_files, workspace):
+    train_file, test_file = classify_files
+    common = dict(method=method, max_steps=3, batch_tokens=128, baselines=[],
+                  checkpoint_every=1000)
+    two = train(recipe_for(tiny_model, train_file, test_file, grad_accum=2, **common),
+                workspace=workspace, processes=2, fsdp=True)
+    one = train(recipe_for(tiny_model, train_file, test_file, grad_accum=4, **common),
+                workspace=workspace)
+    assert two["fsdp"] and two["ranks_identical"] and two["steps"] == one["steps"] == 3
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+    # each rank held about half of every weight (the tied embedding counts once)
+    assert 0.45 * total < two["params_held_per_rank"] < 0.55 * total + 10_000, (
+        two["params_held_per_rank"], total)
+    assert two["train_tokens"] == one["train_tokens"]
+    name = "model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
+    a, b = (load_file(f"{r['run_dir']}/{name}") for r in (two, one))
+    assert a.keys() == b.keys()
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+    assert abs(two["final_train_loss"] - one["final_train_loss"]) < 1e-5
+    assert two["accuracy"] == one["accuracy"]
+
+
+def test_fsdp_refuses_what_it_cannot_do_before_starting(tiny_model, classify_files, workspace):
+    train_file, test_file = classify_files
+    for extra, processes, message in (({}, 1, "--processes 2"),
+                                      ({"method": "qlora"}, 2, "method qlora"),
+                                      ({"patience": 2}, 2, "patience")):
+        with pytest.raises(TuneloopError, match=message):
+            train(recipe_for(tiny_model, train_file, test_file, **extra), workspace=workspace,
+                  processes=processes, fsdp=True)

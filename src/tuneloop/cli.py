@@ -108,6 +108,8 @@ def train(
     resume: Optional[str] = typer.Option(None, help="continue this run from its last checkpoint"),
     processes: int = typer.Option(1, min=1, help="data-parallel processes (Accelerate; gloo on "
                                   "CPUs, NCCL on GPUs)"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="shard weights, gradients and optimizer "
+                              "state across the processes (PyTorch FSDP)"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Train per a recipe, then evaluate on its test data; prints the run id.
@@ -115,6 +117,7 @@ def train(
     Example: tuneloop train examples/banking77/recipe.yaml --json
              tuneloop train --resume run-20261123-ab12cd   (after an interruption)
              tuneloop train recipe.yaml --processes 2       (data-parallel, Accelerate)
+             tuneloop train recipe.yaml --processes 2 --fsdp   (model sharded across them)
 
     A minimal recipe:  base_model: smollm2-135m-instruct / task: classify /
     data: {train: train.jsonl, test: test.jsonl} / method: lora
@@ -127,7 +130,7 @@ def train(
     parsed = load_recipe(recipe) if recipe else None
     with training_progress() as progress:
         result = run_train(parsed, progress=progress, resume=resume, processes=processes,
-                           on_phase=lambda p: err.print(f"[dim]{p}[/]"))
+                           fsdp=fsdp, on_phase=lambda p: err.print(f"[dim]{p}[/]"))
     if as_json:
         _print_json({k: v for k, v in result.items()})
         return

@@ -3,9 +3,10 @@
 `train(..., processes=N)` writes the run's recipe to run_dir/launch.json and runs
 `accelerate launch --multi_gpu --num_processes N -m tuneloop.train.distributed RUN_DIR`; each
 process joins the process group Accelerate sets up (NCCL on GPUs, gloo on CPUs) and runs the
-same loop on its share of every step's micro-batches (`run_sft(rank=, world=)`). Rank 0 writes
-the artifact and stats; every rank writes the SHA-256 of its final weights, so the launcher can
-check that all ranks ended identical.
+same loop on its share of every step's micro-batches (`run_sft(rank=, world=)`), with `fsdp`
+the model sharded across them (train/shard.py). Rank 0 writes the artifact and stats; every rank
+writes the SHA-256 of its final weights (gathered, when sharded), so the launcher can check
+that all ranks ended identical.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from pathlib import Path
 from tuneloop.errors import TuneloopError
 
 
-def launch(recipe, run_dir: Path, processes: int, resume: bool = False) -> dict:
-    """Run training in `processes` processes; returns rank 0's stats plus the ranks' check."""
+def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
+           fsdp: bool = False) -> dict:
+    """Run training in `processes` processes (with `fsdp`, the model sharded across them);
+    returns rank 0's stats plus the ranks' check."""
     (run_dir / "launch.json").write_text(json.dumps(
-        {"recipe": json.loads(recipe.model_dump_json()), "resume": resume}))
+        {"recipe": json.loads(recipe.model_dump_json()), "resume": resume, "fsdp": fsdp}))
     ranks_dir = run_dir / "ranks"
     for old in ranks_dir.glob("*.json") if ranks_dir.exists() else []:
         old.unlink()
@@ -45,7 +48,7 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False) -> dict:
                             f"of {log}:\n{tail}")
     stats = json.loads((run_dir / "stats.json").read_text())
     digests = {p.stem: json.loads(p.read_text())["sha256"] for p in sorted(ranks_dir.glob("*.json"))}
-    stats.update(processes=processes, ranks_identical=len(set(digests.values())) == 1,
+    stats.update(processes=processes, fsdp=fsdp, ranks_identical=len(set(digests.values())) == 1,
                  rank_digests=digests)
     return stats
 
@@ -74,7 +77,8 @@ def main() -> None:
     state = PartialState(cpu=not torch.cuda.is_available())
     splits = load_splits(recipe.data, recipe.task)
     out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, resume=spec["resume"],
-                  rank=state.process_index, world=state.num_processes)
+                  rank=state.process_index, world=state.num_processes,
+                  shard=spec.get("fsdp", False))
     digest = hashlib.sha256()
     for name, tensor in sorted(trainable_state(out["model"]).items()):
         digest.update(name.encode())

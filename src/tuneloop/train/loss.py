@@ -49,14 +49,16 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_loss(model, batches) -> float:
-    """Token-weighted mean completion loss over batches (validation, perplexity)."""
+def mean_loss(model, batches, loss=completion_loss) -> float:
+    """Token-weighted mean completion loss over batches (validation, perplexity); `loss`
+    computes it (a sharded model's gathers its weights)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        loss, n = completion_loss(model, batch)
-        total += float(loss)
+        with torch.no_grad():
+            summed, n = loss(model, batch)
+        total += float(summed)
         count += n
     model.train(was_training)
     return total / count if count else float("nan")

@@ -38,17 +38,30 @@ def gate(result: dict, baselines: dict, recipe) -> dict:
             "passed": gain > recipe.gate_margin}
 
 
-def _distributed(recipe, run_dir: Path, processes: int, resume: bool) -> dict:
+def _distributed(recipe, run_dir: Path, processes: int, resume: bool, fsdp: bool) -> dict:
     """Train in `processes` processes (Accelerate), then load rank 0's artifact for the test."""
     from tuneloop import models
     from tuneloop.evaluate import load_artifact
     from tuneloop.train.distributed import launch
 
-    stats = launch(recipe, run_dir, processes, resume)
+    stats = launch(recipe, run_dir, processes, resume, fsdp)
     artifact = run_dir / METHODS[recipe.method].artifact
     model, _ = load_artifact(artifact)
     return {"model": model, "tokenizer": models.load_tokenizer(recipe.base_model),
             "stats": stats, "artifact": artifact}
+
+
+def _check_sharded(recipe, processes: int, resume: str | None) -> None:
+    """What a sharded (--fsdp) run does not do yet, refused before anything starts."""
+    if processes < 2:
+        raise TuneloopError("--fsdp shards the model across processes; add --processes 2 or more")
+    if recipe.method not in ("full", "lora", "dora"):
+        raise TuneloopError(f"--fsdp trains methods full, lora and dora; method {recipe.method} "
+                            "trains without it (leave out --fsdp)")
+    if resume or recipe.patience:
+        raise TuneloopError("a sharded run writes no mid-run checkpoints yet, so it can neither "
+                            "resume nor keep the best checkpoint (patience); leave out --fsdp, "
+                            "or patience")
 
 
 def _distill_stats(out: dict, teacher, splits, recipe) -> dict:
@@ -82,7 +95,7 @@ class Stopped(Exception):
 
 def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
           resume: str | None = None, on_validation=None, processes: int = 1,
-          on_run=None) -> dict:
+          on_run=None, fsdp: bool = False) -> dict:
     """Train per recipe, evaluate on data.test, record everything in the registry.
 
     With `resume` (a run id) the recipe is that run's own, and training continues from its
@@ -105,6 +118,8 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
     if recipe.method == "distill" and processes > 1:
         raise TuneloopError("method distill trains in one process (the teacher sits beside the "
                             "student); leave out --processes")
+    if fsdp:
+        _check_sharded(recipe, processes, resume)
     phase("loading data")
     splits = load_splits(recipe.data, recipe.task)
     train_sha = file_sha256(recipe.data.train)
@@ -153,7 +168,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
             out = run_dpo(recipe, splits, run_dir, progress, resume=bool(resume),
                           registry=registry)
         elif processes > 1:
-            out = _distributed(recipe, run_dir, processes, bool(resume))
+            out = _distributed(recipe, run_dir, processes, bool(resume), fsdp)
         else:
             out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, progress,
                           resume=bool(resume), on_validation=on_validation)

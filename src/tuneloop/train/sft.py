@@ -33,6 +33,7 @@ from tuneloop.train import checkpoint
 from tuneloop.train.data import Splits
 from tuneloop.train.loss import completion_loss, mean_loss
 from tuneloop.train.plan import default_batch_tokens, default_epochs, make_plan
+from tuneloop.train.shard import gathered_state, passes, shard_model
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def schedule(lengths: list[int], epochs: float, batch_tokens: int, seed: int) ->
 
 def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None,
             resume: bool = False, on_validation=None, rank: int = 0, world: int = 1,
-            loss_fn: Callable | None = None) -> dict:
+            loss_fn: Callable | None = None, shard: bool = False) -> dict:
     """Train with `method` into run_dir/<method.artifact>; returns the run's training metrics.
 
     `progress(step, steps, loss, tokens_per_s)` is called after every optimizer step, and
@@ -77,7 +78,9 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
 
     With `world` > 1 (processes launched by `train.distributed`), each step's micro-batches are
     dealt out to the ranks, gradients are summed across them, and only rank 0 writes: the
-    result equals one process with `world` times the gradient accumulation.
+    result equals one process with `world` times the gradient accumulation. With `shard` as
+    well, the model is sharded across them (FSDP, train/shard.py) and no mid-run checkpoints
+    are written; the returned model is whole on every rank.
     """
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -108,6 +111,10 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
                    "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
 
     model = method.prepare(model, recipe, plan)
+    held, step_loss_fn, val_loss_fn = None, loss_fn or completion_loss, completion_loss
+    if shard:  # the loss (completion loss: distillation is refused) then gathers the weights
+        step_loss_fn = val_loss_fn = shard_model(model, completion_loss)
+        held = sum(p.to_local().numel() for p in model.parameters())  # this rank's shards
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps)
@@ -129,13 +136,19 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         batches = [collate([train_set[i] for i in b], pad) for b in group]
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         step_loss, step_tokens = 0.0, 0
-        for batch in batches[rank::world]:  # this rank's share of the step
-            loss, _ = (loss_fn or completion_loss)(model, batch)
-            (loss / n_target).backward()  # mean over every answer token of the step
-            step_loss += loss.detach().item() / n_target
-            step_tokens += int(batch["attention_mask"].sum())
+        # This rank's share of the step; sharded, every rank runs as many passes (weight 0
+        # for padding) and FSDP's mean of the ranks' gradients is scaled back to their sum.
+        mine = passes(batches, rank, world) if shard else [(b, 1.0) for b in batches[rank::world]]
+        for batch, weight in mine:
+            loss, _ = step_loss_fn(model, batch)
+            # mean over every answer token of the step
+            (loss * (weight * (world if shard else 1)) / n_target).backward()
+            if weight:
+                step_loss += loss.detach().item() / n_target
+                step_tokens += int(batch["attention_mask"].sum())
         if world > 1:  # every rank then holds the whole step's gradient, loss and tokens
-            step_loss, step_tokens = sum_across_ranks(trainable, [step_loss, step_tokens])
+            step_loss, step_tokens = sum_across_ranks([] if shard else trainable,
+                                                      [step_loss, step_tokens])
         tokens += int(step_tokens)
         optimizer_step(trainable, optimizer, scheduler)
         train_s += time.perf_counter() - started
@@ -146,7 +159,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         if world > 1 and deadline is not None:  # every rank must stop at the same step
             out_of_time = sum_across_ranks([], [float(out_of_time)])[0] > 0
         if val_batches and (step % plan.eval_every == 0 or step == plan.steps or out_of_time):
-            val = mean_loss(model, val_batches)
+            val = mean_loss(model, val_batches, val_loss_fn)
             curves["validation"].append((step, val))
             if on_validation:
                 on_validation(step, val)
@@ -158,7 +171,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
                 else:
                     best["bad"] += 1
                     stopped_early = best["bad"] >= recipe.patience
-        if (writes and step % plan.checkpoint_every == 0 and step < plan.steps
+        if (writes and not shard and step % plan.checkpoint_every == 0 and step < plan.steps
                 and not out_of_time and not stopped_early):
             checkpoint.save(run_dir / "checkpoints", model, optimizer, scheduler, step,
                             position=step * plan.grad_accum,
@@ -170,6 +183,13 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     if recipe.patience and best["step"] and best["step"] != step:
         checkpoint.load_weights(model, run_dir / "checkpoints" / "best.safetensors")
 
+    training_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if shard:  # whole again on every rank, for the artifact and the ranks' check
+        state = gathered_state(model)
+        del model, optimizer, scheduler, trainable, step_loss_fn, val_loss_fn, loss
+        model = method.prepare(method.load(recipe), recipe, plan)
+        model.load_state_dict(state)
+        trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     artifact = run_dir / method.artifact
     if not writes:
@@ -187,10 +207,12 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         "best_val_loss": best["loss"] if best["step"] else None,
         "fit": diagnose(curves),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "training_peak_rss_mb": training_rss_mb,  # before the artifact is gathered and saved
         "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20
                         if torch.cuda.is_available() else None),
         "device": str(models.device()),
         "trainable_params": sum(p.numel() for p in trainable),
+        "params_held_per_rank": held,
         "dropped_as_leaks": splits.dropped_as_leaks,
     }
     (run_dir / "curves.json").write_text(json.dumps(curves))
