@@ -3,6 +3,9 @@ with identical weights, equal to one process with twice the gradient accumulatio
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.test_train_lora import recipe_for
 from tuneloop.errors import TuneloopError
+from tuneloop.train.distributed import launch
 from tuneloop.train.run import train
 
 
@@ -61,8 +65,37 @@ def test_two_process_fsdp_shards_the_model_and_matches_one_process(
 def test_fsdp_refuses_what_it_cannot_do_before_starting(tiny_model, classify_files, workspace):
     train_file, test_file = classify_files
     for extra, processes, message in (({}, 1, "--processes 2"),
-                                      ({"method": "qlora"}, 2, "method qlora"),
-                                      ({"patience": 2}, 2, "patience")):
+                                      ({"method": "qlora"}, 2, "method qlora")):
         with pytest.raises(TuneloopError, match=message):
             train(recipe_for(tiny_model, train_file, test_file, **extra), workspace=workspace,
                   processes=processes, fsdp=True)
+
+
+def test_a_sharded_run_resumes_from_its_checkpoint_as_if_never_stopped(
+        tiny_model, classify_files, tmp_path):
+    train_file, test_file = classify_files
+    recipe = recipe_for(tiny_model, train_file, test_file, method="full", max_steps=6,
+                        checkpoint_every=3, eval_every=2, patience=50, grad_accum=2,
+                        batch_tokens=128, baselines=[])
+    whole, cut, plain = (tmp_path / name for name in ("whole", "cut", "plain"))
+    for folder in (whole, cut, plain):
+        folder.mkdir()
+    launch(recipe, whole, 2, fsdp=True)
+    # The run as it stood after step 3: its one checkpoint (gathered from both ranks), no model.
+    assert [p.name for p in (whole / "checkpoints").glob("step-*")] == ["step-000003"]
+    shutil.copytree(whole / "checkpoints", cut / "checkpoints")
+    resumed = launch(recipe, cut, 2, resume=True, fsdp=True)
+    assert resumed["steps"] == 6 and resumed["ranks_identical"]
+    a = load_file(whole / "model" / "model.safetensors")
+    b = load_file(cut / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    curves_a, curves_b = (json.loads((d / "curves.json").read_text()) for d in (whole, cut))
+    for kind in ("train", "validation"):
+        torch.testing.assert_close(torch.tensor(curves_b[kind]), torch.tensor(curves_a[kind]),
+                                   rtol=0, atol=1e-6)
+    # A sharded checkpoint holds the optimizer by parameter name: a plain run says so.
+    shutil.copytree(whole / "checkpoints", plain / "checkpoints")
+    with pytest.raises(TuneloopError, match="resume it with --fsdp"):
+        launch(recipe, plain, 2, resume=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tuneloop.errors import TuneloopError
+
 MANIFEST = "manifest.json"
 
 
@@ -26,25 +28,55 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+class Whole:
+    """How checkpoints read and write a model this process holds whole. (A sharded model's
+    weights and optimizer state are gathered and scattered instead: shard.Sharded.)"""
+
+    sharded = False
+
+    def weights(self, model) -> dict[str, torch.Tensor]:
+        return trainable_state(model)
+
+    def optimizer(self, model, optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+
+    def load_optimizer(self, model, optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+
+WHOLE = Whole()
+
+
 def save(folder: Path, model, optimizer, scheduler, step: int, position: int, loop: dict | None = None,
-         keep: int = 2) -> Path:
+         keep: int = 2, access: Whole = WHOLE, write: bool = True) -> Path | None:
     """Write checkpoint `step` into folder/step-NNNNNN and keep the newest `keep`.
 
     `loop` is the training loop's own state (curves, token count, seconds) for an exact resume.
+    A sharded model's every process calls this (gathering is collective); only the one with
+    `write` writes.
     """
+    weights, optimizer_state = access.weights(model), access.optimizer(model, optimizer)
+    if not write:
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(weights, str(tmp / "trainable.safetensors"))
     rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **rng},
                tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "position": position,
-                                               "loop": loop or {}}))
+                                               "loop": loop or {}, "sharded": access.sharded}))
     files = sorted(p.name for p in tmp.iterdir())
     (tmp / MANIFEST).write_text(json.dumps({name: _sha256(tmp / name) for name in files}))
     shutil.rmtree(final, ignore_errors=True)
@@ -54,20 +86,19 @@ def save(folder: Path, model, optimizer, scheduler, step: int, position: int, lo
     return final
 
 
-def save_weights(model, path: Path) -> None:
+def save_weights(model, path: Path, access: Whole = WHOLE, write: bool = True) -> None:
     """The trainable weights alone (the best model so far), written atomically."""
+    weights = access.weights(model)
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(trainable_state(model), str(tmp))
+    save_file(weights, str(tmp))
     os.replace(tmp, path)
 
 
-def load_weights(model, path: Path) -> None:
-    weights = load_file(str(path))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+def load_weights(model, path: Path, access: Whole = WHOLE) -> None:
+    access.load_weights(model, load_file(str(path)))
 
 
 def verify(ckpt: Path) -> bool:
@@ -88,18 +119,23 @@ def latest(folder: Path) -> Path | None:
     return None
 
 
-def restore(ckpt: Path, model, optimizer, scheduler) -> dict:
+def restore(ckpt: Path, model, optimizer, scheduler, access: Whole = WHOLE) -> dict:
     """Load a checkpoint into model/optimizer/scheduler/RNG; returns its meta (step, position,
     loop)."""
-    load_weights(model, ckpt / "trainable.safetensors")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if meta.get("sharded", False) != access.sharded:
+        raise TuneloopError(
+            f"{ckpt} was written by a {'sharded' if meta.get('sharded') else 'whole-model'} "
+            f"run; resume it {'with' if meta.get('sharded') else 'without'} --fsdp")
+    load_weights(model, ckpt / "trainable.safetensors", access)
     state = torch.load(ckpt / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    access.load_optimizer(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return json.loads((ckpt / "meta.json").read_text())
+    return meta
 
 
 def _sha256(path: Path) -> str:

@@ -28,7 +28,7 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
     (run_dir / "launch.json").write_text(json.dumps(
         {"recipe": json.loads(recipe.model_dump_json()), "resume": resume, "fsdp": fsdp}))
     ranks_dir = run_dir / "ranks"
-    for old in ranks_dir.glob("*.json") if ranks_dir.exists() else []:
+    for old in ranks_dir.glob("*.*") if ranks_dir.exists() else []:
         old.unlink()
     # A free port for the process group: Accelerate's default (29500) would make two runs on one
     # machine (two jobs, two test workers) join each other's group or fail to bind.
@@ -43,6 +43,8 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
                                   "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))})
     if done.returncode != 0:
+        for said in sorted(ranks_dir.glob("*.error")):  # a user's mistake, as a rank put it
+            raise TuneloopError(said.read_text())
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise TuneloopError(f"distributed training failed (exit {done.returncode}); the last lines "
                             f"of {log}:\n{tail}")
@@ -75,10 +77,15 @@ def main() -> None:
     spec = json.loads((run_dir / "launch.json").read_text())
     recipe = recipe_from_dict(spec["recipe"])
     state = PartialState(cpu=not torch.cuda.is_available())
-    splits = load_splits(recipe.data, recipe.task)
-    out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, resume=spec["resume"],
-                  rank=state.process_index, world=state.num_processes,
-                  shard=spec.get("fsdp", False))
+    try:
+        splits = load_splits(recipe.data, recipe.task)
+        out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, resume=spec["resume"],
+                      rank=state.process_index, world=state.num_processes,
+                      shard=spec.get("fsdp", False))
+    except TuneloopError as e:  # the launcher shows it as it is, not a rank's traceback
+        (run_dir / "ranks").mkdir(exist_ok=True)
+        (run_dir / "ranks" / f"rank-{state.process_index}.error").write_text(str(e))
+        sys.exit(1)
     digest = hashlib.sha256()
     for name, tensor in sorted(trainable_state(out["model"]).items()):
         digest.update(name.encode())

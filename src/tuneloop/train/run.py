@@ -51,17 +51,13 @@ def _distributed(recipe, run_dir: Path, processes: int, resume: bool, fsdp: bool
             "stats": stats, "artifact": artifact}
 
 
-def _check_sharded(recipe, processes: int, resume: str | None) -> None:
-    """What a sharded (--fsdp) run does not do yet, refused before anything starts."""
+def _check_sharded(recipe, processes: int) -> None:
+    """What a sharded (--fsdp) run cannot do, refused before anything starts."""
     if processes < 2:
         raise TuneloopError("--fsdp shards the model across processes; add --processes 2 or more")
     if recipe.method not in ("full", "lora", "dora"):
         raise TuneloopError(f"--fsdp trains methods full, lora and dora; method {recipe.method} "
                             "trains without it (leave out --fsdp)")
-    if resume or recipe.patience:
-        raise TuneloopError("a sharded run writes no mid-run checkpoints yet, so it can neither "
-                            "resume nor keep the best checkpoint (patience); leave out --fsdp, "
-                            "or patience")
 
 
 def _distill_stats(out: dict, teacher, splits, recipe) -> dict:
@@ -119,7 +115,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
         raise TuneloopError("method distill trains in one process (the teacher sits beside the "
                             "student); leave out --processes")
     if fsdp:
-        _check_sharded(recipe, processes, resume)
+        _check_sharded(recipe, processes)
     phase("loading data")
     splits = load_splits(recipe.data, recipe.task)
     train_sha = file_sha256(recipe.data.train)

@@ -33,7 +33,7 @@ from tuneloop.train import checkpoint
 from tuneloop.train.data import Splits
 from tuneloop.train.loss import completion_loss, mean_loss
 from tuneloop.train.plan import default_batch_tokens, default_epochs, make_plan
-from tuneloop.train.shard import gathered_state, passes, shard_model
+from tuneloop.train.shard import SHARDED, gathered_state, passes, shard_model
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     With `world` > 1 (processes launched by `train.distributed`), each step's micro-batches are
     dealt out to the ranks, gradients are summed across them, and only rank 0 writes: the
     result equals one process with `world` times the gradient accumulation. With `shard` as
-    well, the model is sharded across them (FSDP, train/shard.py) and no mid-run checkpoints
-    are written; the returned model is whole on every rank.
+    well, the model is sharded across them (FSDP, train/shard.py), checkpoints are gathered
+    from every rank, and the returned model is whole on every rank.
     """
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -125,8 +125,9 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     tokens, train_s, deadline = 0, 0.0, _deadline(recipe)
     best = {"loss": math.inf, "step": 0, "bad": 0}  # early stopping: the best validation so far
     first, stopped_early = 1, False
+    access = SHARDED if shard else checkpoint.WHOLE  # sharded: every rank gathers and reads
     if resume:
-        first, loop = resume_from(run_dir, model, optimizer, scheduler)
+        first, loop = resume_from(run_dir, model, optimizer, scheduler, access)
         curves, tokens, train_s = loop["curves"], loop["tokens"], loop["train_s"]
         best = loop.get("best", best)
     model.train()
@@ -166,22 +167,23 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
             if recipe.patience:
                 if val < best["loss"] - recipe.min_delta:
                     best = {"loss": val, "step": step, "bad": 0}
-                    if writes:
-                        checkpoint.save_weights(model, run_dir / "checkpoints" / "best.safetensors")
+                    if writes or shard:
+                        checkpoint.save_weights(model, run_dir / "checkpoints" / "best.safetensors",
+                                                access, write=writes)
                 else:
                     best["bad"] += 1
                     stopped_early = best["bad"] >= recipe.patience
-        if (writes and not shard and step % plan.checkpoint_every == 0 and step < plan.steps
+        if ((writes or shard) and step % plan.checkpoint_every == 0 and step < plan.steps
                 and not out_of_time and not stopped_early):
             checkpoint.save(run_dir / "checkpoints", model, optimizer, scheduler, step,
                             position=step * plan.grad_accum,
                             loop={"curves": curves, "tokens": tokens, "train_s": train_s,
-                                  "best": best})
+                                  "best": best}, access=access, write=writes)
         if out_of_time or stopped_early:
             break
 
     if recipe.patience and best["step"] and best["step"] != step:
-        checkpoint.load_weights(model, run_dir / "checkpoints" / "best.safetensors")
+        checkpoint.load_weights(model, run_dir / "checkpoints" / "best.safetensors", access)
 
     training_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if shard:  # whole again on every rank, for the artifact and the ranks' check
@@ -249,13 +251,14 @@ def optimizer_step(trainable, optimizer, scheduler, max_norm: float = 1.0) -> No
     optimizer.zero_grad(set_to_none=True)
 
 
-def resume_from(run_dir: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+def resume_from(run_dir: Path, model, optimizer, scheduler,
+                access: checkpoint.Whole = checkpoint.WHOLE) -> tuple[int, dict]:
     """Restore the newest intact checkpoint; (first step to run, the loop's saved state)."""
     ckpt = checkpoint.latest(run_dir / "checkpoints")
     if ckpt is None:
         raise TuneloopError(f"{run_dir}: no intact checkpoint to resume from; start the run "
                             "again with `tuneloop train RECIPE`")
-    meta = checkpoint.restore(ckpt, model, optimizer, scheduler)
+    meta = checkpoint.restore(ckpt, model, optimizer, scheduler, access)
     return meta["step"] + 1, meta["loop"]
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from tuneloop.train.checkpoint import Whole
 from tuneloop.train.loss import causal_lm
 
 
@@ -66,3 +67,38 @@ def gathered_state(model) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+class Sharded(Whole):
+    """Checkpoints of a sharded model: its trainable weights and optimizer state gathered
+    whole for writing (collective: every rank calls), and scattered back when read (every
+    rank reads the files). The files hold whole tensors, by parameter name."""
+
+    sharded = True
+
+    def weights(self, model) -> dict[str, torch.Tensor]:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {n: t.contiguous() for n, t in gathered_state(model).items() if n in trained}
+
+    def optimizer(self, model, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True))
+
+    def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, weights,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def load_optimizer(self, model, optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+
+        set_optimizer_state_dict(model, optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+
+SHARDED = Sharded()
