@@ -25,6 +25,7 @@ RECIPE = ROOT / "examples" / "banking77" / "recipe.yaml"
 
 
 def main() -> None:
+    from tuneloop.estimate import estimate
     from tuneloop.project import load_recipe
     from tuneloop.train.distributed import launch
 
@@ -42,10 +43,13 @@ def main() -> None:
             started = time.perf_counter()
             stats = launch(recipe, Path(tmp), args.processes, fsdp=mode == "fsdp")
             results[mode] = {**stats, "wall_s": time.perf_counter() - started}
+            guess = estimate(recipe, methods=[args.method], processes=args.processes,
+                             fsdp=mode == "fsdp", workspace=Path(tmp) / "ws")["methods"][0]
+            results[mode]["estimated_mb"] = guess["peak_memory_gb"] * 1024
         print(mode, json.dumps({k: results[mode][k] for k in (
             "train_tokens_per_s", "training_peak_rss_mb", "peak_rss_mb", "final_train_loss",
             "params_held_per_rank",
-            "ranks_identical", "wall_s")}), flush=True)
+            "ranks_identical", "wall_s", "estimated_mb")}), flush=True)
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"{os.cpu_count()} CPU cores"
     ddp, fsdp = results["ddp"], results["fsdp"]
@@ -55,12 +59,15 @@ def main() -> None:
              f"SmolLM2-135M-Instruct on the banking77 demo subset, {args.steps} optimizer steps, "
              f"{args.processes} processes (gloo on CPUs), the same micro-batches.", "",
              "| mode | weights held per process | peak RSS per process while training, MB | "
-             "peak RSS with saving, MB | real tokens/s | train loss after the steps | "
-             "ranks identical |", "|---|---|---|---|---|---|---|"]
+             "`tuneloop estimate`, MB | estimate error | peak RSS with saving, MB | "
+             "real tokens/s | train loss after the steps | ranks identical |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         held = r.get("params_held_per_rank")
         lines.append(f"| {mode} | {f'{held / 1e6:.1f}M' if held else 'all'} | "
-                     f"{r['training_peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['training_peak_rss_mb']:.0f} | {r['estimated_mb']:.0f} | "
+                     f"{100 * (r['estimated_mb'] / r['training_peak_rss_mb'] - 1):+.0f}% | "
+                     f"{r['peak_rss_mb']:.0f} | "
                      f"{r['train_tokens_per_s']:.1f} | "
                      f"{r['final_train_loss']:.6f} | {r['ranks_identical']} |")
     ratio = fsdp["training_peak_rss_mb"] / ddp["training_peak_rss_mb"]

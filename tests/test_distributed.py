@@ -99,3 +99,19 @@ def test_a_sharded_run_resumes_from_its_checkpoint_as_if_never_stopped(
     shutil.copytree(whole / "checkpoints", plain / "checkpoints")
     with pytest.raises(TuneloopError, match="resume it with --fsdp"):
         launch(recipe, plain, 2, resume=True)
+
+
+def test_estimate_divides_a_sharded_models_state_by_the_processes(
+        tiny_model, classify_files, workspace):
+    from tuneloop.estimate import estimate
+
+    train_file, test_file = classify_files
+    recipe = recipe_for(tiny_model, train_file, test_file, method="full")
+    one, ddp, fsdp = (estimate(recipe, methods=["full"], processes=n, fsdp=sharded,
+                               workspace=workspace)["methods"][0]["memory_gb"]
+                      for n, sharded in ((1, False), (2, False), (2, True)))
+    for part in ("weights", "gradients", "optimizer"):
+        assert ddp[part] == one[part] and fsdp[part] == pytest.approx(one[part] / 2)
+    assert one["parallel"] == 0 and ddp["parallel"] == pytest.approx(one["gradients"])
+    assert 0 < fsdp["parallel"] < one["weights"]  # one layer and the embeddings, gathered
+    assert sum(fsdp.values()) < sum(one.values()) < sum(ddp.values())

@@ -539,6 +539,8 @@ def estimate(
     methods: Optional[str] = typer.Option(None, help="comma-separated: lora,dora,qlora,full"),
     tokens_per_s: Optional[float] = typer.Option(None, help="use this training throughput"),
     price: Optional[float] = typer.Option(None, help="USD per hour of the machine"),
+    processes: int = typer.Option(1, min=1, help="memory per process of a data-parallel run"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="... with the model sharded across them"),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Memory, time and money of each training method for a recipe, before running it.
@@ -549,7 +551,8 @@ def estimate(
     from tuneloop.project import load_recipe
 
     result = run_estimate(load_recipe(recipe), gpu=gpu, tokens_per_s=tokens_per_s, price_per_hour=price,
-                          methods=methods.split(",") if methods else None)
+                          methods=methods.split(",") if methods else None,
+                          processes=processes, fsdp=fsdp)
     if as_json:
         _print_json(result)
         return
@@ -557,14 +560,16 @@ def estimate(
               f"{result['train_rows']} rows x {result['epochs']:g} epochs = "
               f"{result['tokens_to_process']:,} tokens; micro-batches of {result['batch_tokens']} tokens",
               highlight=False)
+    each = (f", per process of {processes}{' (sharded)' if fsdp else ''}"
+            if processes > 1 else "")
     table = Table("method", "trainable", "weights GB", "grads+optim GB", "activations GB",
-                  "peak GB", "fits", "tokens/s", "time", "cost $", "throughput from",
-                  title=f"estimate (memory capacity {result['memory_capacity_gb']:.0f} GB)")
+                  "parallel GB", "peak GB", "fits", "tokens/s", "time", "cost $", "throughput from",
+                  title=f"estimate (memory capacity {result['memory_capacity_gb']:.0f} GB{each})")
     for m in result["methods"]:
         mem = m["memory_gb"]
         table.add_row(m["method"], f"{m['trainable_parameters'] / 1e6:.1f}M", f"{mem['weights']:.2f}",
                       f"{mem['gradients'] + mem['optimizer']:.2f}", f"{mem['activations']:.2f}",
-                      f"{m['peak_memory_gb']:.2f}", "yes" if m["fits"] else "[red]no[/]",
+                      f"{mem['parallel']:.2f}", f"{m['peak_memory_gb']:.2f}", "yes" if m["fits"] else "[red]no[/]",
                       f"{m['tokens_per_s']:.0f}", hours(m["seconds"]), f"{m['cost_usd']:.2f}",
                       m["throughput_source"])
     out.print(table)

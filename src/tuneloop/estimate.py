@@ -79,8 +79,11 @@ def architecture(model: str) -> dict:
 
 
 def memory(arch: dict, method: str, batch_tokens: int, rank: int, device: str,
-           freeze_layers: int = 0) -> dict:
-    """Bytes of each part of a training step's peak, by method."""
+           freeze_layers: int = 0, processes: int = 1, fsdp: bool = False) -> dict:
+    """Bytes of each part of a training step's peak in one process, by method. Over several
+    processes (`processes`), plain data-parallel adds the all-reduce's flat gradient buffer;
+    `fsdp` divides weights, gradients and optimizer state by the processes and adds the
+    largest part gathered whole while it runs (embeddings and head, and one layer)."""
     gpu = device == "cuda"
     compute_bytes = 2 if gpu else 4
     p = arch["parameters"]
@@ -106,14 +109,24 @@ def memory(arch: dict, method: str, batch_tokens: int, rank: int, device: str,
         "optimizer": trainable * 8,  # AdamW: two float32 moments
         "activations": batch_tokens * per_token * compute_bytes,
         "process": PROCESS_GB["cuda" if gpu else "cpu"] * GB,
+        "parallel": 0.0,
     }
+    if fsdp and processes > 1:
+        for part in ("weights", "gradients", "optimizer"):
+            parts[part] /= processes
+        layer = (p - arch["embedding_parameters"]) / arch["layers"]
+        parts["parallel"] = (arch["embedding_parameters"] + layer) * weights / p
+    elif processes > 1:
+        parts["parallel"] = trainable * 4  # the gradients, flattened for one all-reduce
     return {"trainable_parameters": int(trainable), "bytes": parts, "total": sum(parts.values())}
 
 
 def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
              tokens_per_s: float | None = None, price_per_hour: float | None = None,
-             workspace=None) -> dict:
-    """The estimate for each method (default: all four) on this machine or a named GPU."""
+             workspace=None, processes: int = 1, fsdp: bool = False) -> dict:
+    """The estimate for each method (default: all four) on this machine or a named GPU.
+    Memory is per process; with `processes` on GPUs each has its GPU, on this machine they
+    share its memory. Time is not scaled by the processes (not measured yet)."""
     if gpu and gpu not in GPUS:
         raise TuneloopError(f"unknown GPU '{gpu}'; known: {', '.join(GPUS)}")
     methods = methods or list(METHODS)
@@ -147,7 +160,9 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
     for method in methods:
         # the largest micro-batch: the token budget, or 64 rows of the longest example
         step_tokens = min(batch_tokens, MAX_ROWS * max_length)
-        mem = memory(arch, method, step_tokens, recipe.lora.rank, kind, recipe.full.freeze_layers)
+        mem = memory(arch, method, step_tokens, recipe.lora.rank, kind, recipe.full.freeze_layers,
+                     processes, fsdp)
+        machine = mem["total"] * (1 if gpu else processes)  # what must fit in one device
         if tokens_per_s:
             rate, source = tokens_per_s, "stated"
         elif method in measured:
@@ -164,11 +179,12 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
         rows_out.append({
             "method": method, "trainable_parameters": mem["trainable_parameters"],
             "memory_gb": {k: v / GB for k, v in mem["bytes"].items()},
-            "peak_memory_gb": mem["total"] / GB, "fits": mem["total"] / GB <= capacity_gb,
+            "peak_memory_gb": mem["total"] / GB, "fits": machine / GB <= capacity_gb,
             "tokens_per_s": rate, "throughput_source": source, "seconds": seconds,
             "cost_usd": seconds / 3600 * price,
         })
     return {"model": recipe.base_model, "parameters": arch["parameters"], "device": where,
+            "processes": processes, "fsdp": fsdp,
             "memory_capacity_gb": capacity_gb, "train_rows": rows, "epochs": epochs,
             "tokens_to_process": int(to_process), "batch_tokens": batch_tokens,
             "price_per_hour": price, "methods": rows_out}

@@ -56,8 +56,7 @@ def mean_loss(model, batches, loss=completion_loss) -> float:
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        with torch.no_grad():
-            summed, n = loss(model, batch)
+        summed, n = loss(model, batch)
         total += float(summed)
         count += n
     model.train(was_training)

@@ -183,6 +183,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
             break
 
     if recipe.patience and best["step"] and best["step"] != step:
+        if world > 1:  # rank 0 may still be writing the best weights the others read
+            torch.distributed.barrier()
         checkpoint.load_weights(model, run_dir / "checkpoints" / "best.safetensors", access)
 
     training_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
