@@ -47,7 +47,8 @@ def test_two_process_fsdp_shards_the_model_and_matches_one_process(
                 workspace=workspace, processes=2, fsdp=True)
     one = train(recipe_for(tiny_model, train_file, test_file, grad_accum=4, **common),
                 workspace=workspace)
-    assert two["fsdp"] and two["ranks_identical"] and two["steps"] == one["steps"] == 3
+    assert two["fsdp"] and two["steps"] == one["steps"] == 3
+    assert two["ranks_identical"] is None  # each rank held only its shards
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
     # each rank held about half of every weight (the tied embedding counts once)
     assert 0.45 * total < two["params_held_per_rank"] < 0.55 * total + 10_000, (
@@ -85,7 +86,7 @@ def test_a_sharded_run_resumes_from_its_checkpoint_as_if_never_stopped(
     assert [p.name for p in (whole / "checkpoints").glob("step-*")] == ["step-000003"]
     shutil.copytree(whole / "checkpoints", cut / "checkpoints")
     resumed = launch(recipe, cut, 2, resume=True, fsdp=True)
-    assert resumed["steps"] == 6 and resumed["ranks_identical"]
+    assert resumed["steps"] == 6
     a = load_file(whole / "model" / "model.safetensors")
     b = load_file(cut / "model" / "model.safetensors")
     assert a.keys() == b.keys()

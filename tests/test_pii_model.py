@@ -131,6 +131,13 @@ def test_a_name_before_a_possessive_s_is_found_where_the_model_found_nothing():
         ("Best Western", "PERSON")]
     assert names("It's fine. What's up? Is there an ATM's fee on Monday's bill?") == []
     assert names("An iPhone's screen, a blink-182's song.") == []
+    # Initials and titles belong to the name; a sentence's last word does not.
+    assert names("We met John F. Kennedy's aide and Dr. Smith's nurse in Paris. Yes.") == [
+        ("John F. Kennedy", "PERSON"), ("Dr. Smith", "PERSON")]
+    assert names("We were in Paris. Then Public Storage's team came.") == [
+        ("Public Storage", "PERSON")]
+    # A rule for names: the pattern layer alone (--no-ner) finds none.
+    assert pii.Detector(ner=False).find("Send it to Grace Kelly's office") == []
     assert names("Send it to ACME's office, and to Helen-Marie's.") == [("Helen-Marie", "PERSON")]
     # In the detector the model's spans win where they overlap; elsewhere the rule's stay.
     text = "Ask Vera Lind's team and Dairy Queen's buyer."

@@ -122,11 +122,12 @@ class Detector:
             found = self.engine.analyze(text, "en", entities=self.patterns, nlp_artifacts=artifacts,
                                         score_threshold=self.threshold) if self.patterns else []
             spans = [span for span in spans if span[3] >= self.threshold]
+            rule = possessors(text, spans) if self.model else []  # names: not --no-ner
             found += [RecognizerResult(kind, start, end, score,
                                        recognition_metadata={"recognizer_name": name})
                       for start, end, kind, score, name in
-                      [(*span, MODEL) for span in spans] + possessors(text, spans)
-                      if kind in self.entities]
+                      [(*span, MODEL) for span in spans] + rule
+                      if kind in self.entities and score >= self.threshold]
             results.append(_resolve(text, found))
         return results
 
@@ -136,7 +137,9 @@ class Detector:
 # In Presidio's training sentences every such name but a contraction ("What's") and one job
 # title is a person or a company; WNUT 2017 adds places ("America's").
 POSSESSIVE = re.compile(r"(?<![\w'’&-])([\w&-]+)['’]s\b")
-WORD_BEFORE = re.compile(r"([\w&-]+)[ \t]+$")
+WORD_BEFORE = re.compile(r"([\w&-]+\.?)[ \t]+$")
+SPACE = re.compile(r"\s*")
+TITLES = {"Mr.", "Mrs.", "Ms.", "Dr.", "Prof.", "St."}  # a period that ends no sentence
 NOT_POSSESSORS = set("""It What That There Here He She Who Where How When Why Let This Today
     Tomorrow Yesterday Tonight Everyone Everybody Someone Somebody Anyone Anybody Nobody One
     Other Another Each Year Mother Father Valentine Women Men Children Monday Tuesday Wednesday
@@ -148,24 +151,27 @@ def possessors(text: str, spans: list[tuple[int, int, str, float]]
                ) -> list[tuple[int, int, str, float, str]]:
     """Names found by their possessive 's (the model's `spans` win where they overlap): a
     company when a person follows ("Acme Foods's Anna Berg"), else a person. A name is the
-    capitalized words before the 's; a sentence's first word is capitalized for the sentence
-    and is left out, as are the words in NOT_POSSESSORS ("It's", "Monday's")."""
+    capitalized words, initials and titles before the 's ("Dr. John F. Kennedy's"); a
+    sentence's first word is capitalized for the sentence and is left out, as are the words in
+    NOT_POSSESSORS ("It's", "Monday's")."""
     found = []
     for m in POSSESSIVE.finditer(text):
         words = [(m.start(1), m.end(1), m.group(1))]
-        while _capitalized(words[0][2]) and (before := WORD_BEFORE.search(
+        while _in_name(words[0][2]) and (before := WORD_BEFORE.search(
                 text, max(0, words[0][0] - 64), words[0][0])):
             words.insert(0, (before.start(1), before.end(1), before.group(1)))
-        if not _capitalized(words[0][2]):
+        if not _in_name(words[0][2]):
             words = words[1:]
-        opening = text[:words[0][0]].rstrip(" \t") if words else ""
-        if not opening or opening[-1] in ".!?:\n\"“":
+        opening = text[max(0, words[0][0] - 64):words[0][0]].rstrip(" \t") if words else ""
+        if not opening or opening[-1] in "!?:\n\"“" or (
+                opening[-1] == "." and not opening.endswith(tuple(TITLES))
+                and not re.search(r"(?:^|\s)[A-Z]\.$", opening)):
             words = words[1:]
         while words and words[0][2] in NOT_POSSESSORS:
             words = words[1:]
         if not words or words[-1][2] in NOT_POSSESSORS:
             continue
-        after = len(text) - len(text[m.end():].lstrip())
+        after = SPACE.match(text, m.end()).end()
         person_next = any(a == after and kind == "PERSON" for a, _, kind, _ in spans)
         found.append((words[0][0], words[-1][1], "ORGANIZATION" if person_next else "PERSON",
                       0.5, POSSESSOR))
@@ -175,6 +181,14 @@ def possessors(text: str, spans: list[tuple[int, int, str, float]]
 def _capitalized(word: str) -> bool:
     """"Anna", "Ástríður", "McDonald": not "ATM", "iPhone" or "anna"."""
     return word[:1].isupper() and word[1:2].islower()
+
+
+def _in_name(word: str) -> bool:
+    """A capitalized word, an initial ("F.") or a title ("Dr."); not "Paris." ending a
+    sentence."""
+    if word.endswith("."):
+        return word in TITLES or (len(word) == 2 and word[0].isupper())
+    return _capitalized(word)
 
 
 def _digits(text: str) -> int:

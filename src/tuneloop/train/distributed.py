@@ -4,9 +4,9 @@
 `accelerate launch --multi_gpu --num_processes N -m tuneloop.train.distributed RUN_DIR`; each
 process joins the process group Accelerate sets up (NCCL on GPUs, gloo on CPUs) and runs the
 same loop on its share of every step's micro-batches (`run_sft(rank=, world=)`), with `fsdp`
-the model sharded across them (train/shard.py). Rank 0 writes the artifact and stats; every rank
-writes the SHA-256 of its final weights (gathered, when sharded), so the launcher can check
-that all ranks ended identical.
+the model sharded across them (train/shard.py). Rank 0 writes the artifact and stats; unsharded,
+every rank writes the SHA-256 of its final weights, so the launcher can check that all ranks
+ended identical.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
                             f"of {log}:\n{tail}")
     stats = json.loads((run_dir / "stats.json").read_text())
     digests = {p.stem: json.loads(p.read_text())["sha256"] for p in sorted(ranks_dir.glob("*.json"))}
-    stats.update(processes=processes, fsdp=fsdp, ranks_identical=len(set(digests.values())) == 1,
+    # Sharded, each rank holds only its shards: there is nothing to compare.
+    stats.update(processes=processes, fsdp=fsdp,
+                 ranks_identical=None if fsdp else len(set(digests.values())) == 1,
                  rank_digests=digests)
     return stats
 
@@ -86,13 +88,14 @@ def main() -> None:
         (run_dir / "ranks").mkdir(exist_ok=True)
         (run_dir / "ranks" / f"rank-{state.process_index}.error").write_text(str(e))
         sys.exit(1)
-    digest = hashlib.sha256()
-    for name, tensor in sorted(trainable_state(out["model"]).items()):
-        digest.update(name.encode())
-        digest.update(tensor.float().cpu().numpy().tobytes())
-    (run_dir / "ranks").mkdir(exist_ok=True)
-    (run_dir / "ranks" / f"rank-{state.process_index}.json").write_text(
-        json.dumps({"sha256": digest.hexdigest()}))
+    if out["model"] is not None:  # sharded, only rank 0 holds the whole model
+        digest = hashlib.sha256()
+        for name, tensor in sorted(trainable_state(out["model"]).items()):
+            digest.update(name.encode())
+            digest.update(tensor.float().cpu().numpy().tobytes())
+        (run_dir / "ranks").mkdir(exist_ok=True)
+        (run_dir / "ranks" / f"rank-{state.process_index}.json").write_text(
+            json.dumps({"sha256": digest.hexdigest()}))
     if state.is_main_process:
         (run_dir / "stats.json").write_text(json.dumps(out["stats"]))
     state.wait_for_everyone()

@@ -33,7 +33,7 @@ from tuneloop.train import checkpoint
 from tuneloop.train.data import Splits
 from tuneloop.train.loss import completion_loss, mean_loss
 from tuneloop.train.plan import default_batch_tokens, default_epochs, make_plan
-from tuneloop.train.shard import SHARDED, gathered_state, passes, shard_model
+from tuneloop.train.shard import SHARDED, passes, shard_model
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     dealt out to the ranks, gradients are summed across them, and only rank 0 writes: the
     result equals one process with `world` times the gradient accumulation. With `shard` as
     well, the model is sharded across them (FSDP, train/shard.py), checkpoints are gathered
-    from every rank, and the returned model is whole on every rank.
+    to rank 0, and only rank 0 returns a model (whole).
     """
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -161,6 +161,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
             out_of_time = sum_across_ranks([], [float(out_of_time)])[0] > 0
         if val_batches and (step % plan.eval_every == 0 or step == plan.steps or out_of_time):
             val = mean_loss(model, val_batches, val_loss_fn)
+            if world > 1:  # rank 0's on every rank: the ranks must decide alike from it
+                val = sum_across_ranks([], [val if rank == 0 else 0.0])[0]  # (stop, gather)
             curves["validation"].append((step, val))
             if on_validation:
                 on_validation(step, val)
@@ -188,14 +190,16 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         checkpoint.load_weights(model, run_dir / "checkpoints" / "best.safetensors", access)
 
     training_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if shard:  # whole again on every rank, for the artifact and the ranks' check
-        state = gathered_state(model)
+    artifact = run_dir / method.artifact
+    if shard:  # rank 0 builds the model whole from the gathered trained weights, to save it
+        weights = SHARDED.weights(model)
         del model, optimizer, scheduler, trainable, step_loss_fn, val_loss_fn, loss
+        if not writes:
+            return {"model": None, "stats": {}, "artifact": artifact}
         model = method.prepare(method.load(recipe), recipe, plan)
-        model.load_state_dict(state)
+        checkpoint.WHOLE.load_weights(model, weights)
         trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
-    artifact = run_dir / method.artifact
     if not writes:
         return {"model": model, "stats": {}, "artifact": artifact}
     write_atomically(artifact, lambda tmp: method.save(model, tokenizer, tmp), {
@@ -233,7 +237,7 @@ def sum_across_ranks(params: list, values: list[float]) -> list[float]:
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    device = grads[0].device if grads else "cpu"
+    device = grads[0].device if grads else models.device()  # NCCL reduces only on GPUs
     flat = torch.cat([g.reshape(-1) for g in grads]
                      + [torch.tensor(values, dtype=torch.float64, device=device).to(
                          grads[0].dtype if grads else torch.float64)])

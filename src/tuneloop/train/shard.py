@@ -62,30 +62,34 @@ def passes(batches: list, rank: int, world: int) -> list[tuple[object, float]]:
     return [(b, 1.0) for b in mine] + [(batches[0], 0.0)] * (rounds - len(mine))
 
 
-def gathered_state(model) -> dict[str, torch.Tensor]:
-    """The whole model's state, every shard gathered, on every rank (a collective call)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-
-
 class Sharded(Whole):
-    """Checkpoints of a sharded model: its trainable weights and optimizer state gathered
-    whole for writing (collective: every rank calls), and scattered back when read (every
+    """Checkpoints of a sharded model: its trained weights and optimizer state gathered whole
+    to rank 0 for writing (collective: every rank calls), and scattered back when read (every
     rank reads the files). The files hold whole tensors, by parameter name."""
 
     sharded = True
 
     def weights(self, model) -> dict[str, torch.Tensor]:
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        return {n: t.contiguous() for n, t in gathered_state(model).items() if n in trained}
+        """The trained weights whole, on rank 0 only (one tensor at a time is gathered on
+        the others, and dropped): frozen weights are never gathered."""
+        import torch.distributed as dist
+
+        keep, whole = dist.get_rank() == 0, {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:  # (the root's weights may be whole already, after a
+                # forward without backward: FSDP keeps them gathered for the backward)
+                tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
+                if keep:
+                    whole[name] = tensor.detach().cpu().contiguous()
+        return whole
 
     def optimizer(self, model, optimizer) -> dict:
+        """AdamW's state whole by parameter name, on rank 0 only (the others get none)."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_optimizer_state_dict)
 
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True))
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
 
     def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
