@@ -39,6 +39,7 @@ MODES = ("placeholder", "fake", "reversible")
 SCORE_THRESHOLD = 0.4
 MODEL = "tuneloop-ner"  # recognizer name of the model's findings
 POSSESSOR = "tuneloop-possessor"  # and of names found by their possessive 's
+POSSESSOR_SCORE = 0.5
 
 for name in ("presidio-analyzer", "presidio-anonymizer"):
     logging.getLogger(name).setLevel(logging.ERROR)  # it warns per text about unused languages
@@ -122,12 +123,12 @@ class Detector:
             found = self.engine.analyze(text, "en", entities=self.patterns, nlp_artifacts=artifacts,
                                         score_threshold=self.threshold) if self.patterns else []
             spans = [span for span in spans if span[3] >= self.threshold]
-            rule = possessors(text, spans) if self.model else []  # names: not --no-ner
+            rule = (possessors(text, spans)  # names: not with --no-ner
+                    if self.model and POSSESSOR_SCORE >= self.threshold else [])
             found += [RecognizerResult(kind, start, end, score,
                                        recognition_metadata={"recognizer_name": name})
                       for start, end, kind, score, name in
-                      [(*span, MODEL) for span in spans] + rule
-                      if kind in self.entities and score >= self.threshold]
+                      [(*span, MODEL) for span in spans] + rule if kind in self.entities]
             results.append(_resolve(text, found))
         return results
 
@@ -174,7 +175,7 @@ def possessors(text: str, spans: list[tuple[int, int, str, float]]
         after = SPACE.match(text, m.end()).end()
         person_next = any(a == after and kind == "PERSON" for a, _, kind, _ in spans)
         found.append((words[0][0], words[-1][1], "ORGANIZATION" if person_next else "PERSON",
-                      0.5, POSSESSOR))
+                      POSSESSOR_SCORE, POSSESSOR))
     return found
 
 
