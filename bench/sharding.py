@@ -1,12 +1,12 @@
-"""Sharded (FSDP) against plain data-parallel (DDP) training, two processes on this machine,
-full fine-tuning of the bundled SmolLM2-135M on the banking77 demo data: per-process peak
-memory, real tokens/s, and the training loss after the same steps (which must agree: the same
-global batch, only where the weights live differs).
+"""Sharded (FSDP, DeepSpeed ZeRO-2 and ZeRO-3) against plain data-parallel (DDP) training, two
+processes on this machine, full fine-tuning of the bundled SmolLM2-135M on the banking77 demo
+data: per-process peak memory, real tokens/s, and the training loss after the same steps (which
+must agree: the same global batch, only where the weights and their state live differs).
 
-    python bench/sharding.py --steps 4 [--processes 2] [--method full]
+    python bench/sharding.py --steps 4 [--processes 2] [--method full] [--modes ddp,fsdp,...]
 
-Both run through `tuneloop.train.distributed.launch`, as `tuneloop train RECIPE --processes 2
-[--fsdp]` does; the figures are rank 0's (the ranks are symmetric).
+All run through `tuneloop.train.distributed.launch`, as `tuneloop train RECIPE --processes 2
+[--fsdp | --deepspeed zero2|zero3]` does; the figures are rank 0's (the ranks are symmetric).
 """
 
 from __future__ import annotations
@@ -33,18 +33,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--method", default="full")
+    parser.add_argument("--modes", default="ddp,fsdp,zero2,zero3")
     args = parser.parse_args()
     recipe = load_recipe(RECIPE).model_copy(update={
         "method": args.method, "max_steps": args.steps, "epochs": 100, "grad_accum": 1,
         "eval_every": 10_000, "checkpoint_every": 10_000, "baselines": []})
     results = {}
-    for mode in ("ddp", "fsdp"):
+    for mode in args.modes.split(","):
+        sharding = None if mode == "ddp" else mode
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            stats = launch(recipe, Path(tmp), args.processes, fsdp=mode == "fsdp")
+            stats = launch(recipe, Path(tmp), args.processes, sharding=sharding)
             results[mode] = {**stats, "wall_s": time.perf_counter() - started}
             guess = estimate(recipe, methods=[args.method], processes=args.processes,
-                             fsdp=mode == "fsdp", workspace=Path(tmp) / "ws")["methods"][0]
+                             sharding=sharding, workspace=Path(tmp) / "ws")["methods"][0]
             results[mode]["estimated_mb"] = guess["peak_memory_gb"] * 1024
         print(mode, json.dumps({k: results[mode][k] for k in (
             "train_tokens_per_s", "training_peak_rss_mb", "peak_rss_mb", "final_train_loss",
@@ -52,10 +54,10 @@ def main() -> None:
             "ranks_identical", "wall_s", "estimated_mb")}), flush=True)
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"{os.cpu_count()} CPU cores"
-    ddp, fsdp = results["ddp"], results["fsdp"]
     lines = [f"## sharding ({time.strftime('%Y-%m-%d')}, {where})", "",
              f"Command: `python bench/sharding.py --steps {args.steps} --processes "
-             f"{args.processes} --method {args.method}`. {args.method} fine-tuning of "
+             f"{args.processes} --method {args.method} --modes {args.modes}`. "
+             f"{args.method} fine-tuning of "
              f"SmolLM2-135M-Instruct on the banking77 demo subset, {args.steps} optimizer steps, "
              f"{args.processes} processes (gloo on CPUs), the same micro-batches.", "",
              "| mode | weights held per process | peak RSS per process while training, MB | "
@@ -70,10 +72,14 @@ def main() -> None:
                      f"{r['peak_rss_mb']:.0f} | "
                      f"{r['train_tokens_per_s']:.1f} | "
                      f"{r['final_train_loss']:.6f} | {r['ranks_identical']} |")
-    ratio = fsdp["training_peak_rss_mb"] / ddp["training_peak_rss_mb"]
-    lines += ["", f"FSDP / DDP: peak memory while training {ratio:.2f}x, "
-              f"tokens/s {fsdp['train_tokens_per_s'] / ddp['train_tokens_per_s']:.2f}x; "
-              f"loss difference {abs(fsdp['final_train_loss'] - ddp['final_train_loss']):.2e}."]
+    ddp = results.get("ddp")
+    lines.append("")
+    for mode, r in results.items():
+        if ddp and mode != "ddp":
+            lines.append(f"- {mode} / ddp: peak memory while training "
+                         f"{r['training_peak_rss_mb'] / ddp['training_peak_rss_mb']:.2f}x, tokens/s "
+                         f"{r['train_tokens_per_s'] / ddp['train_tokens_per_s']:.2f}x; loss "
+                         f"difference {abs(r['final_train_loss'] - ddp['final_train_loss']):.2e}.")
     print("\n".join(lines))
 
 

@@ -98,6 +98,15 @@ def test_recipe_errors_are_user_errors(tmp_path):
     assert_user_error(tl("train", recipe), "task:", "epochz: unknown key; did you mean 'epochs'?")
 
 
+def test_sharding_flags_are_checked_before_anything_starts(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: classify\ndata: {train: t.jsonl}\n")
+    assert_user_error(tl("train", recipe, "--processes", "2", "--fsdp", "--deepspeed", "zero2"),
+                      "--fsdp and --deepspeed are two ways to shard; give one")
+    assert_user_error(tl("estimate", recipe, "--processes", "2", "--deepspeed", "zero1"),
+                      "--deepspeed zero1: use zero2")
+
+
 def test_unknown_model_and_offline_hub(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", make_rows(12))
     proc = tl("eval", "--model", "no-such-model", "--data", tmp_path / "t.jsonl", "--task", "classify",

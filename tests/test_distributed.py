@@ -38,21 +38,28 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_two_process_fsdp_shards_the_model_and_matches_one_process(
-        method, tiny_model, classify_files, workspace):
+def test_two_process_fsdp_training_matches_one_process(method, tiny_model, classify_files,
+                                                       workspace):
+    sharded_run_matches_one_process(method, "fsdp", tiny_model, classify_files, workspace)
+
+
+def sharded_run_matches_one_process(method, sharding, tiny_model, classify_files, workspace):
+    """Two sharded processes end where one process with the same global batch does."""
     train_file, test_file = classify_files
     common = dict(method=method, max_steps=3, batch_tokens=128, baselines=[],
                   checkpoint_every=1000)
     two = train(recipe_for(tiny_model, train_file, test_file, grad_accum=2, **common),
-                workspace=workspace, processes=2, fsdp=True)
+                workspace=workspace, processes=2, sharding=sharding)
     one = train(recipe_for(tiny_model, train_file, test_file, grad_accum=4, **common),
                 workspace=workspace)
-    assert two["fsdp"] and two["steps"] == one["steps"] == 3
+    assert two["sharding"] == sharding and two["steps"] == one["steps"] == 3
     assert two["ranks_identical"] is None  # each rank held only its shards
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
-    # each rank held about half of every weight (the tied embedding counts once)
-    assert 0.45 * total < two["params_held_per_rank"] < 0.55 * total + 10_000, (
-        two["params_held_per_rank"], total)
+    if sharding == "zero2":  # the weights whole on each rank (their training state sharded)
+        assert two["params_held_per_rank"] == total + two["trainable_params"]  # (adapters)
+    else:  # each rank held about half of every weight (the tied embedding counts once)
+        assert 0.45 * total < two["params_held_per_rank"] < 0.55 * total + 10_000, (
+            two["params_held_per_rank"], total)
     assert two["train_tokens"] == one["train_tokens"]
     name = "model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
     a, b = (load_file(f"{r['run_dir']}/{name}") for r in (two, one))
@@ -63,17 +70,27 @@ def test_two_process_fsdp_shards_the_model_and_matches_one_process(
     assert two["accuracy"] == one["accuracy"]
 
 
-def test_fsdp_refuses_what_it_cannot_do_before_starting(tiny_model, classify_files, workspace):
+def test_sharding_refuses_what_it_cannot_do_before_starting(tiny_model, classify_files,
+                                                            workspace):
     train_file, test_file = classify_files
-    for extra, processes, message in (({}, 1, "--processes 2"),
-                                      ({"method": "qlora"}, 2, "method qlora")):
+    for extra, processes, sharding, message in (
+            ({}, 1, "fsdp", "--fsdp shards .* add --processes 2"),
+            ({"method": "qlora"}, 2, "fsdp", "method qlora"),
+            ({}, 1, "zero3", "--deepspeed zero3 shards .* add --processes 2"),
+            ({"method": "dpo"}, 2, "zero2", "method dpo"),
+            ({}, 2, "zero1", "unknown sharding")):
         with pytest.raises(TuneloopError, match=message):
             train(recipe_for(tiny_model, train_file, test_file, **extra), workspace=workspace,
-                  processes=processes, fsdp=True)
+                  processes=processes, sharding=sharding)
 
 
-def test_a_sharded_run_resumes_from_its_checkpoint_as_if_never_stopped(
-        tiny_model, classify_files, tmp_path):
+def test_an_fsdp_run_resumes_from_its_checkpoint_as_if_never_stopped(tiny_model, classify_files,
+                                                                     tmp_path):
+    sharded_resume_is_exact("fsdp", tiny_model, classify_files, tmp_path)
+
+
+def sharded_resume_is_exact(sharding, tiny_model, classify_files, tmp_path):
+    """A sharded run stopped after its checkpoint and resumed ends as if never stopped."""
     train_file, test_file = classify_files
     recipe = recipe_for(tiny_model, train_file, test_file, method="full", max_steps=6,
                         checkpoint_every=3, eval_every=2, patience=50, grad_accum=2,
@@ -81,11 +98,14 @@ def test_a_sharded_run_resumes_from_its_checkpoint_as_if_never_stopped(
     whole, cut, plain = (tmp_path / name for name in ("whole", "cut", "plain"))
     for folder in (whole, cut, plain):
         folder.mkdir()
-    launch(recipe, whole, 2, fsdp=True)
+    launch(recipe, whole, 2, sharding=sharding)
     # The run as it stood after step 3: its one checkpoint (gathered from both ranks), no model.
     assert [p.name for p in (whole / "checkpoints").glob("step-*")] == ["step-000003"]
+    if sharding == "zero3":  # DeepSpeed's optimizer partitions, one per rank, in the manifest
+        manifest = json.loads((whole / "checkpoints" / "step-000003" / "manifest.json").read_text())
+        assert len([name for name in manifest if name.endswith("optim_states.pt")]) == 2
     shutil.copytree(whole / "checkpoints", cut / "checkpoints")
-    resumed = launch(recipe, cut, 2, resume=True, fsdp=True)
+    resumed = launch(recipe, cut, 2, resume=True, sharding=sharding)
     assert resumed["steps"] == 6
     a = load_file(whole / "model" / "model.safetensors")
     b = load_file(cut / "model" / "model.safetensors")
@@ -96,9 +116,10 @@ def test_a_sharded_run_resumes_from_its_checkpoint_as_if_never_stopped(
     for kind in ("train", "validation"):
         torch.testing.assert_close(torch.tensor(curves_b[kind]), torch.tensor(curves_a[kind]),
                                    rtol=0, atol=1e-6)
-    # A sharded checkpoint holds the optimizer by parameter name: a plain run says so.
+    # A sharded checkpoint's optimizer state is the sharding's own: another run says so.
     shutil.copytree(whole / "checkpoints", plain / "checkpoints")
-    with pytest.raises(TuneloopError, match="resume it with --fsdp"):
+    flag = "--fsdp" if sharding == "fsdp" else "--deepspeed zero3"
+    with pytest.raises(TuneloopError, match=f"resume it with {flag}"):
         launch(recipe, plain, 2, resume=True)
 
 
@@ -108,11 +129,22 @@ def test_estimate_divides_a_sharded_models_state_by_the_processes(
 
     train_file, test_file = classify_files
     recipe = recipe_for(tiny_model, train_file, test_file, method="full")
-    one, ddp, fsdp = (estimate(recipe, methods=["full"], processes=n, fsdp=sharded,
-                               workspace=workspace)["methods"][0]["memory_gb"]
-                      for n, sharded in ((1, False), (2, False), (2, True)))
+    one, ddp, fsdp, zero2, zero3 = (
+        estimate(recipe, methods=["full"], processes=n, sharding=sharding,
+                 workspace=workspace)["methods"][0]["memory_gb"]
+        for n, sharding in ((1, None), (2, None), (2, "fsdp"), (2, "zero2"), (2, "zero3")))
     for part in ("weights", "gradients", "optimizer"):
-        assert ddp[part] == one[part] and fsdp[part] == pytest.approx(one[part] / 2)
+        assert ddp[part] == one[part]
+        assert fsdp[part] == zero3[part] == pytest.approx(one[part] / 2)
+        # ZeRO-2 keeps the weights whole and shards their training state
+        assert zero2[part] == (one[part] if part == "weights" else pytest.approx(one[part] / 2))
     assert one["parallel"] == 0 and ddp["parallel"] == pytest.approx(one["gradients"])
     assert 0 < fsdp["parallel"] < one["weights"]  # one layer and the embeddings, gathered
-    assert sum(fsdp.values()) < sum(one.values()) < sum(ddp.values())
+    # DeepSpeed's own float32 copy of this rank's weights and a reduction bucket on top
+    assert zero3["parallel"] == pytest.approx(fsdp["parallel"] + one["weights"] / 2
+                                              + one["gradients"])
+    assert zero2["parallel"] == pytest.approx(one["weights"] / 2 + one["gradients"])
+    total = {name: sum(m.values()) for name, m in (("one", one), ("ddp", ddp), ("fsdp", fsdp),
+                                                    ("zero2", zero2), ("zero3", zero3))}
+    assert total["fsdp"] < total["zero3"] < total["ddp"] and total["zero2"] < total["ddp"]
+    assert total["fsdp"] < total["one"] < total["ddp"]

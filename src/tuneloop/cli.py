@@ -102,6 +102,22 @@ def data_validate(
     raise typer.Exit(0 if report.ok else 1)
 
 
+DEEPSPEED_OPT = typer.Option(
+    None, "--deepspeed", metavar="zero2|zero3",
+    help="shard across the processes with DeepSpeed ZeRO: zero2 the optimizer state and "
+         "gradients, zero3 the weights too (pip install 'tuneloop[deepspeed]')")
+
+
+def _sharding(fsdp: bool, deepspeed: str | None) -> str | None:
+    """The sharding the flags name: "fsdp", "zero2", "zero3" or None."""
+    if fsdp and deepspeed:
+        raise TuneloopError("--fsdp and --deepspeed are two ways to shard; give one")
+    if deepspeed is not None and deepspeed not in ("zero2", "zero3"):
+        raise TuneloopError(f"--deepspeed {deepspeed}: use zero2 (optimizer state and gradients "
+                            "sharded) or zero3 (the weights as well)")
+    return "fsdp" if fsdp else deepspeed
+
+
 @app.command()
 def train(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML"),
@@ -110,6 +126,7 @@ def train(
                                   "CPUs, NCCL on GPUs)"),
     fsdp: bool = typer.Option(False, "--fsdp", help="shard weights, gradients and optimizer "
                               "state across the processes (PyTorch FSDP)"),
+    deepspeed: Optional[str] = DEEPSPEED_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Train per a recipe, then evaluate on its test data; prints the run id.
@@ -118,6 +135,7 @@ def train(
              tuneloop train --resume run-20261123-ab12cd   (after an interruption)
              tuneloop train recipe.yaml --processes 2       (data-parallel, Accelerate)
              tuneloop train recipe.yaml --processes 2 --fsdp   (model sharded across them)
+             tuneloop train recipe.yaml --processes 2 --deepspeed zero3   (the same, DeepSpeed)
 
     A minimal recipe:  base_model: smollm2-135m-instruct / task: classify /
     data: {train: train.jsonl, test: test.jsonl} / method: lora
@@ -127,10 +145,10 @@ def train(
 
     if (recipe is None) == (resume is None):
         raise TuneloopError("give a recipe to start a run, or --resume RUN to continue one")
-    parsed = load_recipe(recipe) if recipe else None
+    parsed, sharding = load_recipe(recipe) if recipe else None, _sharding(fsdp, deepspeed)
     with training_progress() as progress:
         result = run_train(parsed, progress=progress, resume=resume, processes=processes,
-                           fsdp=fsdp, on_phase=lambda p: err.print(f"[dim]{p}[/]"))
+                           sharding=sharding, on_phase=lambda p: err.print(f"[dim]{p}[/]"))
     if as_json:
         _print_json({k: v for k, v in result.items()})
         return
@@ -541,6 +559,7 @@ def estimate(
     price: Optional[float] = typer.Option(None, help="USD per hour of the machine"),
     processes: int = typer.Option(1, min=1, help="memory per process of a data-parallel run"),
     fsdp: bool = typer.Option(False, "--fsdp", help="... with the model sharded across them"),
+    deepspeed: Optional[str] = DEEPSPEED_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Memory, time and money of each training method for a recipe, before running it.
@@ -552,7 +571,7 @@ def estimate(
 
     result = run_estimate(load_recipe(recipe), gpu=gpu, tokens_per_s=tokens_per_s, price_per_hour=price,
                           methods=methods.split(",") if methods else None,
-                          processes=processes, fsdp=fsdp)
+                          processes=processes, sharding=_sharding(fsdp, deepspeed))
     if as_json:
         _print_json(result)
         return
@@ -560,8 +579,8 @@ def estimate(
               f"{result['train_rows']} rows x {result['epochs']:g} epochs = "
               f"{result['tokens_to_process']:,} tokens; micro-batches of {result['batch_tokens']} tokens",
               highlight=False)
-    each = (f", per process of {processes}{' (sharded)' if fsdp else ''}"
-            if processes > 1 else "")
+    sharded = f" (sharded: {result['sharding']})" if result["sharding"] else ""
+    each = f", per process of {processes}{sharded}" if processes > 1 else ""
     table = Table("method", "trainable", "weights GB", "grads+optim GB", "activations GB",
                   "parallel GB", "peak GB", "fits", "tokens/s", "time", "cost $", "throughput from",
                   title=f"estimate (memory capacity {result['memory_capacity_gb']:.0f} GB{each})")

@@ -79,11 +79,14 @@ def architecture(model: str) -> dict:
 
 
 def memory(arch: dict, method: str, batch_tokens: int, rank: int, device: str,
-           freeze_layers: int = 0, processes: int = 1, fsdp: bool = False) -> dict:
+           freeze_layers: int = 0, processes: int = 1, sharding: str | None = None) -> dict:
     """Bytes of each part of a training step's peak in one process, by method. Over several
-    processes (`processes`), plain data-parallel adds the all-reduce's flat gradient buffer;
-    `fsdp` divides weights, gradients and optimizer state by the processes and adds the
-    largest part gathered whole while it runs (embeddings and head, and one layer)."""
+    processes (`processes`), plain data-parallel adds the all-reduce's flat gradient buffer.
+    `sharding` "fsdp" and "zero3" divide weights, gradients and optimizer state by the
+    processes and add the largest part gathered whole while it runs (embeddings and head, and
+    one layer); "zero2" divides gradients and optimizer state only. DeepSpeed (zero2, zero3)
+    also keeps its own float32 copy of this process's share of the trained weights and one
+    gradient-reduction bucket."""
     gpu = device == "cuda"
     compute_bytes = 2 if gpu else 4
     p = arch["parameters"]
@@ -111,11 +114,16 @@ def memory(arch: dict, method: str, batch_tokens: int, rank: int, device: str,
         "process": PROCESS_GB["cuda" if gpu else "cpu"] * GB,
         "parallel": 0.0,
     }
-    if fsdp and processes > 1:
-        for part in ("weights", "gradients", "optimizer"):
+    if sharding and processes > 1:
+        for part in ("gradients", "optimizer") + (("weights",) if sharding != "zero2" else ()):
             parts[part] /= processes
-        layer = (p - arch["embedding_parameters"]) / arch["layers"]
-        parts["parallel"] = (arch["embedding_parameters"] + layer) * weights / p
+        if sharding != "zero2":
+            layer = (p - arch["embedding_parameters"]) / arch["layers"]
+            parts["parallel"] = (arch["embedding_parameters"] + layer) * weights / p
+        if sharding != "fsdp":
+            from tuneloop.train.zero import BUCKET
+
+            parts["parallel"] += trainable * 4 / processes + min(trainable, BUCKET) * 4
     elif processes > 1:
         parts["parallel"] = trainable * 4  # the gradients, flattened for one all-reduce
     return {"trainable_parameters": int(trainable), "bytes": parts, "total": sum(parts.values())}
@@ -123,7 +131,7 @@ def memory(arch: dict, method: str, batch_tokens: int, rank: int, device: str,
 
 def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
              tokens_per_s: float | None = None, price_per_hour: float | None = None,
-             workspace=None, processes: int = 1, fsdp: bool = False) -> dict:
+             workspace=None, processes: int = 1, sharding: str | None = None) -> dict:
     """The estimate for each method (default: all four) on this machine or a named GPU.
     Memory is per process; with `processes` on GPUs each has its GPU, on this machine they
     share its memory. Time is not scaled by the processes (not measured yet)."""
@@ -161,7 +169,7 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
         # the largest micro-batch: the token budget, or 64 rows of the longest example
         step_tokens = min(batch_tokens, MAX_ROWS * max_length)
         mem = memory(arch, method, step_tokens, recipe.lora.rank, kind, recipe.full.freeze_layers,
-                     processes, fsdp)
+                     processes, sharding)
         machine = mem["total"] * (1 if gpu else processes)  # what must fit in one device
         if tokens_per_s:
             rate, source = tokens_per_s, "stated"
@@ -184,7 +192,7 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
             "cost_usd": seconds / 3600 * price,
         })
     return {"model": recipe.base_model, "parameters": arch["parameters"], "device": where,
-            "processes": processes, "fsdp": fsdp,
+            "processes": processes, "sharding": sharding,
             "memory_capacity_gb": capacity_gb, "train_rows": rows, "epochs": epochs,
             "tokens_to_process": int(to_process), "batch_tokens": batch_tokens,
             "price_per_hour": price, "methods": rows_out}

@@ -30,9 +30,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 class Whole:
     """How checkpoints read and write a model this process holds whole. (A sharded model's
-    weights and optimizer state are gathered and scattered instead: shard.Sharded.)"""
+    weights and optimizer state are gathered and scattered instead: shard.Sharded, zero.Zero.)
+    `sharding` names the run's sharding (None, "fsdp", "zero2", "zero3"): a checkpoint resumes
+    only with the same."""
 
-    sharded = False
+    sharding: str | None = None
 
     def weights(self, model) -> dict[str, torch.Tensor]:
         return trainable_state(model)
@@ -46,11 +48,18 @@ class Whole:
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
 
-    def load_optimizer(self, model, optimizer, state: dict) -> None:
+    def save_own(self, folder: Path) -> None:
+        """What each process writes itself into a checkpoint's folder (every rank calls)."""
+
+    def load_optimizer(self, model, optimizer, state: dict, folder: Path | None = None) -> None:
         optimizer.load_state_dict(state)
 
 
 WHOLE = Whole()
+SHARDINGS = {None: "with the whole model in each process", "fsdp": "sharded with FSDP",
+             "zero2": "sharded with DeepSpeed ZeRO-2", "zero3": "sharded with DeepSpeed ZeRO-3"}
+RESUME_FLAGS = {None: "without --fsdp or --deepspeed", "fsdp": "with --fsdp",
+                "zero2": "with --deepspeed zero2", "zero3": "with --deepspeed zero3"}
 
 
 def save(folder: Path, model, optimizer, scheduler, step: int, position: int, loop: dict | None = None,
@@ -62,13 +71,14 @@ def save(folder: Path, model, optimizer, scheduler, step: int, position: int, lo
     `write` writes.
     """
     weights, optimizer_state = access.weights(model), access.optimizer(model, optimizer)
-    if not write:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if write:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    access.save_own(tmp)  # every rank its own part (ZeRO: its optimizer partition)
+    if not write:
+        return None
     save_file(weights, str(tmp / "trainable.safetensors"))
     rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     if torch.cuda.is_available():
@@ -76,8 +86,8 @@ def save(folder: Path, model, optimizer, scheduler, step: int, position: int, lo
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **rng},
                tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "position": position,
-                                               "loop": loop or {}, "sharded": access.sharded}))
-    files = sorted(p.name for p in tmp.iterdir())
+                                               "loop": loop or {}, "sharding": access.sharding}))
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     (tmp / MANIFEST).write_text(json.dumps({name: _sha256(tmp / name) for name in files}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -123,13 +133,13 @@ def restore(ckpt: Path, model, optimizer, scheduler, access: Whole = WHOLE) -> d
     """Load a checkpoint into model/optimizer/scheduler/RNG; returns its meta (step, position,
     loop)."""
     meta = json.loads((ckpt / "meta.json").read_text())
-    if meta.get("sharded", False) != access.sharded:
-        raise TuneloopError(
-            f"{ckpt} was written by a {'sharded' if meta.get('sharded') else 'whole-model'} "
-            f"run; resume it {'with' if meta.get('sharded') else 'without'} --fsdp")
+    sharding = meta.get("sharding", "fsdp" if meta.get("sharded") else None)
+    if sharding != access.sharding:
+        raise TuneloopError(f"{ckpt} was written by a run {SHARDINGS[sharding]}; resume it "
+                            f"{RESUME_FLAGS[sharding]}")
     load_weights(model, ckpt / "trainable.safetensors", access)
     state = torch.load(ckpt / "state.pt", weights_only=False)
-    access.load_optimizer(model, optimizer, state["optimizer"])
+    access.load_optimizer(model, optimizer, state["optimizer"], ckpt)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])

@@ -3,8 +3,9 @@
 `train(..., processes=N)` writes the run's recipe to run_dir/launch.json and runs
 `accelerate launch --multi_gpu --num_processes N -m tuneloop.train.distributed RUN_DIR`; each
 process joins the process group Accelerate sets up (NCCL on GPUs, gloo on CPUs) and runs the
-same loop on its share of every step's micro-batches (`run_sft(rank=, world=)`), with `fsdp`
-the model sharded across them (train/shard.py). Rank 0 writes the artifact and stats; unsharded,
+same loop on its share of every step's micro-batches (`run_sft(rank=, world=)`), with
+`sharding` the model's training state sharded across them (FSDP: train/shard.py; DeepSpeed
+ZeRO-2/3: train/zero.py). Rank 0 writes the artifact and stats; unsharded,
 every rank writes the SHA-256 of its final weights, so the launcher can check that all ranks
 ended identical.
 """
@@ -22,11 +23,11 @@ from tuneloop.errors import TuneloopError
 
 
 def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
-           fsdp: bool = False) -> dict:
-    """Run training in `processes` processes (with `fsdp`, the model sharded across them);
-    returns rank 0's stats plus the ranks' check."""
+           sharding: str | None = None) -> dict:
+    """Run training in `processes` processes (with `sharding` "fsdp", "zero2" or "zero3", the
+    model's training state sharded across them); returns rank 0's stats plus the ranks' check."""
     (run_dir / "launch.json").write_text(json.dumps(
-        {"recipe": json.loads(recipe.model_dump_json()), "resume": resume, "fsdp": fsdp}))
+        {"recipe": json.loads(recipe.model_dump_json()), "resume": resume, "sharding": sharding}))
     ranks_dir = run_dir / "ranks"
     for old in ranks_dir.glob("*.*") if ranks_dir.exists() else []:
         old.unlink()
@@ -51,8 +52,8 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
     stats = json.loads((run_dir / "stats.json").read_text())
     digests = {p.stem: json.loads(p.read_text())["sha256"] for p in sorted(ranks_dir.glob("*.json"))}
     # Sharded, each rank holds only its shards: there is nothing to compare.
-    stats.update(processes=processes, fsdp=fsdp,
-                 ranks_identical=None if fsdp else len(set(digests.values())) == 1,
+    stats.update(processes=processes, sharding=sharding,
+                 ranks_identical=None if sharding else len(set(digests.values())) == 1,
                  rank_digests=digests)
     return stats
 
@@ -83,7 +84,7 @@ def main() -> None:
         splits = load_splits(recipe.data, recipe.task)
         out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, resume=spec["resume"],
                       rank=state.process_index, world=state.num_processes,
-                      shard=spec.get("fsdp", False))
+                      shard=spec["sharding"])
     except TuneloopError as e:  # the launcher shows it as it is, not a rank's traceback
         (run_dir / "ranks").mkdir(exist_ok=True)
         (run_dir / "ranks" / f"rank-{state.process_index}.error").write_text(str(e))
@@ -99,6 +100,9 @@ def main() -> None:
     if state.is_main_process:
         (run_dir / "stats.json").write_text(json.dumps(out["stats"]))
     state.wait_for_everyone()
+    # Left to the interpreter's exit, the group's threads can be torn down mid-run: a rank then
+    # aborts ("terminate called without an active exception") after finishing its work.
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

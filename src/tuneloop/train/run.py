@@ -38,26 +38,40 @@ def gate(result: dict, baselines: dict, recipe) -> dict:
             "passed": gain > recipe.gate_margin}
 
 
-def _distributed(recipe, run_dir: Path, processes: int, resume: bool, fsdp: bool) -> dict:
+def _distributed(recipe, run_dir: Path, processes: int, resume: bool,
+                 sharding: str | None) -> dict:
     """Train in `processes` processes (Accelerate), then load rank 0's artifact for the test."""
     from tuneloop import models
     from tuneloop.evaluate import load_artifact
     from tuneloop.train.distributed import launch
 
-    stats = launch(recipe, run_dir, processes, resume, fsdp)
+    stats = launch(recipe, run_dir, processes, resume, sharding)
     artifact = run_dir / METHODS[recipe.method].artifact
     model, _ = load_artifact(artifact)
     return {"model": model, "tokenizer": models.load_tokenizer(recipe.base_model),
             "stats": stats, "artifact": artifact}
 
 
-def _check_sharded(recipe, processes: int) -> None:
-    """What a sharded (--fsdp) run cannot do, refused before anything starts."""
+SHARDING_FLAGS = {"fsdp": "--fsdp", "zero2": "--deepspeed zero2", "zero3": "--deepspeed zero3"}
+
+
+def _check_sharded(recipe, processes: int, sharding: str) -> None:
+    """What a sharded run (--fsdp, --deepspeed) cannot do, refused before anything starts."""
+    flag = SHARDING_FLAGS.get(sharding)
+    if flag is None:
+        raise TuneloopError(f"unknown sharding {sharding!r}; use one of: "
+                            + ", ".join(SHARDING_FLAGS.values()))
     if processes < 2:
-        raise TuneloopError("--fsdp shards the model across processes; add --processes 2 or more")
+        raise TuneloopError(f"{flag} shards the model across processes; add --processes 2 or more")
     if recipe.method not in ("full", "lora", "dora"):
-        raise TuneloopError(f"--fsdp trains methods full, lora and dora; method {recipe.method} "
-                            "trains without it (leave out --fsdp)")
+        raise TuneloopError(f"{flag} trains methods full, lora and dora; method {recipe.method} "
+                            f"trains without it (leave out {flag.split()[0]})")
+    if sharding in ("zero2", "zero3"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise TuneloopError(f"{flag} needs DeepSpeed: pip install 'tuneloop[deepspeed]' "
+                                "(or leave out --deepspeed: --fsdp shards without it)")
 
 
 def _distill_stats(out: dict, teacher, splits, recipe) -> dict:
@@ -91,7 +105,7 @@ class Stopped(Exception):
 
 def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
           resume: str | None = None, on_validation=None, processes: int = 1,
-          on_run=None, fsdp: bool = False) -> dict:
+          on_run=None, sharding: str | None = None) -> dict:
     """Train per recipe, evaluate on data.test, record everything in the registry.
 
     With `resume` (a run id) the recipe is that run's own, and training continues from its
@@ -114,8 +128,8 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
     if recipe.method == "distill" and processes > 1:
         raise TuneloopError("method distill trains in one process (the teacher sits beside the "
                             "student); leave out --processes")
-    if fsdp:
-        _check_sharded(recipe, processes)
+    if sharding:
+        _check_sharded(recipe, processes, sharding)
     phase("loading data")
     splits = load_splits(recipe.data, recipe.task)
     train_sha = file_sha256(recipe.data.train)
@@ -164,7 +178,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
             out = run_dpo(recipe, splits, run_dir, progress, resume=bool(resume),
                           registry=registry)
         elif processes > 1:
-            out = _distributed(recipe, run_dir, processes, bool(resume), fsdp)
+            out = _distributed(recipe, run_dir, processes, bool(resume), sharding)
         else:
             out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, progress,
                           resume=bool(resume), on_validation=on_validation)

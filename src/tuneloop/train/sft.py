@@ -29,7 +29,7 @@ from tuneloop.data.tokenize import IGNORE, encode
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import plot_curves
 from tuneloop.project import save_yaml
-from tuneloop.train import checkpoint
+from tuneloop.train import checkpoint, zero
 from tuneloop.train.data import Splits
 from tuneloop.train.loss import completion_loss, mean_loss
 from tuneloop.train.plan import default_batch_tokens, default_epochs, make_plan
@@ -65,7 +65,7 @@ def schedule(lengths: list[int], epochs: float, batch_tokens: int, seed: int) ->
 
 def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None,
             resume: bool = False, on_validation=None, rank: int = 0, world: int = 1,
-            loss_fn: Callable | None = None, shard: bool = False) -> dict:
+            loss_fn: Callable | None = None, shard: str | None = None) -> dict:
     """Train with `method` into run_dir/<method.artifact>; returns the run's training metrics.
 
     `progress(step, steps, loss, tokens_per_s)` is called after every optimizer step, and
@@ -79,8 +79,9 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     With `world` > 1 (processes launched by `train.distributed`), each step's micro-batches are
     dealt out to the ranks, gradients are summed across them, and only rank 0 writes: the
     result equals one process with `world` times the gradient accumulation. With `shard` as
-    well, the model is sharded across them (FSDP, train/shard.py), checkpoints are gathered
-    to rank 0, and only rank 0 returns a model (whole).
+    well ("fsdp", "zero2", "zero3"), the model's training state is sharded across them (FSDP,
+    train/shard.py; DeepSpeed ZeRO, train/zero.py), checkpoints are gathered to rank 0, and
+    only rank 0 returns a model (whole).
     """
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -112,20 +113,24 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
 
     model = method.prepare(model, recipe, plan)
     held, step_loss_fn, val_loss_fn = None, loss_fn or completion_loss, completion_loss
-    if shard:  # the loss (completion loss: distillation is refused) then gathers the weights
+    if shard == "fsdp":  # the loss (completion loss: distillation is refused) gathers weights
         step_loss_fn = val_loss_fn = shard_model(model, completion_loss)
         held = sum(p.to_local().numel() for p in model.parameters())  # this rank's shards
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps)
+    engine, access = None, SHARDED if shard == "fsdp" else checkpoint.WHOLE
+    if shard in zero.STAGES:  # DeepSpeed then runs the backward and the optimizer step
+        engine = zero.initialize(model, completion_loss, optimizer, zero.STAGES[shard])
+        step_loss_fn = val_loss_fn = lambda _model, batch: engine(batch)
+        held, access = zero.held(model), zero.Zero(engine, zero.STAGES[shard])
     pad = tokenizer.pad_token_id
     val_batches = padded_batches(val_set, pad, batch_tokens)
 
     curves = {"train": [], "validation": []}
     tokens, train_s, deadline = 0, 0.0, _deadline(recipe)
     best = {"loss": math.inf, "step": 0, "bad": 0}  # early stopping: the best validation so far
-    first, stopped_early = 1, False
-    access = SHARDED if shard else checkpoint.WHOLE  # sharded: every rank gathers and reads
+    first, stopped_early = 1, False  # sharded, every rank gathers and reads checkpoints
     if resume:
         first, loop = resume_from(run_dir, model, optimizer, scheduler, access)
         curves, tokens, train_s = loop["curves"], loop["tokens"], loop["train_s"]
@@ -143,7 +148,11 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         for batch, weight in mine:
             loss, _ = step_loss_fn(model, batch)
             # mean over every answer token of the step
-            (loss * (weight * (world if shard else 1)) / n_target).backward()
+            scaled = loss * (weight * (world if shard else 1)) / n_target
+            if engine:
+                engine.backward(scaled, scale_wrt_gas=False)
+            else:
+                scaled.backward()
             if weight:
                 step_loss += loss.detach().item() / n_target
                 step_tokens += int(batch["attention_mask"].sum())
@@ -151,7 +160,10 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
             step_loss, step_tokens = sum_across_ranks([] if shard else trainable,
                                                       [step_loss, step_tokens])
         tokens += int(step_tokens)
-        optimizer_step(trainable, optimizer, scheduler)
+        if engine:
+            zero.step(engine, scheduler)
+        else:
+            optimizer_step(trainable, optimizer, scheduler)
         train_s += time.perf_counter() - started
         curves["train"].append((step, step_loss))
         if progress and writes:
@@ -192,8 +204,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     training_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     artifact = run_dir / method.artifact
     if shard:  # rank 0 builds the model whole from the gathered trained weights, to save it
-        weights = SHARDED.weights(model)
-        del model, optimizer, scheduler, trainable, step_loss_fn, val_loss_fn, loss
+        weights = access.weights(model)
+        del model, optimizer, scheduler, trainable, step_loss_fn, val_loss_fn, loss, engine, access
         if not writes:
             return {"model": None, "stats": {}, "artifact": artifact}
         model = method.prepare(method.load(recipe), recipe, plan)

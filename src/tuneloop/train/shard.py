@@ -67,7 +67,7 @@ class Sharded(Whole):
     to rank 0 for writing (collective: every rank calls), and scattered back when read (every
     rank reads the files). The files hold whole tensors, by parameter name."""
 
-    sharded = True
+    sharding = "fsdp"
 
     def weights(self, model) -> dict[str, torch.Tensor]:
         """The trained weights whole, on rank 0 only (one tensor at a time is gathered on
@@ -97,7 +97,7 @@ class Sharded(Whole):
         set_model_state_dict(model, weights,
                              options=StateDictOptions(full_state_dict=True, strict=False))
 
-    def load_optimizer(self, model, optimizer, state: dict) -> None:
+    def load_optimizer(self, model, optimizer, state: dict, folder=None) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              set_optimizer_state_dict)
 
