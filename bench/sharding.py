@@ -3,10 +3,12 @@ processes on this machine, full fine-tuning of the bundled SmolLM2-135M on the b
 data: per-process peak memory, real tokens/s, and the training loss after the same steps (which
 must agree: the same global batch, only where the weights and their state live differs).
 
-    python bench/sharding.py --steps 4 [--processes 2] [--method full] [--modes ddp,fsdp,...]
+    python bench/sharding.py --steps 4 [--processes 2] [--method full] [--modes one,ddp,fsdp,...]
 
 All run through `tuneloop.train.distributed.launch`, as `tuneloop train RECIPE --processes 2
 [--fsdp | --deepspeed zero2|zero3]` does; the figures are rank 0's (the ranks are symmetric).
+"one" is the same steps in one process (all cores, the same global batch), as `tuneloop train
+RECIPE` runs them: what the processes gain or lose on one machine.
 """
 
 from __future__ import annotations
@@ -16,12 +18,24 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "banking77" / "recipe.yaml"
+
+
+def _one_process(recipe, run_dir: Path) -> dict:
+    """The loop's stats in this (fresh) process: its peak RSS is the run's alone."""
+    from tuneloop.train.data import load_splits
+    from tuneloop.train.run import METHODS
+    from tuneloop.train.sft import run_sft
+
+    splits = load_splits(recipe.data, recipe.task)
+    return run_sft(METHODS[recipe.method], recipe, splits, run_dir)["stats"]
 
 
 def main() -> None:
@@ -33,19 +47,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--method", default="full")
-    parser.add_argument("--modes", default="ddp,fsdp,zero2,zero3")
+    parser.add_argument("--modes", default="one,ddp,fsdp,zero2,zero3")
     args = parser.parse_args()
     recipe = load_recipe(RECIPE).model_copy(update={
         "method": args.method, "max_steps": args.steps, "epochs": 100, "grad_accum": 1,
         "eval_every": 10_000, "checkpoint_every": 10_000, "baselines": []})
     results = {}
     for mode in args.modes.split(","):
-        sharding = None if mode == "ddp" else mode
+        sharding = None if mode in ("one", "ddp") else mode
+        processes = 1 if mode == "one" else args.processes
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            stats = launch(recipe, Path(tmp), args.processes, sharding=sharding)
+            if mode == "one":  # the same global batch: the ranks' micro-batches, accumulated
+                alone = recipe.model_copy(update={"grad_accum": args.processes})
+                with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                    stats = pool.submit(_one_process, alone, Path(tmp)).result()
+                stats.update(ranks_identical=None)
+            else:
+                stats = launch(recipe, Path(tmp), processes, sharding=sharding)
             results[mode] = {**stats, "wall_s": time.perf_counter() - started}
-            guess = estimate(recipe, methods=[args.method], processes=args.processes,
+            guess = estimate(recipe, methods=[args.method], processes=processes,
                              sharding=sharding, workspace=Path(tmp) / "ws")["methods"][0]
             results[mode]["estimated_mb"] = guess["peak_memory_gb"] * 1024
         print(mode, json.dumps({k: results[mode][k] for k in (
@@ -75,7 +96,7 @@ def main() -> None:
     ddp = results.get("ddp")
     lines.append("")
     for mode, r in results.items():
-        if ddp and mode != "ddp":
+        if ddp and mode != "ddp":  # (one: one process against the processes, unsharded)
             lines.append(f"- {mode} / ddp: peak memory while training "
                          f"{r['training_peak_rss_mb'] / ddp['training_peak_rss_mb']:.2f}x, tokens/s "
                          f"{r['train_tokens_per_s'] / ddp['train_tokens_per_s']:.2f}x; loss "

@@ -90,7 +90,8 @@ def test_an_fsdp_run_resumes_from_its_checkpoint_as_if_never_stopped(tiny_model,
 
 
 def sharded_resume_is_exact(sharding, tiny_model, classify_files, tmp_path):
-    """A sharded run stopped after its checkpoint and resumed ends as if never stopped."""
+    """A sharded run stopped after its checkpoint and resumed ends as if never stopped; returns
+    the recipe and the uninterrupted run's folder."""
     train_file, test_file = classify_files
     recipe = recipe_for(tiny_model, train_file, test_file, method="full", max_steps=6,
                         checkpoint_every=3, eval_every=2, patience=50, grad_accum=2,
@@ -101,9 +102,6 @@ def sharded_resume_is_exact(sharding, tiny_model, classify_files, tmp_path):
     launch(recipe, whole, 2, sharding=sharding)
     # The run as it stood after step 3: its one checkpoint (gathered from both ranks), no model.
     assert [p.name for p in (whole / "checkpoints").glob("step-*")] == ["step-000003"]
-    if sharding == "zero3":  # DeepSpeed's optimizer partitions, one per rank, in the manifest
-        manifest = json.loads((whole / "checkpoints" / "step-000003" / "manifest.json").read_text())
-        assert len([name for name in manifest if name.endswith("optim_states.pt")]) == 2
     shutil.copytree(whole / "checkpoints", cut / "checkpoints")
     resumed = launch(recipe, cut, 2, resume=True, sharding=sharding)
     assert resumed["steps"] == 6
@@ -116,11 +114,13 @@ def sharded_resume_is_exact(sharding, tiny_model, classify_files, tmp_path):
     for kind in ("train", "validation"):
         torch.testing.assert_close(torch.tensor(curves_b[kind]), torch.tensor(curves_a[kind]),
                                    rtol=0, atol=1e-6)
-    # A sharded checkpoint's optimizer state is the sharding's own: another run says so.
-    shutil.copytree(whole / "checkpoints", plain / "checkpoints")
-    flag = "--fsdp" if sharding == "fsdp" else "--deepspeed zero3"
-    with pytest.raises(TuneloopError, match=f"resume it with {flag}"):
-        launch(recipe, plain, 2, resume=True)
+    # A sharded checkpoint's optimizer state is the sharding's own: another run says so
+    # (here through the launcher, from inside the ranks; test_zero.py checks the restore alone).
+    if sharding == "fsdp":
+        shutil.copytree(whole / "checkpoints", plain / "checkpoints")
+        with pytest.raises(TuneloopError, match="resume it with --fsdp"):
+            launch(recipe, plain, 2, resume=True)
+    return recipe, whole
 
 
 def test_estimate_divides_a_sharded_models_state_by_the_processes(

@@ -4,8 +4,9 @@ Counts come from the model's architecture (built on the meta device: no weights 
 from the recipe's data tokenized with the chat template. Memory is weights + gradients +
 AdamW moments + activations (per padded token in a micro-batch) + the process itself.
 Throughput comes, in this order, from what the user states, from this registry's finished
-runs of the same model and method on this kind of device, or from the device's arithmetic
-rate at a stated efficiency.
+runs of the same model and method on this kind of device (with as many processes, sharded
+alike), or from the device's arithmetic rate at a stated efficiency: N processes on N GPUs
+have N times the arithmetic, N processes on this machine share its cores (at a measured loss).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ CPU_EFFICIENCY, GPU_EFFICIENCY = 0.6, 0.3  # share of the arithmetic peak a trai
 # Small models on GPUs are bound by per-step overhead (kernel launches, Python), not arithmetic:
 # measured on an H100 with SmolLM2-135M, a step took ~0.3 s for 30 layers at any batch size.
 GPU_STEP_S_PER_LAYER = 0.01
+# Processes sharing one machine's cores run at this share of one process's rate (measured with
+# two, bench/sharding.py: 136 against 187 tokens/s; an all-reduce per step, cores contended).
+CPU_PROCESSES_EFFICIENCY = 0.73
 MAX_ROWS = 64  # rows per micro-batch (data.batching)
 # Training FLOPs per token in units of parameters: forward 2, activation gradients 2, weight
 # gradients 2 (full only). DoRA renormalizes each adapted weight every step; QLoRA
@@ -133,8 +137,8 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
              tokens_per_s: float | None = None, price_per_hour: float | None = None,
              workspace=None, processes: int = 1, sharding: str | None = None) -> dict:
     """The estimate for each method (default: all four) on this machine or a named GPU.
-    Memory is per process; with `processes` on GPUs each has its GPU, on this machine they
-    share its memory. Time is not scaled by the processes (not measured yet)."""
+    Memory is per process; with `processes` on GPUs each has its GPU (and its arithmetic), on
+    this machine they share its memory and cores."""
     if gpu and gpu not in GPUS:
         raise TuneloopError(f"unknown GPU '{gpu}'; known: {', '.join(GPUS)}")
     methods = methods or list(METHODS)
@@ -163,7 +167,7 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
         peak_flops, efficiency = matmul_rate(), CPU_EFFICIENCY
         price = price_per_hour if price_per_hour is not None else default_price()
         where = f"this machine ({kind})"
-    measured = {} if gpu else _measured_rates(recipe.base_model, workspace)
+    measured = {} if gpu else _measured_rates(recipe.base_model, workspace, processes, sharding)
     rows_out = []
     for method in methods:
         # the largest micro-batch: the token budget, or 64 rows of the longest example
@@ -183,13 +187,18 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
                 overhead_bound = per_step / (arch["layers"] * GPU_STEP_S_PER_LAYER)
                 if overhead_bound < rate:
                     rate, source = overhead_bound, "per-step overhead (small model)"
+            if gpu and processes > 1:  # one GPU each: data-parallel steps run side by side
+                rate, source = rate * processes, f"{source} x {processes} GPUs"
+            elif processes > 1:
+                rate *= CPU_PROCESSES_EFFICIENCY
+                source = f"{source}, {processes} processes sharing the cores"
         seconds = to_process / rate
         rows_out.append({
             "method": method, "trainable_parameters": mem["trainable_parameters"],
             "memory_gb": {k: v / GB for k, v in mem["bytes"].items()},
             "peak_memory_gb": mem["total"] / GB, "fits": machine / GB <= capacity_gb,
             "tokens_per_s": rate, "throughput_source": source, "seconds": seconds,
-            "cost_usd": seconds / 3600 * price,
+            "cost_usd": seconds / 3600 * price * (processes if gpu else 1),  # a GPU each
         })
     return {"model": recipe.base_model, "parameters": arch["parameters"], "device": where,
             "processes": processes, "sharding": sharding,
@@ -210,15 +219,19 @@ def _data_tokens(recipe) -> tuple[int, int, int]:
     return sum(lengths), max(lengths), len(lengths)
 
 
-def _measured_rates(model: str, workspace) -> dict[str, float]:
-    """Median training tokens/s of this model's finished runs on this device, by method."""
+def _measured_rates(model: str, workspace, processes: int = 1,
+                    sharding: str | None = None) -> dict[str, float]:
+    """Median training tokens/s of this model's finished runs on this device, by method: runs
+    with `processes` processes, sharded by `sharding`."""
     registry = Registry.open(workspace or project.workspace())
     here = str(models.device())
     rates: dict[str, list[float]] = {}
     for run in registry.list_runs(limit=500):
         m = run.metrics or {}
+        ran = (m.get("processes", 1), m.get("sharding", "fsdp" if m.get("fsdp") else None))
         if (run.status == "done" and run.base_model == model and m.get("train_tokens_per_s")
-                and m.get("device", "cpu") == here and m.get("train_s", 0) > 10):
+                and m.get("device", "cpu") == here and m.get("train_s", 0) > 10
+                and ran == (processes, sharding if processes > 1 else None)):
             rates.setdefault(run.method, []).append(m["train_tokens_per_s"])
     return {k: statistics.median(v) for k, v in rates.items()}
 

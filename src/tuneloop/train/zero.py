@@ -38,6 +38,12 @@ def initialize(model, loss: Callable, optimizer, stage: int, max_norm: float = 1
     group; returns the DeepSpeed engine, whose forward is `loss(model, batch)`."""
     import deepspeed
 
+    if not torch.cuda.is_available():
+        # On CPUs DeepSpeed would compile its shared-memory all-reduce on first use (a C++ build
+        # of about a minute that needs a compiler); gloo's, which every other mode uses, serves.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     config = {
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,  # the loop accumulates; step() is a boundary

@@ -1,0 +1,53 @@
+"""`tuneloop estimate`: where its throughput comes from, and how processes scale it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_train_lora import recipe_for
+from tuneloop.estimate import CPU_PROCESSES_EFFICIENCY, estimate
+from tuneloop.store import Registry
+
+
+def _finished(registry, model, method, tokens_per_s, **metrics):
+    registry.add_run(name="r", task="classify", base_model=model, method=method, status="done",
+                     recipe={}, metrics={"train_tokens_per_s": tokens_per_s, "train_s": 60.0,
+                                         "device": "cpu", **metrics})
+
+
+def _rate(recipe, workspace, **kw):
+    row = estimate(recipe, methods=["lora"], workspace=workspace, **kw)["methods"][0]
+    return row["tokens_per_s"], row["throughput_source"]
+
+
+def test_measured_throughput_is_taken_from_runs_with_as_many_processes_sharded_alike(
+        tiny_model, classify_files, workspace):
+    recipe = recipe_for(tiny_model, *classify_files)
+    arithmetic, source = _rate(recipe, workspace)
+    assert source.startswith("arithmetic")
+    registry, model = Registry.open(workspace), recipe.base_model
+    for rate in (100.0, 120.0, 300.0):  # one process: the median
+        _finished(registry, model, "lora", rate)
+    _finished(registry, model, "lora", 150.0, processes=2)
+    _finished(registry, model, "lora", 90.0, processes=2, sharding="zero3")
+    _finished(registry, model, "lora", 80.0, processes=2, fsdp=True)  # before `sharding`
+    _finished(registry, model, "full", 999.0, processes=2)
+    assert _rate(recipe, workspace) == (120.0, "measured (registry)")
+    assert _rate(recipe, workspace, processes=2) == (150.0, "measured (registry)")
+    assert _rate(recipe, workspace, processes=2, sharding="zero3")[0] == 90.0
+    assert _rate(recipe, workspace, processes=2, sharding="fsdp")[0] == 80.0
+    # none measured with four processes: the arithmetic rate, the cores shared
+    rate, four_source = _rate(recipe, workspace, processes=4)
+    assert four_source == f"{source}, 4 processes sharing the cores"
+    assert rate == pytest.approx(arithmetic * CPU_PROCESSES_EFFICIENCY, rel=0.5)
+
+
+def test_each_gpu_adds_its_arithmetic_and_the_time_falls_with_it(tiny_model, classify_files,
+                                                                 workspace):
+    recipe = recipe_for(tiny_model, *classify_files, method="full")
+    one, four = (estimate(recipe, gpu="a100-80gb", methods=["full"], processes=n,
+                          workspace=workspace)["methods"][0] for n in (1, 4))
+    assert four["tokens_per_s"] == pytest.approx(4 * one["tokens_per_s"])
+    assert four["throughput_source"].endswith("x 4 GPUs")
+    assert four["seconds"] == pytest.approx(one["seconds"] / 4)
+    assert four["cost_usd"] == pytest.approx(one["cost_usd"])  # four GPUs for a quarter
