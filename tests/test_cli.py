@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_rows, write_jsonl
+from tuneloop.errors import TuneloopError
 
 EXE = shutil.which("tuneloop", path=str(Path(sys.executable).parent)) or "tuneloop"
 
@@ -99,12 +100,16 @@ def test_recipe_errors_are_user_errors(tmp_path):
 
 
 def test_sharding_flags_are_checked_before_anything_starts(tmp_path):
+    from tuneloop.train.commands import _sharding
+
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("task: classify\ndata: {train: t.jsonl}\n")
+    recipe.write_text("task: clasify\n")  # (the flags are read first)
     assert_user_error(tl("train", recipe, "--processes", "2", "--fsdp", "--deepspeed", "zero2"),
                       "--fsdp and --deepspeed are two ways to shard; give one")
-    assert_user_error(tl("estimate", recipe, "--processes", "2", "--deepspeed", "zero1"),
-                      "--deepspeed zero1: use zero2")
+    with pytest.raises(TuneloopError, match="--deepspeed zero1: use zero2"):
+        _sharding(False, "zero1")  # (estimate reads them with the same function)
+    assert [_sharding(*flags) for flags in ((True, None), (False, "zero3"), (False, None))] == [
+        "fsdp", "zero3", None]
 
 
 def test_unknown_model_and_offline_hub(tmp_path):

@@ -13,8 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from tests.test_train_lora import recipe_for
 from tuneloop.errors import TuneloopError
+from tuneloop.train.data import load_splits
 from tuneloop.train.distributed import launch
+from tuneloop.train.full import FULL
 from tuneloop.train.run import train
+from tuneloop.train.sft import run_sft
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
@@ -37,10 +40,9 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
     assert two["accuracy"] == one["accuracy"]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_two_process_fsdp_training_matches_one_process(method, tiny_model, classify_files,
-                                                       workspace):
-    sharded_run_matches_one_process(method, "fsdp", tiny_model, classify_files, workspace)
+def test_two_process_fsdp_training_matches_one_process(tiny_model, classify_files, workspace):
+    # (full fine-tuning: the resume test's uninterrupted run is checked against one process)
+    sharded_run_matches_one_process("lora", "fsdp", tiny_model, classify_files, workspace)
 
 
 def sharded_run_matches_one_process(method, sharding, tiny_model, classify_files, workspace):
@@ -78,6 +80,7 @@ def test_sharding_refuses_what_it_cannot_do_before_starting(tiny_model, classify
             ({"method": "qlora"}, 2, "fsdp", "method qlora"),
             ({}, 1, "zero3", "--deepspeed zero3 shards .* add --processes 2"),
             ({"method": "dpo"}, 2, "zero2", "method dpo"),
+            ({"method": "dora"}, 2, "zero3", "which DoRA reads; use --deepspeed zero2"),
             ({}, 2, "zero1", "unknown sharding")):
         with pytest.raises(TuneloopError, match=message):
             train(recipe_for(tiny_model, train_file, test_file, **extra), workspace=workspace,
@@ -89,9 +92,11 @@ def test_an_fsdp_run_resumes_from_its_checkpoint_as_if_never_stopped(tiny_model,
     sharded_resume_is_exact("fsdp", tiny_model, classify_files, tmp_path)
 
 
+
 def sharded_resume_is_exact(sharding, tiny_model, classify_files, tmp_path):
-    """A sharded run stopped after its checkpoint and resumed ends as if never stopped; returns
-    the recipe and the uninterrupted run's folder."""
+    """A sharded run stopped after its checkpoint and resumed ends as if never stopped, and the
+    uninterrupted run where one process with the same global batch does (full fine-tuning);
+    returns the uninterrupted run's folder."""
     train_file, test_file = classify_files
     recipe = recipe_for(tiny_model, train_file, test_file, method="full", max_steps=6,
                         checkpoint_every=3, eval_every=2, patience=50, grad_accum=2,
@@ -120,7 +125,14 @@ def sharded_resume_is_exact(sharding, tiny_model, classify_files, tmp_path):
         shutil.copytree(whole / "checkpoints", plain / "checkpoints")
         with pytest.raises(TuneloopError, match="resume it with --fsdp"):
             launch(recipe, plain, 2, resume=True)
-    return recipe, whole
+    # one process, the two ranks' micro-batches accumulated
+    alone = recipe.model_copy(update={"grad_accum": 2 * recipe.grad_accum})
+    run_sft(FULL, alone, load_splits(alone.data, alone.task), tmp_path / "one")
+    one = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    assert one.keys() == a.keys()
+    for key in one:
+        torch.testing.assert_close(a[key], one[key], rtol=1e-3, atol=1e-5)
+    return whole
 
 
 def test_estimate_divides_a_sharded_models_state_by_the_processes(

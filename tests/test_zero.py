@@ -4,15 +4,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from tests.test_distributed import sharded_resume_is_exact, sharded_run_matches_one_process
 from tuneloop.errors import TuneloopError
 from tuneloop.train import checkpoint
-from tuneloop.train.data import load_splits
-from tuneloop.train.full import FULL
-from tuneloop.train.sft import run_sft
 
 
 def test_two_process_zero2_training_matches_one_process(tiny_model, classify_files, workspace):
@@ -21,7 +16,7 @@ def test_two_process_zero2_training_matches_one_process(tiny_model, classify_fil
 
 def test_a_zero3_run_matches_one_process_and_resumes_as_if_never_stopped(
         tiny_model, classify_files, tmp_path):
-    recipe, whole = sharded_resume_is_exact("zero3", tiny_model, classify_files, tmp_path)
+    whole = sharded_resume_is_exact("zero3", tiny_model, classify_files, tmp_path)
     ckpt = whole / "checkpoints" / "step-000003"
     manifest = checkpoint.verify(ckpt) and (ckpt / "manifest.json").read_text()
     # DeepSpeed's optimizer partitions, one per rank, are part of the verified checkpoint
@@ -29,11 +24,3 @@ def test_a_zero3_run_matches_one_process_and_resumes_as_if_never_stopped(
     with pytest.raises(TuneloopError, match="sharded with DeepSpeed ZeRO-3; resume it with "
                                             "--deepspeed zero3"):
         checkpoint.restore(ckpt, None, None, None, checkpoint.WHOLE)
-    # one process with the same global batch (the two ranks' micro-batches, accumulated)
-    alone = recipe.model_copy(update={"grad_accum": 2 * recipe.grad_accum})
-    run_sft(FULL, alone, load_splits(alone.data, alone.task), tmp_path / "one")
-    a = load_file(whole / "model" / "model.safetensors")
-    b = load_file(tmp_path / "one" / "model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)

@@ -187,7 +187,7 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
                 overhead_bound = per_step / (arch["layers"] * GPU_STEP_S_PER_LAYER)
                 if overhead_bound < rate:
                     rate, source = overhead_bound, "per-step overhead (small model)"
-            if gpu and processes > 1:  # one GPU each: data-parallel steps run side by side
+            if kind == "cuda" and processes > 1:  # a GPU each: steps run side by side
                 rate, source = rate * processes, f"{source} x {processes} GPUs"
             elif processes > 1:
                 rate *= CPU_PROCESSES_EFFICIENCY
@@ -198,7 +198,8 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
             "memory_gb": {k: v / GB for k, v in mem["bytes"].items()},
             "peak_memory_gb": mem["total"] / GB, "fits": machine / GB <= capacity_gb,
             "tokens_per_s": rate, "throughput_source": source, "seconds": seconds,
-            "cost_usd": seconds / 3600 * price * (processes if gpu else 1),  # a GPU each
+            # a named GPU's price is per GPU; this machine's (--price) is the machine's
+            "cost_usd": seconds / 3600 * price * (processes if gpu else 1),
         })
     return {"model": recipe.base_model, "parameters": arch["parameters"], "device": where,
             "processes": processes, "sharding": sharding,

@@ -107,8 +107,12 @@ def save_weights(model, path: Path, access: Whole = WHOLE, write: bool = True) -
     os.replace(tmp, path)
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
 def load_weights(model, path: Path, access: Whole = WHOLE) -> None:
-    access.load_weights(model, load_file(str(path)))
+    access.load_weights(model, read_weights(path))
 
 
 def verify(ckpt: Path) -> bool:

@@ -57,7 +57,8 @@ def train(
 
     if (recipe is None) == (resume is None):
         raise TuneloopError("give a recipe to start a run, or --resume RUN to continue one")
-    parsed, sharding = load_recipe(recipe) if recipe else None, _sharding(fsdp, deepspeed)
+    sharding = _sharding(fsdp, deepspeed)
+    parsed = load_recipe(recipe) if recipe else None
     with training_progress() as progress:
         result = run_train(parsed, progress=progress, resume=resume, processes=processes,
                            sharding=sharding, on_phase=lambda p: err.print(f"[dim]{p}[/]"))

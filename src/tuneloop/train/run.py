@@ -66,6 +66,11 @@ def _check_sharded(recipe, processes: int, sharding: str) -> None:
     if recipe.method not in ("full", "lora", "dora"):
         raise TuneloopError(f"{flag} trains methods full, lora and dora; method {recipe.method} "
                             f"trains without it (leave out {flag.split()[0]})")
+    if sharding == "zero3" and recipe.method == "dora":
+        # PEFT's DoRA reads its base layer's weight outside that layer's forward, where ZeRO-3
+        # has already released it to its shards
+        raise TuneloopError("--deepspeed zero3 shards each layer's weight outside its forward, "
+                            "which DoRA reads; use --deepspeed zero2 or --fsdp for dora")
     if sharding in ("zero2", "zero3"):
         import importlib.util
 

@@ -196,15 +196,20 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         if out_of_time or stopped_early:
             break
 
-    if recipe.patience and best["step"] and best["step"] != step:
+    best_weights = run_dir / "checkpoints" / "best.safetensors"
+    use_best = bool(recipe.patience and best["step"] and best["step"] != step)
+    if use_best and not shard:  # (sharded, rank 0 reads them below instead of the shards)
         if world > 1:  # rank 0 may still be writing the best weights the others read
             torch.distributed.barrier()
-        checkpoint.load_weights(model, run_dir / "checkpoints" / "best.safetensors", access)
+        checkpoint.load_weights(model, best_weights, access)
 
     training_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     artifact = run_dir / method.artifact
     if shard:  # rank 0 builds the model whole from the gathered trained weights, to save it
-        weights = access.weights(model)
+        if use_best:  # rank 0 reads the best weights; the last are not gathered
+            weights = checkpoint.read_weights(best_weights) if writes else {}
+        else:
+            weights = access.weights(model)  # (every rank calls: gathering is collective)
         del model, optimizer, scheduler, trainable, step_loss_fn, val_loss_fn, loss, engine, access
         if not writes:
             return {"model": None, "stats": {}, "artifact": artifact}

@@ -89,18 +89,10 @@ class Zero(Whole):
         return whole
 
     def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None:
-        """Into both copies DeepSpeed keeps: the optimizer's master weights and the model's."""
-        import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        for name, param in model.named_parameters():
-            if name not in weights:
-                continue
-            value = weights[name].to(param.device)
-            safe_set_full_fp32_param(param, value)
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0,
-                                                   enabled=self.stage == 3), torch.no_grad():
-                param.data.copy_(value.to(param.dtype))
+        """Nothing: DeepSpeed's own files (load_optimizer) restore both copies it keeps, the
+        optimizer's master weights and the model's. (Setting them by hand breaks on weights
+        that do not split evenly across the processes.) A run's best weights, with early
+        stopping, are read from their file by rank 0 (sft.py), never scattered."""
 
     def optimizer(self, model, optimizer) -> None:
         return None  # written by every rank in save_own
