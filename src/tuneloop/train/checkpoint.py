@@ -58,8 +58,8 @@ class Whole:
 WHOLE = Whole()
 SHARDINGS = {None: "with the whole model in each process", "fsdp": "sharded with FSDP",
              "zero2": "sharded with DeepSpeed ZeRO-2", "zero3": "sharded with DeepSpeed ZeRO-3"}
-RESUME_FLAGS = {None: "without --fsdp or --deepspeed", "fsdp": "with --fsdp",
-                "zero2": "with --deepspeed zero2", "zero3": "with --deepspeed zero3"}
+FLAGS = {"fsdp": "--fsdp", "zero2": "--deepspeed zero2", "zero3": "--deepspeed zero3"}
+"""The `tuneloop train` flags that ask for each sharding."""
 
 
 def save(folder: Path, model, optimizer, scheduler, step: int, position: int, loop: dict | None = None,
@@ -139,8 +139,8 @@ def restore(ckpt: Path, model, optimizer, scheduler, access: Whole = WHOLE) -> d
     meta = json.loads((ckpt / "meta.json").read_text())
     sharding = meta.get("sharding", "fsdp" if meta.get("sharded") else None)
     if sharding != access.sharding:
-        raise TuneloopError(f"{ckpt} was written by a run {SHARDINGS[sharding]}; resume it "
-                            f"{RESUME_FLAGS[sharding]}")
+        flag = f"with {FLAGS[sharding]}" if sharding else "without --fsdp or --deepspeed"
+        raise TuneloopError(f"{ckpt} was written by a run {SHARDINGS[sharding]}; resume it {flag}")
     load_weights(model, ckpt / "trainable.safetensors", access)
     state = torch.load(ckpt / "state.pt", weights_only=False)
     access.load_optimizer(model, optimizer, state["optimizer"], ckpt)

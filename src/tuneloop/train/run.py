@@ -16,6 +16,7 @@ from tuneloop.evaluate.runner import score
 from tuneloop.evaluate.store import record_evaluation
 from tuneloop.store import Registry
 from tuneloop.data.formats import file_sha256
+from tuneloop.train.checkpoint import FLAGS
 from tuneloop.train.data import load_splits
 from tuneloop.baselines.strategies import best, recipe_baselines
 from tuneloop.tasks import HEADLINE
@@ -52,15 +53,12 @@ def _distributed(recipe, run_dir: Path, processes: int, resume: bool,
             "stats": stats, "artifact": artifact}
 
 
-SHARDING_FLAGS = {"fsdp": "--fsdp", "zero2": "--deepspeed zero2", "zero3": "--deepspeed zero3"}
-
-
 def _check_sharded(recipe, processes: int, sharding: str) -> None:
     """What a sharded run (--fsdp, --deepspeed) cannot do, refused before anything starts."""
-    flag = SHARDING_FLAGS.get(sharding)
+    flag = FLAGS.get(sharding)
     if flag is None:
         raise TuneloopError(f"unknown sharding {sharding!r}; use one of: "
-                            + ", ".join(SHARDING_FLAGS.values()))
+                            + ", ".join(FLAGS.values()))
     if processes < 2:
         raise TuneloopError(f"{flag} shards the model across processes; add --processes 2 or more")
     if recipe.method not in ("full", "lora", "dora"):

@@ -123,7 +123,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     if shard in zero.STAGES:  # DeepSpeed then runs the backward and the optimizer step
         engine = zero.initialize(model, completion_loss, optimizer, zero.STAGES[shard])
         step_loss_fn = val_loss_fn = lambda _model, batch: engine(batch)
-        held, access = zero.held(model), zero.Zero(engine, zero.STAGES[shard])
+        held, access = zero.held(model), zero.Zero(engine, shard)
     pad = tokenizer.pad_token_id
     val_batches = padded_batches(val_set, pad, batch_tokens)
 

@@ -72,9 +72,8 @@ class Zero(Whole):
     optimizer's partitions are DeepSpeed's own files, one per process, in the checkpoint's
     zero/ folder (every rank writes its own), so a run resumes with as many processes."""
 
-    def __init__(self, engine, stage: int):
-        self.engine, self.stage = engine, stage
-        self.sharding = f"zero{stage}"
+    def __init__(self, engine, sharding: str):
+        self.engine, self.sharding = engine, sharding
 
     def weights(self, model) -> dict[str, torch.Tensor]:
         import torch.distributed as dist
