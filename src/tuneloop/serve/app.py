@@ -44,6 +44,9 @@ class Settings:
     max_batch: int = 32
     adapter_budget_mb: int = 512
     worker: bool = True  # run queued fine-tuning jobs in a worker process
+    engine: str = "builtin"  # or "vllm": bases and LoRA adapters served by vLLM (serve/vllm.py)
+    vllm_python: str | None = None  # the Python of vLLM's own environment
+    vllm_args: list[str] = field(default_factory=list)  # more arguments for vLLM's server
 
 
 class ApiError(Exception):
@@ -65,12 +68,18 @@ def create_app(settings: Settings) -> FastAPI:
     registry = Registry.open(settings.workspace)
     router = Router(registry, settings.bases, {
         "max_batch": settings.max_batch, "adapter_budget_bytes": settings.adapter_budget_mb * 2**20})
+    if settings.engine == "vllm":
+        router.vllm = {"python": settings.vllm_python, "max_batch": settings.max_batch,
+                       "args": tuple(settings.vllm_args),
+                       "log_dir": Path(settings.workspace) / "logs"}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         from tuneloop.serve import feedback, jobs
 
         feedback.apply_retention(registry, settings.log_retention_days)
+        if settings.engine == "vllm":  # vLLM takes a while to start: before the first request
+            await asyncio.gather(*(asyncio.to_thread(router.engine, b) for b in settings.bases))
         supervisor = None
         if settings.worker:
             app.state.worker = jobs.start_worker(settings.workspace)
@@ -94,9 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "engines": {k: {"running": len(e.rows), "queued": e.queue_depth(),
-                                                "adapters": list(e.pool.resident)}
-                                            for k, e in router.engines.items()}}
+        return {"status": "ok", "engines": {k: e.status() for k, e in router.engines.items()}}
 
     @app.get("/metrics")
     def metrics():
@@ -229,11 +236,15 @@ def running(settings: Settings, host: str = "127.0.0.1"):
                                            timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    for _ in range(600):
+    deadline = time.monotonic() + 900  # engines started with the app (vLLM) take a while
+    while True:
         try:
             urllib.request.urlopen(url + "/health", timeout=1)
             break
         except OSError:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                sock.close()
+                raise RuntimeError("the server did not start; its log says why") from None
             time.sleep(0.05)
     try:
         yield url

