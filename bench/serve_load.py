@@ -31,6 +31,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "smollm2-135m-instruct"
 TUNELOOP = [str(Path(sys.executable).parent / "tuneloop")]
+VLLM_PYTHON = os.environ.get("TUNELOOP_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
 
 
 def make_adapters(ws: Path, n: int) -> list[Path]:
@@ -86,8 +87,13 @@ def register(ws: Path, adapters: list[Path]) -> str:
     return create_key(registry, "bench", rate_per_minute=10**6)[1]
 
 
-def start(ws: Path, port: int, bases: list[str], auth: bool, threads: int) -> subprocess.Popen:
-    args = [*TUNELOOP, "serve", "--port", str(port), "--no-worker", "--max-batch", "64"]
+def start(ws: Path, port: int, bases: list[str], auth: bool, threads: int,
+          engine: str = "builtin") -> subprocess.Popen:
+    args = [*TUNELOOP, "serve", "--port", str(port), "--no-worker", "--max-batch", "64",
+            "--engine", engine]
+    if engine == "vllm":  # the adapters are rank 16 and all 8 may share a batch
+        args += ["--vllm-python", VLLM_PYTHON, "--vllm-arg=--max-lora-rank=16",
+                 "--vllm-arg=--max-loras=8"]
     for b in bases:
         args += ["--base", b]
     if not auth:
@@ -95,7 +101,7 @@ def start(ws: Path, port: int, bases: list[str], auth: bool, threads: int) -> su
     env = dict(os.environ, TUNELOOP_HOME=str(ws), OMP_NUM_THREADS=str(threads),
                TUNELOOP_DB_URL="")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
+    for _ in range(3000):  # vLLM starts with the server: half a minute here
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
@@ -105,7 +111,8 @@ def start(ws: Path, port: int, bases: list[str], auth: bool, threads: int) -> su
 
 
 class PeakRss:
-    """Sum of the servers' resident memory, sampled every 0.1 s; the peak is kept."""
+    """Sum of the servers' resident memory (their child processes too: vLLM's engine and
+    worker), sampled every 0.1 s; the peak is kept."""
 
     def __init__(self, pids: list[int]):
         self.procs = [psutil.Process(p) for p in pids]
@@ -116,7 +123,14 @@ class PeakRss:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, sum(p.memory_info().rss for p in self.procs))
+            procs = [q for p in self.procs for q in (p, *p.children(recursive=True))]
+            total = 0
+            for q in procs:
+                try:
+                    total += q.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, total)
             time.sleep(0.1)
 
     def stop(self) -> float:
@@ -166,6 +180,8 @@ def main() -> None:
     ap.add_argument("--shared-threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of the shared server")
     ap.add_argument("--only", choices=["shared", "merged"], default=None)
+    ap.add_argument("--engines", default="builtin",
+                    help="engines of the shared server, comma-separated: builtin,vllm")
     args = ap.parse_args()
     prompts = [json.loads(line)["text"] for line in (ROOT / "examples/banking77/test.jsonl").open()]
     ws = Path(tempfile.mkdtemp(prefix="tuneloop-serve-bench-"))
@@ -175,25 +191,30 @@ def main() -> None:
     threads = os.cpu_count() or 1
     out = {"setup": vars(args), "cpu_threads": threads}
 
+    engines = args.engines.split(",")
     if args.only != "merged":
-        shared(out, ws, args, adapters, key, prompts)
+        for engine in engines:
+            shared(out, ws, args, adapters, key, prompts, engine)
     if args.only != "shared":
         merged_run(out, ws, args, merged, prompts, threads)
-    if "shared" in out and "merged" in out:
-        out["throughput_ratio"] = out["shared"]["tokens_per_s"] / out["merged"]["tokens_per_s"]
-        out["memory_ratio"] = out["merged"]["peak_rss_mb"] / out["shared"]["peak_rss_mb"]
+    for engine in engines:
+        name = "shared" if engine == "builtin" else f"shared_{engine}"
+        if name in out and "merged" in out:
+            out[f"{name}_throughput_ratio"] = out[name]["tokens_per_s"] / out["merged"]["tokens_per_s"]
+            out[f"{name}_memory_ratio"] = out["merged"]["peak_rss_mb"] / out[name]["peak_rss_mb"]
     print(json.dumps(out, indent=2))
 
 
-def shared(out, ws, args, adapters, key, prompts):
-    server = start(ws, args.port, [BASE], auth=True, threads=args.shared_threads)
+def shared(out, ws, args, adapters, key, prompts, engine="builtin"):
+    server = start(ws, args.port, [BASE], auth=True, threads=args.shared_threads, engine=engine)
     url = f"http://127.0.0.1:{args.port}"
     rss = PeakRss([server.pid])
-    out["shared"] = load([(url, a.name, key) for a in adapters], prompts, args.clients,
-                         args.requests, args.max_tokens)
-    out["shared"]["peak_rss_mb"] = rss.stop()
-    out["shared"]["torch_threads"] = args.shared_threads
-    server.terminate()
+    name = "shared" if engine == "builtin" else f"shared_{engine}"
+    out[name] = load([(url, a.name, key) for a in adapters], prompts, args.clients,
+                     args.requests, args.max_tokens)
+    out[name]["peak_rss_mb"] = rss.stop()
+    out[name]["torch_threads"] = args.shared_threads
+    server.terminate()  # the server stops vLLM's process group on its way out
     server.wait()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import httpx2 as httpx
@@ -139,7 +140,17 @@ def test_vllm_json_schema_output_validates_and_vllm_is_private(server):
                                   response_format={"type": "json_schema", "json_schema": {
                                       "name": "t", "schema": {"type": "no-such-type"}}})
 
+    # A client that leaves mid-stream frees its request in vLLM (the stream to vLLM is closed).
+    stream = c.chat.completions.create(model="a1", messages=[{"role": "user", "content": "Tell a story"}],
+                                       max_tokens=2000, stream=True)
+    next(iter(stream))
+    stream.close()
+    for _ in range(100):
+        if httpx.get(server["url"] + "/health").json()["engines"][BASE]["running"] == 0:
+            break
+        time.sleep(0.1)
     health = httpx.get(server["url"] + "/health").json()["engines"][BASE]
+    assert health["running"] == 0 and health["queued"] == 0
     assert health["engine"] == "vllm" and len(health["adapters"]) == 2  # by run id, as built-in
     metrics = httpx.get(server["url"] + "/metrics").text
     assert 'tuneloop_requests_total{model="a0",status="ok",tenant="acme"}' in metrics
