@@ -76,7 +76,6 @@ class VllmEngine:
         self.base = base
         self.loaded: dict[str, Path] = {}
         self.waiting = self.running = 0
-        self.tokens_generated = 0
         self._key = os.urandom(16).hex()
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -131,9 +130,11 @@ class VllmEngine:
     # --- the vLLM process ---------------------------------------------------------------------
 
     def _launch(self, python: str, folder: Path, port: int, max_batch: int, args) -> subprocess.Popen:
-        import torch
-
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # as models.load_model
+        # As models.load_model: bfloat16 on GPUs, float32 on CPUs. vLLM's environment, not
+        # tuneloop's, says which it has (tuneloop may run a CPU build of torch beside it).
+        probe = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
+                               capture_output=True, text=True)
+        dtype = "bfloat16" if probe.stdout.strip() == "True" else "float32"
         command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                    "--served-model-name", self.base, "--host", "127.0.0.1", "--port", str(port),
                    "--api-key", self._key, "--dtype", dtype, "--max-model-len", str(self.context),
@@ -234,9 +235,7 @@ class VllmEngine:
                 if "error" in chunk:
                     raise _Failed(f"vLLM: {chunk['error'].get('message')}")
                 for item in chunk.get("choices", ()):
-                    new = len(item.get("token_ids") or ())
-                    tokens += new
-                    self.tokens_generated += new
+                    tokens += len(item.get("token_ids") or ())
                     if item.get("text"):
                         request.emit("text", choice, item["text"])
                     if item.get("finish_reason"):
