@@ -50,6 +50,22 @@ def test_dora_trains_magnitudes_and_directions_only(tiny_model, classify_files, 
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def wide_tiny_model(tiny_model: Path, folder: Path) -> Path:
+    """The tiny model 64 wide: on CPUs with AVX-512 BF16, bitsandbytes packs 4-bit weights for
+    its CPU kernel in blocks of 64 inputs and fails on narrower layers (no real model has one)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shutil.copytree(tiny_model, folder)
+    config = LlamaConfig.from_pretrained(folder)
+    config.hidden_size, config.intermediate_size = 64, 128
+    config.head_dim = 64 // config.num_attention_heads
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def test_qlora_trains_adapters_on_a_4bit_base(tiny_model, classify_files, workspace, tmp_path):
     import bitsandbytes as bnb
 
@@ -57,6 +73,7 @@ def test_qlora_trains_adapters_on_a_4bit_base(tiny_model, classify_files, worksp
     from tuneloop.train.qlora import QLORA
     from tuneloop.train.sft import run_sft
 
+    tiny_model = wide_tiny_model(tiny_model, tmp_path / "wide")
     train_file, test_file = classify_files
     recipe = recipe_for(tiny_model, train_file, test_file, method="qlora", max_steps=3,
                         baselines=[])

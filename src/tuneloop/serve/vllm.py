@@ -98,7 +98,6 @@ class VllmEngine:
 
     def submit(self, request: Request) -> None:
         """Queue a request; its events arrive on request.emit from this engine's thread."""
-        self.waiting += 1
         asyncio.run_coroutine_threadsafe(self._run(request), self._loop)
 
     def queue_depth(self) -> int:
@@ -106,7 +105,7 @@ class VllmEngine:
 
     def status(self) -> dict:
         return {"engine": "vllm", "running": self.running, "queued": self.waiting,
-                "adapters": list(self.loaded), "log": str(self.log_path)}
+                "adapters": list(self.loaded)}
 
     def compile_grammar(self, schema: str | None):
         """vLLM's structured-output field for a JSON schema (None: any JSON object). The schema
@@ -178,6 +177,8 @@ class VllmEngine:
     # --- requests -----------------------------------------------------------------------------
 
     async def _run(self, request: Request) -> None:
+        # The counters change on this loop alone; status() only reads them.
+        self.waiting += 1
         started = False
         try:
             model = self.base
