@@ -49,7 +49,6 @@ def test_dora_trains_magnitudes_and_directions_only(tiny_model, classify_files, 
     assert meta["method"] == "dora" and lm.peft_config["default"].use_dora
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def wide_tiny_model(tiny_model: Path, folder: Path) -> Path:
     """The tiny model 64 wide: on CPUs with AVX-512 BF16, bitsandbytes packs 4-bit weights for
     its CPU kernel in blocks of 64 inputs and fails on narrower layers (no real model has one)."""
@@ -66,6 +65,7 @@ def wide_tiny_model(tiny_model: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
 def test_qlora_trains_adapters_on_a_4bit_base(tiny_model, classify_files, workspace, tmp_path):
     import bitsandbytes as bnb
 

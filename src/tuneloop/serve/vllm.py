@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -34,6 +33,7 @@ from tuneloop import models
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.adapters import BASE
 from tuneloop.serve.engine import Request
+from tuneloop.train.distributed import free_port
 
 # vLLM allocates LoRA buffers for this many adapters per batch, each up to this rank; later
 # `--vllm-arg` values override them (vLLM's parser keeps the last of a repeated flag).
@@ -77,7 +77,7 @@ class VllmEngine:
         self.loaded: dict[str, Path] = {}
         self.waiting = self.running = 0
         self._key = os.urandom(16).hex()
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = Path(log_dir or folder) / f"vllm-{Path(base).name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ class VllmEngine:
                                         daemon=True)
         self._thread.start()
         self._client = self._call(self._make_client())
-        self._adapter_lock = self._call(_make_lock())
+        self._adapter_lock = asyncio.Lock()  # bound to the engine's loop on first use
         try:
             self._wait_ready(start_timeout)
         except BaseException:
@@ -99,9 +99,6 @@ class VllmEngine:
     def submit(self, request: Request) -> None:
         """Queue a request; its events arrive on request.emit from this engine's thread."""
         asyncio.run_coroutine_threadsafe(self._run(request), self._loop)
-
-    def queue_depth(self) -> int:
-        return self.waiting
 
     def status(self) -> dict:
         return {"engine": "vllm", "running": self.running, "queued": self.waiting,
@@ -247,21 +244,11 @@ class _Failed(Exception):
     """A request vLLM could not serve; its message goes to the client."""
 
 
-async def _make_lock() -> asyncio.Lock:
-    return asyncio.Lock()  # made on the engine's loop, where it is used
-
-
 def _message(text: str) -> str:
     try:
         return json.loads(text)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return text.strip()[:500]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop_group(process: subprocess.Popen, grace: float = 20) -> None:

@@ -35,7 +35,7 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
     # machine (two jobs, two test workers) join each other's group or fail to bind.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(processes), "--num_machines", "1",
-               "--main_process_port", str(_free_port()),
+               "--main_process_port", str(free_port()),
                "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "tuneloop.train.distributed", str(run_dir)]
     log = run_dir / "launch.log"
@@ -58,7 +58,8 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
     return stats
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that no one listens on now."""
     import socket
 
     with socket.socket() as sock:
