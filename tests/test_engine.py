@@ -177,3 +177,34 @@ def test_a_request_that_fails_gets_an_error_and_the_engine_serves_on(tiny):
         complete(engine, [10**6], Sampling(max_tokens=3, temperature=0))  # no such token id
     assert complete(engine, ids(tok, "help"), Sampling(max_tokens=3, temperature=0))[0].tokens > 0
     engine.close()
+
+
+def test_a_request_that_fails_alone_leaves_the_batch_it_joined_untouched(tiny):
+    """Requests that fail while being set up (a broken grammar) or while being stepped (a stop
+    that is not text) are answered with an error; another request running in the same batch
+    gets exactly the reply it gets alone, and a seed at the top of int64 is served."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=8)
+    healthy = ids(tok, PROMPTS[1])
+    reference = alone(model, tok, healthy, 40)
+    results: dict[str, object] = {}
+
+    def ask(name, prompt, sampling):
+        try:
+            results[name] = complete(engine, prompt, sampling, timeout=60)[0].text
+        except RuntimeError as exc:
+            results[name] = exc
+
+    other = threading.Thread(target=ask, args=("healthy", healthy, Sampling(max_tokens=40, temperature=0)))
+    other.start()
+    while not engine.rows:  # the healthy request is running
+        time.sleep(0.001)
+    for name, sampling in (("setup", Sampling(max_tokens=5, grammar="not a grammar")),
+                           ("step", Sampling(max_tokens=5, stop=(None,))),
+                           ("top_seed", Sampling(max_tokens=5, seed=2**63 - 1, temperature=1.0))):
+        ask(name, ids(tok, "help"), sampling)
+    other.join(timeout=60)
+    assert isinstance(results["setup"], RuntimeError) and isinstance(results["step"], RuntimeError)
+    assert isinstance(results["top_seed"], str)
+    assert results["healthy"] == reference
+    engine.close()

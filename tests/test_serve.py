@@ -128,6 +128,52 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert httpx.get(url + "/health").json()["status"] == "ok"
 
 
+def test_a_request_out_of_bounds_is_refused_alone_while_other_tenants_are_served(server):
+    """Seeds beyond int64 (which once failed every generation in the batch) and other numbers
+    past their bounds answer 400 naming the field, while another tenant's streamed reply in
+    flight completes; a chunked body over the limit answers 413 like a declared one."""
+    url = server["url"]
+    headers = {"authorization": f"Bearer {server['keys']['acme']}"}
+    msg = [{"role": "user", "content": "hello"}]
+    done = {}
+
+    def stream_globex():
+        with client(server, "globex").chat.completions.create(
+                model="globex-intents", messages=msg, max_tokens=40, temperature=1, seed=3,
+                stream=True) as chunks:
+            done["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+
+    other = threading.Thread(target=stream_globex)
+    other.start()
+    for field, value in (("seed", 2**64), ("seed", -(2**63) - 1), ("n", 10**30),
+                         ("max_tokens", -1), ("temperature", 1e309)):
+        body = json.dumps({"model": "acme-intents", "messages": msg, field: value})
+        r = httpx.post(url + "/v1/chat/completions", headers={
+            **headers, "content-type": "application/json"},
+            content=body.replace("Infinity", "1e309"))
+        assert r.status_code == 400, (field, value, r.text)
+        assert r.json()["error"]["param"] == field
+    edge = client(server).chat.completions.create(model="acme-intents", messages=msg,
+                                                  max_tokens=3, temperature=1, seed=2**63 - 1)
+    assert edge.choices[0].finish_reason in ("stop", "length")
+    other.join(timeout=60)
+    assert done["finish"] in ("stop", "length")
+
+    def chunked():
+        yield b'{"model": "acme-intents", "messages": [{"role": "user", "content": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}]}'
+
+    r = httpx.post(url + "/v1/chat/completions", headers={
+        **headers, "content-type": "application/json"}, content=chunked())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    small = httpx.post(url + "/v1/chat/completions", headers={
+        **headers, "content-type": "application/json"}, content=iter([json.dumps(
+            {"model": "acme-intents", "messages": msg, "max_tokens": 2}).encode()]))
+    assert small.status_code == 200, small.text
+
+
 def test_feedback_round_trip_into_sft_and_dpo_datasets(server):
     c = client(server)
     msg = [{"role": "user", "content": "my card was stolen yesterday"}]

@@ -179,7 +179,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 class BodyLimit:
     """Refuse request bodies over the limit (413) before they are read into memory, whether
-    the client declares a Content-Length or streams the body in chunks."""
+    the client declares a Content-Length or streams the body in chunks.
+
+    A declared length is checked before anything is read (the server holds the client to it).
+    A chunked body is read here first, up to the limit, and handed on whole: refused from
+    inside the application's own read, the error would reach the client as FastAPI's 400
+    "error parsing the body" instead of the 413 it is.
+    """
 
     def __init__(self, app, limit: int, upload_limit: int):
         self.app, self.limit, self.upload_limit = app, limit, upload_limit
@@ -189,26 +195,28 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit = self.upload_limit if scope["path"].startswith("/v1/files") else self.limit
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _too_large(send, limit)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        if declared is not None:
+            if declared.isdigit() and int(declared) > limit:
+                return await _too_large(send, limit)
+            return await self.app(scope, receive, send)
+        messages, seen = [], 0
+        while True:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _TooLarge()
-            return message
+                return await _too_large(send, limit)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+        if messages[-1]["type"] != "http.request":  # e.g. the client left: pass that on
+            replay = [messages[-1]]
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _too_large(send, limit)
+        async def buffered():
+            return replay.pop(0) if replay else await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, buffered, send)
 
 
 async def _too_large(send, limit: int) -> None:

@@ -179,7 +179,11 @@ class Engine:
                 log.exception("adapter %s failed to load", request.adapter)
                 request.emit("error", f"adapter '{request.adapter}' failed to load: {exc}")
                 continue
-            new.extend(self._rows_for(request))
+            try:  # a request that cannot be set up fails alone: it is off the queue already
+                new.extend(self._rows_for(request))
+            except Exception as exc:
+                log.exception("request setup failed")
+                request.emit("error", f"generation failed: {exc}")
         if not new:
             return
         try:
@@ -193,7 +197,9 @@ class Engine:
     def _rows_for(self, request: Request) -> list[_Row]:
         rows = []
         for choice in range(request.n):
-            seed = (request.sampling.seed + choice if request.sampling.seed is not None
+            # torch seeds are 64-bit; the API bounds seeds to int64, and the choice offset
+            # wraps rather than overflowing at the top of that range.
+            seed = ((request.sampling.seed + choice) % 2**64 if request.sampling.seed is not None
                     else random.getrandbits(62))
             generator = torch.Generator().manual_seed(seed)
             matcher = bitmask = None
@@ -243,12 +249,19 @@ class Engine:
             if row.request.cancelled:
                 row.done = True
                 continue
-            token = _sample(logits[i], row)
-            row.tokens.append(token)
-            row.next_token = token
-            self.tokens_generated += 1
-            finish = self._finish_reason(row, token)
-            finish = self._emit_text(row, finish)
+            try:  # one row's failure (its grammar, its text) ends its request, not the batch
+                token = _sample(logits[i], row)
+                row.tokens.append(token)
+                row.next_token = token
+                self.tokens_generated += 1
+                finish = self._finish_reason(row, token)
+                finish = self._emit_text(row, finish)
+            except Exception as exc:
+                log.exception("a row failed")
+                row.request.cancelled = True  # its other choices leave at their next step
+                row.request.emit("error", f"generation failed: {exc}")
+                row.done = True
+                continue
             if finish:
                 row.request.emit("done", row.choice, finish, len(row.tokens))
                 row.done = True

@@ -47,7 +47,9 @@ class Generation(Open):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # int64, as vLLM bounds it: torch's generators take 64 bits, and a larger number is the
+    # client's mistake (a 400 naming the field), not the engine's.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
