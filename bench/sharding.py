@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--modes", default="one,ddp,fsdp,zero2,zero3")
     args = parser.parse_args()
     recipe = load_recipe(RECIPE).model_copy(update={
-        "method": args.method, "max_steps": args.steps, "epochs": 100, "grad_accum": 1,
+        "method": args.method, "max_steps": args.steps, "epochs": 100,
         "eval_every": 10_000, "checkpoint_every": 10_000, "baselines": []})
     results = {}
     for mode in args.modes.split(","):
@@ -58,8 +58,8 @@ def main() -> None:
         processes = 1 if mode == "one" else args.processes
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            if mode == "one":  # the same global batch: the ranks' micro-batches, accumulated
-                alone = recipe.model_copy(update={"grad_accum": args.processes})
+            if mode == "one":  # the same updates, every micro-batch in one process
+                alone = recipe
                 with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
                     stats = pool.submit(_one_process, alone, Path(tmp)).result()
                 stats.update(ranks_identical=None)

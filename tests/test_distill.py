@@ -31,7 +31,8 @@ def test_kl_is_zero_for_the_same_distribution_and_positive_otherwise():
 def recipe(tiny_model, train_file, test_file, **extra):
     return recipe_from_dict({"base_model": str(tiny_model), "task": "classify", "baselines": [],
                              "data": {"train": str(train_file), "test": str(test_file)},
-                             "epochs": 2, "learning_rate": 5e-3, "batch_tokens": 256, **extra})
+                             "epochs": 2, "learning_rate": 5e-3, "batch_size": 8, "batch_tokens": 256,
+                             **extra})
 
 
 def test_distilled_student_moves_towards_its_teacher(tiny_model, classify_files, workspace):

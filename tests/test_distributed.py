@@ -20,13 +20,13 @@ from tuneloop.train.run import train
 from tuneloop.train.sft import run_sft
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
+def test_two_process_ddp_matches_one_process_with_the_same_batch_size(
         tiny_model, classify_files, workspace):
     train_file, test_file = classify_files
-    common = dict(max_steps=4, batch_tokens=128, baselines=[], checkpoint_every=1000)
-    two = train(recipe_for(tiny_model, train_file, test_file, grad_accum=2, **common),
+    common = dict(max_steps=4, batch_size=8, batch_tokens=128, baselines=[], checkpoint_every=1000)
+    two = train(recipe_for(tiny_model, train_file, test_file, **common),
                 workspace=workspace, processes=2)
-    one = train(recipe_for(tiny_model, train_file, test_file, grad_accum=4, **common),
+    one = train(recipe_for(tiny_model, train_file, test_file, **common),
                 workspace=workspace)
     assert two["processes"] == 2 and two["ranks_identical"]
     assert set(two["rank_digests"]) == {"rank-0", "rank-1"}
@@ -48,11 +48,11 @@ def test_two_process_fsdp_training_matches_one_process(tiny_model, classify_file
 def sharded_run_matches_one_process(method, sharding, tiny_model, classify_files, workspace):
     """Two sharded processes end where one process with the same global batch does."""
     train_file, test_file = classify_files
-    common = dict(method=method, max_steps=3, batch_tokens=128, baselines=[],
+    common = dict(method=method, max_steps=3, batch_size=8, batch_tokens=128, baselines=[],
                   checkpoint_every=1000)
-    two = train(recipe_for(tiny_model, train_file, test_file, grad_accum=2, **common),
+    two = train(recipe_for(tiny_model, train_file, test_file, **common),
                 workspace=workspace, processes=2, sharding=sharding)
-    one = train(recipe_for(tiny_model, train_file, test_file, grad_accum=4, **common),
+    one = train(recipe_for(tiny_model, train_file, test_file, **common),
                 workspace=workspace)
     assert two["sharding"] == sharding and two["steps"] == one["steps"] == 3
     assert two["ranks_identical"] is None  # each rank held only its shards
@@ -99,7 +99,7 @@ def sharded_resume_is_exact(sharding, tiny_model, classify_files, tmp_path):
     returns the uninterrupted run's folder."""
     train_file, test_file = classify_files
     recipe = recipe_for(tiny_model, train_file, test_file, method="full", max_steps=6,
-                        checkpoint_every=3, eval_every=2, patience=50, grad_accum=2,
+                        checkpoint_every=3, eval_every=2, patience=50, batch_size=8,
                         batch_tokens=128, baselines=[])
     whole, cut, plain = (tmp_path / name for name in ("whole", "cut", "plain"))
     for folder in (whole, cut, plain):
@@ -125,8 +125,8 @@ def sharded_resume_is_exact(sharding, tiny_model, classify_files, tmp_path):
         shutil.copytree(whole / "checkpoints", plain / "checkpoints")
         with pytest.raises(TuneloopError, match="resume it with --fsdp"):
             launch(recipe, plain, 2, resume=True)
-    # one process, the two ranks' micro-batches accumulated
-    alone = recipe.model_copy(update={"grad_accum": 2 * recipe.grad_accum})
+    # one process, the same updates (each rank had half of every update's micro-batches)
+    alone = recipe
     run_sft(FULL, alone, load_splits(alone.data, alone.task), tmp_path / "one")
     one = load_file(tmp_path / "one" / "model" / "model.safetensors")
     assert one.keys() == a.keys()

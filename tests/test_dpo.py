@@ -74,7 +74,7 @@ def test_dpo_makes_a_tiny_model_prefer_the_chosen_replies(tiny_model, tmp_path, 
     test_file = write_jsonl(tmp_path / "test.jsonl", pairs(12, 2))
     recipe = recipe_from_dict({"base_model": str(tiny_model), "task": "chat", "method": "dpo",
                                "data": {"train": str(train_file), "test": str(test_file)},
-                               "epochs": 6, "learning_rate": 5e-3, "batch_tokens": 512,
+                               "epochs": 6, "learning_rate": 5e-3, "batch_size": 4, "batch_tokens": 512,
                                "dpo": {"beta": 0.5}})
     base = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model).state_dict().items()}
     result = train(recipe, workspace=workspace)

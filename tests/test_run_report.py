@@ -49,7 +49,8 @@ def test_report_renders_in_chromium_and_matches_the_json(tiny_model, classify_fi
                 "forgetting.fine_tuned.accuracy": fmt(
                     data["forgetting"]["fine_tuned"]["accuracy"]),
                 "gate.passed": "passed" if data["gate"]["passed"] else "failed",
-                "cost.train_usd": fmt(data["cost"]["train_usd"])}
+                "cost.train_usd": fmt(data["cost"]["train_usd"]),
+                "calibration.ece": f"{data['calibration']['ece']:.3f}"}
     errors = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -59,6 +60,9 @@ def test_report_renders_in_chromium_and_matches_the_json(tiny_model, classify_fi
         page.goto((tmp_path / "r.html").as_uri())
         shown = {key: page.inner_text(f'[data-key="{key}"]') for key in expected}
         assert page.locator("svg[aria-label='loss curves'] polyline").count() == 2
+        bins = data["calibration"]["bins"]  # one bar per occupied bin, plus the frame
+        assert page.locator("svg[aria-label='reliability diagram'] rect").count() == len(bins) + 1
+        assert sum(b["n"] for b in bins) == data["headline"]["rows"]
         assert "Worst errors" in page.inner_text("body") or data["worst_errors"] == []
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()

@@ -174,6 +174,32 @@ def test_a_request_out_of_bounds_is_refused_alone_while_other_tenants_are_served
     assert small.status_code == 200, small.text
 
 
+def test_a_deployed_classifier_answers_only_its_labels_with_a_confidence(server):
+    """A classification adapter's reply is one of its labels (decoded within the label set)
+    and carries the label's probability; below a review threshold it answers needs_review,
+    streamed or not."""
+    from tests.conftest import LABELS
+
+    c = client(server)
+    ask = dict(model="acme-intents", messages=[{"role": "user", "content": "hello there friend"}],
+               max_tokens=40)
+    for temperature in (0, 1.5):
+        reply = c.chat.completions.create(**ask, temperature=temperature, n=3, seed=4)
+        for choice in reply.choices:
+            assert choice.message.content in LABELS and choice.finish_reason == "stop"
+            assert 0.0 < choice.model_extra["confidence"] <= 1.0
+    review = c.chat.completions.create(**ask, temperature=0, extra_body={"review_below": 1.0})
+    assert review.choices[0].message.content == "needs_review"
+    streamed = c.chat.completions.create(**ask, temperature=0, stream=True,
+                                         extra_body={"review_below": 1.0})
+    chunks = [ch for ch in streamed if ch.choices]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "needs_review"
+    assert 0.0 < chunks[-1].choices[0].model_extra["confidence"] < 1.0
+    with pytest.raises(openai.BadRequestError) as bad:
+        c.chat.completions.create(**ask, extra_body={"review_below": 2})
+    assert bad.value.body["param"] == "review_below"
+
+
 def test_feedback_round_trip_into_sft_and_dpo_datasets(server):
     c = client(server)
     msg = [{"role": "user", "content": "my card was stolen yesterday"}]

@@ -18,7 +18,7 @@ def recipe_for(tiny_model, train_file, test_file, **extra):
     return recipe_from_dict({"base_model": str(tiny_model), "task": "classify",
                              "data": {"train": str(train_file), "test": str(test_file)},
                              "method": "lora", "epochs": 2, "learning_rate": 5e-3,
-                             "batch_tokens": 256, **extra})
+                             "batch_size": 8, "batch_tokens": 256, **extra})
 
 
 def test_lora_trains_adapters_only_and_writes_a_loadable_adapter(tiny_model, classify_files, workspace):
@@ -130,7 +130,9 @@ def test_early_stopping_keeps_the_best_weights(tiny_model, classify_files, tmp_p
     stats = out["stats"]
     assert stats["stopped_early"] and stats["steps"] < 40
     val = dict(json.loads((tmp_path / "run" / "curves.json").read_text())["validation"])
-    assert stats["best_val_loss"] == min(val.values()) and val[stats["best_step"]] == stats["best_val_loss"]
+    # (a classifier's best is its best validation accuracy; the loss is the tie-break)
+    top = max(a for _, a in stats["val_accuracy_curve"])
+    assert stats["best_val_accuracy"] == top and val[stats["best_step"]] == stats["best_val_loss"]
     assert stats["steps"] - stats["best_step"] == 2  # two validations without improvement
     best = load_file(tmp_path / "run" / "checkpoints" / "best.safetensors")
     saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
@@ -147,3 +149,31 @@ def test_curves_are_read_as_over_or_underfitting():
     assert diagnose({"train": train, "validation": [(2, 1.0), (4, 0.8), (6, 0.6)]}) == "underfitting"
     assert diagnose({"train": train, "validation": [(2, 1.0), (4, 0.8), (6, 0.795)]}) == "good"
     assert diagnose({"train": train, "validation": [(2, 1.0)]}) is None
+
+
+def test_the_weights_kept_are_the_best_by_validation_accuracy(tiny_model, classify_files, tmp_path):
+    """A classifier keeps the weights of its best validation accuracy (ties: the lower loss),
+    not its last ones, without being asked to stop early."""
+    from safetensors.torch import load_file
+
+    from tuneloop.train.data import load_splits
+    from tuneloop.train.lora import run_lora
+
+    train_file, test_file = classify_files
+    # A learning rate far too high: accuracy rises, then training wrecks it.
+    recipe = recipe_for(tiny_model, train_file, test_file, max_steps=16, epochs=20,
+                        learning_rate=0.3, eval_every=1, checkpoint_every=1000)
+    out = run_lora(recipe, load_splits(recipe.data, "classify"), tmp_path / "run")
+    stats = out["stats"]
+    assert not stats["stopped_early"] and stats["steps"] == 16
+    accuracy = dict(stats["val_accuracy_curve"])
+    loss = dict(json.loads((tmp_path / "run" / "curves.json").read_text())["validation"])
+    assert len(accuracy) == 16
+    top = max(accuracy.values())
+    expected = min((s for s, a in accuracy.items() if a == top), key=lambda s: loss[s])
+    assert stats["best_step"] == expected and stats["best_val_accuracy"] == top
+    assert stats["best_step"] != 16, accuracy  # the case under test: the last was not the best
+    best = load_file(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    for name, tensor in best.items():
+        torch.testing.assert_close(saved[name.replace(".default", "")], tensor, rtol=0, atol=0)

@@ -91,8 +91,10 @@ class Recipe(_Strict):
     time_budget_minutes: float | None = Field(None, gt=0, description="stop training after this")
     learning_rate: float | None = Field(None, gt=0, lt=1, description="peak LR; default by method")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of steps warming up")
-    batch_tokens: int | None = Field(None, gt=0, description="padded tokens per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    batch_size: int | None = Field(None, gt=0, description="examples per optimizer update; "
+                                   "default by data size (the same on every device)")
+    batch_tokens: int | None = Field(None, gt=0, description="padded tokens per micro-batch "
+                                     "(memory only: an update is split into micro-batches)")
     max_length: int | None = Field(None, gt=8, description="longest example in tokens")
     eval_every: int | None = Field(None, gt=0, description="steps between validation losses")
     checkpoint_every: int | None = Field(None, gt=0, description="steps between checkpoints")
@@ -116,6 +118,14 @@ class Recipe(_Strict):
         default_factory=lambda: list(DEFAULT_ALLOWED), description="base-model licences allowed")
     accept_licences: list[str] = Field(
         default_factory=list, description="further licences accepted explicitly, by name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw):
+        if isinstance(raw, dict) and "grad_accum" in raw:
+            raise ValueError("grad_accum is gone: an optimizer update is batch_size examples "
+                             "(set batch_size), split into micro-batches of batch_tokens")
+        return raw
 
     @model_validator(mode="after")
     def _distill_has_teacher(self):

@@ -18,16 +18,13 @@ from tuneloop.train.run import Stopped, train
 
 
 def space(trial, recipe) -> dict:
-    """One trial's settings, around tuneloop's defaults for the method."""
-    import torch
-
+    """One trial's settings, around tuneloop's defaults for the method (the batch in examples
+    per update: the micro-batch's token budget is memory only)."""
     default_lr = FULL_LR if recipe.method == "full" else LORA_LR
-    gpu = torch.cuda.is_available()
     update = {
         "learning_rate": trial.suggest_float("learning_rate", default_lr / 10, default_lr * 3, log=True),
         "epochs": trial.suggest_int("epochs", 1, 4),
-        "batch_tokens": trial.suggest_categorical(
-            "batch_tokens", [4096, 8192, 16384] if gpu else [384, 768, 1536]),
+        "batch_size": trial.suggest_categorical("batch_size", [8, 16, 32, 64]),
     }
     if recipe.method != "full":
         rank = trial.suggest_categorical("lora_rank", [4, 8, 16, 32])

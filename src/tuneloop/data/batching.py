@@ -40,6 +40,46 @@ def length_grouped_batches(lengths: list[int], batch_tokens: int, seed: int,
     return batches
 
 
+def update_batches(lengths: list[int], batch_size: int, batch_tokens: int, seed: int,
+                   parts: int = 1, max_rows: int = 64) -> list[list[list[int]]]:
+    """One pass over the data as optimizer updates of `batch_size` examples, each split into
+    micro-batches of at most `batch_tokens` padded tokens (and at least `parts` of them where
+    it has the rows, so that `parts` processes each get one).
+
+    Which examples an update holds depends only on the lengths, the batch size and the seed:
+    a GPU's larger micro-batch splits an update differently, never changes how many updates
+    a run makes or what they hold. Examples are shuffled, sorted by length inside windows of
+    16 updates (so an update's rows pad little), cut into updates, and the updates shuffled.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = 16 * batch_size
+    updates: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        updates += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(updates)
+    return [_micro_batches(u, lengths, batch_tokens, parts, max_rows) for u in updates]
+
+
+def _micro_batches(update: list[int], lengths: list[int], batch_tokens: int, parts: int,
+                   max_rows: int) -> list[list[int]]:
+    """An update (sorted longest first) cut greedily into micro-batches within the budget."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in update:
+        longest = lengths[batch[0]] if batch else lengths[i]
+        if batch and (longest * (len(batch) + 1) > batch_tokens or len(batch) >= max_rows):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    batches.append(batch)
+    if len(batches) < parts <= len(update):  # as even as the rows allow
+        batches = [update[k::parts] for k in range(parts)]
+    return batches
+
+
 def collate(items: list[Encoded], pad_id: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
     """Pad a list of encoded examples into input_ids / attention_mask / labels tensors."""
     width = max(len(it) for it in items)

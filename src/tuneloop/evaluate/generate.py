@@ -11,10 +11,11 @@ from tuneloop.data.tokenize import Encoded, prompt_ids
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
              batch_tokens: int = 2048, on_batch=None, temperature: float = 0.0,
-             seed: int = 0) -> tuple[list[str], list[int]]:
+             seed: int = 0, grammar=None) -> tuple[list[str], list[int]]:
     """Replies to chat prompts, in input order, and the number of tokens each generated.
 
-    Greedy by default; with a `temperature` each reply is sampled (seeded by `seed`).
+    Greedy by default; with a `temperature` each reply is sampled (seeded by `seed`). With an
+    xgrammar `grammar`, every reply is held to it token by token.
     """
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     lengths = [len(e) for e in encoded]
@@ -30,6 +31,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
                         left_pad=True)
         if temperature > 0:
             torch.manual_seed(seed)
+        if grammar is not None:  # a processor holds its matchers: one per generate call
+            from xgrammar.contrib.hf import LogitsProcessor
+
+            sampling["logits_processor"] = [LogitsProcessor(grammar)]
         out = model.generate(input_ids=batch["input_ids"].to(model.device),
                              attention_mask=batch["attention_mask"].to(model.device),
                              max_new_tokens=max_new_tokens, **sampling,

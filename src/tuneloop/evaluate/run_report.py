@@ -87,7 +87,7 @@ def report_data(run_id: str, registry, workspace: Path) -> dict:
             "final_val_kl", "fit", "peak_rss_mb", "peak_gpu_mb", "device")},
         "curves": json.loads(curves_file.read_text()) if curves_file.is_file() else None,
         "confusion": test.get("confusion"), "per_field": test.get("per_field"),
-        "worst_errors": worst, "forgetting": _without(metrics.get("forgetting"), "answers"),
+        "calibration": test.get("calibration"), "worst_errors": worst, "forgetting": _without(metrics.get("forgetting"), "answers"),
         "custom": test.get("custom"), "judgements": _judgements(workspace, run.id, registry),
         "lineage": {"train_data": train_info, "dataset_versions": versions,
                     "licence": run.recipe.get("licence"), "teachers": run.recipe.get("teachers"),
@@ -164,6 +164,37 @@ def _curve_svg(curves: dict, width: int = 640, height: int = 240) -> str:
     return "".join(parts)
 
 
+def _reliability_svg(calibration: dict, size: int = 260) -> str:
+    """Accuracy against confidence per bin (bars; their width the bin, their darkness its
+    share of rows) beside the diagonal a calibrated model would follow."""
+    inner, pad = size - 40, 30
+    total = sum(b["n"] for b in calibration["bins"]) or 1
+
+    def x(v):
+        return pad + inner * v
+
+    def y(v):
+        return 10 + inner * (1 - v)
+
+    parts = [f'<svg role="img" aria-label="reliability diagram" width="{size}" height="{size}" '
+             'xmlns="http://www.w3.org/2000/svg" font-size="11" font-family="system-ui">',
+             f'<rect x="{pad}" y="10" width="{inner}" height="{inner}" fill="none" stroke="#999"/>',
+             f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(1)}" y2="{y(1)}" stroke="#999" '
+             'stroke-dasharray="4 3"/>']
+    for b in calibration["bins"]:
+        opacity = 0.35 + 0.65 * b["n"] / total
+        parts.append(f'<rect x="{x(b["low"]):.1f}" y="{y(b["accuracy"]):.1f}" '
+                     f'width="{inner * (b["high"] - b["low"]) - 1:.1f}" '
+                     f'height="{inner * b["accuracy"]:.1f}" fill="#3b6ea8" '
+                     f'fill-opacity="{opacity:.2f}"><title>confidence {b["low"]:.1f}–'
+                     f'{b["high"]:.1f}: accuracy {b["accuracy"]:.3f} over {b["n"]} rows'
+                     '</title></rect>')
+    parts.append(f'<text x="{pad}" y="{size - 12}">confidence 0</text>'
+                 f'<text x="{size - 40}" y="{size - 12}">1</text>'
+                 f'<text x="2" y="16">acc 1</text></svg>')
+    return "".join(parts)
+
+
 def render_html(data: dict) -> str:
     from tuneloop.data.report import CSS
 
@@ -209,6 +240,19 @@ def render_html(data: dict) -> str:
                    "<th>predicted</th><th>rows</th></tr></thead><tbody>"
                    + "".join(f"<tr><td>{html.escape(g)}</td><td>{html.escape(p or '(none)')}</td>"
                              f"<td>{n}</td></tr>" for g, p, n in wrong) + "</tbody></table>")
+    calibration = data.get("calibration")
+    if calibration and calibration.get("bins"):
+        out.append("<h2>Confidence</h2><p>Each prediction's confidence is its label's "
+                   "probability. Expected calibration error <strong data-key=\"calibration.ece\">"
+                   f"{calibration['ece']:.3f}</strong> (mean confidence "
+                   f"{calibration['mean_confidence']:.3f}); a deployment can answer "
+                   "<code>needs_review</code> below a threshold (<code>tuneloop serve "
+                   "--review-below P</code>).</p>" + _reliability_svg(calibration)
+                   + "<table><thead><tr><th>confidence</th><th>rows</th><th>accuracy</th>"
+                   "<th>mean confidence</th></tr></thead><tbody>"
+                   + "".join(f"<tr><td>{b['low']:.1f} – {b['high']:.1f}</td><td>{b['n']}</td>"
+                             + _cell(b["accuracy"]) + _cell(b["confidence"]) + "</tr>"
+                             for b in calibration["bins"]) + "</tbody></table>")
     if data.get("per_field"):
         out.append("<h2>Per field</h2><table><thead><tr><th>field</th><th>exact</th>"
                    "<th>normalized</th></tr></thead><tbody>"

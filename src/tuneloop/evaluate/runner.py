@@ -56,18 +56,39 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     new_tokens = max_new_tokens(tokenizer, examples, info)
     batch_tokens = batch_tokens or (32768 if model.device.type == "cuda" else 2048)
     start = time.perf_counter()
+    confidences = None
     if shots is None:
         if prompts is None:
             prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
-        outputs, counts = generate(model, tokenizer, prompts, new_tokens, batch_tokens=batch_tokens,
-                                   on_batch=on_batch)
+        if info.kind == "classify" and info.labels:  # decoded within the label set
+            outputs, confidences, counts = classify_constrained(
+                model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], info, on_batch)
+        else:
+            grammar = None
+            if info.kind == "extract" and info.fields:  # decoded under the fields' schema
+                from tuneloop.tasks import extract
+
+                compiler = extract.grammar_compiler(
+                    tokenizer, model.get_output_embeddings().weight.shape[0],
+                    {tokenizer.eos_token_id})
+                grammar = extract.compile_schema(compiler, extract.schema(info))
+            outputs, counts = generate(model, tokenizer, prompts, new_tokens,
+                                       batch_tokens=batch_tokens, on_batch=on_batch,
+                                       grammar=grammar)
         prompt_tokens = sum(len(prompt_ids(tokenizer, p)) for p in prompts) / max(1, len(prompts))
     else:
         prefix_ids, suffixes = shots_lib.split_prompts(
             tokenizer, shots_lib.prefix_messages(info, shots), examples)
-        outputs, counts = generate_shared_prefix(
-            model, tokenizer, prefix_ids, suffixes, new_tokens, reuse=reuse_prefix,
-            batch_size=prefix_batch_size(model, len(prefix_ids)), on_batch=on_batch)
+        rows_per_batch = prefix_batch_size(model, len(prefix_ids))
+        if info.kind == "classify" and info.labels:
+            outputs, confidences, counts = classify_constrained(
+                model, tokenizer, suffixes if reuse_prefix else [prefix_ids + x for x in suffixes],
+                info, on_batch, prefix=prefix_ids if reuse_prefix else None,
+                batch_size=rows_per_batch)
+        else:
+            outputs, counts = generate_shared_prefix(
+                model, tokenizer, prefix_ids, suffixes, new_tokens, reuse=reuse_prefix,
+                batch_size=rows_per_batch, on_batch=on_batch)
         prompt_tokens = len(prefix_ids) + sum(len(x) for x in suffixes) / max(1, len(suffixes))
     elapsed = time.perf_counter() - start
     parsed = [module.parse(o, info) for o in outputs]
@@ -92,8 +113,51 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     metrics["output_tokens_per_s"] = sum(counts) / elapsed if elapsed else 0.0
     rows = [{"line": e.line, "output": o, "prediction": p, "gold": g}
             for e, o, p, g in zip(examples, outputs, preds, golds)]
+    if confidences is not None:
+        for row, c in zip(rows, confidences):
+            row["confidence"] = c
+        metrics["calibration"] = calibration(confidences, [r["prediction"] == r["gold"]
+                                                            for r in rows])
     metrics["ci95"] = interval(info.kind, rows)
     return {"metrics": metrics, "predictions": rows}
+
+
+def classify_constrained(model, tokenizer, prompts: list[list[int]], info, on_batch=None,
+                         prefix: list[int] | None = None, batch_size: int = 16
+                         ) -> tuple[list[str], list[float], list[int]]:
+    """Each prompt's (token ids, after `prefix` if given) most probable label under the label
+    trie (tasks.labels), its probability, and the tokens its answer takes (the label's tokens
+    and end-of-turn)."""
+    from tuneloop.tasks.labels import LabelTrie, label_distribution
+
+    trie = LabelTrie(tokenizer, info.labels)
+    probs = label_distribution(model, tokenizer, trie, prompts, batch_size=batch_size,
+                               on_batch=on_batch, prefix=prefix)
+    best = probs.argmax(-1).tolist()
+    lengths = {i: len(trie.path[n]) for n, i in trie.leaf.items()}
+    return ([info.labels[b] for b in best], [float(probs[r, b]) for r, b in enumerate(best)],
+            [lengths[b] for b in best])
+
+
+def calibration(confidences: list[float], correct: list[bool], bins: int = 10) -> dict:
+    """Accuracy against confidence in `bins` equal-width bins (a reliability diagram) and the
+    expected calibration error: the rows' share-weighted |accuracy - confidence| over bins
+    (Guo et al. 2017, "On Calibration of Modern Neural Networks")."""
+    n = len(confidences)
+    table, ece = [], 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        inside = [i for i, c in enumerate(confidences)
+                  if low <= c < high or (b == bins - 1 and c == 1.0)]
+        if not inside:
+            continue
+        acc = sum(correct[i] for i in inside) / len(inside)
+        conf = sum(confidences[i] for i in inside) / len(inside)
+        ece += len(inside) / n * abs(acc - conf)
+        table.append({"low": low, "high": high, "n": len(inside), "accuracy": acc,
+                      "confidence": conf})
+    return {"ece": ece, "bins": table,
+            "mean_confidence": sum(confidences) / n if n else 0.0}
 
 
 def interval(kind: str, rows: list[dict]) -> dict:

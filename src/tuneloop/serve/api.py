@@ -21,12 +21,14 @@ from tuneloop.data.tokenize import prompt_ids
 from tuneloop.serve import feedback
 from tuneloop.serve.app import ApiError, CallerDep, error_body
 from tuneloop.serve.engine import Request as EngineRequest
-from tuneloop.serve.engine import Sampling
+from tuneloop.serve.engine import Engine, Sampling
 from tuneloop.serve.router import NotFound, Target
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest, as_dict
-from tuneloop.tasks import TASKS
+from tuneloop.tasks import TASKS, extract
+from tuneloop.tasks.labels import LabelTrie
 
 routes = APIRouter()
+REVIEW = "needs_review"  # a classifier's answer when its label is less probable than the threshold
 
 
 @routes.get("/v1/models")
@@ -120,9 +122,11 @@ def _grammar(target: Target, response_format):
         schema = json.dumps(response_format.json_schema.schema_, sort_keys=True)
     elif kind == "json_object":
         schema = None
+    elif (target.task is not None and target.task.kind == "classify" and target.task.labels
+          and isinstance(target.engine, Engine)):  # one of the classifier's labels, always
+        return _label_trie(target.engine, tuple(target.task.labels))
     elif target.task is not None and target.task.kind == "extract" and target.task.fields:
-        schema = json.dumps({"type": "object", "properties": {f: {} for f in target.task.fields},
-                             "required": list(target.task.fields), "additionalProperties": False})
+        schema = extract.schema(target.task)
     else:
         return None
     try:
@@ -130,6 +134,11 @@ def _grammar(target: Target, response_format):
     except Exception as exc:
         raise ApiError(400, f"response_format: the JSON schema cannot be used: {exc}",
                        param="response_format") from None
+
+
+@lru_cache(maxsize=256)
+def _label_trie(engine, labels: tuple[str, ...]):
+    return LabelTrie(engine.tokenizer, list(labels))
 
 
 @lru_cache(maxsize=256)
@@ -158,14 +167,23 @@ class _Stream:
         self.created = int(time.time())
         self.texts = [""] * body.n
         self.finish: list[str | None] = [None] * body.n
+        self.confidence: list[float | None] = [None] * body.n  # a classifier's label probability
+        held = isinstance(sampling.grammar, LabelTrie)  # only a classifier's replies are judged
+        threshold = getattr(body, "review_below", None)
+        if threshold is None:
+            threshold = request.app.state.settings.review_below
+        self.review_below = threshold if held else None
         self.tokens = 0
         self.collected: dict | None = None
 
-    def _chunk(self, choice: int, text: str | None, finish: str | None, first: bool) -> dict:
+    def _chunk(self, choice: int, text: str | None, finish: str | None, first: bool,
+               confidence: float | None = None) -> dict:
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if first else (
                 {"content": text} if text is not None else {})
             item = {"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if confidence is not None:  # a classifier's label probability, on its last chunk
+                item["confidence"] = confidence
         else:
             item = {"index": choice, "text": text or "", "logprobs": None, "finish_reason": finish}
         return self._envelope("chat.completion.chunk" if self.kind == "chat" else "text_completion",
@@ -203,12 +221,19 @@ class _Stream:
                 if event[0] == "text":
                     first_token = first_token or time.perf_counter()
                     self.texts[event[1]] += event[2]
-                    yield self._chunk(event[1], event[2], None, first=False)
+                    if self.review_below is None:  # (held back: the label may be replaced)
+                        yield self._chunk(event[1], event[2], None, first=False)
                 else:
-                    _, choice, reason, n_tokens = event
+                    choice, reason, n_tokens = event[1:4]
+                    confidence = self.confidence[choice] = event[4] if len(event) > 4 else None
+                    if self.review_below is not None:
+                        if confidence is not None and confidence < self.review_below:
+                            self.texts[choice] = REVIEW
+                        yield self._chunk(choice, self.texts[choice], None, first=False)
                     self.finish[choice], remaining = reason, remaining - 1
                     self.tokens += n_tokens
-                    yield self._chunk(choice, None if self.kind == "chat" else "", reason, first=False)
+                    yield self._chunk(choice, None if self.kind == "chat" else "", reason,
+                                      first=False, confidence=confidence)
             status = "ok"
             latency = time.perf_counter() - started
             self.collected = self._collect()
@@ -229,6 +254,9 @@ class _Stream:
             choices = [{"index": i, "message": {"role": "assistant", "content": t},
                         "logprobs": None, "finish_reason": f}
                        for i, (t, f) in enumerate(zip(self.texts, self.finish))]
+            for choice, confidence in zip(choices, self.confidence):
+                if confidence is not None:  # an extension field: OpenAI's clients keep it
+                    choice["confidence"] = confidence
             obj = "chat.completion"
         else:
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}

@@ -40,6 +40,9 @@ class Settings:
     max_body_bytes: int = 1 * 2**20  # inference and feedback requests
     max_upload_bytes: int = 512 * 2**20  # /v1/files
     max_tokens_limit: int = 4096  # no single reply is longer than this
+    # A classifier's reply whose label probability is below this answers REVIEW instead (a
+    # request may set its own with "review_below"); None: always the label.
+    review_below: float | None = None
     log_retention_days: int = 30  # request log rows without feedback are deleted after this
     max_batch: int = 32
     adapter_budget_mb: int = 512

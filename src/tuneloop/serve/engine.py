@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from tuneloop.serve.adapters import BASE, AdapterPool
+from tuneloop.tasks.labels import LabelMatcher, LabelTrie
 
 log = logging.getLogger("tuneloop.serve")
 
@@ -46,8 +47,9 @@ class Sampling:
 class Request:
     """A prompt to complete `n` times with one adapter; events go to `emit` from the engine thread.
 
-    Events: ("text", choice, str) for new text, ("done", choice, finish_reason, n_tokens) when a
-    choice ends, ("error", message) if the engine failed it.
+    Events: ("text", choice, str) for new text, ("done", choice, finish_reason, n_tokens,
+    confidence) when a choice ends (confidence: the label's probability when the reply was held
+    to a label set, else None), ("error", message) if the engine failed it.
     """
 
     prompt: list[int]
@@ -125,19 +127,16 @@ class Engine:
 
     def compile_grammar(self, schema: str | None):
         """The grammar a reply must match: a JSON schema's, or any JSON object's (None)."""
-        compiler = self.grammar_compiler()
-        if schema is None:
-            return compiler.compile_builtin_json_grammar()
-        return compiler.compile_json_schema(schema, any_whitespace=False)
+        from tuneloop.tasks.extract import compile_schema
+
+        return compile_schema(self.grammar_compiler(), schema)
 
     def grammar_compiler(self):
         """An xgrammar compiler for this tokenizer (built once: it indexes the vocabulary)."""
         if self._grammar_compiler is None:
-            import xgrammar as xgr
+            from tuneloop.tasks.extract import grammar_compiler
 
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab,
-                                                      stop_token_ids=sorted(self.stop_ids))
-            self._grammar_compiler = xgr.GrammarCompiler(info, max_threads=1)
+            self._grammar_compiler = grammar_compiler(self.tokenizer, self.vocab, self.stop_ids)
         return self._grammar_compiler
 
     # --- the engine thread -------------------------------------------------------------------
@@ -203,10 +202,13 @@ class Engine:
                     else random.getrandbits(62))
             generator = torch.Generator().manual_seed(seed)
             matcher = bitmask = None
-            if request.sampling.grammar is not None:
+            grammar = request.sampling.grammar
+            if isinstance(grammar, LabelTrie):  # a classifier: one of its labels, nothing else
+                matcher = LabelMatcher(grammar)
+            elif grammar is not None:
                 import xgrammar as xgr
 
-                matcher = xgr.GrammarMatcher(request.sampling.grammar)
+                matcher = xgr.GrammarMatcher(grammar)
                 bitmask = xgr.allocate_token_bitmask(1, self.vocab)
             rows.append(_Row(request, choice, generator, matcher, bitmask))
         return rows
@@ -263,7 +265,8 @@ class Engine:
                 row.done = True
                 continue
             if finish:
-                row.request.emit("done", row.choice, finish, len(row.tokens))
+                confidence = row.matcher.confidence if isinstance(row.matcher, LabelMatcher) else None
+                row.request.emit("done", row.choice, finish, len(row.tokens), confidence)
                 row.done = True
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if len(keep) < len(self.rows):
@@ -271,7 +274,7 @@ class Engine:
             self.cache, self.mask = _select(self.cache, self.mask, keep)
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
-        if token in self.stop_ids or (row.matcher is not None and row.matcher.is_terminated()):
+        if token in self.stop_ids or (row.matcher is not None and _ended(row.matcher)):
             return "stop"
         if len(row.tokens) >= row.request.sampling.max_tokens or row.length + 1 >= self.context:
             return "length"
@@ -296,9 +299,16 @@ class Engine:
         return finish
 
 
+def _ended(matcher) -> bool:
+    return matcher.done() if isinstance(matcher, LabelMatcher) else matcher.is_terminated()
+
+
 def _sample(logits: torch.Tensor, row: _Row) -> int:
     """One token: grammar mask, then greedy (temperature 0) or temperature + nucleus sampling."""
-    if row.matcher is not None:
+    unmasked = logits
+    if isinstance(row.matcher, LabelMatcher):
+        logits = row.matcher.constrain(logits.cpu())
+    elif row.matcher is not None:
         import xgrammar as xgr
 
         row.matcher.fill_next_token_bitmask(row.bitmask)
@@ -316,7 +326,9 @@ def _sample(logits: torch.Tensor, row: _Row) -> int:
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         token = int(torch.multinomial(probs, 1, generator=row.generator))
-    if row.matcher is not None:
+    if isinstance(row.matcher, LabelMatcher):
+        row.matcher.accept(token, unmasked.cpu())
+    elif row.matcher is not None:
         row.matcher.accept_token(token)
     return token
 
@@ -377,6 +389,7 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     tokens: int = 0
+    confidence: float | None = None
 
 
 def complete(engine: Engine, prompt: list[int], sampling: Sampling, adapter: str = BASE,
@@ -390,7 +403,8 @@ def complete(engine: Engine, prompt: list[int], sampling: Sampling, adapter: str
         if kind == "text":
             choices[args[0]].text += args[1]
         elif kind == "done":
-            choices[args[0]].finish_reason, choices[args[0]].tokens = args[1], args[2]
+            choice = choices[args[0]]
+            choice.finish_reason, choice.tokens, choice.confidence = args[1], args[2], args[3]
             if all(c.finish_reason for c in choices):
                 finished.set()
         else:

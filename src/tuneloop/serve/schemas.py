@@ -68,6 +68,8 @@ class ChatRequest(Generation):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
+    # tuneloop's extension: a classifier answers REVIEW below this label probability
+    review_below: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class CompletionRequest(Generation):

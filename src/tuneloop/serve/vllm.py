@@ -237,7 +237,7 @@ class VllmEngine:
                     if item.get("text"):
                         request.emit("text", choice, item["text"])
                     if item.get("finish_reason"):
-                        request.emit("done", choice, item["finish_reason"], tokens)
+                        request.emit("done", choice, item["finish_reason"], tokens, None)
 
 
 class _Failed(Exception):

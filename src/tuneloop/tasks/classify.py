@@ -6,13 +6,16 @@ import difflib
 import re
 
 SYSTEM = "Classify the user's message. Reply with the label only."
+# A trained model needs no instruction, only a system turn of its own: without one, chat
+# templates such as SmolLM2's insert a default system prompt (20 tokens). "Classify." costs 3;
+# the whole banking77 prompt falls from 45 tokens to 34 (tests/test_labels.py counts them).
+TRAINED_SYSTEM = "Classify."
 
 
 def prompt(example, info, zero_shot: bool = False) -> list[dict]:
-    """The messages for one example. Zero-shot prompts list the labels; trained ones need not."""
-    system = SYSTEM
-    if zero_shot:
-        system += " Labels: " + ", ".join(info.labels) + "."
+    """The messages for one example. Zero-shot prompts instruct and list the labels; trained
+    ones carry the short system turn the model learned with."""
+    system = SYSTEM + " Labels: " + ", ".join(info.labels) + "." if zero_shot else TRAINED_SYSTEM
     return [{"role": "system", "content": system}, *example.messages]
 
 

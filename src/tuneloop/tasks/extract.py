@@ -15,6 +15,30 @@ def prompt(example, info, zero_shot: bool = False) -> list[dict]:
     return [{"role": "system", "content": system}, *example.messages]
 
 
+def schema(info) -> str:
+    """The JSON schema every answer is decoded under (in eval and in serving): one object with
+    exactly the task's fields, in their order, each any JSON value."""
+    return json.dumps({"type": "object", "properties": {f: {} for f in info.fields},
+                       "required": list(info.fields), "additionalProperties": False})
+
+
+def grammar_compiler(tokenizer, vocab_size: int, stop_ids=()):
+    """An xgrammar compiler over this tokenizer (it indexes the vocabulary: build it once)."""
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                              stop_token_ids=sorted(stop_ids) or None)
+    return xgr.GrammarCompiler(info, max_threads=1)
+
+
+def compile_schema(compiler, schema_text: str | None):
+    """The grammar of `schema_text` (None: any JSON object), with compact separators, as
+    json.dumps writes the training targets."""
+    if schema_text is None:
+        return compiler.compile_builtin_json_grammar()
+    return compiler.compile_json_schema(schema_text, any_whitespace=False)
+
+
 def target(example) -> str:
     return json.dumps(example.fields, ensure_ascii=False)
 

@@ -29,7 +29,8 @@ from tuneloop.project import save_yaml
 from tuneloop.train import checkpoint
 from tuneloop.train.lora import attach_lora, save_adapter
 from tuneloop.train.loss import sequence_logps
-from tuneloop.train.plan import default_batch_tokens, default_epochs, make_plan
+from tuneloop.train.plan import (default_batch_size, default_batch_tokens, default_epochs,
+                                 make_plan)
 from tuneloop.train.sft import (diagnose, optimizer_step, resume_from, schedule,
                                  write_atomically)
 
@@ -122,11 +123,12 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
     lengths = [2 * max(len(c), len(r)) for c, r in train_pairs]
     epochs = recipe.epochs or min(default_epochs(len(train_pairs)), 1.0)
     batch_tokens = max(recipe.batch_tokens or default_batch_tokens(), 2 * max_length)
-    micro_batches = schedule(lengths, epochs, batch_tokens, recipe.seed)
-    tokens_per_step = sum(lengths) * epochs / max(1, len(micro_batches)) * recipe.grad_accum
-    plan = make_plan(recipe.model_copy(update={"batch_tokens": batch_tokens}), len(micro_batches),
-                     epochs, max_length, tokens_per_step,
-                     sum(p.numel() for p in model.parameters()), DPO_LR)
+    batch_size = recipe.batch_size or default_batch_size(len(train_pairs))
+    updates = schedule(lengths, epochs, batch_size, batch_tokens, recipe.seed)
+    tokens_per_step = sum(lengths) * epochs / max(1, len(updates))
+    plan = make_plan(recipe, len(updates), epochs, max_length, tokens_per_step,
+                     sum(p.numel() for p in model.parameters()), DPO_LR, batch_size=batch_size,
+                     batch_tokens=batch_tokens)
     # the resolved settings, readable while the run trains
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
@@ -151,7 +153,7 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
     model.train()
     for step in range(first, plan.steps + 1):
         started = time.perf_counter()
-        group = micro_batches[(step - 1) * plan.grad_accum: step * plan.grad_accum]
+        group = updates[step - 1]
         n_pairs = sum(len(b) for b in group)
         step_loss = 0.0
         for idx in group:
@@ -171,7 +173,7 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
             curves["validation"].append((step, float(dpo_loss(val, ref_val, beta).mean())))
         if step % plan.checkpoint_every == 0 and step < plan.steps:
             checkpoint.save(run_dir / "checkpoints", model, optimizer, scheduler, step,
-                            position=step * plan.grad_accum,
+                            position=step,
                             loop={"curves": curves, "tokens": tokens, "train_s": train_s})
 
     model.eval()

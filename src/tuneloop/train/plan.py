@@ -23,8 +23,8 @@ class Plan:
     steps: int
     learning_rate: float
     warmup_steps: int
+    batch_size: int
     batch_tokens: int
-    grad_accum: int
     max_length: int
     eval_every: int
     checkpoint_every: int
@@ -44,6 +44,18 @@ def default_epochs(n_examples: int) -> float:
     return 1.0
 
 
+def default_batch_size(n_examples: int) -> int:
+    """Examples per optimizer update, from the data alone (never from the device), so that the
+    same data gets the same number of updates on a laptop and on a GPU. 16 examples per update
+    is the common LoRA batch; larger sets take larger batches, which keeps the number of
+    updates within a few thousand while each stays as informative."""
+    if n_examples < 5000:
+        return 16
+    if n_examples < 50000:
+        return 32
+    return 64
+
+
 def default_batch_tokens() -> int:
     """Padded tokens per micro-batch.
 
@@ -59,10 +71,11 @@ def steps_for_budget(minutes: float, tokens_per_step: float, params: int) -> int
     return max(1, int(minutes * 60 * tokens_per_s / max(tokens_per_step, 1)))
 
 
-def make_plan(recipe, n_micro_batches: int, epochs: float, max_length: int, tokens_per_step: float,
-              params: int, default_lr: float = LORA_LR) -> Plan:
-    """Resolve every derived setting of a run."""
-    steps = max(1, math.ceil(n_micro_batches / recipe.grad_accum))
+def make_plan(recipe, n_updates: int, epochs: float, max_length: int, tokens_per_step: float,
+              params: int, default_lr: float = LORA_LR, batch_size: int = 16,
+              batch_tokens: int | None = None) -> Plan:
+    """Resolve every derived setting of a run; `n_updates` is the schedule's optimizer steps."""
+    steps = max(1, n_updates)
     if recipe.time_budget_minutes:
         steps = min(steps, steps_for_budget(recipe.time_budget_minutes, tokens_per_step, params))
     if recipe.max_steps:
@@ -72,8 +85,9 @@ def make_plan(recipe, n_micro_batches: int, epochs: float, max_length: int, toke
         epochs=epochs, steps=steps,
         learning_rate=recipe.learning_rate or default_lr,
         warmup_steps=max(1, round(recipe.warmup_ratio * steps)) if recipe.warmup_ratio else 0,
-        batch_tokens=recipe.batch_tokens or default_batch_tokens(),
-        grad_accum=recipe.grad_accum, max_length=max_length,
+        batch_size=batch_size,
+        batch_tokens=batch_tokens or recipe.batch_tokens or default_batch_tokens(),
+        max_length=max_length,
         eval_every=recipe.eval_every or max(1, steps // 8),
         checkpoint_every=recipe.checkpoint_every or max(1, steps // 4),
         lora_rank=rank, lora_alpha=recipe.lora.alpha or 2.0 * rank,

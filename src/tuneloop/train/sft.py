@@ -24,15 +24,16 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from tuneloop import models, tasks
-from tuneloop.data.batching import collate, length_grouped_batches, padded_batches
-from tuneloop.data.tokenize import IGNORE, encode
+from tuneloop.data.batching import collate, padded_batches, update_batches
+from tuneloop.data.tokenize import IGNORE, encode, prompt_ids
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import plot_curves
 from tuneloop.project import save_yaml
 from tuneloop.train import checkpoint, zero
 from tuneloop.train.data import Splits
 from tuneloop.train.loss import completion_loss, mean_loss
-from tuneloop.train.plan import default_batch_tokens, default_epochs, make_plan
+from tuneloop.train.plan import (default_batch_size, default_batch_tokens, default_epochs,
+                                 make_plan)
 from tuneloop.train.shard import SHARDED, passes, shard_model
 
 
@@ -53,14 +54,16 @@ class Method:
     artifact: str = "adapter"
 
 
-def schedule(lengths: list[int], epochs: float, batch_tokens: int, seed: int) -> list[list[int]]:
-    """Every micro-batch of the run, epoch after epoch (a fractional last epoch is cut short)."""
-    batches: list[list[int]] = []
+def schedule(lengths: list[int], epochs: float, batch_size: int, batch_tokens: int, seed: int,
+             parts: int = 1) -> list[list[list[int]]]:
+    """Every optimizer update of the run as its micro-batches, epoch after epoch (a fractional
+    last epoch is cut short). The updates do not depend on `batch_tokens` (data.batching)."""
+    updates: list[list[list[int]]] = []
     for epoch in range(math.ceil(epochs)):
-        epoch_batches = length_grouped_batches(lengths, batch_tokens, seed=seed + epoch)
+        epoch_updates = update_batches(lengths, batch_size, batch_tokens, seed + epoch, parts)
         share = min(1.0, epochs - epoch)
-        batches += epoch_batches[: max(1, round(share * len(epoch_batches)))]
-    return batches
+        updates += epoch_updates[: max(1, round(share * len(epoch_updates)))]
+    return updates
 
 
 def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None,
@@ -76,9 +79,9 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     `loss_fn(model, batch) -> (summed loss, answer tokens)` replaces the completion loss
     (distillation); validation stays the completion loss.
 
-    With `world` > 1 (processes launched by `train.distributed`), each step's micro-batches are
-    dealt out to the ranks, gradients are summed across them, and only rank 0 writes: the
-    result equals one process with `world` times the gradient accumulation. With `shard` as
+    With `world` > 1 (processes launched by `train.distributed`), each update's micro-batches
+    are dealt out to the ranks, gradients are summed across them, and only rank 0 writes: the
+    result equals one process with the same batch size. With `shard` as
     well ("fsdp", "zero2", "zero3"), the model's training state is sharded across them (FSDP,
     train/shard.py; DeepSpeed ZeRO, train/zero.py), checkpoints are gathered to rank 0, and
     only rank 0 returns a model (whole).
@@ -98,13 +101,12 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     lengths = [len(x) for x in train_set]
     epochs = recipe.epochs or default_epochs(len(train_set))
     batch_tokens = max(recipe.batch_tokens or default_batch_tokens(), max_length)
-    micro_batches = schedule(lengths, epochs, batch_tokens, recipe.seed)
-    tokens_per_step = sum(lengths) * epochs / max(1, len(micro_batches)) * recipe.grad_accum
+    batch_size = recipe.batch_size or default_batch_size(len(train_set))
+    updates = schedule(lengths, epochs, batch_size, batch_tokens, recipe.seed, parts=world)
+    tokens_per_step = sum(lengths) * epochs / max(1, len(updates))
     n_params = sum(p.numel() for p in model.parameters())
-    plan = make_plan(recipe.model_copy(update={"batch_tokens": batch_tokens,
-                                               "grad_accum": recipe.grad_accum * world}),
-                     len(micro_batches), epochs, max_length, tokens_per_step * world, n_params,
-                     method.learning_rate)
+    plan = make_plan(recipe, len(updates), epochs, max_length, tokens_per_step, n_params,
+                     method.learning_rate, batch_size=batch_size, batch_tokens=batch_tokens)
     writes = rank == 0
     if writes:  # the resolved settings, readable while the run trains
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,17 +131,25 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
 
     curves = {"train": [], "validation": []}
     tokens, train_s, deadline = 0, 0.0, _deadline(recipe)
-    best = {"loss": math.inf, "step": 0, "bad": 0}  # early stopping: the best validation so far
+    # The best validation so far: by the task's own metric where it has one cheap enough to
+    # score at every validation (classification: accuracy over the label set), else by loss.
+    # (Not for distillation: its validation answers are the teacher's, not gold labels.)
+    best = {"loss": math.inf, "metric": None, "step": 0, "bad": 0}
+    task_metric = (_validation_accuracy(tokenizer, splits) if recipe.task == "classify"
+                   and recipe.method != "distill" and splits.validation and world == 1
+                   else None)
+    keep_best = bool(recipe.patience or task_metric)
+    metric_curve: list = []
     first, stopped_early = 1, False  # sharded, every rank gathers and reads checkpoints
     if resume:
         first, loop = resume_from(run_dir, model, optimizer, scheduler, access)
         curves, tokens, train_s = loop["curves"], loop["tokens"], loop["train_s"]
-        best = loop.get("best", best)
+        best = {"metric": None, **loop.get("best", best)}
+        metric_curve = loop.get("metric_curve", [])
     model.train()
     for step in range(first, plan.steps + 1):
         started = time.perf_counter()
-        group = micro_batches[(step - 1) * plan.grad_accum: step * plan.grad_accum]
-        batches = [collate([train_set[i] for i in b], pad) for b in group]
+        batches = [collate([train_set[i] for i in b], pad) for b in updates[step - 1]]
         n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         step_loss, step_tokens = 0.0, 0
         # This rank's share of the step; sharded, every rank runs as many passes (weight 0
@@ -176,28 +186,32 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
             if world > 1:  # rank 0's on every rank: the ranks must decide alike from it
                 val = sum_across_ranks([], [val if rank == 0 else 0.0])[0]  # (stop, gather)
             curves["validation"].append((step, val))
+            metric = task_metric(model) if task_metric else None
+            if metric is not None:
+                metric_curve.append((step, metric))
             if on_validation:
                 on_validation(step, val)
-            if recipe.patience:
-                if val < best["loss"] - recipe.min_delta:
-                    best = {"loss": val, "step": step, "bad": 0}
+            if keep_best:
+                if _improved(val, metric, best, recipe.min_delta):
+                    best = {"loss": val, "metric": metric, "step": step, "bad": 0}
                     if writes or shard:
                         checkpoint.save_weights(model, run_dir / "checkpoints" / "best.safetensors",
                                                 access, write=writes)
                 else:
                     best["bad"] += 1
-                    stopped_early = best["bad"] >= recipe.patience
+                    stopped_early = bool(recipe.patience) and best["bad"] >= recipe.patience
         if ((writes or shard) and step % plan.checkpoint_every == 0 and step < plan.steps
                 and not out_of_time and not stopped_early):
             checkpoint.save(run_dir / "checkpoints", model, optimizer, scheduler, step,
-                            position=step * plan.grad_accum,
+                            position=step,
                             loop={"curves": curves, "tokens": tokens, "train_s": train_s,
-                                  "best": best}, access=access, write=writes)
+                                  "best": best, "metric_curve": metric_curve},
+                            access=access, write=writes)
         if out_of_time or stopped_early:
             break
 
     best_weights = run_dir / "checkpoints" / "best.safetensors"
-    use_best = bool(recipe.patience and best["step"] and best["step"] != step)
+    use_best = bool(keep_best and best["step"] and best["step"] != step)
     if use_best and not shard:  # (sharded, rank 0 reads them below instead of the shards)
         if world > 1:  # rank 0 may still be writing the best weights the others read
             torch.distributed.barrier()
@@ -230,6 +244,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         "stopped_early": stopped_early,
         "best_step": best["step"] or None,
         "best_val_loss": best["loss"] if best["step"] else None,
+        "best_val_accuracy": best["metric"],
+        "val_accuracy_curve": metric_curve or None,
         "fit": diagnose(curves),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "training_peak_rss_mb": training_rss_mb,  # before the artifact is gathered and saved
@@ -243,6 +259,35 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     (run_dir / "curves.json").write_text(json.dumps(curves))
     return {"model": model, "tokenizer": tokenizer, "plan": plan, "stats": stats,
             "artifact": artifact}
+
+
+def _validation_accuracy(tokenizer, splits: Splits) -> Callable:
+    """model -> accuracy on the validation split, decoded within the label set as at test."""
+    from tuneloop.tasks.labels import LabelTrie, label_distribution
+
+    module, info = tasks.TASKS["classify"], splits.info
+    trie = LabelTrie(tokenizer, info.labels)
+    prompts = [prompt_ids(tokenizer, module.prompt(e, info)) for e in splits.validation]
+    golds = [info.labels.index(module.target(e)) if module.target(e) in info.labels else -1
+             for e in splits.validation]
+
+    def accuracy(model) -> float:
+        model.eval()
+        best = label_distribution(model, tokenizer, trie, prompts).argmax(-1).tolist()
+        model.train()
+        return sum(b == g for b, g in zip(best, golds)) / len(golds)
+
+    return accuracy
+
+
+def _improved(loss: float, metric: float | None, best: dict, min_delta: float) -> bool:
+    """A higher task metric wins (a tie goes to the lower loss); without one, a lower loss
+    by more than min_delta."""
+    if metric is not None and best["metric"] is not None:
+        return metric > best["metric"] or (metric == best["metric"] and loss < best["loss"])
+    if metric is not None:
+        return True
+    return loss < best["loss"] - min_delta
 
 
 def sum_across_ranks(params: list, values: list[float]) -> list[float]:

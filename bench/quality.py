@@ -1,0 +1,108 @@
+"""The quality suite: the minimal recipe (nothing tuned per task) on every shared set that fits a
+task kind, scored on its test split beside the best prompting baseline and published anchors.
+
+    python bench/quality.py --sets banking77            # one set
+    python bench/quality.py                             # every set whose data is present
+
+Each set is one `tuneloop.train` run of the four-line recipe (base model, task, data, method
+lora) with the set's test file; defaults decide everything else. Writes
+bench/out/quality-<set>.json and prints a Markdown table for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tuneloop.project import recipe_from_dict
+from tuneloop.train.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+# set -> (task, folder, published anchor for the same test split)
+SETS = {
+    "banking77": ("classify", "banking77", "0.93 accuracy (full data), 0.85 (10 per intent): "
+                  "dual sentence encoders, Casanueva et al. 2020"),
+    "sroie": ("extract", "sroie", "0.85 field F1 target (issue 24)"),
+    "dolly_open_qa": ("chat", "dolly_open_qa", "ROUGE-L; no anchor for this model size"),
+    "gsm8k": ("chat", "gsm8k", "final-number match; SmolLM2-135M-Instruct reports 1.4% (8-shot)"),
+}
+HEADLINE = {"classify": "accuracy", "extract": "field_f1", "chat": "rouge_l"}
+
+
+def run_set(name: str, data: Path) -> dict:
+    task, folder, anchor = SETS[name]
+    recipe = recipe_from_dict({
+        "task": task, "name": f"quality-{name}",
+        "data": {"train": str(data / folder / "train.jsonl"),
+                 "test": str(data / folder / "test.jsonl")},
+        "method": "lora"})
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as ws:
+        result = train(recipe, workspace=Path(ws), on_phase=lambda p: print(p, flush=True))
+    result.update(wall_s=time.perf_counter() - started, set=name, anchor=anchor, task=task,
+                  device=torch.cuda.get_device_name() if torch.cuda.is_available()
+                  else f"{os.cpu_count()} CPU cores",
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return result
+
+
+def row(result: dict) -> str:
+    metric = HEADLINE[result["task"]]
+    test = result["test"]
+    ci = test.get("ci95", {})
+    gate = result.get("gate") or {}
+    best = gate.get("best_baseline")
+    best_value = (result.get("baselines") or {}).get(best, {}).get(metric) if best else None
+    calib = test.get("calibration") or {}
+    memory = (f"{result['peak_gpu_mb']:.0f} GPU" if result.get("peak_gpu_mb")
+              else f"{result['peak_rss_mb']:.0f} RSS")
+    return (f"| {result['set']} | {metric} {test[metric]:.3f} [{ci.get('low', float('nan')):.3f}, "
+            f"{ci.get('high', float('nan')):.3f}] | "
+            f"{calib.get('ece', float('nan')):.3f} | "
+            f"{best or '-'} {'' if best_value is None else f'{best_value:.3f}'} | "
+            f"{result['steps']} | {result['train_tokens']:,} | {result['train_s'] / 60:.1f} | "
+            f"{result['wall_s'] / 60:.1f} | {memory} | {result['anchor']} |")
+
+
+def table(results: list[dict]) -> str:
+    device = results[0]["device"]
+    lines = [f"## quality ({time.strftime('%Y-%m-%d')}, {device})", "",
+             "The minimal recipe (base model, task, data, method lora); everything else derived.",
+             "", "| set | test metric [95% CI] | ECE | best baseline | updates | training tokens "
+             "| training min | whole run min | peak MB | published anchor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [row(r) for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    args = parser.parse_args()
+    results = []
+    for name in args.sets.split(","):
+        if not (args.data / SETS[name][1] / "train.jsonl").is_file():
+            print(f"{name}: no data under {args.data}; skipped", flush=True)
+            continue
+        result = run_set(name, args.data)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"quality-{name}.json").write_text(json.dumps(result, indent=2, default=str))
+        results.append(result)
+        print(row(result), flush=True)
+    if results:
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()
