@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_rows, write_jsonl
+from tests.conftest import LABELS, make_rows, write_jsonl
 from tuneloop.errors import TuneloopError
 
 EXE = shutil.which("tuneloop", path=str(Path(sys.executable).parent)) or "tuneloop"
@@ -84,7 +84,11 @@ def test_train_eval_runs_end_to_end(tmp_path, tiny_model, classify_files):
 
     ev = tl("eval", "--model", run_id, "--data", test, "--json", env=env)
     assert ev.returncode == 0, ev.stderr[-3000:]
-    assert json.loads(ev.stdout)["accuracy"] == pytest.approx(result["accuracy"])
+    scored = json.loads(ev.stdout)
+    assert scored["accuracy"] == pytest.approx(result["accuracy"])
+    assert 0.0 <= scored["ece"] <= 1.0 and 0.0 < scored["mean_confidence"] <= 1.0
+    rows = [json.loads(line) for line in open(scored["predictions"], encoding="utf-8")]
+    assert all(r["prediction"] in LABELS and 0.0 < r["confidence"] <= 1.0 for r in rows)
 
     base = tl("eval", "--model", tiny_model, "--data", test, "--task", "classify", "--json", env=env)
     assert base.returncode == 0, base.stderr[-3000:]

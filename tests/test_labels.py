@@ -154,3 +154,16 @@ def test_a_shared_prefix_run_once_scores_labels_as_the_whole_prompts_do(tiny):
     shared = label_distribution(model, tok, trie, suffixes, batch_size=2, prefix=prefix)
     whole = label_distribution(model, tok, trie, [prefix + s for s in suffixes], batch_size=2)
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-4)
+
+
+def test_a_classifier_is_prompted_as_it_was_trained_old_artifacts_too():
+    """New classifiers learn with the short system turn and record it with their artifact; one
+    saved before that record existed learned with the instruction, and is prompted with it."""
+    info = TaskInfo(kind="classify", labels=("a", "b"))
+    saved = info.to_dict()
+    assert saved["system"] == classify.TRAINED_SYSTEM
+    ask = Example(messages=({"role": "user", "content": "hi"},), answer="")
+    assert classify.prompt(ask, TaskInfo.from_dict(saved))[0]["content"] == "Classify."
+    legacy = {k: v for k, v in saved.items() if k != "system"}
+    assert classify.prompt(ask, TaskInfo.from_dict(legacy))[0]["content"] == classify.SYSTEM
+    assert "Labels: a, b." in classify.prompt(ask, info, zero_shot=True)[0]["content"]

@@ -75,4 +75,9 @@ def evaluate(model: str, data: str | Path, task: str | None = None,
     record_evaluation(registry, ws / "evaluations" / eval_id, result, model=model,
                       run_id=run.id if run else None, dataset=ds.id, strategy=strategy, task=task)
     flat = {k: v for k, v in result["metrics"].items() if not isinstance(v, dict)}
-    return {"model": model, "task": task, "strategy": strategy, **flat, "metrics": result["metrics"]}
+    calibration = result["metrics"].get("calibration")
+    if calibration:  # a classifier's: each prediction's confidence is in the predictions file
+        flat.update(ece=calibration["ece"], mean_confidence=calibration["mean_confidence"])
+    return {"model": model, "task": task, "strategy": strategy, **flat, "evaluation": eval_id,
+            "predictions": str(ws / "evaluations" / eval_id / "predictions.jsonl"),
+            "metrics": result["metrics"]}

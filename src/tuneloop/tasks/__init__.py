@@ -19,12 +19,20 @@ class TaskInfo:
     fields: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
+    system: str | None = None  # classify: the system turn the model was trained with
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "labels": list(self.labels), "fields": list(self.fields)}
+        out = {"kind": self.kind, "labels": list(self.labels), "fields": list(self.fields)}
+        if self.kind == "classify":  # kept with the artifact: eval and serving prompt alike
+            out["system"] = self.system or classify.TRAINED_SYSTEM
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskInfo":
-        return cls(d["kind"], tuple(d.get("labels", ())), tuple(d.get("fields", ())))
+        # A classifier saved before its system turn was recorded learned with the instruction.
+        system = d.get("system", classify.SYSTEM if d["kind"] == "classify" else None)
+        return cls(d["kind"], tuple(d.get("labels", ())), tuple(d.get("fields", ())),
+                   system=system)
 
 
 TASKS = {"classify": classify, "extract": extract, "chat": chat}

@@ -15,7 +15,10 @@ TRAINED_SYSTEM = "Classify."
 def prompt(example, info, zero_shot: bool = False) -> list[dict]:
     """The messages for one example. Zero-shot prompts instruct and list the labels; trained
     ones carry the short system turn the model learned with."""
-    system = SYSTEM + " Labels: " + ", ".join(info.labels) + "." if zero_shot else TRAINED_SYSTEM
+    if zero_shot:
+        system = SYSTEM + " Labels: " + ", ".join(info.labels) + "."
+    else:  # what the model learned with (an artifact records it: tasks.TaskInfo.system)
+        system = (info.system if info else None) or TRAINED_SYSTEM
     return [{"role": "system", "content": system}, *example.messages]
 
 

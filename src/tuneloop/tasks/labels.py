@@ -5,11 +5,12 @@ then end-of-turn. The trie over those token sequences gives every label a probab
 product of the model's next-token probabilities renormalized over each node's children, so
 the label probabilities sum to one and an answer outside the set cannot be produced.
 
-`label_distribution` scores every label for a batch of prompts in one pass per batch: the
-prompts run once (their KV cache is kept), then only the paths to the trie's branching nodes
-(for banking77's 77 labels: 17 nodes, 54 tokens) run on top of it. A node with one child
+`label_distribution` scores every label for a batch of prompts in two passes per batch: the
+prompts (their KV cache is kept), then, on top of it, the trie's nodes on the way to its
+branching nodes as one row per prompt with tree attention (`_Tree`). A node with one child
 needs no forward pass: its child has probability one. `LabelMatcher` walks the same trie token
-by token for the serving engine.
+by token for the serving engine; its greedy path is the argmax label whenever the mass does
+not split below a branch (eval takes the argmax of the whole distribution).
 """
 
 from __future__ import annotations
