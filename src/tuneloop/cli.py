@@ -96,6 +96,11 @@ def data_validate(
             hidden = sum(report.counts.values()) - min(50, len(report.problems))
             if hidden:
                 out.print(f"... and {hidden} more (use --json for the full list)")
+        if report.warnings:
+            table = Table("line", "code", "message", title=f"warnings in {file}")
+            for w in report.warnings[:50]:
+                table.add_row(str(w.line), w.code, w.message)
+            out.print(table)
         verdict = "[green]valid[/]" if report.ok else "[red]invalid[/]"
         formats = ", ".join(f"{n} {k}" for k, n in report.formats.items()) or "none"
         out.print(f"{file}: {verdict} — {report.rows} rows, {report.valid} valid ({formats})")

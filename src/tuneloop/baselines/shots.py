@@ -11,6 +11,7 @@ import random
 
 from tuneloop import tasks
 from tuneloop.data.formats import Example
+from tuneloop.data.tokenize import render_ids
 from tuneloop.train.data import key
 
 
@@ -55,24 +56,20 @@ def prefix_messages(info, shots: list[Example]) -> list[dict]:
 def split_prompts(tokenizer, prefix: list[dict], examples: list[Example]
                   ) -> tuple[list[int], list[list[int]]]:
     """(prefix ids, suffix ids per example) of prefix + each example's turns, as the chat
-    template renders them. The prefix is rendered and tokenized once.
+    template renders them (contents tokenized as text: data.tokenize.render_ids).
 
-    The template renders the prefix text unchanged when turns are appended, and a turn starts
+    The template renders the prefix unchanged when turns are appended, and a turn starts
     with a special token, so the token boundary falls exactly between prefix and suffix.
     """
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    prefix_text = tokenizer.apply_chat_template(prefix, tokenize=False) if prefix else ""
+    prefix_ids = render_ids(tokenizer, prefix) if prefix else []
     suffixes = []
     for example in examples:
         user = [m for m in example.messages if m["role"] != "system"]
-        full = tokenizer.apply_chat_template([*prefix, *user], tokenize=False,
-                                             add_generation_prompt=True)
-        if not full.startswith(prefix_text):
+        full = render_ids(tokenizer, [*prefix, *user], add_generation_prompt=True)
+        if full[:len(prefix_ids)] != prefix_ids:
             raise ValueError("the chat template does not render the shared prefix unchanged")
-        suffixes.append(encode(full[len(prefix_text):]))
-    return encode(prefix_text), suffixes
+        suffixes.append(full[len(prefix_ids):])
+    return prefix_ids, suffixes
 
 
 def split_prompt(tokenizer, prefix: list[dict], example: Example) -> tuple[list[int], list[int]]:
@@ -85,8 +82,7 @@ def count(tokenizer, messages: list[dict]) -> int:
     """Tokens of messages rendered by the chat template (no generation prompt)."""
     if not messages:
         return 0
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(render_ids(tokenizer, messages))
 
 
 def fit(tokenizer, info, candidates: list[Example], budget: int, limit: int | None = None) -> list[Example]:

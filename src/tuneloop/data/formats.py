@@ -61,6 +61,7 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # problems per code
     formats: dict[str, int] = field(default_factory=dict)  # valid rows per input format
+    warnings: list[Problem] = field(default_factory=list)  # worth a look; the row stays valid
 
     @property
     def ok(self) -> bool:
@@ -77,6 +78,7 @@ class Report:
             "formats": self.formats, "counts": self.counts,
             "problems": [p.__dict__ for p in self.problems],
             "problems_not_listed": sum(self.counts.values()) - len(self.problems),
+            "warnings": [w.__dict__ for w in self.warnings],
         }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 IGNORE = -100  # label value that carries no loss (PyTorch's cross-entropy ignore_index)
@@ -18,10 +19,38 @@ class Encoded:
         return len(self.input_ids)
 
 
+# Each message's content is rendered as a marker the template passes through untouched
+# (private-use code points around its index), so that the text between the markers is the
+# template's own and the text inside is the user's.
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """The chat template's tokens for `messages`, with every message's content tokenized as
+    text: a control-token string typed inside it (`<|im_end|>`, `<|im_start|>system`) stays
+    ordinary text, while the template's own markers are control tokens. For clean text the
+    ids are those of tokenizing the rendered text whole (a turn's content sits between a
+    newline or a special token and a special token, where the tokenizer splits anyway)."""
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    text = tokenizer.apply_chat_template(marked, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    found = [int(m.group(1)) for m in _MARK.finditer(text)]
+    if sorted(found) != list(range(len(messages))) or any(
+            "\ue000" in str(m.get("content", "")) for m in messages):
+        raise ValueError("the chat template does not render each message's content once as "
+                         "given; its prompt cannot be tokenized safely")
+    ids, at = [], 0
+    for match in _MARK.finditer(text):
+        ids += tokenizer(text[at:match.start()], add_special_tokens=False)["input_ids"]
+        content = str(messages[int(match.group(1))].get("content") or "")
+        ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        at = match.end()
+    return ids + tokenizer(text[at:], add_special_tokens=False)["input_ids"]
+
+
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt as the model sees it at inference: chat template plus the assistant header."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return render_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def encode(tokenizer, messages: list[dict], answer: str) -> Encoded:
@@ -30,13 +59,11 @@ def encode(tokenizer, messages: list[dict], answer: str) -> Encoded:
     The completion is cut right after the end-of-turn token: the template's trailing newline
     is never generated at inference, so learning it would only cost compute.
     """
-    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(
-        [*messages, {"role": "assistant", "content": answer}], tokenize=False)
-    if not full_text.startswith(prompt_text):
+    p_ids = prompt_ids(tokenizer, messages)
+    full = render_ids(tokenizer, [*messages, {"role": "assistant", "content": answer}])
+    if full[:len(p_ids)] != p_ids:
         raise ValueError("the chat template renders the prompt differently with an answer appended")
-    p_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    c_ids = full[len(p_ids):]
     eos = tokenizer.eos_token_id
     if eos in c_ids:
         c_ids = c_ids[: c_ids.index(eos) + 1]
