@@ -426,3 +426,19 @@ def test_a_job_whose_worker_dies_is_taken_over_and_resumes_from_its_checkpoint(s
     messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert any("taken over" in m for m in messages)
     assert any(m.startswith("Resuming run") for m in messages)
+
+
+def test_a_request_past_its_deadline_is_answered_and_its_rows_freed(tiny_model, tmp_path):
+    with two_tenant_server(tiny_model, tmp_path, deployed=False, worker=False,
+                           request_timeout_s=0.02) as srv:
+        c = openai.OpenAI(base_url=srv["url"] + "/v1", api_key=srv["keys"]["acme"], max_retries=0)
+        with pytest.raises(openai.APIStatusError) as late:
+            c.chat.completions.create(model=srv["base"], messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=200, temperature=1, seed=1)
+        assert late.value.status_code == 504 and late.value.body["code"] == "timeout"
+        for _ in range(100):
+            engines = httpx.get(srv["url"] + "/health").json()["engines"]
+            if all(e["running"] == 0 for e in engines.values()):
+                break
+            time.sleep(0.05)
+        assert all(e["running"] == 0 for e in engines.values())

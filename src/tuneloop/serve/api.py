@@ -213,8 +213,16 @@ class _Stream:
                 for i in range(self.body.n):
                     yield self._chunk(i, None, None, first=True)
             remaining = self.body.n
+            deadline = started + self.app.state.settings.request_timeout_s
             while remaining:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(events.get(),
+                                                   max(0.0, deadline - time.perf_counter()))
+                except asyncio.TimeoutError:
+                    status = "error"
+                    raise ApiError(504, "The model did not finish this request in "
+                                   f"{self.app.state.settings.request_timeout_s:g} s",
+                                   type="server_error", code="timeout") from None
                 if event[0] == "error":
                     status = "error"
                     raise ApiError(500, event[1], type="server_error", code="engine_error")

@@ -43,6 +43,9 @@ class Settings:
     # A classifier's reply whose label probability is below this answers REVIEW instead (a
     # request may set its own with "review_below"); None: always the label.
     review_below: float | None = None
+    # The last guard: a request the engine has not finished by then is answered with an error
+    # (and its rows freed) instead of waiting for ever.
+    request_timeout_s: float = 600.0
     log_retention_days: int = 30  # request log rows without feedback are deleted after this
     max_batch: int = 32
     adapter_budget_mb: int = 512
