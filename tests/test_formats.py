@@ -37,6 +37,10 @@ def codes(path, **kw) -> dict[str, list[int]]:
     ('{"text": "broken', "invalid_json"),
     ({"text": "no label here"}, "missing_label"),
     ({"text": "x", "fields": []}, "missing_fields"),
+    ({"text": "x", "fields": {"when": {"day": 1}}}, "bad_field_value"),
+    ({"text": "x", "fields": {"who": ["Ann", ["Bob"]]}}, "bad_field_value"),
+    ({"tokens": ["a", "b"], "tags": ["O"]}, "bad_bio"),
+    ({"tokens": ["a"], "tags": ["X-person"]}, "bad_bio"),
 ])
 def test_each_code_names_the_line(tmp_path, row, code):
     rows = [GOOD_CHAT] * 12
@@ -139,3 +143,25 @@ def test_memory_stays_flat_on_large_files(tmp_path):
     assert out["codes"] == {"line_too_large": 1, "too_few_examples": 1}
     assert out["valid"] == 40_000_000 // len(row)
     assert out["grew_mb"] < 64, out
+
+
+def test_rows_with_nothing_to_extract_are_valid_and_all_empty_is_warned(tmp_path):
+    rows = [{"text": f"price range {i}?", "fields": {}} for i in range(11)]
+    report = scan(write_jsonl(tmp_path / "e.jsonl", rows), task="extract")
+    assert report.ok and report.valid == 11
+    assert [w.code for w in report.warnings] == ["nothing_to_extract"]
+    rows.append({"text": "two people: Ann and Bob", "fields": {"people": ["Ann", "Bob"]}})
+    report = scan(write_jsonl(tmp_path / "f.jsonl", rows), task="extract")
+    assert report.ok and report.valid == 12 and report.warnings == []
+
+
+def test_bio_rows_become_extraction_rows_with_lists_of_spans(tmp_path):
+    rows = [{"tokens": ["Will", "Shawn", "Mendez", "meet", "taylor", "swift", "in", "Paris", "?"],
+             "tags": ["O", "B-person", "I-person", "O", "B-person", "I-person", "O",
+                      "B-location", "O"]},
+            {"tokens": ["lol", "ok"], "tags": ["O", "O"]},
+            {"tokens": ["x", "Ann", "Bo"], "tags": ["O", "I-person", "B-person"]}]  # stray I-
+    first, empty, stray = load_examples(write_jsonl(tmp_path / "b.jsonl", rows), "extract")
+    assert first.fields == {"person": ["Shawn Mendez", "taylor swift"], "location": ["Paris"]}
+    assert first.messages[0]["content"] == "Will Shawn Mendez meet taylor swift in Paris ?"
+    assert empty.fields == {} and stray.fields == {"person": ["Ann", "Bo"]}

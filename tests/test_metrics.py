@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
+from tuneloop.data.formats import Example
 from tuneloop.tasks import TaskInfo, chat, classify, extract
 
 
@@ -34,11 +36,58 @@ def test_extract_metrics_by_hand():
     preds = [{"name": "acme  ltd", "total": "10.5"}, None]
     m = extract.metrics(preds, golds, [True, False])
     assert m["json_valid_rate"] == 0.5
-    assert m["per_field"]["name"] == {"exact": 0.0, "normalized": 0.5}
+    assert m["per_field"]["name"] == {"exact": 0.0, "normalized": 0.5, "precision": 1.0,
+                                      "recall": 0.5, "f1": pytest.approx(2 / 3), "gold_values": 2}
     assert m["per_field"]["total"]["normalized"] == 0.5
     # 2 true positives, 2 predicted fields, 4 gold fields
     assert m["field_precision"] == 1.0 and m["field_recall"] == 0.5
     assert m["field_f1"] == pytest.approx(2 / 3)
+
+
+def test_list_fields_score_as_multisets_and_abstention_is_measured():
+    """Several values of one kind: a list is a multiset of normalized values (order aside, a
+    repeat counts twice); a value on a row with nothing to extract is a false positive; rows
+    with nothing are scored for answering nothing; values found in no input are counted."""
+    golds = [{"person": ["Ann Lee", "Bob"], "place": None},
+             {"person": None, "place": None},          # nothing to extract
+             {"person": None, "place": None},          # nothing to extract
+             {"person": ["Cy", "Cy"], "place": "Rome"}]
+    preds = [{"person": ["bob", "ann  lee", "Dan"], "place": None},
+             {"person": None, "place": None},
+             {"person": ["Zed"], "place": None},       # invented: in no input
+             {"person": ["Cy"], "place": "rome"}]
+    texts = ["Ann Lee met Bob and Dan", "Price range is moderate?", "hello", "Cy and Cy in Rome"]
+    m = extract.metrics(preds, golds, [True] * 4, texts=texts)
+    person = m["per_field"]["person"]
+    # person: gold 4 values, predicted 5 (3 + 1 + 1), right 3 (ann lee, bob, one cy)
+    assert (person["gold_values"], person["precision"], person["recall"]) == (4, 3 / 5, 3 / 4)
+    assert m["per_field"]["place"]["f1"] == 1.0
+    assert m["field_precision"] == 4 / 6 and m["field_recall"] == 4 / 5
+    assert m["empty_rows"] == 2 and m["empty_row_accuracy"] == 0.5
+    assert m["hallucination_rate"] == pytest.approx(1 / 6)  # "Zed" of 6 predicted values
+
+
+def test_the_prompt_target_and_schema_agree_on_one_answer_shape():
+    """Every field present in the task's order, null where the row has none: in the target the
+    model learns, the keys its prompt names and the schema its decoding is held to."""
+    import jsonschema
+
+    info = TaskInfo("extract", fields=("company", "date", "total"),
+                    field_info={"company": {"type": "string", "description": "the seller"},
+                                "date": {"type": "string"}, "total": {"type": "number"}})
+    row = Example(({"role": "user", "content": "ACME 3.50"},), "", fields={"total": 3.5,
+                                                                            "company": "ACME"})
+    target = json.loads(extract.target(row, info))
+    assert list(target) == ["company", "date", "total"] and target["date"] is None
+    schema = json.loads(extract.schema(info))
+    jsonschema.validate(target, schema)
+    assert list(schema["properties"]) == list(target) and schema["required"] == list(target)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"company": "ACME", "date": None}, schema)  # a key missing
+    system = extract.prompt(row, info)[0]["content"]
+    assert "company (the seller), date, total." in system
+    empty = Example(({"role": "user", "content": "nothing here"},), "", fields={})
+    assert json.loads(extract.target(empty, info)) == {"company": None, "date": None, "total": None}
 
 
 def test_extract_parse_finds_the_json_object():

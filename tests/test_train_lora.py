@@ -9,6 +9,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import write_jsonl
 from tuneloop.project import recipe_from_dict
 from tuneloop.store import Registry
 from tuneloop.train.run import train
@@ -177,3 +178,40 @@ def test_the_weights_kept_are_the_best_by_validation_accuracy(tiny_model, classi
     saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     for name, tensor in best.items():
         torch.testing.assert_close(saved[name.replace(".default", "")], tensor, rtol=0, atol=0)
+
+
+def test_extraction_with_empty_rows_and_list_fields_trains_and_is_scored(tiny_model, tmp_path, workspace):
+    """Rows with nothing to extract train as the all-null answer and are scored for answering
+    nothing; list fields are learned and scored as lists."""
+    from tuneloop.data.tokenize import encode
+    from tuneloop.train.data import load_splits
+
+    words = ["ann", "bob", "cy", "dan"]
+    rows = []
+    for i in range(40):
+        if i % 3 == 0:
+            rows.append({"text": f"nothing here {i}", "fields": {}})
+        else:
+            who = [words[i % 4], words[(i + 1) % 4]][: 1 + i % 2]
+            rows.append({"text": f"{' and '.join(who)} came {i}", "fields": {"people": who}})
+    train_file = write_jsonl(tmp_path / "train.jsonl", rows[:32])
+    test_file = write_jsonl(tmp_path / "test.jsonl", rows[32:])
+    recipe = recipe_from_dict({"base_model": str(tiny_model), "task": "extract", "baselines": [],
+                               "data": {"train": str(train_file), "test": str(test_file)},
+                               "max_steps": 3, "forgetting": {"enabled": False}})
+    splits = load_splits(recipe.data, "extract")
+    assert splits.info.fields == ("people",) and splits.info.field_info["people"]["type"] == "list"
+    empty = next(e for e in splits.train if e.fields == {})
+    from tuneloop.tasks import extract
+
+    assert extract.target(empty, splits.info) == '{"people": null}'
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    enc = encode(tok, extract.prompt(empty, splits.info), extract.target(empty, splits.info))
+    learned = tok.decode([t for t in enc.labels if t >= 0], skip_special_tokens=True)
+    assert learned == '{"people": null}'
+    result = train(recipe, workspace=workspace)
+    test = result["test"]
+    assert test["json_valid_rate"] == 1.0 and test["empty_rows"] == 3
+    assert 0.0 <= test["empty_row_accuracy"] <= 1.0 and "hallucination_rate" in test

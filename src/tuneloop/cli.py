@@ -63,9 +63,12 @@ def training_progress(enabled: bool = True):
                TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
                TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task("training", total=None, loss=float("nan"), tps=0.0)
+        task = None  # drawn at the first step: the data is validated and loaded before it
 
         def update(step, steps, loss, tps):
+            nonlocal task
+            if task is None:
+                task = bar.add_task("training", total=steps, loss=loss, tps=tps)
             bar.update(task, total=steps, completed=step, loss=loss, tps=tps)
 
         yield update

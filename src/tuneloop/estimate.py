@@ -210,10 +210,10 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
 
 def _data_tokens(recipe) -> tuple[int, int, int]:
     """(training tokens per epoch, longest example, rows), tokenized as training will."""
-    splits = load_splits(recipe.data, recipe.task)
+    splits = load_splits(recipe.data, recipe.task, recipe.fields)
     tokenizer = models.load_tokenizer(recipe.base_model)
     module = tasks.TASKS[recipe.task]
-    lengths = [len(encode(tokenizer, module.prompt(e, splits.info), module.target(e)))
+    lengths = [len(encode(tokenizer, module.prompt(e, splits.info), module.target(e, splits.info)))
                for e in splits.train]
     if recipe.max_length:
         lengths = [n for n in lengths if n <= recipe.max_length]

@@ -46,6 +46,14 @@ class FullSpec(_Strict):
                                "with the embeddings, in full fine-tuning")
 
 
+class FieldSpec(_Strict):
+    name: str = Field(min_length=1, description="the key in the answer")
+    type: Literal["string", "number", "list", "any"] | None = Field(
+        None, description="string | number | list (several values) | any; default: the data's")
+    description: str | None = Field(None, max_length=500, description="what the field holds, "
+                                    "in the prompt")
+
+
 class DpoSpec(_Strict):
     beta: float = Field(0.1, gt=0, description="how far the policy may move from the start point")
     start: str | None = Field(None, description="a finished SFT run whose adapter DPO continues; "
@@ -101,6 +109,8 @@ class Recipe(_Strict):
     patience: int | None = Field(None, gt=0, description="early stopping: stop after this many "
                                  "validations without improvement and keep the best weights")
     min_delta: float = Field(0.0, ge=0, description="smallest validation-loss drop that counts")
+    fields: list[FieldSpec] | None = Field(None, description="extract: the answer's fields in "
+                                           "order; default: the training data's keys")
     lora: LoraSpec = LoraSpec()
     full: FullSpec = FullSpec()
     dpo: DpoSpec = DpoSpec()

@@ -89,7 +89,7 @@ def _candidate(recipe, ws: Path, train_steps: int, sample: int) -> dict:
     lm, tok = models.load_model(recipe.base_model), models.load_tokenizer(recipe.base_model)
     train_rows = load_examples(recipe.data.train, recipe.task)
     test_rows = load_examples(recipe.data.test, recipe.task)
-    info = tasks.describe(recipe.task, train_rows)
+    info = tasks.describe(recipe.task, train_rows, recipe.fields)
     collection = (rag.load_passages(recipe.data.documents)
                   if strategy == "rag" and recipe.data.documents else None)
     setup = make_setup(tok, recipe.base_model, info, train_rows, test_rows,

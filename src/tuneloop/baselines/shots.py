@@ -43,7 +43,7 @@ def turns(example: Example, info) -> list[dict]:
     """One shot as chat turns: its user turn(s) and the answer as the assistant's reply."""
     module = tasks.TASKS[info.kind]
     user = [m for m in example.messages if m["role"] != "system"]
-    return [*user, {"role": "assistant", "content": module.target(example)}]
+    return [*user, {"role": "assistant", "content": module.target(example, info)}]
 
 
 def prefix_messages(info, shots: list[Example]) -> list[dict]:

@@ -94,7 +94,8 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
                   strategies: list[str] | None = None, workspace: Path | None = None,
                   max_prompt_tokens: int = MANY_SHOT_TOKENS, seed: int = 0,
                   documents: Path | None = None, passages: int = RAG_PASSAGES,
-                  reuse_prefix: bool = True, rerun: bool = False, on_phase=None) -> dict[str, dict]:
+                  reuse_prefix: bool = True, rerun: bool = False, on_phase=None,
+                  fields=None) -> dict[str, dict]:
     """Score each strategy on `test` (shots drawn from `train`, passages from `documents`);
     returns metrics by strategy."""
     strategies = strategies or list(DEFAULT)
@@ -106,11 +107,14 @@ def run_baselines(base_model: str, train: Path, test: Path, task: str,
     train_rows, test_rows = load_examples(train, task), load_examples(test, task)
     test_ds = registry.add_dataset(file_sha256(test), str(test), len(test_rows), task)
     train_ds = registry.add_dataset(file_sha256(train), str(train), len(train_rows), task)
-    info = tasks.describe(task, train_rows)
+    info = tasks.describe(task, train_rows, fields)
     collection = rag.load_passages(documents) if documents and "rag" in strategies else None
     # A result is reused only if it was scored with the same prompt budget and shot order
     # (and, for rag, the same documents and passage count).
     settings = {s: {"max_prompt_tokens": max_prompt_tokens, "seed": seed} for s in strategies}
+    if fields:  # the recipe's fields change the prompt
+        for s in strategies:
+            settings[s]["fields"] = [f.model_dump() for f in fields]
     if collection:
         settings["rag"].update(documents=rag.collection_sha256(collection), passages=passages)
     found = {} if rerun else registry.baselines(base_model, test_ds.id, train_ds.id, settings)
@@ -160,7 +164,8 @@ def recipe_baselines(recipe, strategies: list[str] | None = None, **options) -> 
         raise TuneloopError("baselines need data.test in the recipe (the held-out rows to score)")
     return run_baselines(recipe.base_model, recipe.data.train, recipe.data.test, recipe.task,
                          strategies or recipe.baselines, max_prompt_tokens=recipe.many_shot_tokens,
-                         documents=recipe.data.documents, passages=recipe.rag_passages, **options)
+                         documents=recipe.data.documents, passages=recipe.rag_passages,
+                         fields=recipe.fields, **options)
 
 
 def per_row_shots(test_rows, candidates, k: int) -> list[list]:

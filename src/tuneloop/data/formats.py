@@ -4,7 +4,9 @@ Accepted JSONL rows (one object per line):
   chat            {"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}
   prompt/completion {"prompt": "...", "completion": "..."}
   classification  {"text": "...", "label": "..."}
-  extraction      {"text": "...", "fields": {...}}
+  extraction      {"text": "...", "fields": {...}}   (fields: {} is "nothing to extract")
+  BIO-tagged      {"tokens": [...], "tags": ["B-person", "I-person", "O", ...]}  → extraction
+                  rows whose fields are lists of the tagged spans, by type
   preference      {"prompt": "..." or [messages], "chosen": "...", "rejected": "..."}  (DPO)
 
 The codes follow OpenAI's fine-tuning validator where one exists, so teams moving from its
@@ -125,6 +127,8 @@ def parse_row(obj: object, line: int, task: str | None) -> tuple[Example | None,
         return _parse_chat(obj, line)
     if "prompt" in obj or "completion" in obj:
         return _parse_prompt_completion(obj, line)
+    if "tokens" in obj and "tags" in obj:
+        return _parse_bio(obj, line)
     if "text" in obj:
         return _parse_text_row(obj, line, task)
     keys = ", ".join(sorted(obj)) or "none"
@@ -151,6 +155,45 @@ def _parse_preference(obj: dict, line: int):
         return None, "preference", problems
     return (Example(messages=tuple(messages), answer=obj["chosen"].strip(),
                     rejected=obj["rejected"].strip(), line=line), "preference", [])
+
+
+def _field_value(value) -> bool:
+    """A string, a number, null, or a list of those (several values of one kind)."""
+    scalar = (str, int, float, type(None))
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, list):
+        return all(isinstance(v, scalar) and not isinstance(v, bool) for v in value)
+    return isinstance(value, scalar)
+
+
+def _parse_bio(obj: dict, line: int):
+    """Token/tag rows (CoNLL-style BIO, as WNUT 2017 ships them) as extraction rows: each
+    entity type a field holding the list of its spans' texts, in order; none: fields {}."""
+    tokens, tags = obj["tokens"], obj["tags"]
+    if (not isinstance(tokens, list) or not isinstance(tags, list) or len(tokens) != len(tags)
+            or not tokens or not all(isinstance(t, str) for t in tokens + tags)):
+        return None, "bio", [Problem(line, "bad_bio", "`tokens` and `tags` must be lists of "
+                                     "strings of the same, non-zero length")]
+    fields: dict[str, list[str]] = {}
+    span: list[str] = []
+    kind = None
+    for token, tag in [*zip(tokens, tags), ("", "O")]:
+        inside = tag.startswith("I-") and kind == tag[2:]
+        if span and not inside:  # the open span ends here
+            fields.setdefault(kind, []).append(" ".join(span))
+            span, kind = [], None
+        if tag.startswith(("B-", "I-")) and not inside:  # (a stray I- opens a span, as seqeval)
+            span, kind = [token], tag[2:]
+        elif inside:
+            span.append(token)
+        elif tag != "O":
+            return None, "bio", [Problem(line, "bad_bio", f"tag {tag!r} is not O, B-TYPE or "
+                                         "I-TYPE")]
+    text = obj.get("text") if isinstance(obj.get("text"), str) else " ".join(tokens)
+    user = ({"role": "user", "content": text},)
+    return (Example(user, json.dumps(fields, ensure_ascii=False), fields=fields, text=text,
+                    line=line), "bio", [])
 
 
 def prompt_messages(prompt) -> list[dict] | None:
@@ -230,9 +273,15 @@ def _parse_text_row(obj: dict, line: int, task: str | None):
     user = ({"role": "user", "content": text},)
     if "fields" in obj or task == "extract":
         fields = obj.get("fields")
-        if not isinstance(fields, dict) or not fields:
-            return None, "extraction", [Problem(line, "missing_fields", "`fields` must be a "
-                                                "non-empty object of field name → value")]
+        if not isinstance(fields, dict):
+            return None, "extraction", [Problem(line, "missing_fields", "`fields` must be an "
+                                                "object of field name → value ({} when the text "
+                                                "holds none of them)")]
+        problems = [Problem(line, "bad_field_value", f"fields.{name} is {type(value).__name__}; "
+                            "a value is a string, a number, null or a list of those")
+                    for name, value in fields.items() if not _field_value(value)]
+        if problems:
+            return None, "extraction", problems
         answer = json.dumps(fields, ensure_ascii=False)
         return Example(user, answer, fields=fields, text=text, line=line), "extraction", []
     label = obj.get("label")
@@ -253,6 +302,7 @@ def scan(path: str | Path, task: str | None = None,
     """
     path = Path(path)
     report = Report(str(path))
+    empty_extractions = 0
     if not path.is_file():
         raise TuneloopError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -284,6 +334,7 @@ def scan(path: str | Path, task: str | None = None,
         if example is not None and not problems:
             report.valid += 1
             report.formats[fmt] = report.formats.get(fmt, 0) + 1
+            empty_extractions += example.fields == {}
             if on_example:
                 on_example(example)
     if report.rows == 0:
@@ -292,6 +343,10 @@ def scan(path: str | Path, task: str | None = None,
     elif report.valid < MIN_EXAMPLES:
         report.add(Problem(0, "too_few_examples", f"{report.valid} valid examples; at least "
                            f"{MIN_EXAMPLES} are needed to fine-tune"))
+    if report.valid and empty_extractions == report.valid:
+        report.warnings.append(Problem(0, "nothing_to_extract", f"all {report.valid} rows have "
+                                       "empty fields: a model trained on them only learns to "
+                                       "answer that nothing is there"))
     return report
 
 

@@ -33,7 +33,7 @@ def token_lengths(files: list[Path], task: str, model: str) -> dict:
         return {}
     kind = tasks.TASKS[task]
     info = tasks.describe(task, examples)
-    lengths = sorted(len(encode(tokenizer, kind.prompt(e, info), kind.target(e)))
+    lengths = sorted(len(encode(tokenizer, kind.prompt(e, info), kind.target(e, info)))
                      for e in examples)
     counts = [0] * (len(BINS) + 1)
     for n in lengths:

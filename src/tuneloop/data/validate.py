@@ -33,5 +33,5 @@ def validate(path: str | Path, task: str | None = None,
                                         "it came from a template or a log"))
 
     report = scan(path, task, count_tokens=count_tokens, max_tokens=limit, on_example=on_example)
-    report.warnings = warnings
+    report.warnings = warnings + report.warnings
     return report

@@ -87,7 +87,9 @@ def report_data(run_id: str, registry, workspace: Path) -> dict:
             "final_val_kl", "fit", "peak_rss_mb", "peak_gpu_mb", "device")},
         "curves": json.loads(curves_file.read_text()) if curves_file.is_file() else None,
         "confusion": test.get("confusion"), "per_field": test.get("per_field"),
-        "calibration": test.get("calibration"), "worst_errors": worst, "forgetting": _without(metrics.get("forgetting"), "answers"),
+        "calibration": test.get("calibration"), "worst_errors": worst,
+        "abstention": {k: test.get(k) for k in ("empty_rows", "empty_row_accuracy",
+                                                "hallucination_rate") if k in test}, "forgetting": _without(metrics.get("forgetting"), "answers"),
         "custom": test.get("custom"), "judgements": _judgements(workspace, run.id, registry),
         "lineage": {"train_data": train_info, "dataset_versions": versions,
                     "licence": run.recipe.get("licence"), "teachers": run.recipe.get("teachers"),
@@ -255,10 +257,19 @@ def render_html(data: dict) -> str:
                              for b in calibration["bins"]) + "</tbody></table>")
     if data.get("per_field"):
         out.append("<h2>Per field</h2><table><thead><tr><th>field</th><th>exact</th>"
-                   "<th>normalized</th></tr></thead><tbody>"
-                   + "".join(f"<tr><td>{html.escape(f)}</td>" + _cell(v["exact"])
-                             + _cell(v["normalized"], f"per_field.{f}.normalized") + "</tr>"
-                             for f, v in data["per_field"].items()) + "</tbody></table>")
+                   "<th>normalized</th><th>precision</th><th>recall</th><th>F1</th></tr></thead>"
+                   "<tbody>" + "".join(
+                       f"<tr><td>{html.escape(f)}</td>" + _cell(v["exact"])
+                       + _cell(v["normalized"], f"per_field.{f}.normalized")
+                       + _cell(v.get("precision")) + _cell(v.get("recall")) + _cell(v.get("f1"))
+                       + "</tr>" for f, v in data["per_field"].items()) + "</tbody></table>")
+    if data.get("abstention"):
+        names = {"empty_rows": "rows with nothing to extract",
+                 "empty_row_accuracy": "of those, answered with nothing",
+                 "hallucination_rate": "predicted values found in no input"}
+        out.append("<h2>Abstention</h2><table><tbody>" + "".join(
+            f"<tr><th scope=row>{names[k]}</th>{_cell(v, f'abstention.{k}')}</tr>"
+            for k, v in data["abstention"].items()) + "</tbody></table>")
     if data["worst_errors"]:
         out.append("<h2>Worst errors</h2><table><thead><tr><th>line</th><th>input</th>"
                    "<th>output</th><th>expected</th></tr></thead><tbody>"

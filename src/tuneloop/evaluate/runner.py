@@ -21,7 +21,7 @@ def max_new_tokens(tokenizer, examples, info) -> int:
         longest = max(len(tokenizer(label, add_special_tokens=False)["input_ids"])
                       for label in info.labels)
         return longest + 4
-    longest = max(len(tokenizer(module.target(e), add_special_tokens=False)["input_ids"])
+    longest = max(len(tokenizer(module.target(e, info), add_special_tokens=False)["input_ids"])
                   for e in examples)
     return min(512, int(longest * 1.5) + 16)
 
@@ -94,8 +94,12 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     parsed = [module.parse(o, info) for o in outputs]
     preds = [p for p, _ in parsed]
     valid = [v for _, v in parsed]
-    golds = [e.fields if info.kind == "extract" else module.target(e) for e in examples]
-    metrics = module.metrics(preds, golds, valid)
+    golds = [tasks.extract.canonical(e.fields, info) if info.kind == "extract"
+             else module.target(e) for e in examples]
+    if info.kind == "extract":  # with the inputs: values found in no input are counted
+        metrics = module.metrics(preds, golds, valid, texts=[_text(e) for e in examples])
+    else:
+        metrics = module.metrics(preds, golds, valid)
     if info.kind == "chat":  # perplexity of the reference answers, given the same prompts
         if prompts is None:
             head = shots_lib.prefix_messages(info, shots)
@@ -120,6 +124,10 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
                                                             for r in rows])
     metrics["ci95"] = interval(info.kind, rows)
     return {"metrics": metrics, "predictions": rows}
+
+
+def _text(example) -> str:
+    return example.text or " ".join(m["content"] for m in example.messages)
 
 
 def classify_constrained(model, tokenizer, prompts: list[list[int]], info, on_batch=None,

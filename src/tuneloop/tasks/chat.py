@@ -25,7 +25,7 @@ def prompt(example, info, zero_shot: bool = False) -> list[dict]:
     return list(example.messages)
 
 
-def target(example) -> str:
+def target(example, info=None) -> str:
     return example.answer
 
 

@@ -22,7 +22,7 @@ def prompt(example, info, zero_shot: bool = False) -> list[dict]:
     return [{"role": "system", "content": system}, *example.messages]
 
 
-def target(example) -> str:
+def target(example, info=None) -> str:
     """The reply the model should produce."""
     return example.label or example.answer
 

@@ -1,25 +1,71 @@
-"""extract: a JSON object with the training data's fields; scored field by field."""
+"""extract: a JSON object with the task's fields; scored field by field, value by value.
+
+One answer shape, used alike by the prompt, the training target, the JSON schema of
+constrained decoding, serving and the metric: every field of the task present, in its order,
+`null` where the text holds none (a list where a field holds several values). Every key
+present keeps the reply's shape fixed for the software that reads it, and a model learns to
+answer "nothing" for a field as an explicit choice.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
+
+TYPES = {"string": {"type": ["string", "null"]}, "number": {"type": ["number", "null"]},
+         "list": {"type": ["array", "null"], "items": {"type": ["string", "number"]}},
+         "any": {}}
 
 
 def prompt(example, info, zero_shot: bool = False) -> list[dict]:
-    """The messages for one example; the field names are always named (they define the output)."""
+    """The messages for one example; the fields are always named (they define the output)."""
+    names = []
+    for name in info.fields:
+        spec = info.field_info.get(name) or {}
+        what = " (" + spec["description"] + ")" if spec.get("description") else ""
+        names.append(name + what + (" [a list]" if spec.get("type") == "list" else ""))
     system = ("Extract these fields from the user's text and reply with one JSON object with "
-              "exactly these keys: " + ", ".join(info.fields) + ".")
+              "exactly these keys: " + ", ".join(names) + ".")
     if zero_shot:
-        system += " Use an empty string for a field that is not present."
+        system += " Use null for a field that is not present."
     return [{"role": "system", "content": system}, *example.messages]
+
+
+def canonical(fields: dict | None, info) -> dict:
+    """The one answer shape: every field of the task, in order; null where absent or empty."""
+    fields = fields or {}
+    return {name: (None if fields.get(name) in (None, "", []) else fields[name])
+            for name in info.fields}
+
+
+def target(example, info=None) -> str:
+    """The reply the model should produce: the row's fields in the one answer shape."""
+    fields = canonical(example.fields, info) if info is not None else example.fields
+    return json.dumps(fields, ensure_ascii=False)
+
+
+def value_type(value) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    return "string" if isinstance(value, str) else "none"
+
+
+def common_type(types: set) -> str:
+    """The type a field's values share in the data (null/absent ones aside), else any."""
+    kinds = types - {"none"}
+    return next(iter(kinds)) if len(kinds) == 1 else "any"
 
 
 def schema(info) -> str:
     """The JSON schema every answer is decoded under (in eval and in serving): one object with
-    exactly the task's fields, in their order, each any JSON value."""
-    return json.dumps({"type": "object", "properties": {f: {} for f in info.fields},
-                       "required": list(info.fields), "additionalProperties": False})
+    exactly the task's fields, in their order, each of its type or null."""
+    props = {f: TYPES.get((info.field_info.get(f) or {}).get("type", "any"), {})
+             for f in info.fields}
+    return json.dumps({"type": "object", "properties": props, "required": list(info.fields),
+                       "additionalProperties": False})
 
 
 def grammar_compiler(tokenizer, vocab_size: int, stop_ids=()):
@@ -37,10 +83,6 @@ def compile_schema(compiler, schema_text: str | None):
     if schema_text is None:
         return compiler.compile_builtin_json_grammar()
     return compiler.compile_json_schema(schema_text, any_whitespace=False)
-
-
-def target(example) -> str:
-    return json.dumps(example.fields, ensure_ascii=False)
 
 
 def parse(output: str, info) -> tuple[dict | None, bool]:
@@ -80,28 +122,58 @@ def normalize(value) -> str:
     return s
 
 
-def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool]) -> dict:
-    """JSON validity rate, per-field exact and normalized match, and micro P/R/F1 over fields."""
+def values(value) -> list[str]:
+    """A field's values as normalized strings: none for null or empty, several for a list."""
+    items = value if isinstance(value, list) else [value]
+    return [v for v in (normalize(x) for x in items if x is not None) if v]
+
+
+def _plain(text) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool],
+            texts: list[str] | None = None) -> dict:
+    """JSON validity, per-field exact and normalized match and P/R/F1, and micro P/R/F1 over
+    every value: each field a multiset of normalized values (a list field holds several; a
+    value invented where the gold has none is a false positive). Rows with nothing to extract:
+    the share answered with nothing (`empty_row_accuracy`). With the input `texts`: the share
+    of predicted values that do not occur in their text at all (`hallucination_rate`)."""
     n = len(golds)
     names = sorted({k for g in golds for k in g})
     per_field = {}
-    tp = n_pred = n_gold = 0
+    totals = Counter()
     for name in names:
         exact = norm = 0
+        counts = Counter()
         for p, g in zip(predictions, golds):
             pv, gv = (p or {}).get(name), g.get(name)
             exact += pv == gv
-            norm += normalize(pv) == normalize(gv)
-        per_field[name] = {"exact": exact / n if n else 0.0, "normalized": norm / n if n else 0.0}
-    for p, g in zip(predictions, golds):
-        p = p or {}
-        gold_set = {k for k, v in g.items() if normalize(v)}
-        pred_set = {k for k, v in p.items() if normalize(v)}
-        n_gold += len(gold_set)
-        n_pred += len(pred_set)
-        tp += sum(1 for k in gold_set & pred_set if normalize(p[k]) == normalize(g[k]))
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_gold if n_gold else 0.0
+            pred, gold = Counter(values(pv)), Counter(values(gv))
+            norm += pred == gold
+            counts.update(tp=sum((pred & gold).values()), pred=sum(pred.values()),
+                          gold=sum(gold.values()))
+        totals.update(counts)
+        per_field[name] = {"exact": exact / n if n else 0.0, "normalized": norm / n if n else 0.0,
+                           **_prf(counts), "gold_values": counts["gold"]}
+    out = {"field_f1": _prf(totals)["f1"], "field_precision": _prf(totals)["precision"],
+           "field_recall": _prf(totals)["recall"],
+           "json_valid_rate": sum(valid) / n if n else 0.0, "per_field": per_field, "n": n}
+    empty = [i for i, g in enumerate(golds) if not any(values(v) for v in g.values())]
+    if empty:
+        out["empty_rows"] = len(empty)
+        out["empty_row_accuracy"] = sum(
+            not any(values(v) for v in (predictions[i] or {}).values()) for i in empty) / len(empty)
+    if texts is not None:
+        said = [(_plain(x), t) for p, t in zip(predictions, texts) for v in (p or {}).values()
+                for x in (v if isinstance(v, list) else [v]) if x is not None and _plain(x)]
+        out["hallucination_rate"] = (sum(x not in _plain(t) for x, t in said) / len(said)
+                                     if said else 0.0)
+    return out
+
+
+def _prf(c: Counter) -> dict:
+    precision = c["tp"] / c["pred"] if c["pred"] else 0.0
+    recall = c["tp"] / c["gold"] if c["gold"] else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"field_f1": f1, "field_precision": precision, "field_recall": recall,
-            "json_valid_rate": sum(valid) / n if n else 0.0, "per_field": per_field, "n": n}
+    return {"precision": precision, "recall": recall, "f1": f1}

@@ -28,8 +28,9 @@ def key(example: Example) -> str:
     return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
 
 
-def load_splits(data, task: str) -> Splits:
-    """Load the files; drop train rows whose input also appears in test or validation."""
+def load_splits(data, task: str, fields=None) -> Splits:
+    """Load the files; drop train rows whose input also appears in test or validation.
+    `fields`: an extraction recipe's field specs (else the fields come from the data)."""
     train = load_examples(data.train, task, min_examples=MIN_EXAMPLES)
     if len(train) < MIN_EXAMPLES:
         raise TuneloopError(f"{data.train}: {len(train)} examples; at least {MIN_EXAMPLES} needed")
@@ -46,7 +47,7 @@ def load_splits(data, task: str) -> Splits:
         train = [e for e in train if key(e) not in val_keys]
     held_out |= {key(e) for e in validation}
     kept = [e for e in train if key(e) not in held_out]
-    info = tasks.describe(task, kept)
+    info = tasks.describe(task, kept, fields)
     if task == "classify":
         unknown = sorted({e.label for e in test if e.label not in info.labels})
         if unknown:

@@ -82,7 +82,7 @@ def main() -> None:
     recipe = recipe_from_dict(spec["recipe"])
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
-        splits = load_splits(recipe.data, recipe.task)
+        splits = load_splits(recipe.data, recipe.task, recipe.fields)
         out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, resume=spec["resume"],
                       rank=state.process_index, world=state.num_processes,
                       shard=spec["sharding"])

@@ -88,7 +88,7 @@ def _distill_stats(out: dict, teacher, splits, recipe) -> dict:
     from tuneloop.tasks import TASKS
 
     tok, module = out["tokenizer"], TASKS[recipe.task]
-    enc = [encode(tok, module.prompt(e, splits.info), module.target(e)) for e in splits.validation]
+    enc = [encode(tok, module.prompt(e, splits.info), module.target(e, splits.info)) for e in splits.validation]
     kl = mean_kl(out["model"], teacher, padded_batches(enc, tok.pad_token_id))
     return {"final_val_kl": kl, "distill": recipe.distill.model_dump()}
 
@@ -134,7 +134,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
     if sharding:
         _check_sharded(recipe, processes, sharding)
     phase("loading data")
-    splits = load_splits(recipe.data, recipe.task)
+    splits = load_splits(recipe.data, recipe.task, recipe.fields)
     train_sha = file_sha256(recipe.data.train)
     teachers = licences.check_teachers(
         [v.report["lineage"]["teacher"] for v in registry.versions_holding(train_sha)
