@@ -24,7 +24,8 @@ def prompt(example, info, zero_shot: bool = False) -> list[dict]:
     for name in info.fields:
         spec = info.field_info.get(name) or {}
         what = " (" + spec["description"] + ")" if spec.get("description") else ""
-        names.append(name + what + (" [a list]" if spec.get("type") == "list" else ""))
+        listed = zero_shot and spec.get("type") == "list"  # (a trained model knows the shape)
+        names.append(name + what + (" [a list]" if listed else ""))
     system = ("Extract these fields from the user's text and reply with one JSON object with "
               "exactly these keys: " + ", ".join(names) + ".")
     if zero_shot:
