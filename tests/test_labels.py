@@ -167,3 +167,34 @@ def test_a_classifier_is_prompted_as_it_was_trained_old_artifacts_too():
     legacy = {k: v for k, v in saved.items() if k != "system"}
     assert classify.prompt(ask, TaskInfo.from_dict(legacy))[0]["content"] == classify.SYSTEM
     assert "Labels: a, b." in classify.prompt(ask, info, zero_shot=True)[0]["content"]
+
+
+def test_label_probabilities_hold_on_a_sliding_window_model(tiny_model):
+    """Gemma 3's sliding layers see only the last positions: the trie's tree pass masks them
+    alike, so prompts longer than the window still score as each label alone."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id)).eval()
+    trie = LabelTrie(tok, MANY)
+    prompts = [prompt_ids(tok, classify.prompt(Example(messages=({"role": "user", "content": r["text"]},), answer=""), None))
+               for r in make_rows(4, seed=9)]
+    assert min(len(p) for p in prompts) > 6  # longer than the window
+    probs = label_distribution(model, tok, trie, prompts, batch_size=2)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            torch.testing.assert_close(probs[row], alone(model, tok, prompt, MANY), atol=1e-5, rtol=1e-4)
+
+
+def test_an_update_split_for_several_processes_stays_within_the_token_budget():
+    """Four processes need four micro-batches; an update the budget cuts in two is halved
+    further, never re-dealt into micro-batches over the budget."""
+    lengths = [4000] + [100] * 15
+    (update,) = schedule(lengths, 1.0, 16, 8192, seed=0, parts=4)
+    assert len(update) >= 4 and sorted(i for m in update for i in m) == list(range(16))
+    assert all(max(lengths[i] for i in m) * len(m) <= 8192 for m in update)

@@ -35,11 +35,17 @@ def test_relative_paths_are_relative_to_the_recipe(tmp_path):
     ({"learning_rate": -1}, "learning_rate: Input should be greater than 0"),
     ({"data": {"train": "t.jsonl", "tset": "x"}}, "data.tset: unknown key; did you mean 'test'?"),
     ({"lora": {"rank": 0}}, "lora.rank: Input should be greater than 0"),
+    ({"grad_accum": 4}, "grad_accum is gone: an optimizer update is batch_size examples"),
+    ({"fields": [{"name": "total", "type": "money"}]}, "fields.0.type: Input should be"),
 ])
 def test_errors_name_the_key_and_the_fix(change, message):
     with pytest.raises(TuneloopError) as err:
         recipe_from_dict({**MINIMAL, **change})
     assert message in str(err.value)
+
+
+def test_a_run_recorded_with_the_old_default_grad_accum_still_resumes():
+    assert recipe_from_dict({**MINIMAL, "grad_accum": 1}).batch_size is None
 
 
 def test_missing_required_key():

@@ -188,6 +188,8 @@ def test_a_deployed_classifier_answers_only_its_labels_with_a_confidence(server)
         for choice in reply.choices:
             assert choice.message.content in LABELS and choice.finish_reason == "stop"
             assert 0.0 < choice.model_extra["confidence"] <= 1.0
+    short = c.chat.completions.create(**{**ask, "max_tokens": 1}, stop=["_"], temperature=0)
+    assert short.choices[0].message.content in LABELS  # a label is answered whole
     review = c.chat.completions.create(**ask, temperature=0, extra_body={"review_below": 1.0})
     assert review.choices[0].message.content == "needs_review"
     streamed = c.chat.completions.create(**ask, temperature=0, stream=True,

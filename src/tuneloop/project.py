@@ -133,6 +133,8 @@ class Recipe(_Strict):
     @classmethod
     def _renamed(cls, raw):
         if isinstance(raw, dict) and "grad_accum" in raw:
+            if raw["grad_accum"] == 1:  # the old default, saved with every earlier run: a
+                return {k: v for k, v in raw.items() if k != "grad_accum"}  # no-op (resume)
             raise ValueError("grad_accum is gone: an optimizer update is batch_size examples "
                              "(set batch_size), split into micro-batches of batch_tokens")
         return raw

@@ -75,8 +75,10 @@ def _micro_batches(update: list[int], lengths: list[int], batch_tokens: int, par
             batch = []
         batch.append(i)
     batches.append(batch)
-    if len(batches) < parts <= len(update):  # as even as the rows allow
-        batches = [update[k::parts] for k in range(parts)]
+    while len(batches) < parts <= len(update):  # halves never exceed their parent's budget
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        b = batches.pop(largest)
+        batches[largest:largest] = [b[: len(b) // 2], b[len(b) // 2:]]
     return batches
 
 

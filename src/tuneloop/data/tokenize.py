@@ -19,10 +19,9 @@ class Encoded:
         return len(self.input_ids)
 
 
-# Each message's content is rendered as a marker the template passes through untouched
-# (private-use code points around its index), so that the text between the markers is the
-# template's own and the text inside is the user's.
-_MARK = re.compile("\ue000(\\d+)\ue001")
+# Each message's content is rendered as a marker the template passes through untouched (its
+# index between two private-use code points that occur in no content of the call), so that the
+# text between the markers is the template's own and the text inside is the user's.
 
 
 def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -31,16 +30,18 @@ def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fa
     ordinary text, while the template's own markers are control tokens. For clean text the
     ids are those of tokenizing the rendered text whole (a turn's content sits between a
     newline or a special token and a special token, where the tokenizer splits anyway)."""
-    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    contents = "".join(str(m.get("content") or "") for m in messages)
+    mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in contents)
+    pattern = re.compile(f"{mark}(\\d+){mark}")
+    marked = [{**m, "content": f"{mark}{i}{mark}"} for i, m in enumerate(messages)]
     text = tokenizer.apply_chat_template(marked, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
-    found = [int(m.group(1)) for m in _MARK.finditer(text)]
-    if sorted(found) != list(range(len(messages))) or any(
-            "\ue000" in str(m.get("content", "")) for m in messages):
+    found = [int(m.group(1)) for m in pattern.finditer(text)]
+    if sorted(found) != list(range(len(messages))):
         raise ValueError("the chat template does not render each message's content once as "
                          "given; its prompt cannot be tokenized safely")
     ids, at = [], 0
-    for match in _MARK.finditer(text):
+    for match in pattern.finditer(text):
         ids += tokenizer(text[at:match.start()], add_special_tokens=False)["input_ids"]
         content = str(messages[int(match.group(1))].get("content") or "")
         ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -43,7 +43,8 @@ def row_scores(task: str, rows: list[dict]) -> np.ndarray:
         if task == "classify":
             out.append(float(r["prediction"] == r["gold"]))
         elif task == "extract" and not _has_values(r["gold"]):  # nothing to extract: 1 if
-            out.append(float(not _has_values(r["prediction"])))  # nothing was answered
+            out.append(float(r["prediction"] is not None  # a valid answer of nothing
+                             and not _has_values(r["prediction"])))
         else:
             out.append(float(module.metrics([r["prediction"]], [r["gold"]],
                                             [r["prediction"] is not None])[headline]))
@@ -151,7 +152,8 @@ def compare(entries: list[Scored]) -> dict:
                        "low": low, "high": high})
         if first.task == "extract":  # abstention, on the shared rows with nothing to extract
             empty = [by_line[n] for n in lines if not _has_values(by_line[n]["gold"])]
-            models[-1]["empty_row_accuracy"] = (sum(not _has_values(r["prediction"])
+            models[-1]["empty_row_accuracy"] = (sum(r["prediction"] is not None
+                                                    and not _has_values(r["prediction"])
                                                     for r in empty) / len(empty)
                                                 if empty else None)
     base_values, base_rows = scores[first.name]

@@ -107,8 +107,11 @@ def _sampling(request, target: Target, body, prompt: list[int], requested: int |
                        "length of the prompt or completion.",
                        param="messages", code="context_length_exceeded")
     max_tokens = requested or min(cap, context - len(prompt))
+    stop = tuple(body.stop or ())
+    if isinstance(grammar, LabelTrie):  # a label is answered whole, or it is not a label
+        max_tokens, stop = max(max_tokens, max(len(p) for p in grammar.path)), ()
     return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                    seed=body.seed, stop=tuple(body.stop or ()), grammar=grammar)
+                    seed=body.seed, stop=stop, grammar=grammar)
 
 
 def _grammar(target: Target, response_format):

@@ -188,9 +188,10 @@ class BodyLimit:
     the client declares a Content-Length or streams the body in chunks.
 
     A declared length is checked before anything is read (the server holds the client to it).
-    A chunked body is read here first, up to the limit, and handed on whole: refused from
-    inside the application's own read, the error would reach the client as FastAPI's 400
-    "error parsing the body" instead of the 413 it is.
+    A chunked request body is read here first, up to the limit (1 MiB by default), and handed
+    on whole: refused from inside the application's own read, the error would reach the client
+    as FastAPI's 400 "error parsing the body" instead of the 413 it is. A chunked upload is
+    counted as it streams instead (held whole it would cost its size in memory).
     """
 
     def __init__(self, app, limit: int, upload_limit: int):
@@ -205,6 +206,11 @@ class BodyLimit:
             if declared.isdigit() and int(declared) > limit:
                 return await _too_large(send, limit)
             return await self.app(scope, receive, send)
+        if limit > self.limit:  # an upload is not held in memory: counted as it streams
+            try:
+                return await self.app(scope, _counted(receive, limit), send)
+            except _TooLarge:  # (where the application's parser lets it through)
+                return await _too_large(send, limit)
         messages, seen = [], 0
         while True:
             message = await receive()
@@ -223,6 +229,25 @@ class BodyLimit:
             return replay.pop(0) if replay else await receive()
 
         await self.app(scope, buffered, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _counted(receive, limit: int):
+    """`receive` that stops the read past `limit` bytes."""
+    seen = 0
+
+    async def counted():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise _TooLarge()
+        return message
+
+    return counted
 
 
 async def _too_large(send, limit: int) -> None:

@@ -111,6 +111,8 @@ def job_recipe(registry: Registry, job: Job) -> Recipe:
               "method": "dpo" if kind == "dpo" else "lora", "seed": job.seed, "baselines": []}
     if hyper.get("n_epochs") not in (None, "auto"):
         recipe["epochs"] = hyper["n_epochs"]
+    if hyper.get("batch_size") not in (None, "auto"):  # examples per update, as OpenAI's
+        recipe["batch_size"] = hyper["batch_size"]
     if hyper.get("learning_rate_multiplier") not in (None, "auto"):
         recipe["learning_rate"] = (DPO_LR if kind == "dpo" else LORA_LR) * hyper["learning_rate_multiplier"]
     if kind == "dpo" and hyper.get("beta") not in (None, "auto"):

@@ -14,7 +14,7 @@ import re
 from collections import Counter
 
 TYPES = {"string": {"type": ["string", "null"]}, "number": {"type": ["number", "null"]},
-         "list": {"type": ["array", "null"], "items": {"type": ["string", "number"]}},
+         "list": {"type": ["array", "null"], "items": {"type": ["string", "number", "null"]}},
          "any": {}}
 
 
@@ -163,14 +163,25 @@ def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool]
     empty = [i for i, g in enumerate(golds) if not any(values(v) for v in g.values())]
     if empty:
         out["empty_rows"] = len(empty)
-        out["empty_row_accuracy"] = sum(
-            not any(values(v) for v in (predictions[i] or {}).values()) for i in empty) / len(empty)
+        out["empty_row_accuracy"] = sum(  # (an unparsable reply is no answer of nothing)
+            predictions[i] is not None and not any(values(v) for v in predictions[i].values())
+            for i in empty) / len(empty)
     if texts is not None:
-        said = [(_plain(x), t) for p, t in zip(predictions, texts) for v in (p or {}).values()
+        said = [(x, t) for p, t in zip(predictions, texts) for v in (p or {}).values()
                 for x in (v if isinstance(v, list) else [v]) if x is not None and _plain(x)]
-        out["hallucination_rate"] = (sum(x not in _plain(t) for x, t in said) / len(said)
+        out["hallucination_rate"] = (sum(not _found(x, t) for x, t in said) / len(said)
                                      if said else 0.0)
     return out
+
+
+def _found(value, text: str) -> bool:
+    """Whether a predicted value occurs in its input: as text (case and spacing aside), or as
+    a number written any way there ("1,234.50" holds 1234.5)."""
+    if _plain(value) in _plain(text):
+        return True
+    number = normalize(value)
+    return number.replace(".", "", 1).lstrip("-").replace("e", "", 1).isdigit() and any(
+        normalize(n) == number for n in re.findall(r"\d[\d,.]*", str(text)))
 
 
 def _prf(c: Counter) -> dict:

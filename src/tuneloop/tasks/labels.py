@@ -64,19 +64,22 @@ def label_distribution(model, tokenizer, trie: LabelTrie, prompts: list[list[int
     """
     import copy
 
+    from transformers import DynamicCache
+
     device = model.device
     out = torch.zeros(len(prompts), len(trie.labels), dtype=torch.float64)
     tree = _Tree(trie, device)
     head = None
-    if prefix:
-        head = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+    if prefix:  # (a cache without the model's config keeps every key, sliding layers too)
+        head = model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
+                     past_key_values=DynamicCache()).past_key_values
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = collate([Encoded(prompts[i], prompts[i]) for i in idx], tokenizer.pad_token_id,
                         left_pad=True)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        cache = None
+        cache = DynamicCache()
         if head is not None:
             cache = copy.deepcopy(head)
             cache.batch_repeat_interleave(len(idx))
@@ -84,7 +87,9 @@ def label_distribution(model, tokenizer, trie: LabelTrie, prompts: list[list[int
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - ids.shape[1]:]
         first = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                       past_key_values=cache, use_cache=bool(tree.nodes), logits_to_keep=1)
-        logp = {0: torch.log_softmax(first.logits[:, -1].double(), -1)}  # node -> [rows, vocab]
+        # node -> [rows, vocab] logits: renormalized over the node's children only (the softmax
+        # over the whole vocabulary would cancel), so the vocabulary is never normalized
+        logp = {0: first.logits[:, -1]}
         if tree.nodes:
             logp.update(tree.run(model, first.past_key_values, mask))
         for row, i in enumerate(idx):
@@ -118,14 +123,26 @@ class _Tree:
         rows, k = mask.shape[0], len(self.nodes)
         allowed = torch.cat([mask.bool()[:, None, :].expand(rows, k, -1),
                              self.sees[None].expand(rows, -1, -1)], dim=2)
-        dtype = next(model.parameters()).dtype
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
-        bias.masked_fill_(~allowed, torch.finfo(dtype).min)
         positions = mask.sum(-1, keepdim=True) + self.depth[None] - 1
-        logits = model(input_ids=self.tokens[None].expand(rows, -1), attention_mask=bias[:, None],
-                       position_ids=positions, past_key_values=cache, use_cache=False).logits
-        picked = logits.double().log_softmax(-1)
-        return {node: picked[:, i] for node, i in self.branching.items()}
+        bias = self._bias(model, allowed)
+        window = getattr(model.config, "sliding_window", None)
+        if window and "sliding_attention" in (getattr(model.config, "layer_types", None) or ()):
+            # sliding layers (Gemma 3) see only the last `window` positions
+            keys = torch.cat([(mask.cumsum(-1) - 1), positions], dim=1)  # each column's position
+            near = positions[:, :, None] - keys[:, None, :] < window
+            bias = {"full_attention": bias, "sliding_attention": self._bias(model, allowed & near)}
+        keep = torch.tensor(list(self.branching.values()), device=mask.device)
+        logits = model(input_ids=self.tokens[None].expand(rows, -1), attention_mask=bias,
+                       position_ids=positions, past_key_values=cache, use_cache=False,
+                       logits_to_keep=keep).logits
+        return {node: logits[:, j] for j, node in enumerate(self.branching)}
+
+    @staticmethod
+    def _bias(model, allowed):
+        """A 4D additive mask in the model's dtype (0: attend, the dtype's minimum: do not)."""
+        dtype = next(model.parameters()).dtype
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def _label_probs(trie: LabelTrie, logp: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -142,7 +159,7 @@ def _label_probs(trie: LabelTrie, logp: dict[int, torch.Tensor]) -> torch.Tensor
             stack.append((next(iter(kids.values())), acc))
         elif kids:
             tokens = torch.tensor(list(kids))
-            share = torch.log_softmax(logp[node].cpu()[tokens], -1)
+            share = torch.log_softmax(logp[node].cpu()[tokens].double(), -1)
             stack.extend((child, acc + float(s)) for child, s in zip(kids.values(), share))
     return probs.exp()
 
