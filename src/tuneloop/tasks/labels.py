@@ -103,8 +103,8 @@ class _Tree:
     """The trie's nodes on the way to its branching nodes below the root, as one row of tokens
     per prompt with tree attention: each token sees its prompt and its own ancestors, at the
     position it would have after the prompt. One pass gives every branching node's next-token
-    distribution without a copy of the prompt's KV cache per node (banking77: 17 branching
-    nodes, 54 tokens along their paths, 31 distinct)."""
+    distribution without a copy of the prompt's KV cache per node (banking77's 77 labels: 17
+    branching nodes, 47 distinct tokens on the way to them)."""
 
     def __init__(self, trie: LabelTrie, device):
         deep = [n for n in trie.branching if n != 0]
