@@ -139,14 +139,25 @@ def test_server_serves_a_smollm2_adapter_like_peft_and_holds_json_schemas(tmp_pa
             messages=[{"role": "user", "content": f"Classify as JSON: {question}"}],
             response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
     jsonschema.validate(json.loads(structured.choices[0].message.content), schema)
-    # The same prompt through PEFT's own model: the stacked-LoRA engine must agree.
+    # The same prompt through PEFT's own model, greedy within the label trie: the stacked-LoRA
+    # engine, holding the classifier to its labels, must agree.
+    from tuneloop.data.formats import Example
+    from tuneloop.data.tokenize import prompt_ids
+    from tuneloop.tasks import TaskInfo, classify
+    from tuneloop.tasks.labels import LabelTrie
+
     tok = models.load_tokenizer("smollm2-135m-instruct")
     peft = PeftModel.from_pretrained(models.load_model("smollm2-135m-instruct"), result["artifact"]).eval()
-    messages = [{"role": "system", "content": "Classify the user's message. Reply with the label only."},
-                {"role": "user", "content": question}]
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    info = TaskInfo.from_dict(json.loads((Path(result["artifact"]) / "tuneloop.json").read_text())["task"])
+    prompt = prompt_ids(tok, classify.prompt(
+        Example(messages=({"role": "user", "content": question},), answer=""), info))
+    trie, node, ids = LabelTrie(tok, list(info.labels)), 0, list(prompt)
     with torch.inference_mode():
-        out = peft.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert served.choices[0].message.content == expected
-    assert served.usage.prompt_tokens == ids["input_ids"].shape[1]
+        while trie.children[node]:
+            logits = peft(torch.tensor([ids])).logits[0, -1]
+            kids = trie.children[node]
+            token = max(kids, key=lambda t: float(logits[t]))
+            ids, node = ids + [token], kids[token]
+    assert served.choices[0].message.content == info.labels[trie.leaf[node]]
+    assert 0.0 < served.choices[0].model_extra["confidence"] <= 1.0
+    assert served.usage.prompt_tokens == len(prompt)
