@@ -19,17 +19,15 @@ class Encoded:
         return len(self.input_ids)
 
 
-# Each message's content is rendered as a marker the template passes through untouched (its
-# index between two private-use code points that occur in no content of the call), so that the
-# text between the markers is the template's own and the text inside is the user's.
-
-
 def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """The chat template's tokens for `messages`, with every message's content tokenized as
     text: a control-token string typed inside it (`<|im_end|>`, `<|im_start|>system`) stays
     ordinary text, while the template's own markers are control tokens. For clean text the
     ids are those of tokenizing the rendered text whole (a turn's content sits between a
     newline or a special token and a special token, where the tokenizer splits anyway)."""
+    # Each content is rendered as a marker the template passes through untouched (its index
+    # between two private-use code points that occur in no content of the call): the text
+    # between markers is the template's own, the text they stand for the user's.
     contents = "".join(str(m.get("content") or "") for m in messages)
     mark = next(chr(c) for c in range(0xE000, 0xF900) if chr(c) not in contents)
     pattern = re.compile(f"{mark}(\\d+){mark}")

@@ -42,17 +42,12 @@ def row_scores(task: str, rows: list[dict]) -> np.ndarray:
     for r in rows:
         if task == "classify":
             out.append(float(r["prediction"] == r["gold"]))
-        elif task == "extract" and not _has_values(r["gold"]):  # nothing to extract: 1 if
-            out.append(float(r["prediction"] is not None  # a valid answer of nothing
-                             and not _has_values(r["prediction"])))
+        elif task == "extract" and not tasks.extract.has_values(r["gold"]):  # nothing there:
+            out.append(float(tasks.extract.abstained(r["prediction"])))  # 1 if nothing answered
         else:
             out.append(float(module.metrics([r["prediction"]], [r["gold"]],
                                             [r["prediction"] is not None])[headline]))
     return np.array(out)
-
-
-def _has_values(fields: dict | None) -> bool:
-    return any(tasks.extract.values(v) for v in (fields or {}).values())
 
 
 def bootstrap_interval(values: np.ndarray, resamples: int = RESAMPLES, level: float = LEVEL,
@@ -150,12 +145,11 @@ def compare(entries: list[Scored]) -> dict:
         low, high = bootstrap_interval(values)
         models.append({"name": e.name, "evaluation": e.evaluation, headline: float(values.mean()),
                        "low": low, "high": high})
-        if first.task == "extract":  # abstention, on the shared rows with nothing to extract
-            empty = [by_line[n] for n in lines if not _has_values(by_line[n]["gold"])]
-            models[-1]["empty_row_accuracy"] = (sum(r["prediction"] is not None
-                                                    and not _has_values(r["prediction"])
-                                                    for r in empty) / len(empty)
-                                                if empty else None)
+        if first.task == "extract":  # abstention, on the shared rows
+            shared = [by_line[n] for n in lines]
+            models[-1]["empty_row_accuracy"] = tasks.extract.metrics(
+                [r["prediction"] for r in shared], [r["gold"] for r in shared],
+                [r["prediction"] is not None for r in shared]).get("empty_row_accuracy")
     base_values, base_rows = scores[first.name]
     pairs = []
     for e in entries[1:]:

@@ -60,9 +60,10 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     if shots is None:
         if prompts is None:
             prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
+        encoded = [prompt_ids(tokenizer, p) for p in prompts]
         if info.kind == "classify" and info.labels:  # decoded within the label set
-            outputs, confidences, counts = classify_constrained(
-                model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], info, on_batch)
+            outputs, confidences, counts = classify_constrained(model, tokenizer, encoded, info,
+                                                                on_batch)
         else:
             grammar = None
             if info.kind == "extract" and info.fields:  # decoded under the fields' schema
@@ -75,7 +76,7 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
             outputs, counts = generate(model, tokenizer, prompts, new_tokens,
                                        batch_tokens=batch_tokens, on_batch=on_batch,
                                        grammar=grammar)
-        prompt_tokens = sum(len(prompt_ids(tokenizer, p)) for p in prompts) / max(1, len(prompts))
+        prompt_tokens = sum(map(len, encoded)) / max(1, len(encoded))
     else:
         prefix_ids, suffixes = shots_lib.split_prompts(
             tokenizer, shots_lib.prefix_messages(info, shots), examples)

@@ -171,11 +171,10 @@ class _Stream:
         self.texts = [""] * body.n
         self.finish: list[str | None] = [None] * body.n
         self.confidence: list[float | None] = [None] * body.n  # a classifier's label probability
-        held = isinstance(sampling.grammar, LabelTrie)  # only a classifier's replies are judged
-        threshold = getattr(body, "review_below", None)
-        if threshold is None:
-            threshold = request.app.state.settings.review_below
-        self.review_below = threshold if held else None
+        self.review_below = None  # only a classifier's replies (chat requests) are judged
+        if isinstance(sampling.grammar, LabelTrie):
+            own = body.review_below
+            self.review_below = request.app.state.settings.review_below if own is None else own
         self.tokens = 0
         self.collected: dict | None = None
 

@@ -67,8 +67,7 @@ class _Row:
     request: Request
     choice: int
     generator: torch.Generator
-    matcher: object | None
-    bitmask: torch.Tensor | None = None  # the matcher's allowed tokens, refilled every step
+    matcher: object | None  # GrammarMatcher or tasks.labels.LabelMatcher: constrain/accept/done
     next_token: int = -1
     tokens: list[int] = field(default_factory=list)
     length: int = 0  # real tokens in the KV cache for this row
@@ -201,16 +200,12 @@ class Engine:
             seed = ((request.sampling.seed + choice) % 2**64 if request.sampling.seed is not None
                     else random.getrandbits(62))
             generator = torch.Generator().manual_seed(seed)
-            matcher = bitmask = None
-            grammar = request.sampling.grammar
+            grammar, matcher = request.sampling.grammar, None
             if isinstance(grammar, LabelTrie):  # a classifier: one of its labels, nothing else
                 matcher = LabelMatcher(grammar)
             elif grammar is not None:
-                import xgrammar as xgr
-
-                matcher = xgr.GrammarMatcher(grammar)
-                bitmask = xgr.allocate_token_bitmask(1, self.vocab)
-            rows.append(_Row(request, choice, generator, matcher, bitmask))
+                matcher = GrammarMatcher(grammar, self.vocab)
+            rows.append(_Row(request, choice, generator, matcher))
         return rows
 
     def _forward(self, ids, mask, positions, rows, cache):
@@ -265,7 +260,7 @@ class Engine:
                 row.done = True
                 continue
             if finish:
-                confidence = row.matcher.confidence if isinstance(row.matcher, LabelMatcher) else None
+                confidence = row.matcher.confidence if row.matcher is not None else None
                 row.request.emit("done", row.choice, finish, len(row.tokens), confidence)
                 row.done = True
         keep = [i for i, r in enumerate(self.rows) if not r.done]
@@ -274,7 +269,7 @@ class Engine:
             self.cache, self.mask = _select(self.cache, self.mask, keep)
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
-        if token in self.stop_ids or (row.matcher is not None and _ended(row.matcher)):
+        if token in self.stop_ids or (row.matcher is not None and row.matcher.done()):
             return "stop"
         if len(row.tokens) >= row.request.sampling.max_tokens or row.length + 1 >= self.context:
             return "length"
@@ -299,22 +294,38 @@ class Engine:
         return finish
 
 
-def _ended(matcher) -> bool:
-    return matcher.done() if isinstance(matcher, LabelMatcher) else matcher.is_terminated()
+class GrammarMatcher:
+    """An xgrammar matcher with LabelMatcher's interface: the reply must match `grammar`."""
+
+    confidence = None  # a grammar's reply has no label probability
+
+    def __init__(self, grammar, vocab: int):
+        import xgrammar as xgr
+
+        self.matcher = xgr.GrammarMatcher(grammar)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab)  # refilled every step
+
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        import xgrammar as xgr
+
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        logits = logits.unsqueeze(0).clone()
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask)
+        return logits[0]
+
+    def accept(self, token: int, logits: torch.Tensor) -> None:
+        self.matcher.accept_token(token)
+
+    def done(self) -> bool:
+        return self.matcher.is_terminated()
 
 
 def _sample(logits: torch.Tensor, row: _Row) -> int:
     """One token: grammar mask, then greedy (temperature 0) or temperature + nucleus sampling."""
     unmasked = logits
-    if isinstance(row.matcher, LabelMatcher):
-        logits = row.matcher.constrain(logits.cpu())
-    elif row.matcher is not None:
-        import xgrammar as xgr
-
-        row.matcher.fill_next_token_bitmask(row.bitmask)
-        logits = logits.unsqueeze(0).cpu()
-        xgr.apply_token_bitmask_inplace(logits, row.bitmask)
-        logits = logits[0]
+    if row.matcher is not None:  # (its masks live on the CPU)
+        unmasked = logits.cpu()
+        logits = row.matcher.constrain(unmasked)
     s = row.request.sampling
     if s.temperature <= 0:
         token = int(torch.argmax(logits))
@@ -326,10 +337,8 @@ def _sample(logits: torch.Tensor, row: _Row) -> int:
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         token = int(torch.multinomial(probs, 1, generator=row.generator))
-    if isinstance(row.matcher, LabelMatcher):
-        row.matcher.accept(token, unmasked.cpu())
-    elif row.matcher is not None:
-        row.matcher.accept_token(token)
+    if row.matcher is not None:
+        row.matcher.accept(token, unmasked)
     return token
 
 

@@ -129,6 +129,16 @@ def values(value) -> list[str]:
     return [v for v in (normalize(x) for x in items if x is not None) if v]
 
 
+def has_values(fields: dict | None) -> bool:
+    """Whether an answer (or a gold row) holds any value at all."""
+    return any(values(v) for v in (fields or {}).values())
+
+
+def abstained(prediction: dict | None) -> bool:
+    """A valid answer of nothing (an unparsable reply is no answer)."""
+    return prediction is not None and not has_values(prediction)
+
+
 def _plain(text) -> str:
     return " ".join(str(text).lower().split())
 
@@ -160,12 +170,10 @@ def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool]
     out = {"field_f1": _prf(totals)["f1"], "field_precision": _prf(totals)["precision"],
            "field_recall": _prf(totals)["recall"],
            "json_valid_rate": sum(valid) / n if n else 0.0, "per_field": per_field, "n": n}
-    empty = [i for i, g in enumerate(golds) if not any(values(v) for v in g.values())]
+    empty = [i for i, g in enumerate(golds) if not has_values(g)]
     if empty:
         out["empty_rows"] = len(empty)
-        out["empty_row_accuracy"] = sum(  # (an unparsable reply is no answer of nothing)
-            predictions[i] is not None and not any(values(v) for v in predictions[i].values())
-            for i in empty) / len(empty)
+        out["empty_row_accuracy"] = sum(abstained(predictions[i]) for i in empty) / len(empty)
     if texts is not None:
         said = [(x, t) for p, t in zip(predictions, texts) for v in (p or {}).values()
                 for x in (v if isinstance(v, list) else [v]) if x is not None and _plain(x)]

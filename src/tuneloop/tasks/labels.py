@@ -15,6 +15,8 @@ not split below a branch (eval takes the argmax of the whole distribution).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tuneloop.data.batching import collate
@@ -89,11 +91,11 @@ def label_distribution(model, tokenizer, trie: LabelTrie, prompts: list[list[int
                       past_key_values=cache, use_cache=bool(tree.nodes), logits_to_keep=1)
         # node -> [rows, vocab] logits: renormalized over the node's children only (the softmax
         # over the whole vocabulary would cancel), so the vocabulary is never normalized
-        logp = {0: first.logits[:, -1]}
+        logits = {0: first.logits[:, -1]}
         if tree.nodes:
-            logp.update(tree.run(model, first.past_key_values, mask))
+            logits.update(tree.run(model, first.past_key_values, mask))
         for row, i in enumerate(idx):
-            out[i] = _label_probs(trie, {n: lp[row] for n, lp in logp.items()})
+            out[i] = _label_probs(trie, {n: x[row] for n, x in logits.items()})
         if on_batch:
             on_batch(len(idx))
     return out
@@ -145,9 +147,16 @@ class _Tree:
         return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _label_probs(trie: LabelTrie, logp: dict[int, torch.Tensor]) -> torch.Tensor:
+def _shares(kids: dict[int, int], logits: torch.Tensor) -> list[float]:
+    """Each child's log-share of a node's probability: the model's next-token distribution
+    renormalized over the children (the tokens that continue some label)."""
+    tokens = torch.tensor(list(kids))
+    return torch.log_softmax(logits.cpu()[tokens].double(), -1).tolist()
+
+
+def _label_probs(trie: LabelTrie, logits: dict[int, torch.Tensor]) -> torch.Tensor:
     """Each label's probability: at every branching node on its path, the child's share of
-    the children's probability (renormalized), multiplied along the path."""
+    the children's probability, multiplied along the path (`logits`: node -> next-token)."""
     probs = torch.zeros(len(trie.labels), dtype=torch.float64)
     stack = [(0, 0.0)]
     while stack:
@@ -158,9 +167,8 @@ def _label_probs(trie: LabelTrie, logp: dict[int, torch.Tensor]) -> torch.Tensor
         if len(kids) == 1:
             stack.append((next(iter(kids.values())), acc))
         elif kids:
-            tokens = torch.tensor(list(kids))
-            share = torch.log_softmax(logp[node].cpu()[tokens].double(), -1)
-            stack.extend((child, acc + float(s)) for child, s in zip(kids.values(), share))
+            stack.extend((child, acc + s)
+                         for child, s in zip(kids.values(), _shares(kids, logits[node])))
     return probs.exp()
 
 
@@ -181,9 +189,7 @@ class LabelMatcher:
     def accept(self, token: int, logits: torch.Tensor) -> None:
         kids = self.trie.children[self.node]
         if len(kids) > 1:
-            allowed = torch.tensor(list(kids), device=logits.device)
-            share = torch.log_softmax(logits[allowed].double(), -1)
-            self.logp += float(share[list(kids).index(token)])
+            self.logp += _shares(kids, logits)[list(kids).index(token)]
         self.node = kids[token]
 
     def done(self) -> bool:
@@ -191,9 +197,4 @@ class LabelMatcher:
 
     @property
     def confidence(self) -> float:
-        return float(torch.tensor(self.logp).exp())
-
-    @property
-    def label(self) -> str | None:
-        index = self.trie.leaf.get(self.node)
-        return None if index is None else self.trie.labels[index]
+        return math.exp(self.logp)

@@ -164,8 +164,8 @@ def prepare_distillation(recipe, splits, registry, on_phase, workspace=None):
         if hits + more:
             on_phase(f"{hits + more} of {len(train) + len(validation)} teacher answers were "
                      "cached from an earlier run")
-        info = tasks.describe(splits.info.kind, train, recipe.fields) if splits.info.kind != "classify" \
-            else splits.info
+        info = (tasks.describe(splits.info.kind, train, recipe.fields)
+                if splits.info.kind != "classify" else splits.info)
         splits = dataclasses.replace(splits, train=train, validation=validation, info=info)
     loss_fn = (partial(distill_loss, teacher=teacher, top_k=spec.top_k,
                        temperature=spec.temperature, weight=spec.weight)

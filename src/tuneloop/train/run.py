@@ -88,7 +88,8 @@ def _distill_stats(out: dict, teacher, splits, recipe) -> dict:
     from tuneloop.tasks import TASKS
 
     tok, module = out["tokenizer"], TASKS[recipe.task]
-    enc = [encode(tok, module.prompt(e, splits.info), module.target(e, splits.info)) for e in splits.validation]
+    enc = [encode(tok, module.prompt(e, splits.info), module.target(e, splits.info))
+           for e in splits.validation]
     kl = mean_kl(out["model"], teacher, padded_batches(enc, tok.pad_token_id))
     return {"final_val_kl": kl, "distill": recipe.distill.model_dump()}
 

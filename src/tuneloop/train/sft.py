@@ -93,7 +93,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     model = method.load(recipe)
 
     def enc(examples):
-        return [encode(tokenizer, module.prompt(e, splits.info), module.target(e, splits.info)) for e in examples]
+        return [encode(tokenizer, module.prompt(e, splits.info), module.target(e, splits.info))
+                for e in examples]
 
     train_set, val_set = enc(splits.train), enc(splits.validation)
     max_length = recipe.max_length or max(len(x) for x in train_set)
