@@ -28,6 +28,11 @@ from tuneloop.tasks import TASKS, extract
 from tuneloop.tasks.labels import LabelTrie
 
 routes = APIRouter()
+# Streamed replies are server-sent events; an engine failure is the request's own 500, a
+# request not finished within the server's deadline a 504.
+GENERATION_RESPONSES = {200: {"content": {"text/event-stream": {}}},
+                        500: {"description": "The engine failed on this request"},
+                        504: {"description": "Not finished within the server's deadline"}}
 REVIEW = "needs_review"  # a classifier's answer when its label is less probable than the threshold
 
 
@@ -55,7 +60,7 @@ def _no_model(name: str) -> ApiError:
                     code="model_not_found", param="model")
 
 
-@routes.post("/v1/chat/completions")
+@routes.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
 async def chat_completions(body: ChatRequest, request: Request, who: CallerDep):
     target = await _resolve(request, who, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -75,7 +80,7 @@ async def chat_completions(body: ChatRequest, request: Request, who: CallerDep):
     return await _respond(request, who, target, body, prompt, sampling, "chat")
 
 
-@routes.post("/v1/completions")
+@routes.post("/v1/completions", responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, who: CallerDep):
     target = await _resolve(request, who, body.model)
     prompt = target.engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]

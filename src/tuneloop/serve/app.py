@@ -20,6 +20,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tuneloop.serve.auth import Caller, RateLimiter, lookup
@@ -100,6 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings, app.state.registry, app.state.router = settings, registry, router
     app.state.limiter, app.state.metrics = RateLimiter(), Metrics(router)
     _install_error_handlers(app)
+    _document_errors(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
 
     from tuneloop.serve import api, console, console_api, datasets_api, feedback, files, jobs
@@ -111,7 +113,7 @@ def create_app(settings: Settings) -> FastAPI:
     def health():
         return {"status": "ok", "engines": {k: e.status() for k, e in router.engines.items()}}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
         return PlainTextResponse(generate_latest(app.state.metrics.registry),
                                  media_type=CONTENT_TYPE_LATEST)
@@ -172,15 +174,63 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = f"{param or 'body'}: {first.get('msg')}"
         return JSONResponse(error_body(message, "invalid_request_error", "invalid_value", param), 400)
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc):
-        return JSONResponse(error_body(f"Unknown route {request.method} {request.url.path}",
-                                       "invalid_request_error", "unknown_url"), 404)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """The framework's own refusals (no such route, method not allowed, a body its parser
+        cannot read) in the same shape as every other error."""
+        if exc.status_code == 404:
+            message, code = f"Unknown route {request.method} {request.url.path}", "unknown_url"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}"
+            code = "method_not_allowed"
+        else:
+            message, code = f"{exc.detail} (send a JSON object, UTF-8 encoded)", "invalid_body"
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return JSONResponse(error_body(message, kind, code), exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(405)
-    async def not_allowed(request: Request, exc):
-        return JSONResponse(error_body(f"Method {request.method} is not allowed on {request.url.path}",
-                                       "invalid_request_error", "method_not_allowed"), 405)
+
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "null"]}}}}}
+# What any /v1 route can answer besides its own errors (declared on the route)
+COMMON_ERRORS = {"400": "A field is missing or out of range: the message and `param` name it",
+                 "401": "No API key, or one this server does not know",
+                 "404": "No such object for this tenant", "413": "The body is over the limit",
+                 "429": "Over this key's requests per minute; see `retry-after`"}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the API answers: errors in OpenAI's shape with the
+    statuses it uses (400 for a bad field where FastAPI's own document says 422), so that a
+    client generated from it, and the schema-driven fuzzing in the tests, hold it to that."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema["components"]["schemas"].pop(name, None)
+            error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    responses = operation["responses"]
+                    responses.pop("422", None)
+                    if path.startswith("/v1/"):
+                        for code, why in COMMON_ERRORS.items():
+                            responses.setdefault(code, {"description": why})
+                    for code, response in responses.items():
+                        if code >= "400":
+                            response["content"] = error
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 class BodyLimit:

@@ -16,7 +16,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
@@ -70,7 +72,8 @@ def list_runs(request: Request, who: CallerDep):
     return {"object": "list", "data": [run_summary(registry.get_run(i)) for i in ids]}
 
 
-@routes.get("/v1/tuneloop/jobs/{job_id}/recipe")
+@routes.get("/v1/tuneloop/jobs/{job_id}/recipe",
+             responses={409: {"description": "The job's recipe can no longer be resolved"}})
 def job_settings(job_id: str, request: Request, who: CallerDep):
     """What a fine-tuning job trains with, as YAML: once training has started, the run's
     recipe.yaml (every key, and the plan made from them: steps, learning rate, batch tokens,
@@ -99,7 +102,8 @@ def job_settings(job_id: str, request: Request, who: CallerDep):
             "resolved": written.is_file(), "yaml": text}
 
 
-@routes.get("/v1/tuneloop/runs/{run_id}/report", response_class=HTMLResponse)
+@routes.get("/v1/tuneloop/runs/{run_id}/report", response_class=HTMLResponse,
+             responses={409: {"description": "The run has no results to report yet"}})
 def run_report(run_id: str, request: Request, who: CallerDep):
     """The run's self-contained HTML report: scoreboard, per-class/field tables, worst errors,
     curves, forgetting check, judge verdicts."""
@@ -114,7 +118,8 @@ def run_report(run_id: str, request: Request, who: CallerDep):
     return HTMLResponse(report.render_html(data))
 
 
-@routes.get("/v1/tuneloop/compare", response_class=HTMLResponse)
+@routes.get("/v1/tuneloop/compare", response_class=HTMLResponse,
+             responses={409: {"description": "The two runs were not scored on the same test rows"}})
 def compare_runs(a: str, b: str, request: Request, who: CallerDep):
     """Two runs on the same test rows: the difference with its interval, rows fixed and broken."""
     from tuneloop.evaluate import compare
@@ -130,10 +135,10 @@ def compare_runs(a: str, b: str, request: Request, who: CallerDep):
 
 
 @routes.get("/v1/tuneloop/files/{file_id}/rows")
-def file_rows(file_id: str, request: Request, who: CallerDep, offset: int = 0, limit: int = 20):
+def file_rows(file_id: str, request: Request, who: CallerDep,
+              offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+              limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20):
     """One page of an uploaded file's rows, with their line numbers."""
-    if offset < 0 or not 1 <= limit <= MAX_PAGE:
-        raise ApiError(400, f"offset must be >= 0 and limit 1-{MAX_PAGE}", param="limit")
     row = get_file(request.app.state.registry, who.tenant, file_id)
     rows, total = [], 0
     with open(row.path, encoding="utf-8") as f:
@@ -195,7 +200,8 @@ def _event(event: DeploymentEvent) -> dict:
             "reason": event.reason}
 
 
-@routes.post("/v1/tuneloop/deployments/{name}/promote")
+@routes.post("/v1/tuneloop/deployments/{name}/promote",
+              responses={409: {"description": "The gate refused the promotion"}})
 async def promote(name: str, body: Promote, request: Request, who: CallerDep):
     """Point `name` at a run if its evidence allows (the gate, and beating the current run)."""
     registry = request.app.state.registry
@@ -208,7 +214,8 @@ async def promote(name: str, body: Promote, request: Request, who: CallerDep):
     return _event(event)
 
 
-@routes.post("/v1/tuneloop/deployments/{name}/rollback")
+@routes.post("/v1/tuneloop/deployments/{name}/rollback",
+              responses={409: {"description": "Nothing to roll back to"}})
 async def roll_back(name: str, request: Request, who: CallerDep):
     registry = request.app.state.registry
     with registry.session() as s:

@@ -6,6 +6,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import FileResponse
@@ -28,10 +29,8 @@ def file_object(row: File) -> dict:
 
 
 @routes.post("/v1/files")
-async def upload(request: Request, who: CallerDep, file: UploadFile, purpose: str = Form(...)):
-    if purpose != "fine-tune":
-        raise ApiError(400, f"purpose '{purpose}' is not supported here: use 'fine-tune'",
-                       param="purpose")
+async def upload(request: Request, who: CallerDep, file: UploadFile,
+                 purpose: Literal["fine-tune"] = Form(...)):
     folder = Path(request.app.state.settings.workspace) / "files"
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-")
@@ -55,7 +54,9 @@ def _register(registry: Registry, tenant: str, tmp: Path, filename: str, size: i
     """Check every line; keep the file (renamed into place) only if all of them are usable."""
     report = scan(tmp)
     if not report.ok or report.valid == 0:
-        shown = "; ".join(f"line {p.line}: {p.message}" for p in report.problems[:5])
+        # the client's name for the file, never the server's temporary path
+        shown = "; ".join((f"line {p.line}: " if p.line else "")
+                          + p.message.replace(str(tmp), filename) for p in report.problems[:5])
         more = sum(report.counts.values()) - min(5, len(report.problems))
         raise ApiError(400, f"{filename}: {shown or 'no usable rows'}"
                        + (f" (and {more} more problems)" if more > 0 else ""),
@@ -90,7 +91,8 @@ def retrieve_file(file_id: str, request: Request, who: CallerDep):
     return file_object(get_file(request.app.state.registry, who.tenant, file_id))
 
 
-@routes.get("/v1/files/{file_id}/content")
+@routes.get("/v1/files/{file_id}/content",
+             responses={200: {"content": {"application/jsonl": {}}}})
 def file_content(file_id: str, request: Request, who: CallerDep):
     row = get_file(request.app.state.registry, who.tenant, file_id)
     return FileResponse(row.path, media_type="application/jsonl", filename=row.filename)

@@ -27,7 +27,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.project import Recipe, recipe_from_dict
 from tuneloop.serve.app import ApiError, CallerDep
 from tuneloop.serve.files import get_file
-from tuneloop.serve.schemas import Open, unix_time
+from tuneloop.serve.schemas import Limit, Open, unix_time
 from tuneloop.store import Registry, _now, new_id
 from tuneloop.store.serving import File, Job, JobEvent
 
@@ -201,7 +201,7 @@ def create_job(body: JobRequest, request: Request, who: CallerDep):
 
 
 @routes.get("/v1/fine_tuning/jobs")
-def list_jobs(request: Request, who: CallerDep, limit: int = 20, after: str | None = None):
+def list_jobs(request: Request, who: CallerDep, limit: Limit = 20, after: str | None = None):
     with request.app.state.registry.session() as s:
         rows = list(s.scalars(select(Job).where(Job.tenant == who.tenant)
                               .order_by(Job.created.desc(), Job.id.desc())))
@@ -236,7 +236,7 @@ def cancel_job(job_id: str, request: Request, who: CallerDep):
 
 
 @routes.get("/v1/fine_tuning/jobs/{job_id}/events")
-def job_events(job_id: str, request: Request, who: CallerDep, limit: int = 20,
+def job_events(job_id: str, request: Request, who: CallerDep, limit: Limit = 20,
                after: str | None = None):
     registry = request.app.state.registry
     get_job(registry, who.tenant, job_id)
@@ -252,7 +252,7 @@ def job_events(job_id: str, request: Request, who: CallerDep, limit: int = 20,
 
 
 @routes.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-def job_checkpoints(job_id: str, request: Request, who: CallerDep, limit: int = 10):
+def job_checkpoints(job_id: str, request: Request, who: CallerDep, limit: Limit = 10):
     registry = request.app.state.registry
     job = get_job(registry, who.tenant, job_id)
     folder = Path(request.app.state.settings.workspace) / "runs" / (job.run_id or "-") / "checkpoints"

@@ -4,9 +4,15 @@ accepted and ignored, as OpenAI-compatible servers commonly do, so newer SDKs ke
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from fastapi import Query
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+# A page size in a list route's query (OpenAI's lists take 1-100)
+Limit = Annotated[int, Query(ge=1, le=100)]
 
 
 class Open(BaseModel):
@@ -46,7 +52,9 @@ class Generation(Open):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "null"},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]})
     # int64, as vLLM bounds it: torch's generators take 64 bits, and a larger number is the
     # client's mistake (a 400 naming the field), not the engine's.
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
@@ -73,7 +81,9 @@ class ChatRequest(Generation):
 
 
 class CompletionRequest(Generation):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"},
+                             "minItems": 1, "maxItems": 1}]})
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
 
     @field_validator("prompt")
@@ -84,12 +94,21 @@ class CompletionRequest(Generation):
         return v if isinstance(v, str) else v[0]
 
 
+def _exactly_one(*names: str) -> dict:
+    """JSON Schema for "exactly one of these fields is given (and not null)"."""
+    return {"oneOf": [{"required": [n], "properties": {n: {"not": {"type": "null"}}}}
+                      for n in names]}
+
+
 class FeedbackRequest(Open):
     """Feedback on a logged completion: a rating, a corrected answer, or a preference."""
 
+    model_config = ConfigDict(extra="allow", json_schema_extra=_exactly_one(
+        "rating", "correction", "preferred_over"))
+
     completion_id: str
     choice: int = Field(default=0, ge=0)
-    rating: int | None = Field(default=None, ge=-1, le=5)
+    rating: int | None = Field(default=None, ge=-1, le=1)  # 1 good, 0 neutral, -1 bad
     correction: str | None = None
     preferred_over: str | None = None  # another completion id: this one is better than that one
     comment: str | None = Field(default=None, max_length=2048)
