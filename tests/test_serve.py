@@ -24,11 +24,15 @@ from tuneloop.serve.feedback import export
 from tuneloop.store import Registry
 
 
+METRICS_TOKEN = "operator-scrape-token"
+
+
 @pytest.fixture(scope="module", params=DB_KINDS)
 def server(request, tiny_model, tmp_path_factory):
     """A server with two tenants, each with its own deployed LoRA run on the tiny base."""
     with two_tenant_server(tiny_model, tmp_path_factory.mktemp("serve"), request.param,
-                           max_body_bytes=64 * 1024, max_tokens_limit=200, worker=True) as srv:
+                           max_body_bytes=64 * 1024, max_tokens_limit=200, worker=True,
+                           metrics_token=METRICS_TOKEN) as srv:
         yield srv
 
 
@@ -122,8 +126,14 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert all(e["running"] == 0 for e in engines.values())
     after = c.chat.completions.create(model="acme-intents", messages=msg, max_tokens=4)
     assert after.choices[0].message.role == "assistant"
-    metrics = httpx.get(url + "/metrics").text
+    assert httpx.get(url + "/metrics").status_code == 401  # a tenant's traffic is its own
+    metrics = httpx.get(url + "/metrics", headers=headers).text
     assert 'tuneloop_requests_total{model="acme-intents",status="ok",tenant="acme"}' in metrics
+    theirs = httpx.get(url + "/metrics", headers={
+        "authorization": f"Bearer {server['keys']['globex']}"}).text
+    assert "acme" not in theirs and "tuneloop_queue_depth" in theirs
+    every = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"}).text
+    assert 'tenant="acme"' in every
     assert "tuneloop_queue_depth" in metrics
     assert httpx.get(url + "/health").json()["status"] == "ok"
 

@@ -152,7 +152,8 @@ def test_vllm_json_schema_output_validates_and_vllm_is_private(server):
     health = httpx.get(server["url"] + "/health").json()["engines"][BASE]
     assert health["running"] == 0 and health["queued"] == 0
     assert health["engine"] == "vllm" and len(health["adapters"]) == 2  # by run id, as built-in
-    metrics = httpx.get(server["url"] + "/metrics").text
+    metrics = httpx.get(server["url"] + "/metrics",
+                        headers={"authorization": f"Bearer {server['key']}"}).text
     assert 'tuneloop_requests_total{model="a0",status="ok",tenant="acme"}' in metrics
     # vLLM listens on loopback under a key of this server's: it lists no one's adapters to others.
     assert httpx.get(server_engine().url + "/v1/models").status_code == 401

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tuneloop.serve.auth import Caller, RateLimiter, lookup
-from tuneloop.serve.metrics import Metrics
+from tuneloop.serve.metrics import Metrics, OneTenant
 from tuneloop.serve.router import Router
 from tuneloop.store import Registry
 
@@ -47,6 +48,9 @@ class Settings:
     # The last guard: a request the engine has not finished by then is answered with an error
     # (and its rows freed) instead of waiting for ever.
     request_timeout_s: float = 600.0
+    # A bearer token with which /metrics shows every tenant's series (for Prometheus'
+    # `authorization` scrape setting); a tenant's key shows only its own.
+    metrics_token: str | None = None
     log_retention_days: int = 30  # request log rows without feedback are deleted after this
     max_batch: int = 32
     adapter_budget_mb: int = 512
@@ -113,9 +117,15 @@ def create_app(settings: Settings) -> FastAPI:
     def health():
         return {"status": "ok", "engines": {k: e.status() for k, e in router.engines.items()}}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics():
-        return PlainTextResponse(generate_latest(app.state.metrics.registry),
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={401: {"description": "No API key and no metrics token"}})
+    def metrics(request: Request):
+        """Prometheus text. The operator's `metrics_token` (or a server without keys) reads
+        every tenant's series; a tenant's key reads its own, and no key reads nothing."""
+        tenant = _metrics_scope(request)
+        source = app.state.metrics.registry
+        return PlainTextResponse(generate_latest(source if tenant is None
+                                                 else OneTenant(source, tenant)),
                                  media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -131,6 +141,17 @@ async def _supervise(app: FastAPI, settings: Settings, every_s: float = 2.0) -> 
         if code is not None:
             log.warning("job worker exited with status %s; starting another", code)
             app.state.worker = jobs.start_worker(settings.workspace)
+
+
+def _metrics_scope(request: Request) -> str | None:
+    """None (every tenant) for the operator's token or a server without keys, else the
+    caller's tenant (401 without a valid key)."""
+    settings: Settings = request.app.state.settings
+    token = request.headers.get("authorization", "")[7:].strip()
+    if not settings.auth or (settings.metrics_token and hmac.compare_digest(
+            token.encode(), settings.metrics_token.encode())):
+        return None
+    return caller(request).tenant
 
 
 def caller(request: Request) -> Caller:

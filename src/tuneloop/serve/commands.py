@@ -39,6 +39,9 @@ def serve(
     retention_days: int = typer.Option(30, help="Request log rows without feedback are "
                                        "deleted after this many days."),
     no_worker: bool = typer.Option(False, "--no-worker", help="Do not run fine-tuning jobs here."),
+    metrics_token: Optional[str] = typer.Option(
+        None, envvar="TUNELOOP_METRICS_TOKEN", help="A bearer token with which GET /metrics "
+        "shows every tenant's series (a tenant's key shows only its own)."),
     review_below: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="A classifier whose label probability is below this "
         "answers 'needs_review' instead of the label (its confidence is in the reply)."),
@@ -69,7 +72,7 @@ def serve(
     run(Settings(workspace=workspace(), bases=base, auth=not no_auth, max_batch=max_batch,
                  adapter_budget_mb=adapter_memory_mb, log_retention_days=retention_days,
                  worker=not no_worker, engine=engine, vllm_python=vllm_python,
-                 review_below=review_below,
+                 review_below=review_below, metrics_token=metrics_token,
                  vllm_args=vllm_arg), host=host, port=port)
 
 

@@ -4,6 +4,7 @@ by Prometheus from the counters: `rate(tuneloop_completion_tokens_total[1m])`)."
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 
 class Metrics:
@@ -51,3 +52,18 @@ class _OnCollect:
     def collect(self):
         self.fn()
         return []
+
+
+class OneTenant:
+    """A view of a metrics registry with only one tenant's series (and those of no tenant,
+    such as the engines' queue depth): what a tenant's key may read."""
+
+    def __init__(self, registry: CollectorRegistry, tenant: str):
+        self.registry, self.tenant = registry, tenant
+
+    def collect(self):
+        for family in self.registry.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [s for s in family.samples
+                            if s.labels.get("tenant", self.tenant) == self.tenant]
+            yield kept
