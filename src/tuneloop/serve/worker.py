@@ -3,14 +3,21 @@
 It claims one job at a time from the registry, so any number of API restarts (or several
 workers on one database) never lose or double-run a job. A job whose worker died mid-run is
 taken up again and resumes from its run's newest checkpoint.
+
+A claim is a lease (`LEASE_S`, renewed a few times within it while the worker works): a worker
+on this host that has died loses its job at once (its process is gone); one on another host,
+whose process cannot be seen from here, loses it when its lease runs out. A worker that finds
+its lease taken stops working on the job without touching it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 
@@ -29,20 +36,68 @@ from tuneloop.train.run import Stopped, train
 
 log = logging.getLogger("tuneloop.worker")
 ACTIVE = ("validating_files", "queued", "running")
+LEASE_S = float(os.environ.get("TUNELOOP_JOB_LEASE_S", "60"))
 
 
-def _alive(worker: str | None) -> bool:
-    """Whether a worker id (host:pid) names a live process on this host (others: assumed alive).
-    A zombie (dead, not yet reaped by the process that started it) is dead."""
+class LostLease(Exception):
+    """Another worker holds this job now (this one's lease ran out): leave it to that one."""
+
+
+def host() -> str:
+    """This worker's host name ($TUNELOOP_WORKER_HOST where host names are not unique)."""
+    return os.environ.get("TUNELOOP_WORKER_HOST") or socket.gethostname()
+
+
+def _alive(worker: str | None, lease_until: dt.datetime | None = None) -> bool:
+    """Whether the worker holding a job (id host:pid) still holds it: on this host, while its
+    process lives (a zombie, dead but not yet reaped, is dead); elsewhere, while its lease runs."""
     if not worker:
         return False
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname():
-        return True
+    where, _, pid = worker.rpartition(":")
+    if where != host():
+        return lease_until is not None and lease_until > _now()
     try:
         return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, ValueError):
         return False
+
+
+def _lease() -> dt.datetime:
+    return _now() + dt.timedelta(seconds=LEASE_S)
+
+
+def renew(registry: Registry, job_id: str, me: str) -> bool:
+    """Extend this worker's lease on a job; False if another worker has taken it."""
+    with registry.session() as s, s.begin():
+        return s.execute(update(Job).where(Job.id == job_id, Job.worker == me)
+                         .values(lease_until=_lease())).rowcount == 1
+
+
+class Heartbeat:
+    """Renews a job's lease in the background while the worker trains; `lost` is set (and the
+    next progress callback stops the job) once another worker holds it."""
+
+    def __init__(self, registry: Registry, job_id: str, me: str):
+        self.lost, self._done = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(registry, job_id, me),
+                                        daemon=True)
+
+    def _beat(self, registry, job_id, me):
+        while not self._done.wait(LEASE_S / 4):
+            try:
+                if not renew(registry, job_id, me):
+                    self.lost.set()
+                    return
+            except Exception:  # noqa: BLE001 — the database is away: retry on the next beat
+                log.warning("could not renew the lease on job %s", job_id, exc_info=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join(timeout=5)
 
 
 def claim(registry: Registry, me: str) -> Job | None:
@@ -50,13 +105,13 @@ def claim(registry: Registry, me: str) -> Job | None:
     with registry.session() as s:
         jobs = list(s.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.created)))
     for job in jobs:
-        if job.worker == me or _alive(job.worker):
+        if job.worker == me or _alive(job.worker, job.lease_until):
             continue
         with registry.session() as s, s.begin():
             won = s.execute(update(Job).where(Job.id == job.id, Job.status == job.status,
                                               (Job.worker == job.worker) if job.worker else
                                               Job.worker.is_(None))
-                            .values(worker=me)).rowcount == 1
+                            .values(worker=me, lease_until=_lease())).rowcount == 1
         if won:
             if job.worker:
                 add_event(registry, job.id, f"Worker {job.worker} stopped; job taken over by {me}")
@@ -78,8 +133,8 @@ def fine_tuned_name(job: Job) -> str:
     return f"ft:{base}:{job.tenant}:{job.suffix or ''}:{job.id.rsplit('-', 1)[-1]}"
 
 
-def process(registry: Registry, job: Job, workspace) -> None:
-    """Take one claimed job to a final state."""
+def process(registry: Registry, job: Job, workspace, lost: threading.Event | None = None) -> None:
+    """Take one claimed job to a final state (or leave it, untouched, once `lost` is set)."""
     try:
         recipe = job_recipe(registry, job)
         if job.status == "validating_files":
@@ -98,6 +153,8 @@ def process(registry: Registry, job: Job, workspace) -> None:
                   f"{STARTS[1]} {job.run_id} from its newest checkpoint")
 
         def progress(step, steps, loss, tokens_per_s):
+            if lost is not None and lost.is_set():
+                raise LostLease()
             with registry.session() as s:
                 cancel = s.get(Job, job.id).cancel_requested
             if cancel:
@@ -116,6 +173,8 @@ def process(registry: Registry, job: Job, workspace) -> None:
              trained_tokens=int(result.get("train_tokens", 0)))
         add_event(registry, job.id, f"New fine-tuned model created: {name}")
         add_event(registry, job.id, "The job has successfully completed")
+    except LostLease:
+        log.warning("job %s: another worker holds it now; leaving it to that one", job.id)
     except Stopped:
         _set(registry, job.id, status="cancelled", finished=_now())
         add_event(registry, job.id, "Job cancelled")
@@ -138,7 +197,7 @@ def main(poll_s: float = 0.5) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
     workspace = project.workspace()
     registry = Registry.open(workspace)
-    me = f"{socket.gethostname()}:{os.getpid()}"
+    me = f"{host()}:{os.getpid()}"
     stopping = False
 
     def stop(*_):
@@ -155,7 +214,8 @@ def main(poll_s: float = 0.5) -> None:
                 time.sleep(poll_s)
                 continue
             log.info("job %s: %s", job.id, job.status)
-            process(registry, job, workspace)
+            with Heartbeat(registry, job.id, me) as beat:
+                process(registry, job, workspace, beat.lost)
     except KeyboardInterrupt:
         log.info("worker %s stopped", me)
 

@@ -210,6 +210,14 @@ def m005_job_recipe(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN recipe JSON"))
 
 
+@migration
+def m006_job_lease(conn: sa.Connection) -> None:
+    # A job's claim is a lease its worker renews, so a worker on a machine that is gone loses
+    # the job when the lease runs out and another worker resumes it.
+    kind = sa.DateTime().compile(dialect=conn.dialect)
+    conn.execute(sa.text(f"ALTER TABLE jobs ADD COLUMN lease_until {kind}"))
+
+
 def migrate(engine: sa.Engine) -> list[str]:
     """Apply every migration not yet recorded; returns the names applied."""
     applied = []

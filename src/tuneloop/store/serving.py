@@ -110,6 +110,8 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The worker holds the job until then and renews it while it works (serve/worker.py)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     recipe: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
     started: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
