@@ -104,6 +104,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
                       content=json.dumps({"model": "acme-intents", "messages": [
                           {"role": "user", "content": "x" * 100_000}]}).encode())
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    big_headers = httpx.get(url + "/v1/models", headers={**headers, "x-big": "a" * 100_000})
+    assert big_headers.status_code == 431
     c = client(server)
     msg = [{"role": "user", "content": "hello"}]
     with pytest.raises(openai.NotFoundError):

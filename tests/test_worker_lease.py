@@ -57,19 +57,41 @@ def _start(folder, host: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def _queue_job(srv, tmp_path, epochs: int) -> tuple[httpx.Client, str]:
+    api = httpx.Client(base_url=srv["url"], timeout=60,
+                       headers={"Authorization": f"Bearer {srv['keys']['acme']}"})
+    rows = [{"messages": [{"role": "user", "content": r["text"]},
+                          {"role": "assistant", "content": r["label"]}]}
+            for r in make_rows(60, seed=6)]
+    with write_jsonl(tmp_path / "lease.jsonl", rows).open("rb") as f:
+        file_id = api.post("/v1/files", files={"file": f},
+                           data={"purpose": "fine-tune"}).raise_for_status().json()["id"]
+    job_id = api.post("/v1/fine_tuning/jobs", json={
+        "model": srv["base"], "training_file": file_id,
+        "hyperparameters": {"n_epochs": epochs}}).raise_for_status().json()["id"]
+    return api, job_id
+
+
+def _finish(api: httpx.Client, job_id: str, worker_process: subprocess.Popen) -> dict:
+    deadline = time.time() + 300
+    try:
+        while api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] not in (
+                "succeeded", "failed", "cancelled"):
+            assert time.time() < deadline and worker_process.poll() is None
+            time.sleep(0.2)
+    finally:
+        worker_process.terminate()
+        worker_process.wait(timeout=20)
+    return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+
+
+def _events(api: httpx.Client, job_id: str) -> list[dict]:
+    return api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+
+
 def test_a_job_on_a_machine_that_is_gone_moves_to_another_and_resumes(tiny_model, tmp_path):
     with two_tenant_server(tiny_model, tmp_path, deployed=False, worker=False) as srv:
-        api = httpx.Client(base_url=srv["url"], timeout=60,
-                           headers={"Authorization": f"Bearer {srv['keys']['acme']}"})
-        rows = [{"messages": [{"role": "user", "content": r["text"]},
-                              {"role": "assistant", "content": r["label"]}]}
-                for r in make_rows(60, seed=6)]
-        with write_jsonl(tmp_path / "lease.jsonl", rows).open("rb") as f:
-            file_id = api.post("/v1/files", files={"file": f},
-                               data={"purpose": "fine-tune"}).raise_for_status().json()["id"]
-        job_id = api.post("/v1/fine_tuning/jobs", json={
-            "model": srv["base"], "training_file": file_id,
-            "hyperparameters": {"n_epochs": 40}}).raise_for_status().json()["id"]
+        api, job_id = _queue_job(srv, tmp_path, epochs=40)
         first = _start(tmp_path, "machine-a")
         try:
             deadline = time.time() + 300
@@ -79,21 +101,29 @@ def test_a_job_on_a_machine_that_is_gone_moves_to_another_and_resumes(tiny_model
             first.send_signal(signal.SIGKILL)  # machine-a is gone, mid-run
             first.wait()
             killed_at = time.time()
-            second = _start(tmp_path, "machine-b")
-            try:
-                while api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] not in (
-                        "succeeded", "failed", "cancelled"):
-                    assert time.time() < deadline + 300 and second.poll() is None
-                    time.sleep(0.2)
-            finally:
-                second.terminate()
-                second.wait(timeout=20)
+            job = _finish(api, job_id, _start(tmp_path, "machine-b"))
         finally:
             first.kill()
-        job = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
         assert job["status"] == "succeeded", job.get("error")
-        events = api.get(f"/v1/fine_tuning/jobs/{job_id}/events",
-                         params={"limit": 100}).json()["data"]
+        events = _events(api, job_id)
         took = [e for e in events if "taken over by machine-b" in e["message"]]
         assert took and took[0]["created_at"] >= int(killed_at) + 1  # only once the lease ran out
         assert any(e["message"].startswith("Resuming run") for e in events)
+
+
+def test_a_job_whose_worker_died_before_its_first_checkpoint_trains_again(tiny_model, tmp_path):
+    """Found by bench/soak.py: the job used to fail with "no intact checkpoint to resume from"."""
+    with two_tenant_server(tiny_model, tmp_path, deployed=False, worker=False) as srv:
+        api, job_id = _queue_job(srv, tmp_path, epochs=1)
+        registry = srv["registry"]
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        run = registry.add_run(task="chat", base_model=srv["base"], method="lora",
+                               status="running", recipe={})
+        with registry.session() as s, s.begin():  # as a worker leaves it when killed early
+            job = s.get(Job, job_id)
+            job.status, job.run_id, job.worker = "running", run.id, f"{worker.host()}:{dead.pid}"
+        job = _finish(api, job_id, _start(tmp_path, worker.host()))
+        assert job["status"] == "succeeded", job.get("error")
+        assert any("before its first checkpoint" in e["message"] for e in _events(api, job_id))
+        assert registry.get_run(run.id).status == "failed"

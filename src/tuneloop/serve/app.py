@@ -254,6 +254,9 @@ def _document_errors(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+MAX_HEADER_BYTES = 32 * 1024  # nginx's default large_client_header_buffers is 4 x 8 KB
+
+
 class BodyLimit:
     """Refuse request bodies over the limit (413) before they are read into memory, whether
     the client declares a Content-Length or streams the body in chunks.
@@ -271,6 +274,9 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            return await _refuse(send, 431, "request_headers_too_large",
+                                 f"Request headers are larger than {MAX_HEADER_BYTES} bytes")
         limit = self.upload_limit if scope["path"].startswith("/v1/files") else self.limit
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
@@ -322,9 +328,12 @@ def _counted(receive, limit: int):
 
 
 async def _too_large(send, limit: int) -> None:
-    response = JSONResponse(error_body(f"Request body is larger than this server's limit of "
-                                       f"{limit} bytes", "invalid_request_error",
-                                       "request_too_large"), 413)
+    await _refuse(send, 413, "request_too_large",
+                  f"Request body is larger than this server's limit of {limit} bytes")
+
+
+async def _refuse(send, status: int, code: str, message: str) -> None:
+    response = JSONResponse(error_body(message, "invalid_request_error", code), status)
     await response({"type": "http"}, None, send)
 
 

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import psutil
 
@@ -32,6 +33,7 @@ from tuneloop.serve.deploy import deploy
 from tuneloop.serve.jobs import STARTS, add_event, job_recipe
 from tuneloop.store import Registry, _now
 from tuneloop.store.serving import Job
+from tuneloop.train import checkpoint
 from tuneloop.train.run import Stopped, train
 
 log = logging.getLogger("tuneloop.worker")
@@ -149,8 +151,15 @@ def process(registry: Registry, job: Job, workspace, lost: threading.Event | Non
             job = _set(registry, job.id, status="queued")
             add_event(registry, job.id, "Files validated; job queued")
         job = _set(registry, job.id, status="running", started=job.started or _now())
-        add_event(registry, job.id, STARTS[0] if not job.run_id else
-                  f"{STARTS[1]} {job.run_id} from its newest checkpoint")
+        resume = job.run_id
+        if resume and checkpoint.latest(Path(workspace) / "runs" / resume / "checkpoints") is None:
+            registry.update_run(resume, status="failed", error="its worker stopped before the "
+                                "first checkpoint; the job trains a new run")
+            add_event(registry, job.id, f"Run {resume} stopped before its first checkpoint; "
+                      "training a new run from the start")
+            resume = None
+        add_event(registry, job.id, STARTS[0] if not resume else
+                  f"{STARTS[1]} {resume} from its newest checkpoint")
 
         def progress(step, steps, loss, tokens_per_s):
             if lost is not None and lost.is_set():
@@ -164,7 +173,7 @@ def process(registry: Registry, job: Job, workspace, lost: threading.Event | Non
                           data={"step": step, "total_steps": steps, "train_loss": loss,
                                 "tokens_per_s": tokens_per_s})
 
-        result = train(recipe, workspace=workspace, progress=progress, resume=job.run_id,
+        result = train(recipe, workspace=workspace, progress=progress, resume=resume,
                        on_run=lambda run_id: _set(registry, job.id, run_id=run_id))
         name = fine_tuned_name(job)
         deploy(registry, name, result["run_id"], job.tenant, force=True,
