@@ -403,3 +403,21 @@ def test_the_recognizer_training_rows_do_not_depend_on_the_hash_seed():
                               check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
                for seed in ("1", "2")}
     assert len(digests) == 1 and len(digests.pop()) == 65  # 64 hex digits and a newline
+
+
+def test_the_data_report_counts_entities_per_type_for_bio_rows(workspace):
+    rows = [{"tokens": ["Ann", "Lee", "in", "Paris", "and", "Rome"],
+             "tags": ["B-person", "I-person", "O", "B-location", "O", "B-location"]},
+            {"tokens": ["lol", "ok"], "tags": ["O", "O"]}]
+    rows = [{"tokens": r["tokens"] + [str(i)], "tags": r["tags"] + ["O"]}
+            for i in range(10) for r in rows]
+    version = prepare(rows, recipe(task="extract", anonymize={"enabled": False},
+                                   dedup={"near": {"enabled": False}},
+                                   split={"test": 0, "validation": 0}))
+    train = version.report["splits"]["train"]
+    assert train["rows"] == 20 and train["empty_rows"] == 10
+    assert train["entities"] == {"location": 20, "person": 10}
+    first = read(Path(version.folder) / "train.jsonl")[0]  # prepared as text with its fields
+    assert "tags" not in first and first["text"].startswith(("Ann Lee in Paris", "lol ok"))
+    from tuneloop.data.report import render_html
+    assert "nothing to extract" in render_html(version.report)

@@ -39,6 +39,7 @@ from tuneloop.data.formats import MIN_EXAMPLES, Problem, file_sha256, parse_row
 from tuneloop.data.ingest import read_rows
 from tuneloop.data.rows import prompt_text, reply_text
 from tuneloop.errors import TuneloopError
+from tuneloop.tasks import extract
 
 EXAMPLES_PER_REASON = 5
 SNIPPET = 300
@@ -273,6 +274,9 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
                                 message=problem.message)
                     continue
                 ingest.rows_out += 1
+                if "tags" in row and "text" not in row:  # BIO: prepared as text with fields
+                    row = {**{k: v for k, v in row.items() if k not in ("tokens", "tags")},
+                           "text": example.messages[0]["content"], "fields": example.fields}
                 clean.rows_in += 1
                 if recipe.clean.enabled:
                     row, reason, changed = cleaning.clean_row(row, settings)
@@ -535,7 +539,8 @@ def _write_splits(final: Path, survivors: list[int], assignment: list[str], drop
     position = {s: n for n, s in enumerate(survivors)}
     split_maps: dict[str, dict[int, dict[str, str]]] = {s: {} for s in SPLITS}
     files = {s: (tmp / f"{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
-    info = {s: {"rows": 0, "labels": Counter()} for s in SPLITS}
+    info = {s: {"rows": 0, "labels": Counter(), "entities": Counter(), "empty_rows": 0}
+            for s in SPLITS}
     try:
         for i, line in enumerate(final.open(encoding="utf-8")):
             n = position.get(i)
@@ -549,6 +554,11 @@ def _write_splits(final: Path, survivors: list[int], assignment: list[str], drop
                 split_maps[name][info[name]["rows"]] = maps[i]
             if row.get("label") is not None:
                 info[name]["labels"][str(row["label"])] += 1
+            if isinstance(row.get("fields"), dict):  # extraction: values per field (type)
+                counts = {k: len(extract.values(v)) for k, v in row["fields"].items()}
+                info[name]["entities"].update({k: n for k, n in counts.items() if n})
+                info[name]["empty_rows"] += not any(counts.values())
+                info[name]["extract"] = True
     finally:
         for f in files.values():
             f.close()
@@ -564,6 +574,10 @@ def _write_splits(final: Path, survivors: list[int], assignment: list[str], drop
 
             pii.write_map(pii.map_path(path), split_maps[s], workspace)
         info[s]["labels"] = dict(sorted(info[s]["labels"].items()))
+        if info[s].pop("extract", False):
+            info[s]["entities"] = dict(sorted(info[s]["entities"].items()))
+        else:
+            del info[s]["entities"], info[s]["empty_rows"]
     return info
 
 

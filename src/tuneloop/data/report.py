@@ -111,6 +111,11 @@ def render_html(report: dict) -> str:
     if labels:
         out.append(_bars("Label distribution (train)",
                          sorted(labels.items(), key=lambda kv: -kv[1])))
+    train = report["splits"].get("train", {})
+    if "entities" in train:
+        out.append(_bars(f"Values per field (train; {train['empty_rows']} of {train['rows']} "
+                         "rows have nothing to extract)",
+                         sorted(train["entities"].items(), key=lambda kv: -kv[1])))
     lengths = report.get("token_lengths")
     if lengths:
         out.append("<h2>Token lengths</h2>")
