@@ -29,7 +29,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not READY, reason=f"no vLLM environment at {VLLM_PYTHON} (make install)")]
 
 
-def make_adapter(folder: Path, seed: int) -> Path:
+LABELS = ["card_lost", "top_up", "exchange_rate"]
+
+
+def make_adapter(folder: Path, seed: int, task: dict | None = None) -> Path:
     """A rank-16 LoRA adapter of the base with random, non-zero B: it changes the replies."""
     from peft import LoraConfig, get_peft_model
 
@@ -43,7 +46,8 @@ def make_adapter(folder: Path, seed: int) -> Path:
             torch.nn.init.normal_(p, std=0.15)
     model.save_pretrained(folder)
     (folder / "tuneloop.json").write_text(json.dumps(
-        {"base_model": BASE, "method": "lora", "task": {"kind": "chat", "labels": [], "fields": []}}))
+        {"base_model": BASE, "method": "lora",
+         "task": task or {"kind": "chat", "labels": [], "fields": []}}))
     return folder
 
 
@@ -66,10 +70,15 @@ def server(tmp_path_factory):
             run = registry.add_run(task="chat", base_model=BASE, method="lora", status="done",
                                    recipe={}, adapter_path=str(paths[f"a{i}"]))
             deploy(registry, f"a{i}", run.id, "acme", force=True)
+        classifier = make_adapter(folder / "c0", seed=7,
+                                  task={"kind": "classify", "labels": LABELS, "fields": []})
+        run = registry.add_run(task="classify", base_model=BASE, method="lora", status="done",
+                               recipe={}, adapter_path=str(classifier))
+        deploy(registry, "c0", run.id, "acme", force=True)
         key = create_key(registry, "acme")[1]
         settings = Settings(workspace=folder / "ws", bases=[BASE], worker=False, max_batch=8,
                             engine="vllm", vllm_python=VLLM_PYTHON,
-                            vllm_args=["--max-lora-rank=16", "--max-loras=2"])
+                            vllm_args=["--max-lora-rank=16", "--max-loras=3"])
         with running(settings) as url:
             yield {"url": url, "key": key, "paths": paths, "registry": registry}
     finally:
@@ -101,7 +110,7 @@ def builtin_replies(paths: dict[str, Path], max_tokens: int) -> dict[tuple[str, 
 
 def test_vllm_serves_base_and_adapters_as_the_builtin_engine_does(server):
     c = openai.OpenAI(base_url=server["url"] + "/v1", api_key=server["key"], max_retries=0)
-    assert {m.id for m in c.models.list().data} == {BASE, "a0", "a1"}
+    assert {m.id for m in c.models.list().data} == {BASE, "a0", "a1", "c0"}
     got = {}
     for name in [BASE, "a0", "a1"]:
         for q in QUESTIONS:
@@ -166,3 +175,11 @@ def server_engine():
     from tuneloop.serve.vllm import VllmEngine
 
     return next(o for o in gc.get_objects() if isinstance(o, VllmEngine) and o.process.poll() is None)
+
+
+def test_vllm_holds_a_classifier_to_its_labels(server):
+    """A random adapter, sampled hot: free text unconstrained, yet every reply is a label."""
+    c = openai.OpenAI(base_url=server["url"] + "/v1", api_key=server["key"], max_retries=0)
+    reply = c.chat.completions.create(model="c0", n=4, temperature=1.5, seed=2, max_tokens=2,
+                                      messages=[{"role": "user", "content": QUESTIONS[0]}])
+    assert {ch.message.content for ch in reply.choices} <= set(LABELS)

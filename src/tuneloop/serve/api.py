@@ -21,7 +21,7 @@ from tuneloop.data.tokenize import prompt_ids
 from tuneloop.serve import feedback
 from tuneloop.serve.app import ApiError, CallerDep, error_body
 from tuneloop.serve.engine import Request as EngineRequest
-from tuneloop.serve.engine import Engine, Sampling
+from tuneloop.serve.engine import Sampling
 from tuneloop.serve.router import NotFound, Target
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest, as_dict
 from tuneloop.tasks import TASKS, extract
@@ -130,8 +130,8 @@ def _grammar(target: Target, response_format):
         schema = json.dumps(response_format.json_schema.schema_, sort_keys=True)
     elif kind == "json_object":
         schema = None
-    elif (target.task is not None and target.task.kind == "classify" and target.task.labels
-          and isinstance(target.engine, Engine)):  # one of the classifier's labels, always
+    elif target.task is not None and target.task.kind == "classify" and target.task.labels:
+        # one of the classifier's labels, always (vLLM: its structured-output `choice`)
         return _label_trie(target.engine, tuple(target.task.labels))
     elif target.task is not None and target.task.kind == "extract" and target.task.fields:
         schema = extract.schema(target.task)

@@ -33,6 +33,7 @@ from tuneloop import models
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.adapters import BASE
 from tuneloop.serve.engine import Request
+from tuneloop.tasks.labels import LabelTrie
 from tuneloop.train.distributed import free_port
 
 # vLLM allocates LoRA buffers for this many adapters per batch, each up to this rank; later
@@ -218,7 +219,12 @@ class VllmEngine:
             body["seed"] = s.seed + choice
         if s.stop:
             body["stop"] = list(s.stop)
-        if s.grammar is not None:
+        if isinstance(s.grammar, LabelTrie):  # a classifier: exactly one of its labels
+            body["structured_outputs"] = {"choice": s.grammar.labels}
+            # vLLM's grammar admits any tokenization of a label, a byte per token at worst, so
+            # a whole label can take as many tokens as it has bytes
+            body["max_tokens"] = max(s.max_tokens, *(len(x.encode()) + 1 for x in s.grammar.labels))
+        elif s.grammar is not None:
             body["structured_outputs"] = s.grammar
         tokens = 0
         async with self._client.stream("POST", "/v1/completions", json=body) as reply:
