@@ -188,6 +188,11 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
                           resume=bool(resume), on_validation=on_validation)
         result = {"run_id": run.id, "run_dir": str(run_dir), "method": recipe.method,
                   "artifact": str(out["artifact"]), **out["stats"]}
+        if recipe.method == "qlora":  # evaluated and served on the unquantized base: the
+            # run's own figures are of that model, not of the 4-bit one it trained against
+            from tuneloop.evaluate import load_artifact
+
+            out["model"] = load_artifact(Path(out["artifact"]))[0]
         if splits.test:
             phase("evaluating on the test set")
             if dpo:
