@@ -539,8 +539,7 @@ def _write_splits(final: Path, survivors: list[int], assignment: list[str], drop
     position = {s: n for n, s in enumerate(survivors)}
     split_maps: dict[str, dict[int, dict[str, str]]] = {s: {} for s in SPLITS}
     files = {s: (tmp / f"{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
-    info = {s: {"rows": 0, "labels": Counter(), "entities": Counter(), "empty_rows": 0}
-            for s in SPLITS}
+    info = {s: {"rows": 0, "labels": Counter()} for s in SPLITS}
     try:
         for i, line in enumerate(final.open(encoding="utf-8")):
             n = position.get(i)
@@ -556,9 +555,9 @@ def _write_splits(final: Path, survivors: list[int], assignment: list[str], drop
                 info[name]["labels"][str(row["label"])] += 1
             if isinstance(row.get("fields"), dict):  # extraction: values per field (type)
                 counts = {k: len(extract.values(v)) for k, v in row["fields"].items()}
-                info[name]["entities"].update({k: n for k, n in counts.items() if n})
-                info[name]["empty_rows"] += not any(counts.values())
-                info[name]["extract"] = True
+                split = info[name]
+                split.setdefault("entities", Counter()).update({k: n for k, n in counts.items() if n})
+                split["empty_rows"] = split.get("empty_rows", 0) + (not any(counts.values()))
     finally:
         for f in files.values():
             f.close()
@@ -574,10 +573,8 @@ def _write_splits(final: Path, survivors: list[int], assignment: list[str], drop
 
             pii.write_map(pii.map_path(path), split_maps[s], workspace)
         info[s]["labels"] = dict(sorted(info[s]["labels"].items()))
-        if info[s].pop("extract", False):
+        if "entities" in info[s]:
             info[s]["entities"] = dict(sorted(info[s]["entities"].items()))
-        else:
-            del info[s]["entities"], info[s]["empty_rows"]
     return info
 
 

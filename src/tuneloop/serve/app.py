@@ -147,11 +147,16 @@ def _metrics_scope(request: Request) -> str | None:
     """None (every tenant) for the operator's token or a server without keys, else the
     caller's tenant (401 without a valid key)."""
     settings: Settings = request.app.state.settings
-    token = request.headers.get("authorization", "")[7:].strip()
     if not settings.auth or (settings.metrics_token and hmac.compare_digest(
-            token.encode(), settings.metrics_token.encode())):
+            _bearer(request).encode(), settings.metrics_token.encode())):
         return None
     return caller(request).tenant
+
+
+def _bearer(request: Request) -> str:
+    """The token of an `Authorization: Bearer TOKEN` header ("" without one)."""
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else ""
 
 
 def caller(request: Request) -> Caller:
@@ -159,12 +164,12 @@ def caller(request: Request) -> Caller:
     settings: Settings = request.app.state.settings
     if not settings.auth:
         return Caller("default", None, 10**9, None)
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("bearer ") or not header[7:].strip():
+    key = _bearer(request)
+    if not key:
         raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer KEY' "
                        "(create one with `tuneloop keys create --tenant NAME`)",
                        code="missing_api_key")
-    who = lookup(request.app.state.registry, header[7:].strip())
+    who = lookup(request.app.state.registry, key)
     if who is None:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
     wait = request.app.state.limiter.allow(who.key_id, who.rate_per_minute)
@@ -204,8 +209,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}"
             code = "method_not_allowed"
-        else:
+        elif exc.status_code == 400:  # the body parser's
             message, code = f"{exc.detail} (send a JSON object, UTF-8 encoded)", "invalid_body"
+        else:
+            message, code = str(exc.detail), None
         kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         return JSONResponse(error_body(message, kind, code), exc.status_code,
                             headers=getattr(exc, "headers", None))
