@@ -27,7 +27,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.project import Recipe, recipe_from_dict
 from tuneloop.serve.app import ApiError, CallerDep
 from tuneloop.serve.files import get_file
-from tuneloop.serve.schemas import Limit, Open, unix_time
+from tuneloop.serve.schemas import EventLimit, Limit, Open, unix_time
 from tuneloop.store import Registry, _now, new_id
 from tuneloop.store.serving import File, Job, JobEvent
 
@@ -236,7 +236,7 @@ def cancel_job(job_id: str, request: Request, who: CallerDep):
 
 
 @routes.get("/v1/fine_tuning/jobs/{job_id}/events")
-def job_events(job_id: str, request: Request, who: CallerDep, limit: Limit = 20,
+def job_events(job_id: str, request: Request, who: CallerDep, limit: EventLimit = 20,
                after: str | None = None):
     registry = request.app.state.registry
     get_job(registry, who.tenant, job_id)

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # A page size in a list route's query (OpenAI's lists take 1-100)
 Limit = Annotated[int, Query(ge=1, le=100)]
+# A job's events: a training curve is read in one page (a run logs about 30 events)
+EventLimit = Annotated[int, Query(ge=1, le=1000)]
 
 
 class Open(BaseModel):

@@ -336,7 +336,10 @@ function openRun(id) {
   $("job-id").textContent = id;
   clearInterval(timer);
   refreshRun().catch((e) => { $("job-status").textContent = "error: " + e.message; });
-  timer = setInterval(() => refreshRun().catch(() => {}), 1000);
+  // A refusal is shown (the status stays as last read), not swallowed while the page waits.
+  timer = setInterval(() => refreshRun().catch((e) => {
+    $("job-progress").textContent = "could not refresh: " + e.message;
+  }), 1000);
 }
 
 $("start").addEventListener("submit", async (event) => {
