@@ -151,6 +151,25 @@ def test_json_schema_grammar_always_parses_and_validates(tiny):
     engine.close()
 
 
+def test_distinct_client_schemas_do_not_grow_the_grammar_cache_without_bound(tiny, monkeypatch):
+    """Each request may bring its own schema; the compiled grammars kept stay under the cache's
+    bound (here shrunk so that a few schemas fill it), and a schema pushed out compiles again."""
+    from tuneloop.tasks import extract
+
+    model, tok = tiny
+    monkeypatch.setattr(extract, "GRAMMAR_CACHE_BYTES", 256 * 1024)
+    engine = Engine(model, tok)
+    sizes = []
+    for i in range(40):
+        schema = {"type": "object", "properties": {f"f{i}": {"enum": [f"v{i}-{j}" for j in range(50)]}},
+                  "required": [f"f{i}"]}
+        engine.compile_grammar(json.dumps(schema))
+        sizes.append(engine.grammar_compiler().get_cache_size_bytes())
+    assert max(sizes) <= 256 * 1024 and sizes[5] > 0
+    assert engine.compile_grammar(json.dumps({"type": "object"})) is not None
+    engine.close()
+
+
 def test_an_extraction_adapter_is_held_to_its_fields_without_a_response_format(tiny):
     from tuneloop.serve.api import _grammar
     from tuneloop.serve.router import Target

@@ -69,13 +69,18 @@ def schema(info) -> str:
                        "additionalProperties": False})
 
 
+GRAMMAR_CACHE_BYTES = 64 * 2**20
+
+
 def grammar_compiler(tokenizer, vocab_size: int, stop_ids=()):
     """An xgrammar compiler over this tokenizer (it indexes the vocabulary: build it once)."""
     import xgrammar as xgr
 
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                               stop_token_ids=sorted(stop_ids) or None)
-    return xgr.GrammarCompiler(info, max_threads=1)
+    # xgrammar keeps every compiled grammar by default: a server taking schemas from its clients
+    # would grow with each distinct one, so the cache is bounded (the least recently used go)
+    return xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
 
 
 def compile_schema(compiler, schema_text: str | None):
