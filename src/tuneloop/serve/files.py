@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -14,7 +15,8 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from tuneloop.data.formats import scan
-from tuneloop.serve.app import ApiError, CallerDep
+from tuneloop.serve.auth import CallerDep
+from tuneloop.serve.errors import ApiError
 from tuneloop.serve.schemas import unix_time
 from tuneloop.store import Registry, new_id
 from tuneloop.store.serving import File
@@ -28,24 +30,31 @@ def file_object(row: File) -> dict:
             "status_details": None}
 
 
-@routes.post("/v1/files")
+@routes.post("/v1/files", responses={507: {"description": "The server has no space left to store the file"}})
 async def upload(request: Request, who: CallerDep, file: UploadFile,
                  purpose: Literal["fine-tune"] = Form(...)):
     folder = Path(request.app.state.settings.workspace) / "files"
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-")
-    digest, size = hashlib.sha256(), 0
-    with os.fdopen(fd, "wb") as f:
-        while chunk := await file.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-            f.write(chunk)
+    digest, size, tmp = hashlib.sha256(), 0, None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".upload-")
+        with os.fdopen(fd, "wb") as f:
+            while chunk := await file.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+                f.write(chunk)
         row = await run_in_threadpool(_register, request.app.state.registry, who.tenant,
                                       Path(tmp), file.filename or "upload.jsonl", size,
                                       digest.hexdigest())
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ApiError(507, "The server has no space left to store this file; nothing was "
+                       "kept. Try again later, or ask its operator to free space.",
+                       type="server_error", code="insufficient_storage") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
     return file_object(row)
 
 

@@ -9,6 +9,7 @@ disk) fails verification and the previous one is used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -73,27 +74,46 @@ def save(folder: Path, model, optimizer, scheduler, step: int, position: int, lo
     weights, optimizer_state = access.weights(model), access.optimizer(model, optimizer)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
-    if write:
+    try:
+        if write:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        access.save_own(tmp)  # every rank its own part (ZeRO: its optimizer partition)
+        if not write:
+            return None
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **rng},
+                   tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "position": position,
+                                                   "loop": loop or {}, "sharding": access.sharding}))
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / MANIFEST).write_text(json.dumps({name: _sha256(tmp / name) for name in files}))
+    except (OSError, RuntimeError) as exc:  # (torch.save reports a full disk as RuntimeError)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    access.save_own(tmp)  # every rank its own part (ZeRO: its optimizer partition)
-    if not write:
-        return None
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    rng = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **rng},
-               tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "position": position,
-                                               "loop": loop or {}, "sharding": access.sharding}))
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    (tmp / MANIFEST).write_text(json.dumps({name: _sha256(tmp / name) for name in files}))
+        if not disk_full(exc):
+            raise
+        previous = latest(folder)
+        raise TuneloopError(
+            f"no space left on the disk of {folder} while writing the checkpoint of step {step}; "
+            + (f"the previous checkpoint ({previous.name}) is intact: free some space, then "
+               "resume the run (tuneloop train --resume RUN_ID)" if previous else
+               "no checkpoint was written yet: free some space and start the run again")) from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(folder.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for want of space (or quota), however the library reported it."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc).lower()
+    return "no space left" in text or "errno 28" in text or "file write failed" in text
 
 
 def save_weights(model, path: Path, access: Whole = WHOLE, write: bool = True) -> None:
