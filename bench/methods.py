@@ -36,7 +36,7 @@ def recipe_for(method: str, steps: int):
 
 def child(method: str, steps: int, out: Path) -> None:
     from tuneloop.train.data import load_splits
-    from tuneloop.train.run import METHODS as REGISTRY
+    from tuneloop.train.methods import METHODS as REGISTRY
     from tuneloop.train.sft import run_sft
 
     recipe = recipe_for(method, steps)

@@ -31,7 +31,7 @@ RECIPE = ROOT / "examples" / "banking77" / "recipe.yaml"
 def _one_process(recipe, run_dir: Path) -> dict:
     """The loop's stats in this (fresh) process: its peak RSS is the run's alone."""
     from tuneloop.train.data import load_splits
-    from tuneloop.train.run import METHODS
+    from tuneloop.train.methods import METHODS
     from tuneloop.train.sft import run_sft
 
     splits = load_splits(recipe.data, recipe.task)

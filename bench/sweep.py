@@ -31,7 +31,12 @@ def variant(spec: str) -> dict:
     key = ALIASES.get(key, key)
     if key == "rank":
         return {"lora": {"rank": int(value)}}
-    return {key: float(value) if "." in value or "e" in value else int(value)}
+    for kind in (int, float):
+        try:
+            return {key: kind(value)}
+        except ValueError:
+            pass
+    return {key: value}
 
 
 def main() -> None:

@@ -149,7 +149,7 @@ def validation_loss(adapter: str) -> float:
     from tuneloop import models, tasks
     from tuneloop.data.batching import collate, length_grouped_batches
     from tuneloop.data.tokenize import encode
-    from tuneloop.train.loss import mean_loss
+    from tuneloop.models.scoring import mean_loss
 
     recipe, splits = load_splits()
     module = tasks.TASKS[recipe.task]

@@ -36,7 +36,7 @@ def recipe(tiny_model, train_file, test_file, **extra):
 
 
 def test_distilled_student_moves_towards_its_teacher(tiny_model, classify_files, workspace):
-    from tuneloop.evaluate import load_artifact
+    from tuneloop.models import load_artifact
     from tuneloop.store import Registry
 
     train_file, test_file = classify_files

@@ -15,8 +15,8 @@ from tuneloop.data.formats import load_examples, prompt_messages, scan
 from tuneloop.data.tokenize import IGNORE, encode
 from tuneloop.evaluate import evaluate
 from tuneloop.project import recipe_from_dict
-from tuneloop.train.dpo import dpo_loss
-from tuneloop.train.loss import sequence_logps
+from tuneloop.evaluate.pairs import dpo_loss
+from tuneloop.models.scoring import sequence_logps
 from tuneloop.train.run import train
 
 

@@ -6,6 +6,8 @@ updates in examples, so CPU- and GPU-sized micro-batches give a run the same upd
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -198,3 +200,49 @@ def test_an_update_split_for_several_processes_stays_within_the_token_budget():
     (update,) = schedule(lengths, 1.0, 16, 8192, seed=0, parts=4)
     assert len(update) >= 4 and sorted(i for m in update for i in m) == list(range(16))
     assert all(max(lengths[i] for i in m) * len(m) <= 8192 for m in update)
+
+
+def test_the_label_loss_is_minus_log_the_gold_labels_probability(tiny):
+    """The label loss of a padded batch is, row by row, -log of the gold label's probability as
+    eval and serving compute it; a label set with one label leaves nothing to learn."""
+    from tuneloop.data.batching import collate
+    from tuneloop.data.tokenize import encode
+    from tuneloop.tasks.labels import label_loss
+
+    model, tok = tiny
+    trie = LabelTrie(tok, MANY)
+    rows = make_rows(6, seed=2)
+    golds = [MANY[(3 * i) % len(MANY)] for i in range(len(rows))] + ["card_lost_again"]
+    messages = [classify.prompt(Example(messages=({"role": "user", "content": r["text"]},),
+                                        answer=""), None) for r in rows + rows[:1]]
+    encoded = [encode(tok, m, g) for m, g in zip(messages, golds)]
+    assert len({len(e) for e in encoded}) > 1  # padding is exercised
+    summed, n = label_loss(trie)(model, collate(encoded, tok.pad_token_id))
+    probs = label_distribution(model, tok, trie, [prompt_ids(tok, m) for m in messages])
+    expected = -sum(torch.log(probs[i, MANY.index(g)]) for i, g in enumerate(golds))
+    assert n == len(golds)
+    torch.testing.assert_close(summed.double(), expected, rtol=1e-4, atol=1e-4)
+
+    alone_loss, _ = label_loss(LabelTrie(tok, ["card_lost"]))(model, collate(encoded[:2],
+                                                                             tok.pad_token_id))
+    assert float(alone_loss.detach()) == 0.0
+
+
+def test_a_classifier_trained_on_its_label_set_learns_it(tiny_model, classify_files, tmp_path):
+    """loss: labels trains the adapters (the loss falls, the plan records it) and is refused
+    where there is no label set."""
+    from tuneloop.errors import TuneloopError
+    from tuneloop.project import recipe_from_dict
+    from tuneloop.train.data import load_splits
+    from tuneloop.train.lora import run_lora
+
+    train_file, test_file = classify_files
+    recipe = recipe_from_dict({"base_model": str(tiny_model), "task": "classify", "loss": "labels",
+                               "data": {"train": str(train_file), "test": str(test_file)},
+                               "epochs": 3, "learning_rate": 5e-3, "batch_size": 8})
+    out = run_lora(recipe, load_splits(recipe.data, "classify"), tmp_path / "run")
+    assert out["plan"].loss == "labels"
+    curve = [loss for _, loss in json.loads((tmp_path / "run" / "curves.json").read_text())["train"]]
+    assert curve[-1] < curve[0] and curve[0] > 0
+    with pytest.raises((TuneloopError, ValueError), match="loss: labels"):
+        recipe_from_dict({"task": "extract", "loss": "labels", "data": {"train": str(train_file)}})

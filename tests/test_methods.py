@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.test_train_lora import recipe_for
-from tuneloop.evaluate import evaluate, load_artifact
+from tuneloop.evaluate import evaluate
+from tuneloop.models import load_artifact
 from tuneloop.export import export
 from tuneloop.errors import TuneloopError
 from tuneloop.train.run import train

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneloop.data.batching import collate, length_grouped_batches
 from tuneloop.data.tokenize import IGNORE, encode, prompt_ids
-from tuneloop.train.loss import completion_loss
+from tuneloop.models.scoring import completion_loss
 
 MSGS = [{"role": "system", "content": "Classify."}, {"role": "user", "content": "i lost my card"}]
 

@@ -15,7 +15,7 @@ import httpx2 as httpx
 
 from tests.conftest import make_rows, two_tenant_server, write_jsonl
 from tuneloop.serve import worker
-from tuneloop.store import Registry, _now
+from tuneloop.store import Registry, utcnow
 from tuneloop.store.serving import Job
 
 
@@ -29,14 +29,14 @@ def _job(registry: Registry, job_id: str, **fields) -> Job:
 
 def test_a_lease_held_elsewhere_is_respected_until_it_runs_out(workspace):
     registry = Registry.open(workspace)
-    soon = _now() + dt.timedelta(seconds=60)
+    soon = utcnow() + dt.timedelta(seconds=60)
     _job(registry, "job-held", worker="machine-a:11", lease_until=soon)
     assert worker.claim(registry, "machine-b:22") is None  # another host's live lease
     with registry.session() as s, s.begin():
-        s.get(Job, "job-held").lease_until = _now() - dt.timedelta(seconds=1)
+        s.get(Job, "job-held").lease_until = utcnow() - dt.timedelta(seconds=1)
     taken = worker.claim(registry, "machine-b:22")
     assert taken.id == "job-held" and taken.worker == "machine-b:22"
-    assert taken.lease_until > _now()
+    assert taken.lease_until > utcnow()
     assert not worker.renew(registry, "job-held", "machine-a:11")  # the old holder lost it
     assert worker.renew(registry, "job-held", "machine-b:22")
 
@@ -46,7 +46,7 @@ def test_a_dead_worker_on_this_host_loses_its_job_at_once(workspace):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     _job(registry, "job-orphan", worker=f"{worker.host()}:{dead.pid}",
-         lease_until=_now() + dt.timedelta(seconds=60))
+         lease_until=utcnow() + dt.timedelta(seconds=60))
     assert worker.claim(registry, f"{worker.host()}:{os.getpid()}").id == "job-orphan"
 
 

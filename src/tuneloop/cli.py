@@ -1,4 +1,6 @@
-"""The `tuneloop` command: noun-verb commands, each parses, calls one library function, prints.
+"""The `tuneloop` command, assembled: the app, its groups, and the commands of each stage's
+module (train/, serve/, data/, synth/ commands.py), which import their shared pieces from
+terminal.py. Each command parses, calls one library function, prints.
 
 User mistakes raise TuneloopError: printed as one clear message, exit status 1, no traceback.
 """
@@ -6,130 +8,32 @@ User mistakes raise TuneloopError: printed as one clear message, exit status 1, 
 from __future__ import annotations
 
 import json
-import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
+from tuneloop.data import commands as data_commands
 from tuneloop.errors import TuneloopError
+from tuneloop.serve import commands as serve_commands
+from tuneloop.synth import commands as synth_commands
+from tuneloop.terminal import (JSON_OPT, cell, err, out, print_json, print_metrics, print_scoreboard,
+                               run)
+from tuneloop.train import commands as train_commands
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Fine-tune a small open model on your task, and prove it was worth it.")
-data_app = typer.Typer(no_args_is_help=True, help="Check, prepare, anonymize and report on data.")
 runs_app = typer.Typer(no_args_is_help=True, help="Training runs in the registry.")
 models_app = typer.Typer(no_args_is_help=True, help="Base models tuneloop knows.")
-app.add_typer(data_app, name="data")
+app.add_typer(data_commands.app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
-
-# Wide tables stay readable when output goes to a file or a pipe (rich assumes 80 columns).
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-JSON_OPT = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
 
 
 def main() -> None:
     """Console-script entry point."""
-    # Deprecation chatter from dependencies (peft asks transformers about gradient
-    # checkpointing by its old name) is not the user's business.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        app()
-    except TuneloopError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
-@contextmanager
-def training_progress(enabled: bool = True):
-    """A progress bar with loss, tokens/s and ETA; yields the callback `train` expects."""
-    if not enabled:
-        yield None
-        return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = None  # drawn at the first step: the data is validated and loaded before it
-
-        def update(step, steps, loss, tps):
-            nonlocal task
-            if task is None:
-                task = bar.add_task("training", total=steps, loss=loss, tps=tps)
-            bar.update(task, total=steps, completed=step, loss=loss, tps=tps)
-
-        yield update
-
-
-@data_app.command("validate")
-def data_validate(
-    file: Path = typer.Argument(..., help="JSONL file to check"),
-    task: Optional[str] = typer.Option(None, help="classify | extract | chat (checks labels/fields)"),
-    model: str = typer.Option("smollm2-135m-instruct", help="base model whose context limits rows"),
-    as_json: bool = JSON_OPT,
-) -> None:
-    """Check every line of a data file and list every problem with its line number.
-
-    Example: tuneloop data validate examples/banking77/train.jsonl --task classify
-    """
-    from tuneloop.data.validate import validate
-
-    report = validate(file, task=task, model=model)
-    if as_json:
-        _print_json(report.to_dict())
-    else:
-        if report.problems:
-            table = Table("line", "code", "message", title=f"problems in {file}")
-            for p in report.problems[:50]:
-                table.add_row(str(p.line), p.code, p.message)
-            out.print(table)
-            hidden = sum(report.counts.values()) - min(50, len(report.problems))
-            if hidden:
-                out.print(f"... and {hidden} more (use --json for the full list)")
-        if report.warnings:
-            table = Table("line", "code", "message", title=f"warnings in {file}")
-            for w in report.warnings[:50]:
-                table.add_row(str(w.line), w.code, w.message)
-            out.print(table)
-        verdict = "[green]valid[/]" if report.ok else "[red]invalid[/]"
-        formats = ", ".join(f"{n} {k}" for k, n in report.formats.items()) or "none"
-        out.print(f"{file}: {verdict} — {report.rows} rows, {report.valid} valid ({formats})")
-    raise typer.Exit(0 if report.ok else 1)
-
-
-def _print_metrics(result: dict) -> None:
-    keys = ["accuracy", "macro_f1", "field_f1", "json_valid_rate", "rouge_l", "bleu",
-            "exact_match", "numeric_match", "mae", "perplexity", "train_tokens",
-            "train_tokens_per_s", "final_val_loss", "final_val_kl", "peak_rss_mb", "wall_s"]
-    ci = (result.get("test") or result.get("metrics") or {}).get("ci95")
-    table = Table("metric", "value")
-    for k in keys:
-        if result.get(k) is not None:
-            v = result[k]
-            table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-            if ci and ci["metric"] == k:
-                table.add_row("  95% interval", f"{ci['low']:.4g} – {ci['high']:.4g}")
-    out.print(table)
-    check = result.get("forgetting")
-    if check:
-        word = "[red]FLAGGED[/]" if check["flagged"] else "[green]ok[/]"
-        out.print(f"forgetting check {word}: general accuracy {check['base']['accuracy']:.2f} → "
-                  f"{check['fine_tuned']['accuracy']:.2f}, reference loss "
-                  f"{check['base']['loss']:.3f} → {check['fine_tuned']['loss']:.3f}"
-                  + "".join(f"\n  {r}" for r in check["reasons"]))
+    run(app)
 
 
 eval_app = typer.Typer(help="Score models, and compare them on the same test rows.")
@@ -159,9 +63,9 @@ def eval_(
 
     result = evaluate(model, data, task=task, labels_from=labels_from)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
-    _print_metrics(result)
+    print_metrics(result)
 
 
 @eval_app.command("compare")
@@ -191,7 +95,7 @@ def eval_compare(
     if html_out:
         cmp.write_html(result, html_out)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     metric = result["metric"]
     table = Table("model", metric, "95% interval", "vs first", "p", "fixed", "broken",
@@ -245,7 +149,7 @@ def eval_judge(
                             "--judge-endpoint URL --judge-model NAME") from None
     result = run_judge(refs, spec, workspace(), rubric or RUBRIC, human, limit, reference)
     if as_json:
-        _print_json({k: v for k, v in result.items() if k != "judgements"})
+        print_json({k: v for k, v in result.items() if k != "judgements"})
         return
     judge = f"judge {result['judge']['id']}, prompt {result['prompt']['id']}"
     if result["mode"] == "pointwise":
@@ -287,30 +191,9 @@ def baseline(
     results = recipe_baselines(parsed, strategies.split(",") if strategies else None, rerun=rerun,
                                on_phase=lambda p: err.print(f"[dim]{p}[/]"))
     if as_json:
-        _print_json(results)
+        print_json(results)
         return
     print_scoreboard(parsed.task, results, title=f"scoreboard: {parsed.base_model}")
-
-
-def print_scoreboard(task: str, rows: dict[str, dict], title: str = "scoreboard") -> None:
-    """One row per model/strategy: the task's metrics, latency, cost and prompt size."""
-    metrics = {"classify": ["accuracy", "macro_f1"], "extract": ["field_f1", "json_valid_rate"],
-               "chat": ["rouge_l", "perplexity"]}[task]
-    columns = {**{m: m for m in metrics}, "latency_ms_per_request": "ms/request",
-               "cost_per_1k_requests": "$/1k req", "prompt_tokens": "prompt tokens",
-               "shots": "shots"}
-    table = Table("model", *columns.values(), title=title)
-    for name, m in rows.items():
-        table.add_row(name, *[_cell(m.get(c)) for c in columns])
-    out.print(table)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.0f}" if value >= 100 else f"{value:.4f}" if value < 0.01 else f"{value:.3f}"
-    return str(value)
 
 
 @app.command()
@@ -328,7 +211,7 @@ def gate(run_id: str, as_json: bool = JSON_OPT) -> None:
         raise TuneloopError(f"run {run.id} has no gate verdict: it needs data.test and at least "
                             "one baseline in its recipe")
     if as_json:
-        _print_json(verdict)
+        print_json(verdict)
     else:
         word = "[green]PASSED[/]" if verdict["passed"] else "[red]FAILED[/]"
         out.print(f"{run.id}: {word} — {verdict['metric']} {verdict['run_value']:.3f} vs best "
@@ -346,7 +229,7 @@ def runs_list(as_json: bool = JSON_OPT) -> None:
 
     runs = Registry.open(workspace()).list_runs()
     if as_json:
-        _print_json([{"id": r.id, "status": r.status, "task": r.task, "base_model": r.base_model,
+        print_json([{"id": r.id, "status": r.status, "task": r.task, "base_model": r.base_model,
                       "method": r.method, "created": r.created, "metrics": r.metrics} for r in runs])
         return
     table = Table(Column("id", no_wrap=True), "status", "task", "base model", "method",
@@ -374,7 +257,7 @@ def runs_report(
 
     path, data = run_report.write(run_id, Registry.open(workspace()), workspace(), html_out)
     if as_json:
-        _print_json({**data, "path": str(path)})
+        print_json({**data, "path": str(path)})
         return
     out.print(f"report: {path}", highlight=False)
 
@@ -391,7 +274,7 @@ def runs_show(run_id: str, as_json: bool = JSON_OPT) -> None:
             "adapter_path": r.adapter_path, "error": r.error, "recipe": r.recipe,
             "metrics": r.metrics}
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     for key, value in info.items():
         if isinstance(value, dict):
@@ -406,7 +289,7 @@ def models_list(as_json: bool = JSON_OPT) -> None:
 
     entries = list(catalog().values())
     if as_json:
-        _print_json([e.__dict__ for e in entries])
+        print_json([e.__dict__ for e in entries])
         return
     table = Table("id", "parameters", "context", "licence", "instruction-tuned")
     for e in entries:
@@ -425,7 +308,7 @@ def demo(as_json: bool = JSON_OPT) -> None:
 
     result = run_demo(out, err)
     if as_json:
-        _print_json(result)
+        print_json(result)
 
 
 @models_app.command("prepare")
@@ -460,7 +343,7 @@ def models_compare(
                      tolerance=tolerance, train_steps=train_steps, accept=accept_licence,
                      on_phase=lambda p: err.print(f"[dim]{p}[/]"))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     table = Table("model", result["headline"], "strategy", "LoRA", "p50 ms", "p95 ms", "tok/s",
                   "peak MB", "params", "context", "licence", title="model comparison")
@@ -468,9 +351,9 @@ def models_compare(
         if "refused" in r:
             table.add_row(r["model"], "refused", *["–"] * 8, r["licence"])
             continue
-        table.add_row(r["model"], f"{r['quality']:.3f}", r["strategy"], _cell(r.get("lora")),
-                      _cell(r["latency_p50_ms"]), _cell(r["latency_p95_ms"]), _cell(r["tokens_per_s"]),
-                      _cell(r["peak_rss_mb"]), f"{r['parameters'] / 1e6:.1f}M",
+        table.add_row(r["model"], f"{r['quality']:.3f}", r["strategy"], cell(r.get("lora")),
+                      cell(r["latency_p50_ms"]), cell(r["latency_p95_ms"]), cell(r["tokens_per_s"]),
+                      cell(r["peak_rss_mb"]), f"{r['parameters'] / 1e6:.1f}M",
                       str(r["context_length"]), r["licence"])
     out.print(table)
     for r in result["rows"]:
@@ -483,7 +366,6 @@ def models_compare(
         raise TuneloopError("no candidate could be scored; see the refusals above")
 
 
-from tuneloop.train import commands as _train_commands  # noqa: E402,F401  (train, estimate, ...)
-from tuneloop.serve import commands as _serving_commands  # noqa: E402,F401  (serve, keys, deploy, ...)
-from tuneloop.data import commands as _data_commands  # noqa: E402,F401  (prepare, anonymize, ...)
-from tuneloop.synth import commands as _synth_commands  # noqa: E402,F401  (synth)
+# Each stage's commands, on the app's top level (train, estimate, serve, keys, synth, ...)
+for commands in (train_commands, serve_commands, synth_commands):
+    app.add_typer(commands.app)

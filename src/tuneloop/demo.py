@@ -30,7 +30,7 @@ def find_examples() -> Path:
 
 def run_demo(out, err) -> dict:
     """Run every stage, print a scoreboard and write report.html; returns the scoreboard."""
-    from tuneloop.cli import training_progress
+    from tuneloop.terminal import training_progress
     from tuneloop.project import load_recipe
     from tuneloop.train.run import train
 

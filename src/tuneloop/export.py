@@ -10,7 +10,7 @@ import torch
 
 from tuneloop import models, project
 from tuneloop.errors import TuneloopError
-from tuneloop.evaluate import load_artifact
+from tuneloop.models import load_artifact
 from tuneloop.store import Registry
 from tuneloop.train.sft import write_atomically
 

@@ -109,6 +109,10 @@ class Recipe(_Strict):
     patience: int | None = Field(None, gt=0, description="early stopping: stop after this many "
                                  "validations without improvement and keep the best weights")
     min_delta: float = Field(0.0, ge=0, description="smallest validation-loss drop that counts")
+    loss: Literal["tokens", "labels"] | None = Field(
+        None, description="tokens: cross-entropy over the vocabulary on every answer token; "
+        "labels (classify only): over the label set, where the labels branch (the probability "
+        "eval and serving decide with); default by task")
     fields: list[FieldSpec] | None = Field(None, description="extract: the answer's fields in "
                                            "order; default: the training data's keys")
     lora: LoraSpec = LoraSpec()
@@ -143,6 +147,10 @@ class Recipe(_Strict):
     def _distill_has_teacher(self):
         if self.method == "distill" and not self.distill.teacher:
             raise ValueError("method distill needs its teacher: distill: {teacher: RUN_ID}")
+        if self.loss == "labels" and (self.task != "classify" or self.method in ("dpo", "distill")):
+            raise ValueError("loss: labels trains a classifier over its label set; task "
+                             f"{self.task} with method {self.method} trains on tokens "
+                             "(leave out loss)")
         return self
 
     @field_validator("base_model")
@@ -186,14 +194,20 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     """Validate a mapping as a Recipe; errors name each key and how to fix it."""
+    return validated(Recipe, raw, source)
+
+
+def validated(model: type[BaseModel], raw, source: str):
+    """`raw` as a `model` (a recipe schema), or a TuneloopError listing each problem with its
+    key and fix (`source` names the file or mapping)."""
     try:
-        return Recipe.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        lines = [_explain(err) for err in exc.errors()]
+        lines = [explain_error(err, model) for err in exc.errors()]
         raise TuneloopError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
 
 
-def _explain(err: dict, root: type[BaseModel] | None = None) -> str:
+def explain_error(err: dict, root: type[BaseModel] | None = None) -> str:
     """One validation error as a line that names the key and the fix."""
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":

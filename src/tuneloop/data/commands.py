@@ -1,6 +1,6 @@
 """Data curation commands: `data prepare`, `data versions`, `data report`, `data anonymize`,
-`data pii-scan`, `data reidentify`, `data pii-model`. Registered on `tuneloop data` (cli.py
-imports this module last)."""
+`data pii-scan`, `data reidentify`, `data pii-model`, `data validate`: the `tuneloop data` group
+(cli.py adds it)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from tuneloop.cli import JSON_OPT, _print_json, data_app, err, out
 from tuneloop.errors import TuneloopError
+from tuneloop.terminal import JSON_OPT, err, out, print_json
+
+app = typer.Typer(no_args_is_help=True, help="Check, prepare, anonymize and report on data.")
 
 FIELDS_OPT = typer.Option(None, "--fields", help="Comma-separated top-level fields to scan "
                           "(default: every string field except labels and roles).")
@@ -43,7 +45,7 @@ def _detector(entities: str | None, no_ner: bool):
     return pii.Detector(_split(entities), ner=not no_ner)
 
 
-@data_app.command("prepare")
+@app.command("prepare")
 def data_prepare(
     inputs: list[Path] = typer.Argument(..., help="a preparation recipe (.yaml), or data files "
                                         "(JSONL, CSV, TSV, Parquet) with --task"),
@@ -90,7 +92,7 @@ def data_prepare(
     version = prepare(recipe=recipe, progress=lambda m: err.print(f"[dim]{m}…[/]"))
     report = version.report
     if as_json:
-        _print_json({"id": version.id, "created": version.created, "folder": str(version.folder),
+        print_json({"id": version.id, "created": version.created, "folder": str(version.folder),
                      "splits": report["splits"],
                      "steps": {s["name"]: {"in": s["rows_in"], "out": s["rows_out"],
                                            "removed": s["removed"]} for s in report["steps"]}})
@@ -106,14 +108,14 @@ def data_prepare(
     out.print(f"report: tuneloop data report {version.id}", highlight=False)
 
 
-@data_app.command("versions")
+@app.command("versions")
 def data_versions(as_json: bool = JSON_OPT) -> None:
     """Prepared dataset versions, newest first, with their parents."""
     from tuneloop.data.curate import registry
 
     versions = registry().list_versions()
     if as_json:
-        _print_json([{"id": v.id, "name": v.name, "parent": v.parent, "task": v.task,
+        print_json([{"id": v.id, "name": v.name, "parent": v.parent, "task": v.task,
                       "splits": v.splits, "folder": v.folder, "created": v.created}
                      for v in versions])
         return
@@ -124,7 +126,7 @@ def data_versions(as_json: bool = JSON_OPT) -> None:
     out.print(table)
 
 
-@data_app.command("report")
+@app.command("report")
 def data_report(
     version: str = typer.Argument(..., help="dataset version id (see `tuneloop data versions`)"),
     html_out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: "
@@ -140,7 +142,7 @@ def data_report(
     if found is None:
         raise TuneloopError(f"no dataset version {version!r}; `tuneloop data versions` lists them")
     if as_json:
-        _print_json(found.report)
+        print_json(found.report)
         return
     target = html_out or Path(found.folder) / "report.html"
     tmp = target.with_name(target.name + ".tmp")
@@ -149,7 +151,7 @@ def data_report(
     out.print(f"wrote {target}", highlight=False)
 
 
-@data_app.command("anonymize")
+@app.command("anonymize")
 def data_anonymize(
     src: Path = typer.Argument(..., help="data file (JSONL, CSV, TSV, Parquet)"),
     dst: Path = typer.Argument(..., help="anonymized JSONL to write"),
@@ -172,14 +174,14 @@ def data_anonymize(
     result = pii.anonymize_file(src, dst, _detector(entities, no_ner), mode, _split(fields),
                                 workspace())
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     kinds = ", ".join(f"{k} {v}" for k, v in result["by_type"].items()) or "none found"
     out.print(f"{dst}: {result['rows']} rows, {result['rows_with_pii']} with personal data "
               f"({kinds})" + (f"; map: {result['map']}" if result["map"] else ""), highlight=False)
 
 
-@data_app.command("pii-scan")
+@app.command("pii-scan")
 def data_pii_scan(
     file: Path = typer.Argument(..., help="data file to scan"),
     fields: Optional[str] = FIELDS_OPT,
@@ -192,7 +194,7 @@ def data_pii_scan(
 
     result = pii.scan_file(file, _detector(entities, no_ner), _split(fields))
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         table = Table("line", "field", "type", "span", "score", title=f"personal data in {file}")
         for f in result["findings"][:50]:
@@ -206,7 +208,7 @@ def data_pii_scan(
     raise typer.Exit(1 if result["rows_with_pii"] else 0)
 
 
-@data_app.command("reidentify")
+@app.command("reidentify")
 def data_reidentify(
     src: Path = typer.Argument(..., help="a file anonymized in reversible mode"),
     dst: Path = typer.Argument(..., help="JSONL to write with the originals back"),
@@ -224,7 +226,7 @@ def data_reidentify(
     out.print(f"{dst}: {rows} rows", highlight=False)
 
 
-@data_app.command("pii-model")
+@app.command("pii-model")
 def data_pii_model(as_json: bool = JSON_OPT) -> None:
     """Train (once) and show the personal-data recognizer and the types it handles."""
     from tuneloop.data import pii, pii_model
@@ -236,6 +238,42 @@ def data_pii_model(as_json: bool = JSON_OPT) -> None:
             "model_types": pii_model.NER_TYPES,
             "pattern_types": pii.PATTERN_TYPES, "training_data": str(pii_model.NER_TRAIN)}
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     out.print(json.dumps(info, indent=2))
+
+
+@app.command("validate")
+def data_validate(
+    file: Path = typer.Argument(..., help="JSONL file to check"),
+    task: Optional[str] = typer.Option(None, help="classify | extract | chat (checks labels/fields)"),
+    model: str = typer.Option("smollm2-135m-instruct", help="base model whose context limits rows"),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Check every line of a data file and list every problem with its line number.
+
+    Example: tuneloop data validate examples/banking77/train.jsonl --task classify
+    """
+    from tuneloop.data.validate import validate
+
+    report = validate(file, task=task, model=model)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        if report.problems:
+            table = Table("line", "code", "message", title=f"problems in {file}")
+            for p in report.problems[:50]:
+                table.add_row(str(p.line), p.code, p.message)
+            out.print(table)
+            hidden = sum(report.counts.values()) - min(50, len(report.problems))
+            if hidden:
+                out.print(f"... and {hidden} more (use --json for the full list)")
+        if report.warnings:
+            table = Table("line", "code", "message", title=f"warnings in {file}")
+            for w in report.warnings[:50]:
+                table.add_row(str(w.line), w.code, w.message)
+            out.print(table)
+        verdict = "[green]valid[/]" if report.ok else "[red]invalid[/]"
+        formats = ", ".join(f"{n} {k}" for k, n in report.formats.items()) or "none"
+        out.print(f"{file}: {verdict} — {report.rows} rows, {report.valid} valid ({formats})")
+    raise typer.Exit(0 if report.ok else 1)

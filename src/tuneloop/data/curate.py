@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from tuneloop.data import clean as cleaning
 from tuneloop.data.dedup import NearDuplicates, exact_digest, semantic_duplicates
@@ -131,13 +131,9 @@ class PrepareRecipe(_Strict):
 
 def prepare_recipe_from_dict(raw: dict, source: str = "preparation recipe") -> PrepareRecipe:
     """Validate a mapping as a PrepareRecipe; errors name each key and how to fix it."""
-    from tuneloop.project import _explain
+    from tuneloop.project import validated
 
-    try:
-        return PrepareRecipe.model_validate(raw)
-    except ValidationError as exc:
-        lines = [_explain(e, PrepareRecipe) for e in exc.errors()]
-        raise TuneloopError(f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+    return validated(PrepareRecipe, raw, source)
 
 
 def load_prepare_recipe(path: str | Path) -> PrepareRecipe:

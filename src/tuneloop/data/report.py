@@ -70,7 +70,7 @@ def _bars(title: str, items: list[tuple[str, int]], width: int = 640) -> str:
     return "".join(parts)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def html_table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
                    for r in rows)
@@ -92,9 +92,9 @@ def render_html(report: dict) -> str:
            f"<p class=muted>task <code>{report['task']}</code> · created {report['created']} · "
            f"parent <code>{report.get('parent') or 'none'}</code> · sha256 "
            f"<code>{report['sha256'][:16]}…</code></p>"]
-    out.append("<h2>Inputs</h2>" + _table(["file", "rows", "sha256"], [
+    out.append("<h2>Inputs</h2>" + html_table(["file", "rows", "sha256"], [
         [i["name"], i["rows"], (i.get("sha256") or "")[:16]] for i in report["inputs"]]))
-    out.append("<h2>Steps</h2>" + _table(["step", "in", "out", "changed", "removed"], [
+    out.append("<h2>Steps</h2>" + html_table(["step", "in", "out", "changed", "removed"], [
         [s["name"], s["rows_in"], s["rows_out"], s["changed"],
          ", ".join(f"{k}: {v}" for k, v in s["removed"].items()) or "—"]
         for s in report["steps"]]))
@@ -104,8 +104,8 @@ def render_html(report: dict) -> str:
         if s["examples"]:
             out.append(f"<h2>Examples: {html.escape(s['name'])}</h2>")
             keys = [k for k in s["examples"][0] if k != "text"] + ["text"]
-            out.append(_table(keys, [[e.get(k, "") for k in keys] for e in s["examples"]]))
-    out.append("<h2>Splits</h2>" + _table(["split", "rows", "sha256"], [
+            out.append(html_table(keys, [[e.get(k, "") for k in keys] for e in s["examples"]]))
+    out.append("<h2>Splits</h2>" + html_table(["split", "rows", "sha256"], [
         [name, info["rows"], info["sha256"][:16]] for name, info in report["splits"].items()]))
     labels = report["splits"].get("train", {}).get("labels")
     if labels:
@@ -132,12 +132,12 @@ def render_html(report: dict) -> str:
     clusters = report.get("clusters", {})
     if clusters.get("count"):
         out.append(f"<h2>Duplicate clusters</h2><p>{clusters['count']} clusters; the largest:</p>")
-        out.append(_table(["kept", "size", "exact duplicates", "near duplicates (similarity)"], [
+        out.append(html_table(["kept", "size", "exact duplicates", "near duplicates (similarity)"], [
             [c["kept"], c["size"], ", ".join(c["exact"]),
              ", ".join(f"{w} ({s})" for w, s in c["near"])] for c in clusters["largest"][:20]]))
     contamination = report.get("contamination")
     if contamination:
-        out.append("<h2>Contamination check</h2>" + _table(["test file", "rows matching training"],
+        out.append("<h2>Contamination check</h2>" + html_table(["test file", "rows matching training"],
                    [[k, v] for k, v in contamination["test_rows_matched"].items()]))
         out.append(f"<p>{contamination['train_rows_matching']} training rows matched; "
                    f"{contamination['dropped']} removed.</p>")

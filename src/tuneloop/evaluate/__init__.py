@@ -8,8 +8,10 @@ from pathlib import Path
 from tuneloop import models, project, tasks
 from tuneloop.data.formats import load_examples
 from tuneloop.errors import TuneloopError
+from tuneloop.evaluate.pairs import evaluate_pairs
 from tuneloop.evaluate.runner import score
 from tuneloop.evaluate.store import record_evaluation
+from tuneloop.models import load_artifact
 from tuneloop.store import Registry, new_id
 from tuneloop.tasks import TaskInfo
 from tuneloop.data.formats import file_sha256
@@ -24,19 +26,6 @@ def load_for_eval(model: str, registry: Registry):
         raise TuneloopError(f"run {run.id} is {run.status}; only finished runs can be evaluated")
     lm, meta = load_artifact(Path(run.adapter_path))
     return lm, models.load_tokenizer(meta["base_model"]), TaskInfo.from_dict(meta["task"]), run
-
-
-def load_artifact(folder: Path):
-    """(model, tuneloop.json) of a run's artifact: a full model folder, or an adapter applied
-    to its base model (unquantized, also for QLoRA adapters)."""
-    meta = json.loads((folder / "tuneloop.json").read_text())
-    if meta.get("method") == "full":
-        return models.load_model(str(folder)), meta
-    from peft import PeftModel
-
-    lm = PeftModel.from_pretrained(models.load_model(meta["base_model"]), folder)
-    lm.eval()
-    return lm, meta
 
 
 def evaluate(model: str, data: str | Path, task: str | None = None,
@@ -60,8 +49,6 @@ def evaluate(model: str, data: str | Path, task: str | None = None,
     examples = load_examples(data, task)
     zero_shot = run is None
     if run is not None and run.method == "dpo":  # preference pairs: scored by log-probabilities
-        from tuneloop.train.dpo import evaluate_pairs
-
         meta = json.loads((Path(run.adapter_path) / "tuneloop.json").read_text())
         result = evaluate_pairs(lm, tokenizer, examples, beta=meta["beta"],
                                 start_adapter=meta["start_adapter"])

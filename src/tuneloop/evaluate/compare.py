@@ -176,14 +176,14 @@ def fmt_p(p: float) -> str:
 
 def render_html(result: dict) -> str:
     """The comparison as one self-contained page."""
-    from tuneloop.data.report import CSS, _table
+    from tuneloop.data.report import CSS, html_table
 
     metric = result["metric"]
     out = [f"<!doctype html><html lang=en><meta charset=utf-8><title>comparison</title>"
            f"<style>{CSS}</style><h1>Comparison on {result['rows']} test rows</h1>",
            f"<p class=muted>{metric} with {int(result['level'] * 100)}% bootstrap intervals "
            f"({result['resamples']} resamples of the rows); differences are paired.</p>",
-           _table(["model", metric, "interval"], [
+           html_table(["model", metric, "interval"], [
                [m["name"], f"{m[metric]:.3f}", f"{m['low']:.3f} – {m['high']:.3f}"]
                for m in result["models"]])]
     for p in result["pairs"]:
@@ -193,7 +193,7 @@ def render_html(result: dict) -> str:
                    + (f", McNemar p {fmt_p(p['mcnemar_p'])}" if "mcnemar_p" in p else "")
                    + f": {verdict}. {p['fixed']} rows fixed, {p['broken']} broken.</p>")
         if p["examples"]:
-            out.append(_table(["line", "change", "gold", "before", "after"], [
+            out.append(html_table(["line", "change", "gold", "before", "after"], [
                 [e["line"], e["change"], e["gold"], e["before"], e["after"]] for e in p["examples"]]))
     out.append("</html>")
     return "\n".join(out)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tuneloop.data.batching import padded_batches
 from tuneloop.data.tokenize import encode
 from tuneloop.evaluate.generate import generate
-from tuneloop.train.loss import mean_loss
+from tuneloop.models.scoring import mean_loss
 
 SUITE = Path(__file__).parent / "resources" / "general.jsonl"
 MAX_NEW_TOKENS = 16

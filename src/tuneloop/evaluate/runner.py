@@ -11,7 +11,7 @@ from tuneloop.data.batching import padded_batches
 from tuneloop.data.tokenize import encode, prompt_ids
 from tuneloop.baselines import shots as shots_lib
 from tuneloop.evaluate.generate import generate, generate_shared_prefix
-from tuneloop.train.loss import mean_loss
+from tuneloop.models.scoring import mean_loss
 
 
 def max_new_tokens(tokenizer, examples, info) -> int:

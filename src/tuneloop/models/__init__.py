@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -198,3 +199,16 @@ def context_length(model: str) -> int:
 
     config = _from_pretrained(AutoConfig, resolve(model))
     return int(getattr(config, "max_position_embeddings", 2048))
+
+
+def load_artifact(folder: Path):
+    """(model, tuneloop.json) of a run's artifact: a full model folder, or an adapter applied
+    to its base model (unquantized, also for QLoRA adapters)."""
+    meta = json.loads((folder / "tuneloop.json").read_text())
+    if meta.get("method") == "full":
+        return load_model(str(folder)), meta
+    from peft import PeftModel
+
+    lm = PeftModel.from_pretrained(load_model(meta["base_model"]), folder)
+    lm.eval()
+    return lm, meta

@@ -19,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from tuneloop.data.formats import Example
 from tuneloop.data.tokenize import prompt_ids
 from tuneloop.serve import feedback
-from tuneloop.serve.app import ApiError, CallerDep, error_body
+from tuneloop.serve.auth import CallerDep
+from tuneloop.serve.errors import ApiError, error_body
 from tuneloop.serve.engine import Request as EngineRequest
 from tuneloop.serve.engine import Sampling
 from tuneloop.serve.router import NotFound, Target

@@ -2,8 +2,10 @@
 
 Routes live by resource: api.py (models, chat and text completions), feedback.py, files.py and
 jobs.py (fine-tuning as a service), console_api.py and datasets_api.py (what the console's
-pages read, and preparing an uploaded file into a dataset version). Every error a client can cause is an `ApiError` rendered as
-{"error": {"message", "type", "param", "code"}} with the status OpenAI uses for it.
+pages read, and preparing an uploaded file into a dataset version); they import the caller
+(auth.py) and the error (errors.py), never this module. Every error a client can cause is an
+`ApiError` rendered as {"error": {"message", "type", "param", "code"}} with the status OpenAI
+uses for it.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tuneloop.serve.auth import Caller, RateLimiter, lookup
+from tuneloop.serve.auth import RateLimiter, bearer, caller
+from tuneloop.serve.errors import ApiError, error_body
 from tuneloop.serve.metrics import Metrics, OneTenant
 from tuneloop.serve.router import Router
 from tuneloop.store import Registry
@@ -58,20 +60,6 @@ class Settings:
     engine: str = "builtin"  # or "vllm": bases and LoRA adapters served by vLLM (serve/vllm.py)
     vllm_python: str | None = None  # the Python of vLLM's own environment
     vllm_args: list[str] = field(default_factory=list)  # more arguments for vLLM's server
-
-
-class ApiError(Exception):
-    """An error returned to the client in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.code, self.param, self.headers = code, param, headers
-
-
-def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -148,39 +136,9 @@ def _metrics_scope(request: Request) -> str | None:
     caller's tenant (401 without a valid key)."""
     settings: Settings = request.app.state.settings
     if not settings.auth or (settings.metrics_token and hmac.compare_digest(
-            _bearer(request).encode(), settings.metrics_token.encode())):
+            bearer(request).encode(), settings.metrics_token.encode())):
         return None
     return caller(request).tenant
-
-
-def _bearer(request: Request) -> str:
-    """The token of an `Authorization: Bearer TOKEN` header ("" without one)."""
-    header = request.headers.get("authorization", "")
-    return header[7:].strip() if header.lower().startswith("bearer ") else ""
-
-
-def caller(request: Request) -> Caller:
-    """The authenticated caller of a request (401 without a valid key, 429 over its rate)."""
-    settings: Settings = request.app.state.settings
-    if not settings.auth:
-        return Caller("default", None, 10**9, None)
-    key = _bearer(request)
-    if not key:
-        raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer KEY' "
-                       "(create one with `tuneloop keys create --tenant NAME`)",
-                       code="missing_api_key")
-    who = lookup(request.app.state.registry, key)
-    if who is None:
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-    wait = request.app.state.limiter.allow(who.key_id, who.rate_per_minute)
-    if wait is not None:
-        raise ApiError(429, f"Rate limit reached: {who.rate_per_minute} requests per minute for "
-                       f"this key; retry in {wait:.1f} s", type="requests",
-                       code="rate_limit_exceeded", headers={"retry-after": str(int(wait) + 1)})
-    return who
-
-
-CallerDep = Annotated[Caller, Depends(caller)]
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -10,11 +10,14 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from typing import Annotated
 
+from fastapi import Depends, Request
 from sqlalchemy import select
 
 from tuneloop.errors import TuneloopError
-from tuneloop.store import Registry, _now, new_id
+from tuneloop.serve.errors import ApiError
+from tuneloop.store import Registry, utcnow, new_id
 from tuneloop.store.serving import ApiKey, Tenant
 
 KEY_PREFIX = "tl-"
@@ -76,7 +79,7 @@ def revoke_key(registry: Registry, key_id: str) -> ApiKey:
         matches = s.scalars(select(ApiKey).where(ApiKey.id.startswith(key_id))).all()
         if len(matches) != 1:
             raise TuneloopError(f"no single key matches '{key_id}'; `tuneloop keys list` shows them")
-        matches[0].revoked = matches[0].revoked or _now()
+        matches[0].revoked = matches[0].revoked or utcnow()
         return matches[0]
 
 
@@ -109,3 +112,33 @@ class RateLimiter:
                 return 60 - (now - seen[0])
             seen.append(now)
             return None
+
+
+def bearer(request: Request) -> str:
+    """The token of an `Authorization: Bearer TOKEN` header ("" without one)."""
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+
+def caller(request: Request) -> Caller:
+    """The authenticated caller of a request (401 without a valid key, 429 over its rate)."""
+    settings = request.app.state.settings
+    if not settings.auth:
+        return Caller("default", None, 10**9, None)
+    key = bearer(request)
+    if not key:
+        raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer KEY' "
+                       "(create one with `tuneloop keys create --tenant NAME`)",
+                       code="missing_api_key")
+    who = lookup(request.app.state.registry, key)
+    if who is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    wait = request.app.state.limiter.allow(who.key_id, who.rate_per_minute)
+    if wait is not None:
+        raise ApiError(429, f"Rate limit reached: {who.rate_per_minute} requests per minute for "
+                       f"this key; retry in {wait:.1f} s", type="requests",
+                       code="rate_limit_exceeded", headers={"retry-after": str(int(wait) + 1)})
+    return who
+
+
+CallerDep = Annotated[Caller, Depends(caller)]

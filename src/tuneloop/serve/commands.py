@@ -1,5 +1,5 @@
 """Serving commands: `serve`, `keys`, `deploy`, `rollback`, `deployments`, `feedback export`.
-Registered on the main `tuneloop` app (cli.py imports this module last)."""
+cli.py puts them on `tuneloop`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from tuneloop.cli import JSON_OPT, _print_json, app, out
 from tuneloop.errors import TuneloopError
+from tuneloop.terminal import JSON_OPT, out, print_json
+
+app = typer.Typer()
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: each belongs to one tenant.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Feedback collected by the server.")
@@ -104,7 +106,7 @@ def keys_list(tenant: Optional[str] = typer.Option(None), as_json: bool = JSON_O
 
     rows = list_keys(_registry(), tenant)
     if as_json:
-        return _print_json([{"id": r.id, "tenant": r.tenant, "prefix": r.prefix, "name": r.name,
+        return print_json([{"id": r.id, "tenant": r.tenant, "prefix": r.prefix, "name": r.name,
                              "rate_per_minute": r.rate_per_minute, "created": r.created,
                              "revoked": r.revoked} for r in rows])
     table = Table("id", "tenant", "prefix", "name", "rate/min", "created", "revoked")
@@ -158,7 +160,7 @@ def deployments(tenant: Optional[str] = typer.Option(None), as_json: bool = JSON
     registry = _registry()
     rows, history = current(registry, tenant), events(registry, tenant=tenant)
     if as_json:
-        return _print_json({"deployments": [{"name": d.name, "tenant": d.tenant, "run_id": d.run_id,
+        return print_json({"deployments": [{"name": d.name, "tenant": d.tenant, "run_id": d.run_id,
                                              "updated": d.updated} for d in rows],
                             "events": [{k: getattr(e, k) for k in ("id", "name", "tenant", "action",
                                         "run_id", "previous_run_id", "forced", "reason", "created")}
@@ -196,7 +198,7 @@ def feedback_export(
     folder = out_dir or workspace() / "datasets" / f"feedback-{adapter.replace(':', '_')}-{stamp}"
     summary = export(_registry(), adapter, folder, tenant)
     if as_json:
-        return _print_json(summary)
+        return print_json(summary)
     for name, info in summary["datasets"].items():
         out.print(f"{name}: {info['rows']} rows → {folder / (name + '.jsonl')} "
                   f"{info.get('dataset_id', '')}", highlight=False)

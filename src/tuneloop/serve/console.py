@@ -9,7 +9,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from tuneloop.serve.app import ApiError
+from tuneloop.serve.errors import ApiError
 
 FOLDER = Path(__file__).parent / "console"
 FILES = {"console.js": "text/javascript", "pages.js": "text/javascript", "console.css": "text/css"}

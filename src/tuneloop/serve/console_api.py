@@ -26,7 +26,8 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneloop.errors import TuneloopError
 from tuneloop.serve import deploy as deployments
-from tuneloop.serve.app import ApiError, CallerDep
+from tuneloop.serve.auth import CallerDep
+from tuneloop.serve.errors import ApiError
 from tuneloop.serve.files import file_object, get_file
 from tuneloop.serve.schemas import Message, unix_time
 from tuneloop.store import Registry, Run, new_id

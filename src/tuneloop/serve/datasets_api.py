@@ -23,7 +23,8 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from tuneloop.errors import TuneloopError
-from tuneloop.serve.app import ApiError, CallerDep
+from tuneloop.serve.auth import CallerDep
+from tuneloop.serve.errors import ApiError
 from tuneloop.serve.files import get_file
 from tuneloop.serve.jobs import yaml_keys
 from tuneloop.serve.schemas import unix_time

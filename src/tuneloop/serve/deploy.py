@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.auth import ensure_tenant
-from tuneloop.store import Evaluation, Registry, Run, _now
+from tuneloop.store import Evaluation, Registry, Run, utcnow
 from tuneloop.store.serving import Deployment, DeploymentEvent
 from tuneloop.tasks import HEADLINE
 
@@ -145,7 +145,7 @@ def _point(registry, name, tenant, run_id, previous, action, forced, reason) -> 
         if row is None:
             s.add(Deployment(name=name, tenant=tenant, run_id=run_id))
         else:
-            row.run_id, row.updated = run_id, _now()
+            row.run_id, row.updated = run_id, utcnow()
         event = DeploymentEvent(name=name, tenant=tenant, action=action, run_id=run_id,
                                 previous_run_id=previous, forced=forced, reason=reason)
         s.add(event)

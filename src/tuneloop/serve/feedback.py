@@ -21,9 +21,10 @@ from sqlalchemy import delete, exists, select
 from starlette.concurrency import run_in_threadpool
 
 from tuneloop.errors import TuneloopError
-from tuneloop.serve.app import ApiError, CallerDep
+from tuneloop.serve.auth import CallerDep
+from tuneloop.serve.errors import ApiError
 from tuneloop.serve.schemas import FeedbackRequest, unix_time
-from tuneloop.store import Registry, _now, new_id
+from tuneloop.store import Registry, utcnow, new_id
 from tuneloop.store.serving import Completion, Feedback
 
 routes = APIRouter()
@@ -43,7 +44,7 @@ def log_completion(registry: Registry, who, target, request: dict, response: dic
 def apply_retention(registry: Registry, days: int) -> int:
     """Delete logged completions older than `days` that carry no feedback (feedback rows, and
     the completions they name, are training data with lineage: they are kept)."""
-    cutoff = _now() - dt.timedelta(days=days)
+    cutoff = utcnow() - dt.timedelta(days=days)
     with registry.session() as s, s.begin():
         has_feedback = exists().where((Feedback.completion_id == Completion.id)
                                       | (Feedback.other_completion_id == Completion.id))

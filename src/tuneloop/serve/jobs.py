@@ -25,10 +25,11 @@ from sqlalchemy import select
 
 from tuneloop.errors import TuneloopError
 from tuneloop.project import Recipe, recipe_from_dict
-from tuneloop.serve.app import ApiError, CallerDep
+from tuneloop.serve.auth import CallerDep
+from tuneloop.serve.errors import ApiError
 from tuneloop.serve.files import get_file
 from tuneloop.serve.schemas import EventLimit, Limit, Open, unix_time
-from tuneloop.store import Registry, _now, new_id
+from tuneloop.store import Registry, utcnow, new_id
 from tuneloop.store.serving import File, Job, JobEvent
 
 routes = APIRouter()
@@ -230,7 +231,7 @@ def cancel_job(job_id: str, request: Request, who: CallerDep):
             raise ApiError(400, f"Job {job_id} has already {job.status}", code="invalid_state")
         job.cancel_requested = True
         if job.status != "running":
-            job.status, job.finished = "cancelled", _now()
+            job.status, job.finished = "cancelled", utcnow()
     add_event(registry, job_id, "Cancellation requested" if job.status == "running" else "Job cancelled")
     return job_object(job)
 

@@ -108,7 +108,7 @@ class Router:
                     self.engines[key] = VllmEngine(key, **self.vllm)
                     return self.engines[key]
                 if artifact is not None:
-                    from tuneloop.evaluate import load_artifact
+                    from tuneloop.models import load_artifact
 
                     model, meta = load_artifact(artifact)
                     if meta.get("method") != "full":

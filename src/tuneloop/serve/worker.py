@@ -31,7 +31,7 @@ from tuneloop.data.validate import validate
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.deploy import deploy
 from tuneloop.serve.jobs import STARTS, add_event, job_recipe
-from tuneloop.store import Registry, _now
+from tuneloop.store import Registry, utcnow
 from tuneloop.store.serving import Job
 from tuneloop.train import checkpoint
 from tuneloop.train.run import Stopped, train
@@ -57,7 +57,7 @@ def _alive(worker: str | None, lease_until: dt.datetime | None = None) -> bool:
         return False
     where, _, pid = worker.rpartition(":")
     if where != host():
-        return lease_until is not None and lease_until > _now()
+        return lease_until is not None and lease_until > utcnow()
     try:
         return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, ValueError):
@@ -65,7 +65,7 @@ def _alive(worker: str | None, lease_until: dt.datetime | None = None) -> bool:
 
 
 def _lease() -> dt.datetime:
-    return _now() + dt.timedelta(seconds=LEASE_S)
+    return utcnow() + dt.timedelta(seconds=LEASE_S)
 
 
 def renew(registry: Registry, job_id: str, me: str) -> bool:
@@ -150,7 +150,7 @@ def process(registry: Registry, job: Job, workspace, lost: threading.Event | Non
                         raise TuneloopError(f"{param} line {first.line}: {first.message}")
             job = _set(registry, job.id, status="queued")
             add_event(registry, job.id, "Files validated; job queued")
-        job = _set(registry, job.id, status="running", started=job.started or _now())
+        job = _set(registry, job.id, status="running", started=job.started or utcnow())
         resume = job.run_id
         if resume and checkpoint.latest(Path(workspace) / "runs" / resume / "checkpoints") is None:
             registry.update_run(resume, status="failed", error="its worker stopped before the "
@@ -178,14 +178,14 @@ def process(registry: Registry, job: Job, workspace, lost: threading.Event | Non
         name = fine_tuned_name(job)
         deploy(registry, name, result["run_id"], job.tenant, force=True,
                reason=f"fine-tuning job {job.id}")
-        _set(registry, job.id, status="succeeded", fine_tuned_model=name, finished=_now(),
+        _set(registry, job.id, status="succeeded", fine_tuned_model=name, finished=utcnow(),
              trained_tokens=int(result.get("train_tokens", 0)))
         add_event(registry, job.id, f"New fine-tuned model created: {name}")
         add_event(registry, job.id, "The job has successfully completed")
     except LostLease:
         log.warning("job %s: another worker holds it now; leaving it to that one", job.id)
     except Stopped:
-        _set(registry, job.id, status="cancelled", finished=_now())
+        _set(registry, job.id, status="cancelled", finished=utcnow())
         add_event(registry, job.id, "Job cancelled")
     except TuneloopError as exc:
         _fail(registry, job, "invalid_training_file" if job.status == "validating_files"
@@ -197,7 +197,7 @@ def process(registry: Registry, job: Job, workspace, lost: threading.Event | Non
 
 def _fail(registry: Registry, job: Job, code: str, message: str) -> None:
     param = "training_file" if code == "invalid_training_file" else None
-    _set(registry, job.id, status="failed", finished=_now(),
+    _set(registry, job.id, status="failed", finished=utcnow(),
          error={"code": code, "message": message[:2000], "param": param})
     add_event(registry, job.id, message[:2000], level="error")
 

@@ -9,23 +9,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import secrets
 from pathlib import Path
 
 from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, create_engine, event,
                         select)
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tuneloop.errors import TuneloopError
+from tuneloop.store.base import Base, new_id, utcnow  # noqa: F401  (re-exported)
 from tuneloop.store.migrations import migrate
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 class Dataset(Base):
@@ -35,7 +29,7 @@ class Dataset(Base):
     path: Mapped[str] = mapped_column(String(1024))
     rows: Mapped[int] = mapped_column(Integer)
     task: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class DatasetVersion(Base):
@@ -50,7 +44,7 @@ class DatasetVersion(Base):
     folder: Mapped[str] = mapped_column(String(1024))
     splits: Mapped[dict] = mapped_column(JSON)  # split → registered dataset id
     report: Mapped[dict] = mapped_column(JSON)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Run(Base):
@@ -67,7 +61,7 @@ class Run(Base):
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     adapter_path: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     error: Mapped[str | None] = mapped_column(String(4096), nullable=True)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     wall_s: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -83,7 +77,7 @@ class Evaluation(Base):
     strategy: Mapped[str] = mapped_column(String(32))
     task: Mapped[str] = mapped_column(String(32))
     metrics: Mapped[dict] = mapped_column(JSON)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Registry:
@@ -224,10 +218,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{_now():%Y%m%d}-{secrets.token_hex(3)}"
 
 
 def to_json(obj) -> str:

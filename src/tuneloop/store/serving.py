@@ -8,14 +8,14 @@ import datetime as dt
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tuneloop.store import Base, _now
+from tuneloop.store.base import Base, utcnow
 
 
 class Tenant(Base):
     __tablename__ = "tenants"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     bases: Mapped[list | None] = mapped_column(JSON, nullable=True)  # None: every served base
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class ApiKey(Base):
@@ -26,7 +26,7 @@ class ApiKey(Base):
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str | None] = mapped_column(String(128), nullable=True)
     rate_per_minute: Mapped[int] = mapped_column(Integer)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     revoked: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
@@ -35,7 +35,7 @@ class Deployment(Base):
     name: Mapped[str] = mapped_column(String(256), primary_key=True)
     tenant: Mapped[str] = mapped_column(ForeignKey("tenants.name"))
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
-    updated: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    updated: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class DeploymentEvent(Base):
@@ -48,7 +48,7 @@ class DeploymentEvent(Base):
     previous_run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     forced: Mapped[bool] = mapped_column(Boolean, default=False)
     reason: Mapped[str | None] = mapped_column(String(1024), nullable=True)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Completion(Base):
@@ -63,7 +63,7 @@ class Completion(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     latency_ms: Mapped[float] = mapped_column(Float)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Feedback(Base):
@@ -77,7 +77,7 @@ class Feedback(Base):
     correction: Mapped[str | None] = mapped_column(Text, nullable=True)
     other_completion_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     comment: Mapped[str | None] = mapped_column(String(2048), nullable=True)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class File(Base):
@@ -89,7 +89,7 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(1024))
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Job(Base):
@@ -113,7 +113,7 @@ class Job(Base):
     # The worker holds the job until then and renews it while it works (serve/worker.py)
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     recipe: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
@@ -125,4 +125,4 @@ class JobEvent(Base):
     level: Mapped[str] = mapped_column(String(8))
     message: Mapped[str] = mapped_column(String(2048))
     data: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    created: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

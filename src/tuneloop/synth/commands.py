@@ -1,4 +1,4 @@
-"""`tuneloop synth RECIPE.yaml` (registered on the main app; cli.py imports this module last)."""
+"""`tuneloop synth RECIPE.yaml` (cli.py puts it on `tuneloop`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tuneloop.cli import JSON_OPT, _print_json, app, err, out
+from tuneloop.terminal import JSON_OPT, err, out, print_json
+
+app = typer.Typer()
 
 
 @app.command("synth")
@@ -27,7 +29,7 @@ def synth(
     version = synthesize(load_synth_recipe(recipe), progress=lambda m: err.print(f"[dim]{m}…[/]"))
     lineage = version.report["lineage"]
     if as_json:
-        _print_json({"id": version.id, "created": version.created, "folder": str(version.folder),
+        print_json({"id": version.id, "created": version.created, "folder": str(version.folder),
                      "splits": version.report["splits"], "lineage": lineage})
         return
     usage = lineage["usage"]

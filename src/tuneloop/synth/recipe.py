@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tuneloop.data.curate import AnonymizeSpec, InputSpec, ReportSpec, SplitSpec
-from tuneloop.errors import TuneloopError
 from tuneloop.synth.teacher import EndpointTeacher, LocalTeacher, Teacher
 
 
@@ -108,14 +107,10 @@ class SynthRecipe(_Strict):
 
 def load_synth_recipe(path: str | Path) -> SynthRecipe:
     """Parse a synth recipe; relative paths are relative to the file."""
-    from tuneloop.project import _explain, read_yaml_mapping
+    from tuneloop.project import read_yaml_mapping, validated
 
     path = Path(path)
-    try:
-        recipe = SynthRecipe.model_validate(read_yaml_mapping(path))
-    except ValidationError as exc:
-        lines = [_explain(e, SynthRecipe) for e in exc.errors()]
-        raise TuneloopError(f"{path} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+    recipe = validated(SynthRecipe, read_yaml_mapping(path), str(path))
     base = path.resolve().parent
     return recipe.model_copy(update={
         "inputs": [i.model_copy(update={"path": base / i.path}) for i in recipe.inputs],

@@ -5,7 +5,7 @@ then end-of-turn. The trie over those token sequences gives every label a probab
 product of the model's next-token probabilities renormalized over each node's children, so
 the label probabilities sum to one and an answer outside the set cannot be produced.
 
-`label_distribution` scores every label for a batch of prompts in two passes per batch: the
+`label_loss` trains a classifier on that probability. `label_distribution` scores every label for a batch of prompts in two passes per batch: the
 prompts (their KV cache is kept), then, on top of it, the trie's nodes on the way to its
 branching nodes as one row per prompt with tree attention (`_Tree`). A node with one child
 needs no forward pass: its child has probability one. `LabelMatcher` walks the same trie token
@@ -18,9 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from tuneloop.data.batching import collate
-from tuneloop.data.tokenize import Encoded
+from tuneloop.data.tokenize import IGNORE, Encoded
+from tuneloop.models.scoring import causal_lm
 
 
 class LabelTrie:
@@ -198,3 +200,46 @@ class LabelMatcher:
     @property
     def confidence(self) -> float:
         return math.exp(self.logp)
+
+
+def label_loss(trie):
+    """A classifier's loss over its label set: -log P(gold label | prompt), the probability
+    eval and serving decide with (`tasks.labels`), as cross-entropy over each branching trie
+    node's children on the gold label's path. A token the label set leaves no choice over
+    carries no loss, and the rest of the vocabulary takes no part: every gradient goes to
+    telling the labels apart. Returns `loss(model, batch) -> (summed loss, labels scored)`."""
+
+    def loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        lm = causal_lm(model)
+        batch = {k: v.to(lm.device, non_blocking=True) for k, v in batch.items()}
+        targets = batch["labels"][:, 1:]
+        rows, cols, choices, gold = [], [], [], []
+        for row, answer in enumerate(targets.tolist()):
+            node = 0
+            for col, token in enumerate(answer):
+                if token == IGNORE:
+                    continue
+                kids = trie.children[node]
+                if token not in kids:  # past the label's end (or not a label): nothing to learn
+                    break
+                if len(kids) > 1:
+                    rows.append(row), cols.append(col), choices.append(list(kids))
+                    gold.append(list(kids).index(token))
+                node = kids[token]
+        if not rows:
+            return lm.get_output_embeddings().weight.sum() * 0.0, 0
+        gpu = lm.device.type == "cuda"
+        with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu):
+            hidden = lm.get_decoder()(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"],
+                                      use_cache=False).last_hidden_state
+            logits = lm.get_output_embeddings()(hidden[rows, cols]).float()
+        width = max(len(c) for c in choices)
+        index = torch.tensor([c + [c[0]] * (width - len(c)) for c in choices], device=lm.device)
+        valid = torch.tensor([[i < len(c) for i in range(width)] for c in choices],
+                             device=lm.device)
+        picked = logits.gather(1, index).masked_fill(~valid, float("-inf"))
+        gold_t = torch.tensor(gold, device=lm.device)
+        return F.cross_entropy(picked, gold_t, reduction="sum"), len(targets)
+
+    return loss

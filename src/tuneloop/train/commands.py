@@ -1,5 +1,4 @@
-"""Training commands: `train`, `export`, `estimate`, `tune`. Registered on `tuneloop` (cli.py
-imports this module last)."""
+"""Training commands: `train`, `export`, `estimate`, `tune`. cli.py puts them on `tuneloop`."""
 
 from __future__ import annotations
 
@@ -9,9 +8,11 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from tuneloop.cli import (JSON_OPT, _cell, _print_json, _print_metrics, app, err, out,
-                          training_progress)
 from tuneloop.errors import TuneloopError
+from tuneloop.terminal import (JSON_OPT, cell, err, out, print_json, print_metrics,
+                               training_progress)
+
+app = typer.Typer()
 
 
 DEEPSPEED_OPT = typer.Option(
@@ -63,9 +64,9 @@ def train(
         result = run_train(parsed, progress=progress, resume=resume, processes=processes,
                            sharding=sharding, on_phase=lambda p: err.print(f"[dim]{p}[/]"))
     if as_json:
-        _print_json({k: v for k, v in result.items()})
+        print_json({k: v for k, v in result.items()})
         return
-    _print_metrics(result)
+    print_metrics(result)
     out.print(f"run [bold]{result['run_id']}[/] done ({result['method']}); {result['artifact']}")
 
 
@@ -84,7 +85,7 @@ def export_(
 
     result = export(run_id, out_dir, merge=merge)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     out.print(f"{result['kind']} of {result['run_id']} written to {result['path']}")
 
@@ -114,7 +115,7 @@ def estimate(
                           methods=methods.split(",") if methods else None,
                           processes=processes, sharding=_sharding(fsdp, deepspeed))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     out.print(f"{result['model']} ({result['parameters'] / 1e6:.0f}M parameters) on {result['device']}: "
               f"{result['train_rows']} rows x {result['epochs']:g} epochs = "
@@ -153,12 +154,12 @@ def tune(
                       on_trial=lambda r: err.print(f"[dim]trial {r['trial']}: val loss "
                                                    f"{r['val_loss']:.4f} {r['params']}[/]"))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     table = Table("trial", "state", "val loss", "learning rate", "rank", "epochs", "batch tokens", "run")
     for r in result["trials"]:
         p = r["params"]
-        table.add_row(str(r["trial"]), r["state"], _cell(r.get("val_loss")), f"{p['learning_rate']:.2e}",
+        table.add_row(str(r["trial"]), r["state"], cell(r.get("val_loss")), f"{p['learning_rate']:.2e}",
                       str(p.get("lora_rank", "–")), str(p["epochs"]), str(p["batch_tokens"]),
                       r.get("run_id", "–"))
     out.print(table)

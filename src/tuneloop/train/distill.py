@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tuneloop import tasks
 from tuneloop.errors import TuneloopError
-from tuneloop.train.loss import answer_logits
+from tuneloop.models.scoring import answer_logits
 from tuneloop.train.lora import LORA
 
 DISTILL = replace(LORA, name="distill")

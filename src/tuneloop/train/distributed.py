@@ -74,7 +74,7 @@ def main() -> None:
     from tuneloop.project import recipe_from_dict
     from tuneloop.train.checkpoint import trainable_state
     from tuneloop.train.data import load_splits
-    from tuneloop.train.run import METHODS
+    from tuneloop.train.methods import METHODS
     from tuneloop.train.sft import run_sft
 
     run_dir = Path(sys.argv[1])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tuneloop import models
-from tuneloop.train.loss import causal_lm
+from tuneloop.models.scoring import causal_lm
 from tuneloop.train.plan import FULL_LR
 from tuneloop.train.sft import Method
 

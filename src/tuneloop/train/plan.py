@@ -30,6 +30,7 @@ class Plan:
     checkpoint_every: int
     lora_rank: int
     lora_alpha: float
+    loss: str = "tokens"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +46,12 @@ def default_epochs(n_examples: int) -> float:
     if n_examples < 5000:
         return 3.0
     return 1.0
+
+
+def default_loss(task: str, method: str) -> str:
+    """What a run's loss is taken over (train/loss.py): a classifier's label set, or the
+    vocabulary at every answer token."""
+    return "tokens"
 
 
 def default_batch_size(n_examples: int) -> int:
@@ -94,4 +101,5 @@ def make_plan(recipe, n_updates: int, epochs: float, max_length: int, tokens_per
         eval_every=recipe.eval_every or max(1, steps // 8),
         checkpoint_every=recipe.checkpoint_every or max(1, steps // 4),
         lora_rank=rank, lora_alpha=recipe.lora.alpha or 2.0 * rank,
+        loss=recipe.loss or default_loss(recipe.task, recipe.method),
     )

@@ -20,13 +20,10 @@ from tuneloop.train.checkpoint import FLAGS
 from tuneloop.train.data import load_splits
 from tuneloop.baselines.strategies import best, recipe_baselines
 from tuneloop.tasks import HEADLINE
-from tuneloop.train.full import FULL
-from tuneloop.train.lora import DORA, LORA
-from tuneloop.train.qlora import QLORA
-from tuneloop.train.dpo import evaluate_pairs, run_dpo
+from tuneloop.train.methods import METHODS
+from tuneloop.evaluate.pairs import evaluate_pairs
+from tuneloop.train.dpo import run_dpo
 from tuneloop.train.sft import run_sft
-
-METHODS = {m.name: m for m in (LORA, DORA, QLORA, FULL)}
 
 
 def gate(result: dict, baselines: dict, recipe) -> dict:
@@ -43,7 +40,7 @@ def _distributed(recipe, run_dir: Path, processes: int, resume: bool,
                  sharding: str | None) -> dict:
     """Train in `processes` processes (Accelerate), then load rank 0's artifact for the test."""
     from tuneloop import models
-    from tuneloop.evaluate import load_artifact
+    from tuneloop.models import load_artifact
     from tuneloop.train.distributed import launch
 
     stats = launch(recipe, run_dir, processes, resume, sharding)
@@ -190,7 +187,7 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
                   "artifact": str(out["artifact"]), **out["stats"]}
         if recipe.method == "qlora":  # evaluated and served on the unquantized base: the
             # run's own figures are of that model, not of the 4-bit one it trained against
-            from tuneloop.evaluate import load_artifact
+            from tuneloop.models import load_artifact
 
             out["model"] = load_artifact(Path(out["artifact"]))[0]
         if splits.test:

@@ -31,7 +31,8 @@ from tuneloop.evaluate.report import plot_curves
 from tuneloop.project import save_yaml
 from tuneloop.train import checkpoint, zero
 from tuneloop.train.data import Splits
-from tuneloop.train.loss import completion_loss, mean_loss
+from tuneloop.models.scoring import completion_loss, mean_loss
+from tuneloop.tasks.labels import label_loss
 from tuneloop.train.plan import (default_batch_size, default_batch_tokens, default_epochs,
                                  make_plan)
 from tuneloop.train.shard import SHARDED, passes, shard_model
@@ -115,16 +116,21 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
                    "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
 
     model = method.prepare(model, recipe, plan)
-    held, step_loss_fn, val_loss_fn = None, loss_fn or completion_loss, completion_loss
-    if shard == "fsdp":  # the loss (completion loss: distillation is refused) gathers weights
-        step_loss_fn = val_loss_fn = shard_model(model, completion_loss)
+    task_loss = completion_loss
+    if plan.loss == "labels":  # (validation keeps the completion loss, comparable across runs)
+        from tuneloop.tasks.labels import LabelTrie
+
+        task_loss = label_loss(LabelTrie(tokenizer, splits.info.labels))
+    held, step_loss_fn, val_loss_fn = None, loss_fn or task_loss, completion_loss
+    if shard == "fsdp":  # the loss (distillation is refused) gathers the weights
+        step_loss_fn = val_loss_fn = shard_model(model, task_loss)
         held = sum(p.to_local().numel() for p in model.parameters())  # this rank's shards
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps)
     engine, access = None, SHARDED if shard == "fsdp" else checkpoint.WHOLE
     if shard in zero.STAGES:  # DeepSpeed then runs the backward and the optimizer step
-        engine = zero.initialize(model, completion_loss, optimizer, zero.STAGES[shard])
+        engine = zero.initialize(model, task_loss, optimizer, zero.STAGES[shard])
         step_loss_fn = val_loss_fn = lambda _model, batch: engine(batch)
         held, access = zero.held(model), zero.Zero(engine, shard)
     pad = tokenizer.pad_token_id

@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 
 from tuneloop.train.checkpoint import Whole
-from tuneloop.train.loss import causal_lm
+from tuneloop.models.scoring import causal_lm
 
 
-class _Loss(torch.nn.Module):
+class LossModule(torch.nn.Module):
     """The loss as the root module's forward: FSDP gathers the weights outside the decoder
     layers (embeddings, final norm, head) around a module's forward, and the loop reads the
     decoder and the head separately (only answer positions reach the head)."""
@@ -50,7 +50,7 @@ def shard_model(model, loss: Callable) -> Callable:
     for module in list(model.modules()):
         if type(module).__name__ in layers:
             fully_shard(module, mesh=mesh)
-    root = fully_shard(_Loss(model, loss), mesh=mesh)
+    root = fully_shard(LossModule(model, loss), mesh=mesh)
     return lambda _model, batch: root(batch)
 
 

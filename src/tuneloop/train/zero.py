@@ -23,7 +23,7 @@ import torch
 
 from tuneloop.errors import TuneloopError
 from tuneloop.train.checkpoint import Whole
-from tuneloop.train.shard import _Loss
+from tuneloop.train.shard import LossModule
 
 STAGES = {"zero2": 2, "zero3": 3}
 TAG = "zero"  # DeepSpeed's folder inside a checkpoint
@@ -55,7 +55,7 @@ def initialize(model, loss: Callable, optimizer, stage: int, max_norm: float = 1
         "zero_allow_untested_optimizer": True,  # torch's AdamW, as in every other run
         "steps_per_print": 1 << 30, "wall_clock_breakdown": False,
     }
-    engine, *_ = deepspeed.initialize(model=_Loss(model, loss), optimizer=optimizer,
+    engine, *_ = deepspeed.initialize(model=LossModule(model, loss), optimizer=optimizer,
                                       config=config, dist_init_required=False)
     return engine
 

@@ -1,4 +1,5 @@
-"""The completion loss, computed only where it is taken.
+"""What a model says of a batch's answers: their logits, loss and log-probabilities, computed
+only where they are taken (training, evaluation and preference scoring share them).
 
 The output projection of a 49k-token vocabulary is a fifth of a small model's compute and
 most of its activation memory; prompt tokens carry no loss, so their logits are never formed.
