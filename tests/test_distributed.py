@@ -40,6 +40,34 @@ def test_two_process_ddp_matches_one_process_with_the_same_batch_size(
     assert two["accuracy"] == one["accuracy"]
 
 
+def test_two_process_dpo_matches_one_process_with_the_same_global_batch(tiny_model, tmp_path,
+                                                                       workspace):
+    """DPO is an objective of the same loop, so it runs on several processes as SFT does."""
+    from tests.conftest import write_jsonl
+    from tests.test_dpo import pairs
+    from tuneloop.project import recipe_from_dict
+
+    data = {"train": str(write_jsonl(tmp_path / "pairs.jsonl", pairs(32, 1))),
+            "test": str(write_jsonl(tmp_path / "test.jsonl", pairs(8, 2)))}
+
+    def recipe():
+        return recipe_from_dict({"base_model": str(tiny_model), "task": "chat", "method": "dpo",
+                                 "data": data, "max_steps": 3, "batch_size": 8,
+                                 "batch_tokens": 256, "learning_rate": 5e-3, "dpo": {"beta": 0.5},
+                                 "checkpoint_every": 1000})
+
+    two = train(recipe(), workspace=workspace, processes=2)
+    one = train(recipe(), workspace=workspace)
+    assert two["processes"] == 2 and two["ranks_identical"]
+    assert two["steps"] == one["steps"] == 3 and two["train_tokens"] == one["train_tokens"]
+    a = load_file(f"{two['artifact']}/adapter_model.safetensors")
+    b = load_file(f"{one['artifact']}/adapter_model.safetensors")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)
+    assert abs(two["final_train_loss"] - one["final_train_loss"]) < 1e-6
+    assert two["test"]["preference_accuracy"] == one["test"]["preference_accuracy"]
+
+
 def test_two_process_fsdp_training_matches_one_process(tiny_model, classify_files, workspace):
     # (full fine-tuning: the resume test's uninterrupted run is checked against one process)
     sharded_run_matches_one_process("lora", "fsdp", tiny_model, classify_files, workspace)

@@ -70,7 +70,7 @@ def test_an_upload_to_a_full_disk_is_refused_and_keeps_nothing(tiny_model, tmp_p
             headers = {"authorization": f"Bearer {srv['keys']['acme']}"}
             rows = [{"messages": [{"role": "user", "content": r["text"] + " " + "x" * 400},
                                   {"role": "assistant", "content": r["label"]}]}
-                    for r in make_rows(2000, seed=1)]
+                    for r in make_rows(4400, seed=1)]
             big = "".join(json.dumps(r) + "\n" for r in rows).encode()
             assert len(big) > 2 * 2**20
             with httpx.Client(base_url=srv["url"], headers=headers, timeout=60) as c:

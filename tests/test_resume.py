@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.conftest import write_jsonl
 from tests.test_cli import assert_user_error, tl
 from tuneloop.train import checkpoint
 
@@ -27,12 +29,20 @@ train(load_recipe(sys.argv[1]), progress=lambda *a: time.sleep(float(sys.argv[2]
 """
 
 
-def write_recipe(tmp_path, tiny_model, classify_files) -> Path:
+def write_recipe(tmp_path, tiny_model, classify_files, method: str = "lora") -> Path:
     train, test = classify_files
     recipe = {"base_model": str(tiny_model), "task": "classify",
               "data": {"train": str(train), "test": str(test)}, "baselines": [],
               "max_steps": 10, "epochs": 4, "batch_tokens": 128, "learning_rate": 5e-3,
               "checkpoint_every": 3, "eval_every": 2, "lora": {"rank": 4, "dropout": 0.1}}
+    if method == "dpo":  # preference pairs (tests/test_dpo.py's), scored on pairs
+        from tests.test_dpo import pairs
+
+        recipe.update(task="chat", method="dpo", batch_tokens=256, dpo={"beta": 0.5},
+                      data={"train": str(write_jsonl(tmp_path / "pairs.jsonl", pairs(40, 1))),
+                            "test": str(write_jsonl(tmp_path / "pairs-test.jsonl", pairs(8, 2)))})
+    elif method == "distill":  # the base itself as the teacher: logit-level distillation
+        recipe.update(method="distill", distill={"teacher": str(tiny_model)})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -43,8 +53,11 @@ def only_run(ws: Path) -> Path:
     return run
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, classify_files):
-    recipe = write_recipe(tmp_path, tiny_model, classify_files)
+@pytest.mark.parametrize("method", ["lora", "dpo", "distill"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, classify_files,
+                                                          method):
+    """The same for every objective on the one training loop: SFT, DPO and distillation."""
+    recipe = write_recipe(tmp_path, tiny_model, classify_files, method)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     done = tl("train", recipe, "--json", env={"TUNELOOP_HOME": str(whole)})
     assert done.returncode == 0, done.stderr
@@ -80,9 +93,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, 
     for kind in ("train", "validation"):
         torch.testing.assert_close(torch.tensor(curves_b[kind]), torch.tensor(curves_a[kind]),
                                    rtol=0, atol=1e-6)
-
-    again = tl("train", "--resume", run_dir.name, env={"TUNELOOP_HOME": str(killed)})
-    assert_user_error(again, "has finished")
+    if method == "lora":
+        again = tl("train", "--resume", run_dir.name, env={"TUNELOOP_HOME": str(killed)})
+        assert_user_error(again, "has finished")
 
 
 def test_damaged_or_partial_checkpoints_are_skipped(tmp_path, tiny_model):

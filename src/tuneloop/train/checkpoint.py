@@ -91,7 +91,7 @@ def save(folder: Path, model, optimizer, scheduler, step: int, position: int, lo
                                                    "loop": loop or {}, "sharding": access.sharding}))
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         (tmp / MANIFEST).write_text(json.dumps({name: _sha256(tmp / name) for name in files}))
-    except (OSError, RuntimeError) as exc:  # (torch.save reports a full disk as RuntimeError)
+    except Exception as exc:  # safetensors and torch.save report a full disk in their own types
         shutil.rmtree(tmp, ignore_errors=True)
         if not disk_full(exc):
             raise
@@ -113,7 +113,7 @@ def disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     text = str(exc).lower()
-    return "no space left" in text or "errno 28" in text or "file write failed" in text
+    return any(s in text for s in ("no space left", "os error 28", "errno 28", "file write failed"))
 
 
 def save_weights(model, path: Path, access: Whole = WHOLE, write: bool = True) -> None:

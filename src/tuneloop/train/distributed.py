@@ -83,9 +83,15 @@ def main() -> None:
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
         splits = load_splits(recipe.data, recipe.task, recipe.fields)
-        out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, resume=spec["resume"],
-                      rank=state.process_index, world=state.num_processes,
-                      shard=spec["sharding"])
+        if recipe.method == "dpo":
+            from tuneloop.train.dpo import run_dpo
+
+            out = run_dpo(recipe, splits, run_dir, resume=spec["resume"],
+                          rank=state.process_index, world=state.num_processes)
+        else:
+            out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, resume=spec["resume"],
+                          rank=state.process_index, world=state.num_processes,
+                          shard=spec["sharding"])
     except TuneloopError as e:  # the launcher shows it as it is, not a rank's traceback
         (run_dir / "ranks").mkdir(exist_ok=True)
         (run_dir / "ranks" / f"rank-{state.process_index}.error").write_text(str(e))

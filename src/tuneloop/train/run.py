@@ -22,7 +22,7 @@ from tuneloop.baselines.strategies import best, recipe_baselines
 from tuneloop.tasks import HEADLINE
 from tuneloop.train.methods import METHODS
 from tuneloop.evaluate.pairs import evaluate_pairs
-from tuneloop.train.dpo import run_dpo
+from tuneloop.train.dpo import run_dpo, start_run
 from tuneloop.train.sft import run_sft
 
 
@@ -44,7 +44,8 @@ def _distributed(recipe, run_dir: Path, processes: int, resume: bool,
     from tuneloop.train.distributed import launch
 
     stats = launch(recipe, run_dir, processes, resume, sharding)
-    artifact = run_dir / METHODS[recipe.method].artifact
+    artifact = run_dir / (METHODS[recipe.method].artifact if recipe.method in METHODS
+                          else "adapter")  # (dpo's)
     model, _ = load_artifact(artifact)
     return {"model": model, "tokenizer": models.load_tokenizer(recipe.base_model),
             "stats": stats, "artifact": artifact}
@@ -175,11 +176,11 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
             out = run_sft(DISTILL, recipe, splits, run_dir, progress, resume=bool(resume),
                           on_validation=on_validation, loss_fn=loss_fn)
             out["stats"].update(_distill_stats(out, teacher, splits, recipe))
+        elif processes > 1:  # (DPO too: train/distributed.py runs its objective)
+            out = _distributed(recipe, run_dir, processes, bool(resume), sharding)
         elif dpo:
             out = run_dpo(recipe, splits, run_dir, progress, resume=bool(resume),
-                          registry=registry)
-        elif processes > 1:
-            out = _distributed(recipe, run_dir, processes, bool(resume), sharding)
+                          registry=registry, on_validation=on_validation)
         else:
             out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, progress,
                           resume=bool(resume), on_validation=on_validation)
@@ -193,7 +194,8 @@ def train(recipe, workspace: Path | None = None, progress=None, on_phase=None,
         if splits.test:
             phase("evaluating on the test set")
             if dpo:
-                start = out["start"].adapter_path if out["start"] else None
+                begun = start_run(recipe, registry)
+                start = begun.adapter_path if begun else None
                 ev = evaluate_pairs(out["model"], out["tokenizer"], splits.test,
                                     beta=recipe.dpo.beta, start_adapter=start)
             else:

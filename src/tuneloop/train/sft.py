@@ -32,9 +32,8 @@ from tuneloop.project import save_yaml
 from tuneloop.train import checkpoint, zero
 from tuneloop.train.data import Splits
 from tuneloop.models.scoring import completion_loss, mean_loss
-from tuneloop.tasks.labels import label_loss
 from tuneloop.train.plan import (default_batch_size, default_batch_tokens, default_epochs,
-                                 make_plan)
+                                 default_loss, make_plan)
 from tuneloop.train.shard import SHARDED, passes, shard_model
 
 
@@ -55,6 +54,53 @@ class Method:
     artifact: str = "adapter"
 
 
+class Objective:
+    """What the loop minimizes, and over what: how examples become training items, how items
+    make a micro-batch, the step loss and what it is averaged over. The loop (`run_sft`) owns
+    everything else once: plan, batches, accumulation, schedule, resume, checkpoints, early
+    stopping, several processes, stats and curves. This one is supervised fine-tuning: the
+    loss on answer tokens (or, `loss: labels`, a classifier's over its label set), averaged
+    over the step's answer tokens; train/dpo.py's `Preference` is the other."""
+
+    name = "sft"
+    meta: dict = {}  # more of the artifact's tuneloop.json
+
+    def __init__(self, loss: Callable | None = None):
+        self.loss = loss or completion_loss
+
+    def encode(self, tokenizer, module, info, examples) -> list:
+        return [encode(tokenizer, module.prompt(e, info), module.target(e, info)) for e in examples]
+
+    rows = 1  # sequences per item in a micro-batch (DPO: a chosen and a rejected reply)
+
+    def size(self, item) -> int:
+        """The item's longest sequence (held to the recipe's max_length); in a micro-batch it
+        takes `rows` x that many padded tokens."""
+        return len(item)
+
+    def collate(self, items: list, pad: int) -> dict:
+        return collate(items, pad)
+
+    def count(self, batch: dict) -> int:
+        """What the step's summed loss is divided by: its answer tokens."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def epochs(self, n_items: int) -> float:
+        return default_epochs(n_items)
+
+    def begin(self, model, train: list, validation: list, batch_tokens: int, pad: int) -> None:
+        """Before the first step (and again on resume), with the model as training starts."""
+
+    def validation_loss(self, model) -> Callable:
+        """The loss validation reports (the answer tokens' cross-entropy for SFT, comparable
+        across runs whatever the step loss is)."""
+        return completion_loss
+
+    def batches(self, items: list, pad: int, batch_tokens: int) -> list[dict]:
+        """Validation's micro-batches."""
+        return padded_batches(items, pad, batch_tokens)
+
+
 def schedule(lengths: list[int], epochs: float, batch_size: int, batch_tokens: int, seed: int,
              parts: int = 1) -> list[list[list[int]]]:
     """Every optimizer update of the run as its micro-batches, epoch after epoch (a fractional
@@ -69,7 +115,8 @@ def schedule(lengths: list[int], epochs: float, batch_size: int, batch_tokens: i
 
 def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None,
             resume: bool = False, on_validation=None, rank: int = 0, world: int = 1,
-            loss_fn: Callable | None = None, shard: str | None = None) -> dict:
+            loss_fn: Callable | None = None, shard: str | None = None,
+            objective: Objective | None = None) -> dict:
     """Train with `method` into run_dir/<method.artifact>; returns the run's training metrics.
 
     `progress(step, steps, loss, tokens_per_s)` is called after every optimizer step, and
@@ -77,8 +124,9 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     `resume`, training continues from the newest intact checkpoint in run_dir/checkpoints and
     ends with the weights and curves an uninterrupted run would have.
 
-    `loss_fn(model, batch) -> (summed loss, answer tokens)` replaces the completion loss
-    (distillation); validation stays the completion loss.
+    `objective` says what is minimized (default: supervised fine-tuning, `Objective`);
+    `loss_fn(model, batch) -> (summed loss, answer tokens)` replaces its step loss
+    (distillation); validation stays the objective's.
 
     With `world` > 1 (processes launched by `train.distributed`), each update's micro-batches
     are dealt out to the ranks, gradients are summed across them, and only rank 0 writes: the
@@ -92,17 +140,20 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     module = tasks.TASKS[recipe.task]
     tokenizer = models.load_tokenizer(recipe.base_model)
     model = method.load(recipe)
+    if objective is None:
+        objective = Objective()
+        if (recipe.loss or default_loss(recipe.task, recipe.method)) == "labels":
+            from tuneloop.tasks.labels import LabelTrie, label_loss
 
-    def enc(examples):
-        return [encode(tokenizer, module.prompt(e, splits.info), module.target(e, splits.info))
-                for e in examples]
+            objective = Objective(label_loss(LabelTrie(tokenizer, splits.info.labels)))
 
-    train_set, val_set = enc(splits.train), enc(splits.validation)
-    max_length = recipe.max_length or max(len(x) for x in train_set)
-    train_set = [x for x in train_set if len(x) <= max_length]
-    lengths = [len(x) for x in train_set]
-    epochs = recipe.epochs or default_epochs(len(train_set))
-    batch_tokens = max(recipe.batch_tokens or default_batch_tokens(), max_length)
+    train_set = objective.encode(tokenizer, module, splits.info, splits.train)
+    val_set = objective.encode(tokenizer, module, splits.info, splits.validation)
+    max_length = recipe.max_length or max(objective.size(x) for x in train_set)
+    train_set = [x for x in train_set if objective.size(x) <= max_length]
+    lengths = [objective.rows * objective.size(x) for x in train_set]
+    epochs = recipe.epochs or objective.epochs(len(train_set))
+    batch_tokens = max(recipe.batch_tokens or default_batch_tokens(), objective.rows * max_length)
     batch_size = recipe.batch_size or default_batch_size(len(train_set))
     updates = schedule(lengths, epochs, batch_size, batch_tokens, recipe.seed, parts=world)
     tokens_per_step = sum(lengths) * epochs / max(1, len(updates))
@@ -116,12 +167,10 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
                    "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
 
     model = method.prepare(model, recipe, plan)
-    task_loss = completion_loss
-    if plan.loss == "labels":  # (validation keeps the completion loss, comparable across runs)
-        from tuneloop.tasks.labels import LabelTrie
-
-        task_loss = label_loss(LabelTrie(tokenizer, splits.info.labels))
-    held, step_loss_fn, val_loss_fn = None, loss_fn or task_loss, completion_loss
+    pad = tokenizer.pad_token_id
+    objective.begin(model, train_set, val_set, batch_tokens, pad)
+    task_loss = objective.loss
+    held, step_loss_fn, val_loss_fn = None, loss_fn or task_loss, objective.validation_loss(model)
     if shard == "fsdp":  # the loss (distillation is refused) gathers the weights
         step_loss_fn = val_loss_fn = shard_model(model, task_loss)
         held = sum(p.to_local().numel() for p in model.parameters())  # this rank's shards
@@ -133,8 +182,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         engine = zero.initialize(model, task_loss, optimizer, zero.STAGES[shard])
         step_loss_fn = val_loss_fn = lambda _model, batch: engine(batch)
         held, access = zero.held(model), zero.Zero(engine, shard)
-    pad = tokenizer.pad_token_id
-    val_batches = padded_batches(val_set, pad, batch_tokens)
+    val_batches = objective.batches(val_set, pad, batch_tokens)
 
     curves = {"train": [], "validation": []}
     tokens, train_s, deadline = 0, 0.0, _deadline(recipe)
@@ -143,8 +191,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     # (Not for distillation: its validation answers are the teacher's, not gold labels.)
     best = {"loss": math.inf, "metric": None, "step": 0, "bad": 0}
     task_metric = (_validation_accuracy(tokenizer, splits) if recipe.task == "classify"
-                   and recipe.method != "distill" and splits.validation and world == 1
-                   else None)
+                   and recipe.method not in ("distill", "dpo") and splits.validation
+                   and world == 1 else None)
     keep_best = bool(recipe.patience or task_metric)
     metric_curve: list = []
     first, stopped_early = 1, False  # sharded, every rank gathers and reads checkpoints
@@ -156,15 +204,15 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     model.train()
     for step in range(first, plan.steps + 1):
         started = time.perf_counter()
-        batches = [collate([train_set[i] for i in b], pad) for b in updates[step - 1]]
-        n_target = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        batches = [objective.collate([train_set[i] for i in b], pad) for b in updates[step - 1]]
+        n_target = sum(objective.count(b) for b in batches)
         step_loss, step_tokens = 0.0, 0
         # This rank's share of the step; sharded, every rank runs as many passes (weight 0
         # for padding) and FSDP's mean of the ranks' gradients is scaled back to their sum.
         mine = passes(batches, rank, world) if shard else [(b, 1.0) for b in batches[rank::world]]
         for batch, weight in mine:
             loss, _ = step_loss_fn(model, batch)
-            # mean over every answer token of the step
+            # mean over the step (its answer tokens; DPO: its pairs)
             scaled = loss * (weight * (world if shard else 1)) / n_target
             if engine:
                 engine.backward(scaled, scale_wrt_gas=False)
@@ -241,7 +289,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     if not writes:
         return {"model": model, "stats": {}, "artifact": artifact}
     write_atomically(artifact, lambda tmp: method.save(model, tokenizer, tmp), {
-        "base_model": recipe.base_model, "task": splits.info.to_dict(), "method": method.name})
+        "base_model": recipe.base_model, "task": splits.info.to_dict(), "method": method.name,
+        **objective.meta})
     plot_curves(curves, run_dir / "loss.png")
     stats = {
         "steps": step, "train_tokens": tokens, "train_s": train_s,
