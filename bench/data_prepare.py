@@ -62,7 +62,8 @@ def generate(n: int, path: Path, seed: int = 0) -> None:
 
 
 def child(path: str, config: str) -> None:
-    from tuneloop.data.curate import PrepareRecipe, prepare
+    from tuneloop.data.curate import prepare
+    from tuneloop.data.prepare_recipe import PrepareRecipe
 
     spec = {"task": "classify", "inputs": [{"path": path}], "report": {"model": None},
             **CONFIGS[config]}

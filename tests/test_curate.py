@@ -14,7 +14,9 @@ import pytest
 from tests.conftest import DB_KINDS, fresh_db_url, make_rows, write_jsonl
 from tests.test_cli import assert_user_error, tl
 from tuneloop.data import clean, pii, pii_model
-from tuneloop.data.curate import PrepareRecipe, SplitSpec, prepare, split_groups
+from tuneloop.data.curate import prepare
+from tuneloop.data.prepare_recipe import PrepareRecipe, SplitSpec
+from tuneloop.data.split import split_groups
 from tuneloop.data.dedup import NearDuplicates, semantic_duplicates
 from tuneloop.errors import TuneloopError
 from tuneloop.store import Registry
@@ -356,7 +358,7 @@ def test_python_api_takes_a_datasets_dataset(workspace):
 
 
 def test_shipped_preparation_recipe_parses():
-    from tuneloop.data.curate import load_prepare_recipe
+    from tuneloop.data.prepare_recipe import load_prepare_recipe
 
     spec = load_prepare_recipe(ROOT / "examples/banking77/prepare.yaml")
     assert spec.inputs[0].path.is_file() and spec.check_against[0].is_file()

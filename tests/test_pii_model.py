@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tuneloop.data import pii, pii_model
+from tuneloop.data.pii import detect
 
 PRESIDIO = Path(__file__).resolve().parent.parent.parent / "shared/data/presidio_pii/test.jsonl"
 NAMES = ["Anna Schmidt", "Peter Novak", "Li Wei", "Omar Haddad", "Julia Rossi"]
@@ -142,12 +143,12 @@ def test_a_name_before_a_possessive_s_is_found_where_the_model_found_nothing():
     # In the detector the model's spans win where they overlap; elsewhere the rule's stay.
     text = "Ask Vera Lind's team and Dairy Queen's buyer."
     model = RecognizerResult("PERSON", 4, 13, 0.9, recognition_metadata={
-        "recognizer_name": pii.MODEL})
+        "recognizer_name": detect.MODEL})
     rule = [RecognizerResult(kind, s, e, score, recognition_metadata={"recognizer_name": name})
             for s, e, kind, score, name in pii.possessors(text, [])]
-    assert [(f.text, f.type) for f in pii._resolve(text, rule + [model])] == [
+    assert [(f.text, f.type) for f in detect._resolve(text, rule + [model])] == [
         ("Vera Lind", "PERSON"), ("Dairy Queen", "PERSON")]
-    assert [f.score for f in pii._resolve(text, rule + [model])] == [0.9, 0.5]
+    assert [f.score for f in detect._resolve(text, rule + [model])] == [0.9, 0.5]
 
 
 def test_lower_keep_keeps_lengths():

@@ -104,7 +104,8 @@ def run_demo(out, err) -> dict:
 def prepare_step(folder: Path, recipe, out):
     """Clean, deduplicate, anonymize and split the training file into a dataset version; the
     recipe then trains on its train and validation splits."""
-    from tuneloop.data.curate import load_prepare_recipe, prepare
+    from tuneloop.data.curate import prepare
+    from tuneloop.data.prepare_recipe import load_prepare_recipe
 
     version = prepare(recipe=load_prepare_recipe(folder / "prepare.yaml"))
     for step in version.report["steps"]:

@@ -63,7 +63,8 @@ def data_prepare(
     Example: tuneloop data prepare examples/banking77/prepare.yaml
              tuneloop data prepare export.csv --task classify --name support
     """
-    from tuneloop.data.curate import PrepareRecipe, load_prepare_recipe, prepare
+    from tuneloop.data.curate import prepare
+    from tuneloop.data.prepare_recipe import PrepareRecipe, load_prepare_recipe
 
     if len(inputs) == 1 and inputs[0].suffix in (".yaml", ".yml"):
         if task:

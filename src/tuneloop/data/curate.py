@@ -20,7 +20,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -28,124 +27,21 @@ from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
 
 from tuneloop.data import clean as cleaning
 from tuneloop.data.dedup import NearDuplicates, exact_digest, semantic_duplicates
 from tuneloop.data.formats import MIN_EXAMPLES, Problem, file_sha256, parse_row
 from tuneloop.data.ingest import read_rows
 from tuneloop.data.rows import prompt_text, reply_text
+from tuneloop.data.prepare_recipe import PrepareRecipe
+from tuneloop.data.split import read_spool, split_groups, write_splits
 from tuneloop.errors import TuneloopError
-from tuneloop.tasks import extract
 
 EXAMPLES_PER_REASON = 5
 SNIPPET = 300
-SPLITS = ("train", "validation", "test")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class InputSpec(_Strict):
-    path: Path = Field(description="JSONL, CSV, TSV or Parquet file")
-    mapping: dict[str, str] | None = Field(None, description="tuneloop field → column, e.g. "
-                                           "{text: utterance, label: intent}; only these are kept")
-
-
-class CleanSpec(_Strict):
-    enabled: bool = True
-    normalize: bool = Field(True, description="NFC, line ends, invisible characters, spacing")
-    collapse_repeats: bool = Field(True, description="consecutive repeated lines kept once")
-    min_chars: int = Field(2, ge=0, description="shortest prompt kept")
-    max_chars: int = Field(100_000, gt=0, description="longest prompt + reply kept")
-    max_repeated_fraction: float = Field(0.3, ge=0, le=1, description="drop rows where more "
-                                         "than this share of lines repeat an earlier line")
-    drop_empty_reply: bool = True
-    drop_echo: bool = Field(True, description="drop replies that only repeat the prompt")
-
-
-class NearSpec(_Strict):
-    enabled: bool = True
-    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of character "
-                             "5-grams at which two prompts are one example")
-    num_perm: int = Field(256, ge=16, le=1024, description="MinHash permutations: more, less noise")
-
-
-class SemanticSpec(_Strict):
-    enabled: bool = False
-    threshold: float = Field(0.95, gt=0, le=1, description="cosine of MiniLM embeddings")
-
-
-class DedupSpec(_Strict):
-    exact: bool = True
-    near: NearSpec = NearSpec()
-    semantic: SemanticSpec = SemanticSpec()
-
-
-class AnonymizeSpec(_Strict):
-    enabled: bool = True
-    mode: Literal["placeholder", "fake", "reversible"] = "placeholder"
-    entities: list[str] | None = Field(None, description="types to replace; default all")
-    exclude: list[str] = Field(default_factory=list, description="types to leave in place")
-    ner: bool = Field(True, description="names, organizations, places (model); off: patterns only")
-    fields: list[str] | None = Field(None, description="top-level fields to scan; default all text")
-
-
-class SplitSpec(_Strict):
-    validation: float = Field(0.1, ge=0, lt=1)
-    test: float = Field(0.1, ge=0, lt=1)
-    seed: int = 0
-    stratify: bool = Field(True, description="same label mix in every split (classification)")
-    group_near_duplicates: bool = Field(True, description="near-duplicates that were kept "
-                                        "(dedup off) land in one split")
-
-
-class ReportSpec(_Strict):
-    model: str | None = Field("smollm2-135m-instruct", description="tokenizer for the length "
-                              "histogram (chat template included); null to skip")
-
-
-class PrepareRecipe(_Strict):
-    """A data preparation, as saved YAML. Only `task` and `inputs` are required."""
-
-    name: str | None = Field(None, description="versions of one name form a lineage")
-    task: Literal["classify", "extract", "chat"]
-    inputs: list[InputSpec] = Field(default_factory=list)
-    parent: str | None = Field(None, description="version this one derives from; default: the "
-                               "latest of the same name")
-    on_error: Literal["fail", "skip"] = Field("fail", description="a malformed row fails the "
-                                              "run (default) or is skipped and reported")
-    clean: CleanSpec = CleanSpec()
-    dedup: DedupSpec = DedupSpec()
-    anonymize: AnonymizeSpec = AnonymizeSpec()
-    split: SplitSpec = SplitSpec()
-    check_against: list[Path] = Field(default_factory=list, description="test files whose "
-                                      "prompts must not appear in training data")
-    drop_contaminated: bool = Field(True, description="remove training rows that match them")
-    report: ReportSpec = ReportSpec()
-
-
-def prepare_recipe_from_dict(raw: dict, source: str = "preparation recipe") -> PrepareRecipe:
-    """Validate a mapping as a PrepareRecipe; errors name each key and how to fix it."""
-    from tuneloop.project import validated
-
-    return validated(PrepareRecipe, raw, source)
-
-
-def load_prepare_recipe(path: str | Path) -> PrepareRecipe:
-    """Parse a preparation recipe; relative paths are relative to the file."""
-    from tuneloop.project import read_yaml_mapping
-
-    path = Path(path)
-    recipe = prepare_recipe_from_dict(read_yaml_mapping(path), str(path))
-    base = path.resolve().parent
-    inputs = [i.model_copy(update={"path": base / i.path}) for i in recipe.inputs]
-    checks = [base / p for p in recipe.check_against]
-    return recipe.model_copy(update={"inputs": inputs, "check_against": checks})
 
 
 @dataclass
@@ -321,7 +217,7 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
     if recipe.dedup.semantic.enabled:
         progress("semantic deduplication (MiniLM)")
         semantic = Step("dedup_semantic", recipe.dedup.semantic.model_dump(), rows_in=len(kept))
-        rows = list(_read(spool))
+        rows = list(read_spool(spool))
         for index, (other, cosine) in semantic_duplicates(
                 [prompt_text(r) for r in rows], recipe.dedup.semantic.threshold).items():
             semantic.drop("semantic_duplicate", kept.where(index), rows[index],
@@ -345,7 +241,7 @@ def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Pat
                               else None, recipe.split)
     contamination, drop_train = _contamination(final, survivors, assignment, recipe, kept)
     maps = pii.pop("maps") if pii else {}
-    splits = _write_splits(final, survivors, assignment, drop_train, tmp, maps, workspace)
+    splits = write_splits(final, survivors, assignment, drop_train, tmp, maps, workspace)
     if contamination:
         steps.append(contamination.pop("step"))
     clusters = [{"kept": kept.where(i), "exact": c["exact"][:10], "near": c["near"][:10],
@@ -401,12 +297,6 @@ def _answer(row: dict) -> str:
     return reply_text(row) or ""
 
 
-def _read(path: Path) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
-
-
 def _anonymize(spool: Path, final: Path, dropped: set[int], recipe: PrepareRecipe, tmp: Path,
                workspace: Path, progress: Callable[[str], None]) -> dict | None:
     """Stream the spool through the detector in batches; None when anonymization is off."""
@@ -442,7 +332,7 @@ def _anonymize(spool: Path, final: Path, dropped: set[int], recipe: PrepareRecip
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             batch.clear()
 
-        for index, row in enumerate(_read(spool)):
+        for index, row in enumerate(read_spool(spool)):
             if index in dropped:
                 out.write("null\n")  # keeps positions; never written to a split
                 continue
@@ -455,36 +345,8 @@ def _anonymize(spool: Path, final: Path, dropped: set[int], recipe: PrepareRecip
             "mode": spec.mode, "entities": entities}
 
 
-def split_groups(groups: list[int], labels: list | None, spec: SplitSpec) -> list[str]:
-    """A split name per row. Rows of one group stay together; with labels, each label's groups
-    are divided by the fractions on their own (stratified). Deterministic for a seed."""
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    strata: dict[Any, list[int]] = {}
-    for g, rows in members.items():
-        key = labels[rows[0]] if labels is not None and spec.stratify else None
-        strata.setdefault(key, []).append(g)
-    rng = random.Random(spec.seed)
-    out = [""] * len(groups)
-    for key in sorted(strata, key=str):
-        gs = sorted(strata[key])
-        rng.shuffle(gs)
-        total = sum(len(members[g]) for g in gs)
-        want = {"test": spec.test * total, "validation": spec.validation * total}
-        got = Counter()
-        for g in gs:
-            # Fill test, then validation, then train; round to the nearest row count.
-            name = next((s for s in ("test", "validation")
-                         if got[s] + len(members[g]) / 2 <= want[s]), "train")
-            got[name] += len(members[g])
-            for i in members[g]:
-                out[i] = name
-    return out
-
-
 def _contamination(final: Path, survivors: list[int], assignment: list[str],
-                   recipe: PrepareRecipe, kept: "_Kept") -> tuple[dict | None, set[int]]:
+                    recipe: PrepareRecipe, kept: "_Kept") -> tuple[dict | None, set[int]]:
     """Training rows whose prompt exactly or nearly matches a row of a given test file."""
     if not recipe.check_against:
         return None, set()
@@ -495,7 +357,7 @@ def _contamination(final: Path, survivors: list[int], assignment: list[str],
     digests: dict[bytes, int] = {}
     rows = {}
     position = {s: n for n, s in enumerate(survivors)}
-    for i, row in enumerate(_read(final)):
+    for i, row in enumerate(read_spool(final)):
         n = position.get(i)
         if n is None or assignment[n] != "train":
             continue
@@ -527,51 +389,6 @@ def _contamination(final: Path, survivors: list[int], assignment: list[str],
     step.rows_out = step.rows_in - len(drop)
     return {"step": step, "test_rows_matched": per_file, "train_rows_matching": len(hits),
             "dropped": len(drop)}, drop
-
-
-def _write_splits(final: Path, survivors: list[int], assignment: list[str], drop: set[int],
-                  tmp: Path, maps: dict[int, dict[str, str]], workspace: Path) -> dict:
-    """Write train/validation/test; reversible maps are re-keyed to each split's line numbers."""
-    position = {s: n for n, s in enumerate(survivors)}
-    split_maps: dict[str, dict[int, dict[str, str]]] = {s: {} for s in SPLITS}
-    files = {s: (tmp / f"{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
-    info = {s: {"rows": 0, "labels": Counter()} for s in SPLITS}
-    try:
-        for i, line in enumerate(final.open(encoding="utf-8")):
-            n = position.get(i)
-            if n is None or i in drop:
-                continue
-            name = assignment[n]
-            files[name].write(line)
-            row = json.loads(line)
-            info[name]["rows"] += 1
-            if i in maps:
-                split_maps[name][info[name]["rows"]] = maps[i]
-            if row.get("label") is not None:
-                info[name]["labels"][str(row["label"])] += 1
-            if isinstance(row.get("fields"), dict):  # extraction: values per field (type)
-                counts = {k: len(extract.values(v)) for k, v in row["fields"].items()}
-                split = info[name]
-                split.setdefault("entities", Counter()).update({k: n for k, n in counts.items() if n})
-                split["empty_rows"] = split.get("empty_rows", 0) + (not any(counts.values()))
-    finally:
-        for f in files.values():
-            f.close()
-    for s in SPLITS:
-        path = tmp / f"{s}.jsonl"
-        if info[s]["rows"] == 0:
-            path.unlink()
-            del info[s]
-            continue
-        info[s]["sha256"] = file_sha256(path)
-        if split_maps[s]:
-            from tuneloop.data import pii
-
-            pii.write_map(pii.map_path(path), split_maps[s], workspace)
-        info[s]["labels"] = dict(sorted(info[s]["labels"].items()))
-        if "entities" in info[s]:
-            info[s]["entities"] = dict(sorted(info[s]["entities"].items()))
-    return info
 
 
 def _record(report: dict, recipe: PrepareRecipe, tmp: Path, root: Path, workspace: Path) -> Version:

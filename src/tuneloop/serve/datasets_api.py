@@ -108,7 +108,7 @@ async def prepare_file(file_id: str, body: PrepareBody, request: Request, who: C
         raise ApiError(400, f"recipe.{taken[0]} cannot be set here: the task and name are fields "
                        "of the request, and the input is the file", param="recipe",
                        code="invalid_recipe")
-    from tuneloop.data.curate import prepare_recipe_from_dict
+    from tuneloop.data.prepare_recipe import prepare_recipe_from_dict
 
     try:
         spec = prepare_recipe_from_dict({**keys, "task": body.task, "name": body.name}, "recipe")

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tuneloop.data.curate import AnonymizeSpec, InputSpec, ReportSpec, SplitSpec
+from tuneloop.data.prepare_recipe import AnonymizeSpec, InputSpec, ReportSpec, SplitSpec
 from tuneloop.synth.teacher import EndpointTeacher, LocalTeacher, Teacher
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from tuneloop import tasks
 from tuneloop.data import clean as cleaning
-from tuneloop.data.curate import InputSpec, PrepareRecipe, prepare
+from tuneloop.data.curate import prepare
+from tuneloop.data.prepare_recipe import InputSpec, PrepareRecipe
 from tuneloop.data.dedup import NearDuplicates, exact_digest
 from tuneloop.data.formats import Example, parse_row, prompt_messages
 from tuneloop.data.ingest import read_rows
