@@ -28,21 +28,31 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def _announce_training() -> None:
-    """Say so before the first use on a machine trains the name recognizer."""
-    from tuneloop.data.pii_model import ner_model_ready
+def _train_recognizer():
+    """The name recognizer's folder; the first use on a machine trains it, with a progress bar
+    and the time it will take (about seven minutes on two cores)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn)
 
-    if not ner_model_ready():
-        err.print("training the name recognizer once for this machine (about seven minutes on "
-                  "two cores)…")
+    from tuneloop.data.pii_model import NER_EPOCHS, ensure_ner_model, ner_model_ready
+
+    if ner_model_ready():
+        return ensure_ner_model()
+    err.print("training the name recognizer once for this machine (about seven minutes on "
+              "two cores; cached for every later use)")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.2f}"), TimeRemainingColumn()]
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task("epochs", total=NER_EPOCHS, loss=0.0)
+        return ensure_ner_model(on_epoch=lambda e, n, loss: bar.update(
+            task, completed=e, total=n, loss=loss))
 
 
 def _detector(entities: str | None, no_ner: bool):
     from tuneloop.data import pii
 
-    if not no_ner:
-        _announce_training()
-    return pii.Detector(_split(entities), ner=not no_ner)
+    model = None if no_ner else _train_recognizer()
+    return pii.Detector(_split(entities), ner=not no_ner, model=model)
 
 
 @app.command("prepare")
@@ -89,7 +99,7 @@ def data_prepare(
         update["anonymize"] = recipe.anonymize.model_copy(update={"enabled": False})
     recipe = recipe.model_copy(update=update)
     if recipe.anonymize.enabled and recipe.anonymize.ner:
-        _announce_training()
+        _train_recognizer()  # (before the pipeline starts, with its own progress bar)
     version = prepare(recipe=recipe, progress=lambda m: err.print(f"[dim]{m}…[/]"))
     report = version.report
     if as_json:
@@ -232,9 +242,7 @@ def data_pii_model(as_json: bool = JSON_OPT) -> None:
     """Train (once) and show the personal-data recognizer and the types it handles."""
     from tuneloop.data import pii, pii_model
 
-    _announce_training()
-    path = pii_model.ensure_ner_model(on_epoch=lambda e, n, loss: err.print(
-        f"[dim]epoch {e}/{n}: loss {loss:.1f}[/]"))
+    path = _train_recognizer()
     info = {"model": str(path), "base_model": str(pii_model.base_folder()),
             "model_types": pii_model.NER_TYPES,
             "pattern_types": pii.PATTERN_TYPES, "training_data": str(pii_model.NER_TRAIN)}
