@@ -36,8 +36,14 @@ GPU = torch.cuda.is_available()
 # tuneloop's token budget per step (768 on a CPU, 8192 on a GPU) holds ~10 / ~100 rows of this
 # data; TRL gets the same number of rows per step.
 ROWS_PER_STEP = 100 if GPU else 10
+PACK_LENGTH = 768 if GPU else 384  # TRL's packed sequence: a GPU step holds ~4, a CPU step 1
 BATCH_TOKENS = int(os.environ.get("BENCH_BATCH_TOKENS", 0)) or None  # tuneloop's default
-CONFIGS = ["tuneloop", "trl-best", "trl-packing", "trl-defaults"]
+# tuneloop with padded rows (packing: off) and packed rows (packing: on); `auto` picks one by
+# device (train/plan.py default_packing, from this bench).
+# "-compiled": torch.compile on both sides (tuneloop: `compile: true`; TRL: torch_compile).
+CONFIGS = ["tuneloop", "tuneloop-packed", "tuneloop-compiled", "trl-best", "trl-packing",
+           "trl-packing-compiled", "trl-defaults"]
+WARM_STEPS = 2  # steps left out of the steady rate (compilation, allocator warm-up)
 
 
 def matmul_gflops(seconds: float = 3.0) -> float:
@@ -64,12 +70,15 @@ def load_splits():
     return recipe, _load(recipe.data, recipe.task)
 
 
-def run_tuneloop(steps: int, out: Path) -> dict:
+def run_tuneloop(steps: int, out: Path, packing: str = "off", compile: bool = False) -> dict:
     from tuneloop.train.lora import run_lora
 
     recipe, splits = load_splits()
-    # Enough epochs that every configuration runs exactly `steps` optimizer steps.
+    # Enough epochs that every configuration runs exactly `steps` optimizer steps, each of
+    # as many examples as TRL's.
     recipe = recipe.model_copy(update={"max_steps": steps, "learning_rate": LR, "epochs": 100,
+                                       "batch_size": ROWS_PER_STEP, "packing": packing,
+                                       "compile": compile,
                                        "batch_tokens": BATCH_TOKENS, "eval_every": 10_000,
                                        "checkpoint_every": 10_000})
     start = time.perf_counter()
@@ -78,7 +87,20 @@ def run_tuneloop(steps: int, out: Path) -> dict:
     peak = peak_memory_mb()
     stats = result["stats"]
     return {"tokens": stats["train_tokens"], "train_s": stats["train_s"], "peak_rss_mb": peak,
+            "steady_tokens_per_s": stats["steady_tokens_per_s"],
             "adapter": str(out / "adapter"), "wall_s": wall, "steps": stats["steps"]}
+
+
+def packed_rows(recipe, splits) -> int:
+    """TRL's packed sequences a step that hold about ROWS_PER_STEP examples, as tuneloop's."""
+    from tuneloop import models, tasks
+    from tuneloop.data.tokenize import encode
+
+    module = tasks.TASKS[recipe.task]
+    tok = models.load_tokenizer(recipe.base_model)
+    mean = sum(len(encode(tok, module.prompt(e, splits.info), module.target(e, splits.info)))
+               for e in splits.train) / len(splits.train)
+    return max(1, round(ROWS_PER_STEP * mean / PACK_LENGTH))
 
 
 def run_trl(config: str, steps: int, out: Path) -> dict:
@@ -105,31 +127,38 @@ def run_trl(config: str, steps: int, out: Path) -> dict:
         args = SFTConfig(**common, bf16=GPU, gradient_checkpointing=False,
                          per_device_train_batch_size=ROWS_PER_STEP,
                          train_sampling_strategy="group_by_length")
-    else:  # trl-packing: rows packed into 768-token sequences, one per step
+    else:  # trl-packing: best-fit packed sequences (padding-free), ~ROWS_PER_STEP examples a step
         args = SFTConfig(**common, bf16=GPU, gradient_checkpointing=False, packing=True,
-                         max_length=768, per_device_train_batch_size=ROWS_PER_STEP // 10)
+                         max_length=PACK_LENGTH,
+                         per_device_train_batch_size=packed_rows(recipe, splits),
+                         torch_compile=config.endswith("-compiled"))
     tokenizer = models.load_tokenizer(recipe.base_model)
     model = models.load_model(recipe.base_model, dtype=None if GPU else torch.float32)
     lora = LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=lora)
-    counted = {"tokens": 0}
+    counted = {"tokens": 0, "per_step": []}
     collate = trainer.data_collator
 
     def counting_collator(features):
         batch = collate(features)
         if "attention_mask" in batch:
-            counted["tokens"] += int(batch["attention_mask"].sum())
+            n = int(batch["attention_mask"].sum())
         else:  # packed / padding-free batches carry no mask: every token is real
-            counted["tokens"] += int(batch["input_ids"].numel())
+            n = int(batch["input_ids"].numel())
+        counted["tokens"] += n
+        counted["per_step"].append(n)
         return batch
 
     trainer.data_collator = counting_collator
-    clock = {}
+    clock = {"steps": []}
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
             clock["start"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            clock["steps"].append(time.perf_counter())
 
         def on_train_end(self, *a, **k):
             clock["end"] = time.perf_counter()
@@ -138,7 +167,12 @@ def run_trl(config: str, steps: int, out: Path) -> dict:
     trainer.train()
     peak = peak_memory_mb()
     trainer.model.save_pretrained(out / "adapter")
-    return {"tokens": counted["tokens"], "train_s": clock["end"] - clock["start"],
+    ends = clock["steps"]
+    steady = (sum(counted["per_step"][WARM_STEPS:len(ends)]) / (ends[-1] - ends[WARM_STEPS - 1])
+              if len(ends) > WARM_STEPS else None)
+    # (the data loader collates one batch ahead: the last one counted was never trained on)
+    return {"tokens": sum(counted["per_step"][:len(ends)]), "train_s": clock["end"] - clock["start"],
+            "steady_tokens_per_s": steady,
             "peak_rss_mb": peak, "adapter": str(out / "adapter"), "steps": steps}
 
 
@@ -166,7 +200,11 @@ def child(config: str, steps: int, out: Path) -> None:
     torch.manual_seed(0)
     if config == "trl-defaults" and not GPU:
         steps = 1  # ~5 minutes a step on a CPU
-    result = run_tuneloop(steps, out) if config == "tuneloop" else run_trl(config, steps, out)
+    if config.startswith("tuneloop"):
+        result = run_tuneloop(steps, out, "off" if config == "tuneloop" else "on",
+                              compile=config == "tuneloop-compiled")
+    else:
+        result = run_trl(config, steps, out)
     result["val_loss"] = validation_loss(result["adapter"])
     (out / "result.json").write_text(json.dumps(result))
 
@@ -177,6 +215,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[])
     parser.add_argument("--child")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.steps, args.out / args.child)
@@ -192,36 +231,50 @@ def main() -> None:
         if config in args.skip:
             continue
         (args.out / config).mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, __file__, "--child", config, "--steps", str(args.steps),
-                        "--out", str(args.out)], check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        try:
+            subprocess.run([sys.executable, __file__, "--child", config, "--steps",
+                            str(args.steps), "--out", str(args.out)], check=True,
+                           timeout=args.timeout, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            print(f"{config}: failed ({exc})", flush=True)
+            continue
         r = json.loads((args.out / config / "result.json").read_text())
         r["tokens_per_s"] = r["tokens"] / r["train_s"]
         results[config] = r
-        print(f"{config}: {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB, "
-              f"val loss {r['val_loss']:.3f}", flush=True)
+        print(f"{config}: {r['tokens_per_s']:.1f} tokens/s ({r['steady_tokens_per_s'] or 0:.1f} "
+              f"steady), peak RSS {r['peak_rss_mb']:.0f} MB, val loss {r['val_loss']:.3f}", flush=True)
+        report(results, gflops, limit, args.steps, quiet=True)  # so far
     report(results, gflops, limit, args.steps)
 
 
-def report(results: dict, gflops: float, limit: float, steps: int) -> None:
+def report(results: dict, gflops: float, limit: float, steps: int, quiet: bool = False) -> None:
     best_trl = max((r["tokens_per_s"] for c, r in results.items() if c.startswith("trl")), default=None)
+    best_steady = max((r["steady_tokens_per_s"] or 0 for c, r in results.items()
+                       if c.startswith("trl")), default=None)
     import torch
 
     where = (f"{torch.cuda.get_device_name()}, bf16" if GPU else f"{os.cpu_count()} CPU cores, float32")
     dtype, memory = ("bf16", "peak GPU MB") if GPU else ("float32", "peak RSS MB")
     lines = [f"## train_throughput ({time.strftime('%Y-%m-%d')}, {where})", "",
              f"SmolLM2-135M-Instruct, LoRA r=16 all-linear, lr {LR}, banking77 demo subset, "
-             f"{steps} optimizer steps of ~{ROWS_PER_STEP} rows"
+             f"{steps} optimizer steps of ~{ROWS_PER_STEP} examples"
              + ("." if GPU else " (TRL defaults: 1 step of 8)."),
              f"Machine {dtype} matmul: {gflops:.1f} GFLOP/s → LoRA limit {limit:.0f} tokens/s "
              "(4 x params FLOPs per token).", "",
-             f"| configuration | real tokens/s | vs best TRL | % of {dtype} limit | {memory} | val loss |",
-             "|---|---|---|---|---|---|"]
+             f"Steady: after the first {WARM_STEPS} steps (where compilation happens).", "",
+             f"| configuration | tokens/step | real tokens/s | vs best TRL | steady tokens/s "
+             f"| vs best TRL | % of {dtype} limit | {memory} | val loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for config, r in results.items():
         ratio = f"{r['tokens_per_s'] / best_trl:.2f}x" if best_trl else "–"
-        lines.append(f"| {config} | {r['tokens_per_s']:.1f} | {ratio} | "
+        steady = r["steady_tokens_per_s"]
+        steady_ratio = f"{steady / best_steady:.2f}x" if best_steady and steady else "–"
+        lines.append(f"| {config} | {r['tokens'] / r['steps']:.0f} | {r['tokens_per_s']:.1f} | {ratio} | "
+                     f"{steady or 0:.1f} | {steady_ratio} | "
                      f"{100 * r['tokens_per_s'] / limit:.0f}% | {r['peak_rss_mb']:.0f} | {r['val_loss']:.3f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
+    if not quiet:
+        print(text)
     target = ROOT / "bench" / "out" / ("train_throughput_gpu.md" if GPU else "train_throughput.md")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)

@@ -113,6 +113,14 @@ class Recipe(_Strict):
         None, description="tokens: cross-entropy over the vocabulary on every answer token; "
         "labels (classify only): over the label set, where the labels branch (the probability "
         "eval and serving decide with); default by task")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="on: examples laid end to end in each micro-batch's rows, attention "
+        "kept inside each example (fewer, fuller steps: faster on a GPU); off: one example per "
+        "row, rows of similar length together; auto: on on a GPU, off on a CPU")
+    compile: bool = Field(False, description="compile the model's body for training "
+                          "(torch.compile): a first step of a minute or more, then faster "
+                          "steps where a step is bound by kernel launches (small models on a "
+                          "GPU); supervised methods only")
     fields: list[FieldSpec] | None = Field(None, description="extract: the answer's fields in "
                                            "order; default: the training data's keys")
     lora: LoraSpec = LoraSpec()
@@ -147,6 +155,10 @@ class Recipe(_Strict):
     def _distill_has_teacher(self):
         if self.method == "distill" and not self.distill.teacher:
             raise ValueError("method distill needs its teacher: distill: {teacher: RUN_ID}")
+        if self.compile and (self.method in ("dpo", "distill") or self.loss == "labels"):
+            raise ValueError("compile: true compiles supervised fine-tuning's step; method "
+                             f"{self.method}{' with loss: labels' if self.loss else ''} trains "
+                             "eager (leave out compile)")
         if self.loss == "labels" and (self.task != "classify" or self.method in ("dpo", "distill")):
             raise ValueError("loss: labels trains a classifier over its label set; task "
                              f"{self.task} with method {self.method} trains on tokens "

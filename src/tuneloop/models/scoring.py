@@ -19,25 +19,35 @@ def causal_lm(model):
     return get_base() if callable(get_base) else model
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor]):
-    """(logits at answer positions, their target ids, mask of those positions [rows, len-1])."""
+def attention(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What tells the model which tokens see which: a packed batch's position ids (and no
+    mask: transformers then keeps attention inside each example, data/batching.pack), else the
+    padding mask."""
+    if "position_ids" in batch:
+        return {"position_ids": batch["position_ids"]}
+    return {"attention_mask": batch["attention_mask"]}
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor], decoder=None):
+    """(logits at answer positions, their target ids, mask of those positions [rows, len-1]).
+    `decoder` runs the model's body instead of its own (a compiled one: train/sft.py)."""
     lm = causal_lm(model)
     batch = {k: v.to(lm.device, non_blocking=True) for k, v in batch.items()}
     # On a GPU the matmuls run in bf16 (float32 master weights stay float32: full fine-tuning).
     gpu = lm.device.type == "cuda"
     with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu):
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"],
-                                  use_cache=False).last_hidden_state
+        body = lm.get_decoder() if decoder is None else decoder
+        hidden = body(input_ids=batch["input_ids"], **attention(batch),
+                      use_cache=False).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
         logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
     return logits.float(), targets[keep], keep
 
 
-def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def completion_loss(model, batch: dict[str, torch.Tensor], decoder=None) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over answer tokens, number of those tokens) for one batch."""
-    logits, targets, _ = answer_logits(model, batch)
+    logits, targets, _ = answer_logits(model, batch, decoder)
     return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
 
@@ -45,8 +55,13 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each row's answer log-probability: the sum over its answer tokens (DPO)."""
     logits, targets, keep = answer_logits(model, batch)
     token = -F.cross_entropy(logits, targets, reduction="none")
-    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
-    return torch.zeros(keep.shape[0], device=token.device).index_add(0, rows, token)
+    if "sequence" in batch:  # packed: the item each target token belongs to
+        sequence = batch["sequence"]
+        rows, n = sequence[:, 1:].to(keep.device)[keep], int(sequence.max()) + 1
+    else:
+        rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+        n = keep.shape[0]
+    return torch.zeros(n, device=token.device).index_add(0, rows, token)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tuneloop import models
-from tuneloop.data.batching import collate, length_grouped_batches
+from tuneloop.data.batching import collate, length_grouped_batches, pack
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.pairs import all_logps, dpo_loss, encode_pairs
 from tuneloop.models.scoring import sequence_logps
@@ -74,7 +74,8 @@ class Preference(Objective):
         return max(len(item[0]), len(item[1]))
 
     def collate(self, items: list, pad: int) -> dict:
-        batch = collate([i[0] for i in items] + [i[1] for i in items], pad)
+        sequences = [i[0] for i in items] + [i[1] for i in items]  # chosen, then rejected
+        batch = pack(sequences, pad, self.row_tokens) if self.row_tokens else collate(sequences, pad)
         batch["reference"] = torch.stack([i[2] for i in items])
         return batch
 

@@ -30,6 +30,7 @@ class Plan:
     lora_rank: int
     lora_alpha: float
     loss: str = "tokens"
+    packing: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +75,22 @@ def default_batch_tokens() -> int:
     return 8192 if torch.cuda.is_available() else 768
 
 
+# A packed row's length: long enough that a row holds many examples, short enough that the
+# block-diagonal mask's attention (computed whole by sdpa) stays small beside the matmuls.
+PACK_ROW_TOKENS = 1024
+
+
+def default_packing() -> bool:
+    """`packing: auto`: packed on a GPU, padded rows on a CPU.
+
+    Evidence (bench/train_throughput.py, bench/RESULTS.md "train_throughput"): a GPU step of a
+    small model is bound by kernel launches, so fewer, fuller rows are faster; a CPU step is
+    bound by arithmetic, and a packed row's attention over its whole length (sdpa computes
+    the block-diagonal mask's masked blocks too) costs more than length-grouped rows' padding.
+    """
+    return torch.cuda.is_available()
+
+
 def steps_for_budget(minutes: float, tokens_per_step: float, params: int) -> int:
     flops = GPU_FLOPS if torch.cuda.is_available() else CPU_FLOPS
     tokens_per_s = flops / (4 * params)
@@ -82,7 +99,7 @@ def steps_for_budget(minutes: float, tokens_per_step: float, params: int) -> int
 
 def make_plan(recipe, n_updates: int, epochs: float, max_length: int, tokens_per_step: float,
               params: int, default_lr: float = LORA_LR, batch_size: int = 16,
-              batch_tokens: int | None = None) -> Plan:
+              batch_tokens: int | None = None, packing: bool = False) -> Plan:
     """Resolve every derived setting of a run; `n_updates` is the schedule's optimizer steps."""
     steps = max(1, n_updates)
     if recipe.time_budget_minutes:
@@ -101,4 +118,5 @@ def make_plan(recipe, n_updates: int, epochs: float, max_length: int, tokens_per
         checkpoint_every=recipe.checkpoint_every or max(1, steps // 4),
         lora_rank=rank, lora_alpha=recipe.lora.alpha or 2.0 * rank,
         loss=recipe.loss or default_loss(recipe.task, recipe.method),
+        packing=packing,
     )

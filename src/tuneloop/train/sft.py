@@ -18,22 +18,23 @@ import time
 from pathlib import Path
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from tuneloop import models, tasks
-from tuneloop.data.batching import collate, padded_batches, update_batches
+from tuneloop.data.batching import collate, pack, padded_batches, update_batches
 from tuneloop.data.tokenize import IGNORE, encode, prompt_ids
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import plot_curves
 from tuneloop.project import save_yaml
 from tuneloop.train import checkpoint, zero
 from tuneloop.train.data import Splits
-from tuneloop.models.scoring import completion_loss, mean_loss
-from tuneloop.train.plan import (default_batch_size, default_batch_tokens, default_epochs,
-                                 default_loss, make_plan)
+from tuneloop.models.scoring import causal_lm, completion_loss, mean_loss
+from tuneloop.train.plan import (PACK_ROW_TOKENS, default_batch_size, default_batch_tokens,
+                                 default_epochs, default_loss, default_packing, make_plan)
 from tuneloop.train.shard import SHARDED, passes, shard_model
 
 
@@ -67,6 +68,10 @@ class Objective:
 
     def __init__(self, loss: Callable | None = None):
         self.loss = loss or completion_loss
+        self.can_pack = loss is None  # the label-set loss reads each row as one example
+
+    can_pack = True  # whether its step loss reads packed rows (data.batching.pack)
+    row_tokens: int | None = None  # set by run_sft when packed; None: padded rows
 
     def encode(self, tokenizer, module, info, examples) -> list:
         return [encode(tokenizer, module.prompt(e, info), module.target(e, info)) for e in examples]
@@ -79,7 +84,7 @@ class Objective:
         return len(item)
 
     def collate(self, items: list, pad: int) -> dict:
-        return collate(items, pad)
+        return pack(items, pad, self.row_tokens) if self.row_tokens else collate(items, pad)
 
     def count(self, batch: dict) -> int:
         """What the step's summed loss is divided by: its answer tokens."""
@@ -102,12 +107,14 @@ class Objective:
 
 
 def schedule(lengths: list[int], epochs: float, batch_size: int, batch_tokens: int, seed: int,
-             parts: int = 1) -> list[list[list[int]]]:
+             parts: int = 1, packed: bool = False) -> list[list[list[int]]]:
     """Every optimizer update of the run as its micro-batches, epoch after epoch (a fractional
-    last epoch is cut short). The updates do not depend on `batch_tokens` (data.batching)."""
+    last epoch is cut short). The updates do not depend on `batch_tokens` or `packed`
+    (data.batching); their micro-batches do."""
     updates: list[list[list[int]]] = []
     for epoch in range(math.ceil(epochs)):
-        epoch_updates = update_batches(lengths, batch_size, batch_tokens, seed + epoch, parts)
+        epoch_updates = update_batches(lengths, batch_size, batch_tokens, seed + epoch, parts,
+                                       packed=packed)
         share = min(1.0, epochs - epoch)
         updates += epoch_updates[: max(1, round(share * len(epoch_updates)))]
     return updates
@@ -155,11 +162,16 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     epochs = recipe.epochs or objective.epochs(len(train_set))
     batch_tokens = max(recipe.batch_tokens or default_batch_tokens(), objective.rows * max_length)
     batch_size = recipe.batch_size or default_batch_size(len(train_set))
-    updates = schedule(lengths, epochs, batch_size, batch_tokens, recipe.seed, parts=world)
+    packed = packing(recipe, objective)
+    if packed:
+        objective.row_tokens = min(batch_tokens, max(PACK_ROW_TOKENS, objective.rows * max_length))
+    updates = schedule(lengths, epochs, batch_size, batch_tokens, recipe.seed, parts=world,
+                       packed=packed)
     tokens_per_step = sum(lengths) * epochs / max(1, len(updates))
     n_params = sum(p.numel() for p in model.parameters())
     plan = make_plan(recipe, len(updates), epochs, max_length, tokens_per_step, n_params,
-                     method.learning_rate, batch_size=batch_size, batch_tokens=batch_tokens)
+                     method.learning_rate, batch_size=batch_size, batch_tokens=batch_tokens,
+                     packing=packed)
     writes = rank == 0
     if writes:  # the resolved settings, readable while the run trains
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +183,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     objective.begin(model, train_set, val_set, batch_tokens, pad)
     task_loss = objective.loss
     held, step_loss_fn, val_loss_fn = None, loss_fn or task_loss, objective.validation_loss(model)
+    if recipe.compile:
+        step_loss_fn = compiled(step_loss_fn, model, shard)
     if shard == "fsdp":  # the loss (distillation is refused) gathers the weights
         step_loss_fn = val_loss_fn = shard_model(model, task_loss)
         held = sum(p.to_local().numel() for p in model.parameters())  # this rank's shards
@@ -202,6 +216,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         best = {"metric": None, **loop.get("best", best)}
         metric_curve = loop.get("metric_curve", [])
     model.train()
+    warm = {"s": 0.0, "tokens": 0}  # this process's first steps (compilation, allocator warm-up)
     for step in range(first, plan.steps + 1):
         started = time.perf_counter()
         batches = [objective.collate([train_set[i] for i in b], pad) for b in updates[step - 1]]
@@ -230,6 +245,9 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         else:
             optimizer_step(trainable, optimizer, scheduler)
         train_s += time.perf_counter() - started
+        if step < first + WARM_STEPS:
+            warm["s"] += time.perf_counter() - started
+            warm["tokens"] += int(step_tokens)
         curves["train"].append((step, step_loss))
         if progress and writes:
             progress(step, plan.steps, step_loss, tokens / train_s)
@@ -295,6 +313,10 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     stats = {
         "steps": step, "train_tokens": tokens, "train_s": train_s,
         "train_tokens_per_s": tokens / train_s if train_s else 0.0,
+        # after this process's first WARM_STEPS steps (where compilation happens)
+        "steady_tokens_per_s": ((tokens - warm["tokens"]) / (train_s - warm["s"])
+                                if step >= first + WARM_STEPS and train_s > warm["s"] else None),
+        "warmup_s": warm["s"],
         "final_train_loss": curves["train"][-1][1],
         "final_val_loss": curves["validation"][-1][1] if curves["validation"] else None,
         "stopped_early": stopped_early,
@@ -315,6 +337,34 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     (run_dir / "curves.json").write_text(json.dumps(curves))
     return {"model": model, "tokenizer": tokenizer, "plan": plan, "stats": stats,
             "artifact": artifact}
+
+
+WARM_STEPS = 2
+
+
+def compiled(step_loss: Callable, model, shard: str | None) -> Callable:
+    """`compile: true`: the step loss with the model's body compiled for training
+    (torch.compile, dynamic shapes: one compilation for every micro-batch size). Validation
+    and evaluation stay eager: they would compile again for no gradients."""
+    if step_loss is not completion_loss or shard:
+        raise TuneloopError("compile: true compiles supervised fine-tuning's step on one or "
+                            "more data-parallel processes; this run (DPO, distillation, loss: "
+                            "labels or sharded) trains eager. Leave out compile.")
+    decoder = torch.compile(causal_lm(model).get_decoder(), dynamic=True)
+    return partial(completion_loss, decoder=decoder)
+
+
+def packing(recipe, objective: Objective) -> bool:
+    """Whether the run's micro-batches are packed: the recipe's `packing`, `auto` by device."""
+    if recipe.packing == "off" or (recipe.packing == "auto" and not default_packing()):
+        return False
+    if not objective.can_pack:
+        if recipe.packing == "on":
+            raise TuneloopError("packing: on needs a loss that reads each token on its own; "
+                                "loss: labels reads each row as one example. Set packing: "
+                                "off or auto, or leave out loss.")
+        return False
+    return True
 
 
 def _validation_accuracy(tokenizer, splits: Splits) -> Callable:
