@@ -110,6 +110,21 @@ def test_packed_sequence_logps_equal_padded_rows(tiny_model):
     assert torch.allclose(packed, padded, atol=1e-5)
 
 
+def test_the_distillation_loss_of_a_packed_batch_is_the_sum_of_each_example_alone(tiny_model):
+    from tuneloop.train.distill import distill_loss
+
+    student, teacher = model_with(tiny_model, "sdpa"), model_with(tiny_model, "sdpa")
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    items = examples(5, seed=5)
+    kw = dict(teacher=teacher, top_k=4, temperature=2.0, weight=0.5)
+    packed, n = distill_loss(student, pack(items, 0, row_tokens=64), **kw)
+    alone = [distill_loss(student, collate([x], 0), **kw) for x in items]
+    assert n == sum(k for _, k in alone)
+    assert torch.allclose(packed, sum(loss for loss, _ in alone), atol=1e-4)
+
+
 def test_packed_micro_batches_hold_the_same_updates_within_the_token_budget():
     lengths = [len(x) for x in examples(64, seed=4)]
     padded = update_batches(lengths, 16, 48, seed=0)
