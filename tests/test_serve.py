@@ -416,6 +416,23 @@ def test_rate_limit_per_key_answers_429(server):
     assert client(server).models.list().data  # other keys are not affected
 
 
+def test_a_keys_rate_limit_holds_across_server_processes_sharing_the_registry(server):
+    """Two servers on one registry (as several processes or machines behind a balancer are):
+    the key's limit counts the requests of both."""
+    secret = create_key(server["registry"], "acme", rate_per_minute=3)[1]
+    second = Settings(workspace=server["folder"] / "ws", bases=[server["base"]], worker=False)
+    with running(second) as other:
+        clients = [openai.OpenAI(base_url=u + "/v1", api_key=secret, max_retries=0)
+                   for u in (server["url"], other)]
+        for i in range(3):  # alternately: each server alone would allow all of them and more
+            clients[i % 2].models.list()
+        for c in clients:
+            with pytest.raises(openai.RateLimitError) as caught:
+                c.models.list()
+            assert 0 < int(caught.value.response.headers["retry-after"]) <= 61
+    assert client(server).models.list().data  # other keys are not affected
+
+
 def test_a_job_whose_worker_dies_is_taken_over_and_resumes_from_its_checkpoint(server):
     """The worker is killed after the run's first checkpoint; the server starts a new worker,
     which takes the job over and resumes the run from that checkpoint."""

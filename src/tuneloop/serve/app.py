@@ -91,7 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="tuneloop", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.settings, app.state.registry, app.state.router = settings, registry, router
-    app.state.limiter, app.state.metrics = RateLimiter(), Metrics(router)
+    app.state.limiter, app.state.metrics = RateLimiter(registry), Metrics(router)
     _install_error_handlers(app)
     _document_errors(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)

@@ -6,19 +6,17 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import threading
 import time
-from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.errors import ApiError
 from tuneloop.store import Registry, utcnow, new_id
-from tuneloop.store.serving import ApiKey, Tenant
+from tuneloop.store.serving import ApiKey, RateEvent, Tenant
 
 KEY_PREFIX = "tl-"
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -95,23 +93,33 @@ def lookup(registry: Registry, secret: str) -> Caller | None:
 
 
 class RateLimiter:
-    """Requests per key in a sliding 60-second window (in memory: one server process)."""
+    """Requests per key in a sliding 60-second window, counted in the registry, so that the
+    limit holds across every server process (and machine) that shares it.
 
-    def __init__(self):
-        self._seen: dict[str, deque] = defaultdict(deque)
-        self._lock = threading.Lock()
+    A request is recorded first and counted with the others after: a request that makes the
+    count exceed the limit removes its record and is refused. Two processes deciding at once
+    can then both refuse, never both admit: the limit is never exceeded."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
 
     def allow(self, key: str, per_minute: int) -> float | None:
         """None if the request may go ahead, else the seconds until it may."""
-        now = time.monotonic()
-        with self._lock:
-            seen = self._seen[key]
-            while seen and now - seen[0] >= 60:
-                seen.popleft()
-            if len(seen) >= per_minute:
-                return 60 - (now - seen[0])
-            seen.append(now)
-            return None
+        now = time.time()
+        since = now - self.WINDOW_S
+        with self.registry.session() as s, s.begin():
+            s.execute(delete(RateEvent).where(RateEvent.key_id == key, RateEvent.t <= since))
+            mine = RateEvent(key_id=key, t=now)
+            s.add(mine)
+            s.flush()
+            count, oldest = s.execute(select(func.count(), func.min(RateEvent.t)).where(
+                RateEvent.key_id == key, RateEvent.t > since)).one()
+            if count <= per_minute:
+                return None
+            s.delete(mine)
+            return max(0.0, oldest + self.WINDOW_S - now)
 
 
 def bearer(request: Request) -> str:

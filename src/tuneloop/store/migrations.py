@@ -218,6 +218,19 @@ def m006_job_lease(conn: sa.Connection) -> None:
     conn.execute(sa.text(f"ALTER TABLE jobs ADD COLUMN lease_until {kind}"))
 
 
+@migration
+def m007_rate_events(conn: sa.Connection) -> None:
+    # Each key's requests of the last minute, shared by every server process on the registry,
+    # so that a key's rate limit holds across processes and machines.
+    md = sa.MetaData()
+    sa.Table("rate_events", md,
+             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+             sa.Column("key_id", sa.String(32), nullable=False),
+             sa.Column("t", sa.Float, nullable=False),
+             sa.Index("ix_rate_events_key_t", "key_id", "t"))
+    md.create_all(conn)
+
+
 def migrate(engine: sa.Engine) -> list[str]:
     """Apply every migration not yet recorded; returns the names applied."""
     applied = []

@@ -30,6 +30,15 @@ class ApiKey(Base):
     revoked: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
+class RateEvent(Base):
+    """One request of a key, kept for the minute its rate limit looks back over."""
+
+    __tablename__ = "rate_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    t: Mapped[float] = mapped_column(Float)  # seconds since the epoch (shared by machines)
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
     name: Mapped[str] = mapped_column(String(256), primary_key=True)
