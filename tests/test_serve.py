@@ -473,3 +473,28 @@ def test_a_request_past_its_deadline_is_answered_and_its_rows_freed(tiny_model, 
                 break
             time.sleep(0.05)
         assert all(e["running"] == 0 for e in engines.values())
+
+
+def test_a_serving_engine_plugs_in_with_one_registration(tiny_model, tmp_path, monkeypatch):
+    """An engine registered in ENGINES serves the bases (`--engine NAME`); merged runs stay
+    built-in. Here the new kind wraps the built-in engine and counts what it was asked."""
+    from tuneloop.serve import router
+
+    built = []
+
+    def build(base, settings):
+        built.append(base)
+        return router.ENGINES["builtin"].build(base, settings)
+
+    monkeypatch.setitem(router.ENGINES, "counting",
+                        router.EngineKind(build, warm=True))
+    monkeypatch.setenv("TUNELOOP_DB_URL", f"sqlite:///{tmp_path / 'registry.db'}")
+    settings = Settings(workspace=tmp_path / "ws", bases=[str(tiny_model)], auth=False,
+                        worker=False, engine="counting")
+    with running(settings) as url:
+        assert built == [str(tiny_model)]  # warm: started with the app
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = c.chat.completions.create(model=str(tiny_model), max_tokens=3,
+                                          messages=[{"role": "user", "content": "hello"}])
+        assert reply.choices[0].message.content is not None
+    assert built == [str(tiny_model)]  # one engine per base, reused

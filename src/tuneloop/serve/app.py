@@ -57,7 +57,7 @@ class Settings:
     max_batch: int = 32
     adapter_budget_mb: int = 512
     worker: bool = True  # run queued fine-tuning jobs in a worker process
-    engine: str = "builtin"  # or "vllm": bases and LoRA adapters served by vLLM (serve/vllm.py)
+    engine: str = "builtin"  # the bases' engine by name (serve/router.py ENGINES): or "vllm"
     vllm_python: str | None = None  # the Python of vLLM's own environment
     vllm_args: list[str] = field(default_factory=list)  # more arguments for vLLM's server
 
@@ -65,19 +65,14 @@ class Settings:
 def create_app(settings: Settings) -> FastAPI:
     """The application; engines load on first use, the job worker starts with the app."""
     registry = Registry.open(settings.workspace)
-    router = Router(registry, settings.bases, {
-        "max_batch": settings.max_batch, "adapter_budget_bytes": settings.adapter_budget_mb * 2**20})
-    if settings.engine == "vllm":
-        router.vllm = {"python": settings.vllm_python, "max_batch": settings.max_batch,
-                       "args": tuple(settings.vllm_args),
-                       "log_dir": Path(settings.workspace) / "logs"}
+    router = Router(registry, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         from tuneloop.serve import feedback, jobs
 
         feedback.apply_retention(registry, settings.log_retention_days)
-        if settings.engine == "vllm":  # vLLM takes a while to start: before the first request
+        if router.kind.warm:  # an engine that takes a while to start: before the first request
             await asyncio.gather(*(asyncio.to_thread(router.engine, b) for b in settings.bases))
         supervisor = None
         if settings.worker:

@@ -65,17 +65,17 @@ def serve(
     from tuneloop.project import workspace
     from tuneloop.serve.app import Settings, serve as run
 
-    if engine not in ("builtin", "vllm"):
-        raise TuneloopError(f"--engine {engine}: choose builtin or vllm")
-    if engine == "vllm":
-        from tuneloop.serve.vllm import check_python
+    from tuneloop.serve.router import ENGINES
 
-        vllm_python = check_python(vllm_python or "python3")
-    run(Settings(workspace=workspace(), bases=base, auth=not no_auth, max_batch=max_batch,
-                 adapter_budget_mb=adapter_memory_mb, log_retention_days=retention_days,
-                 worker=not no_worker, engine=engine, vllm_python=vllm_python,
-                 review_below=review_below, metrics_token=metrics_token,
-                 vllm_args=vllm_arg), host=host, port=port)
+    if engine not in ENGINES:
+        raise TuneloopError(f"--engine {engine}: choose {' or '.join(ENGINES)}")
+    settings = Settings(workspace=workspace(), bases=base, auth=not no_auth, max_batch=max_batch,
+                        adapter_budget_mb=adapter_memory_mb, log_retention_days=retention_days,
+                        worker=not no_worker, engine=engine, vllm_python=vllm_python,
+                        review_below=review_below, metrics_token=metrics_token,
+                        vllm_args=vllm_arg)
+    ENGINES[engine].check(settings)
+    run(settings, host=host, port=port)
 
 
 @keys_app.command("create")

@@ -1,9 +1,10 @@
 """Model names → engines. A base model name is served by its engine as is; a deployment name
 is a run: a LoRA adapter rides on its base's engine (sharing it with every other adapter of
 that base), while a full fine-tune, or an adapter with parts stacked LoRA does not cover
-(DoRA, say), gets an engine of its own, its adapter merged. With `--engine vllm` the bases
-and their LoRA adapters are served by vLLM (serve/vllm.py); the merged engines stay built-in,
-since vLLM serves one model per process and no DoRA."""
+(DoRA, say), gets an engine of its own, its adapter merged. The bases and their LoRA adapters
+are served by the engine `--engine` names (`ENGINES`: the built-in one, or vLLM's,
+serve/vllm.py); the merged engines stay built-in, since vLLM serves one model per process
+and no DoRA."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from sqlalchemy import select
 
@@ -36,6 +38,48 @@ class Target:
     task: TaskInfo | None = None
 
 
+@dataclass(frozen=True)
+class EngineKind:
+    """A way to serve the base models and their LoRA adapters (`tuneloop serve --engine NAME`).
+
+    build(base, settings) -> the base's engine: an object with `submit`, `status` and `close`,
+    as serve/engine.py's and serve/vllm.py's. check(settings) refuses, before the server
+    starts, settings it cannot run with (and may resolve them). warm: start every base's
+    engine with the app rather than on its first request."""
+
+    build: Callable
+    check: Callable = lambda settings: None
+    warm: bool = False
+
+
+def _builtin(base: str, settings) -> Engine:
+    return Engine(models.load_model(base).eval(), models.load_tokenizer(base),
+                  name=f"engine-{base}", **builtin_options(settings))
+
+
+def builtin_options(settings) -> dict:
+    return {"max_batch": settings.max_batch,
+            "adapter_budget_bytes": settings.adapter_budget_mb * 2**20}
+
+
+def _vllm(base: str, settings):
+    from tuneloop.serve.vllm import VllmEngine
+
+    return VllmEngine(base, python=settings.vllm_python, max_batch=settings.max_batch,
+                      args=tuple(settings.vllm_args), log_dir=Path(settings.workspace) / "logs")
+
+
+def _check_vllm(settings) -> None:
+    from tuneloop.serve.vllm import check_python
+
+    settings.vllm_python = check_python(settings.vllm_python or "python3")
+
+
+# The serving engines by name: a new one is an EngineKind and one line here.
+ENGINES = {"builtin": EngineKind(_builtin),
+           "vllm": EngineKind(_vllm, _check_vllm, warm=True)}  # vLLM takes a while to start
+
+
 class NotFound(Exception):
     """The model does not exist for this caller (the same answer whether it exists elsewhere)."""
 
@@ -57,12 +101,12 @@ def _artifact(folder: Path) -> tuple[dict, bool]:
 class Router:
     """Resolves the model names a tenant may call, creating engines on first use."""
 
-    def __init__(self, registry: Registry, bases: list[str], engine_options: dict | None = None):
+    def __init__(self, registry: Registry, settings):
         self.registry = registry
-        self.bases = list(bases)
-        self.engine_options = engine_options or {}
+        self.settings = settings  # serve/app.py's Settings
+        self.bases = list(settings.bases)
+        self.kind = ENGINES[settings.engine]
         self.engines: dict[str, Engine] = {}
-        self.vllm: dict | None = None  # VllmEngine's options when bases are served by vLLM
         self._lock = threading.Lock()
 
     def allowed_bases(self, caller: Caller) -> list[str]:
@@ -102,22 +146,16 @@ class Router:
         """The engine of a base model (or of one run's own weights), loaded on first use."""
         with self._lock:
             if key not in self.engines:
-                if artifact is None and self.vllm is not None:
-                    from tuneloop.serve.vllm import VllmEngine
-
-                    self.engines[key] = VllmEngine(key, **self.vllm)
+                if artifact is None:
+                    self.engines[key] = self.kind.build(key, self.settings)
                     return self.engines[key]
-                if artifact is not None:
-                    from tuneloop.models import load_artifact
+                from tuneloop.models import load_artifact
 
-                    model, meta = load_artifact(artifact)
-                    if meta.get("method") != "full":
-                        model = model.merge_and_unload()
-                    tokenizer = models.load_tokenizer(meta["base_model"])
-                else:
-                    model, tokenizer = models.load_model(key), models.load_tokenizer(key)
-                self.engines[key] = Engine(model.eval(), tokenizer, name=f"engine-{key}",
-                                           **self.engine_options)
+                model, meta = load_artifact(artifact)  # merged: always the built-in engine
+                if meta.get("method") != "full":
+                    model = model.merge_and_unload()
+                self.engines[key] = Engine(model.eval(), models.load_tokenizer(meta["base_model"]),
+                                           name=f"engine-{key}", **builtin_options(self.settings))
             return self.engines[key]
 
     def close(self) -> None:
