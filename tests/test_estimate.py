@@ -52,3 +52,24 @@ def test_each_gpu_adds_its_arithmetic_and_the_time_falls_with_it(tiny_model, cla
     assert four["throughput_source"].endswith("x 4 GPUs")
     assert four["seconds"] == pytest.approx(one["seconds"] / 4)
     assert four["cost_usd"] == pytest.approx(one["cost_usd"])  # four GPUs for a quarter
+
+
+def test_the_largest_micro_batch_holds_at_most_an_updates_examples(tiny_model, classify_files,
+                                                                  workspace):
+    """Activations are sized for the largest micro-batch: batch_size examples at their
+    longest (packed or in rows), never more than the token budget."""
+    def activations(**kw):
+        recipe = recipe_for(tiny_model, *classify_files, **{"batch_tokens": 100_000, **kw})
+        row = estimate(recipe, gpu="h200-141gb", methods=["lora"], workspace=workspace)
+        return row["methods"][0]["memory_gb"]["activations"]
+
+    small, large = activations(batch_size=4), activations(batch_size=16)
+    assert large == pytest.approx(4 * small)
+    capped = activations(batch_size=16, batch_tokens=64)
+    assert capped < large and capped == pytest.approx(large * 64 / (16 * _longest(tiny_model, classify_files)))
+
+
+def _longest(tiny_model, classify_files) -> int:
+    from tuneloop.estimate import _data_tokens
+
+    return _data_tokens(recipe_for(tiny_model, *classify_files))[1]

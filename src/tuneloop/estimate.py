@@ -11,6 +11,7 @@ have N times the arithmetic, N processes on this machine share its cores (at a m
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tuneloop.data.tokenize import encode
 from tuneloop.errors import TuneloopError
 from tuneloop.store import Registry
 from tuneloop.train.data import load_splits
-from tuneloop.train.plan import default_batch_tokens, default_epochs
+from tuneloop.train.plan import default_batch_size, default_batch_tokens, default_epochs
 
 GB = 1024**3
 METHODS = ("lora", "dora", "qlora", "full")
@@ -48,8 +49,10 @@ GPUS = {d.name: d for d in [
 ACT_HIDDEN, ACT_INTERMEDIATE = 16.0, 7.5
 PROCESS_GB = {"cpu": 0.55, "cuda": 0.0}  # interpreter + libraries (GPU: counted on the host)
 CPU_EFFICIENCY, GPU_EFFICIENCY = 0.6, 0.3  # share of the arithmetic peak a training step reaches
-# Small models on GPUs are bound by per-step overhead (kernel launches, Python), not arithmetic:
-# measured on an H100 with SmolLM2-135M, a step took ~0.3 s for 30 layers at any batch size.
+# Small steps on GPUs are bound by per-pass overhead (kernel launches, Python), not arithmetic:
+# a forward and backward pass of a micro-batch takes ~0.01 s per decoder layer at any size
+# small enough (bench/RESULTS.md: 0.008 s at 135M, 30 layers; 0.014 s at the 1B shape, 16
+# layers; 0.011 s at the 8B shape, 32 layers, on an H200 with LoRA).
 GPU_STEP_S_PER_LAYER = 0.01
 # Processes sharing one machine's cores run at this share of one process's rate (measured with
 # two, bench/sharding.py: 136 against 187 tokens/s; an all-reduce per step, cores contended).
@@ -168,10 +171,18 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
         price = price_per_hour if price_per_hour is not None else default_price()
         where = f"this machine ({kind})"
     measured = {} if gpu else _measured_rates(recipe.base_model, workspace, processes, sharding)
+    # An update holds batch_size examples; a micro-batch at most those (and, in padded rows,
+    # at most 64 rows), within the token budget.
+    batch_size = recipe.batch_size or default_batch_size(rows)
+    packed = recipe.packing == "on" or (recipe.packing == "auto" and kind == "cuda")
+    update_tokens = batch_size * mean_length
+    micro_batches = max(1, math.ceil(update_tokens / batch_tokens),
+                        1 if packed else math.ceil(batch_size / MAX_ROWS))
     rows_out = []
     for method in methods:
-        # the largest micro-batch: the token budget, or 64 rows of the longest example
-        step_tokens = min(batch_tokens, MAX_ROWS * max_length)
+        # the largest micro-batch: the update's examples at their longest, within the budget
+        step_tokens = min(batch_tokens, (batch_size if packed else min(batch_size, MAX_ROWS))
+                          * max_length)
         mem = memory(arch, method, step_tokens, recipe.lora.rank, kind, recipe.full.freeze_layers,
                      processes, sharding)
         machine = mem["total"] * (1 if gpu else processes)  # what must fit in one device
@@ -182,9 +193,9 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
         else:
             rate = efficiency * peak_flops / (FLOPS_PER_PARAM[method] * arch["parameters"])
             source = f"arithmetic ({efficiency:.0%} of peak)"
-            if kind == "cuda":
-                per_step = min(batch_tokens, MAX_ROWS * mean_length)
-                overhead_bound = per_step / (arch["layers"] * GPU_STEP_S_PER_LAYER)
+            if kind == "cuda":  # an update's tokens over its passes' overhead
+                overhead_bound = update_tokens / (micro_batches * arch["layers"]
+                                                  * GPU_STEP_S_PER_LAYER)
                 if overhead_bound < rate:
                     rate, source = overhead_bound, "per-step overhead (small model)"
             if kind == "cuda" and processes > 1:  # a GPU each: steps run side by side
