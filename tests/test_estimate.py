@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_train_lora import recipe_for
-from tuneloop.estimate import CPU_PROCESSES_EFFICIENCY, estimate
+from tuneloop.estimate import CPU_PROCESSES_EFFICIENCY, architecture, estimate
 from tuneloop.store import Registry
 
 
@@ -73,3 +73,33 @@ def _longest(tiny_model, classify_files) -> int:
     from tuneloop.estimate import _data_tokens
 
     return _data_tokens(recipe_for(tiny_model, *classify_files))[1]
+
+
+def test_a_gpu_micro_batch_is_what_the_memory_model_fits(tiny_model, classify_files, tmp_path,
+                                                         workspace):
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from tuneloop.train.plan import GPU_MEMORY_SHARE, activation_bytes, fitting_batch_tokens
+
+    per_token = activation_bytes(32, 4096, 14336, 2)  # an 8B Llama's, in bf16
+    tokens = fitting_batch_tokens(per_token, 60e9)
+    assert tokens % 256 == 0
+    assert tokens * per_token <= GPU_MEMORY_SHARE * 60e9 < (tokens + 256) * per_token
+    assert fitting_batch_tokens(per_token, 1e6) == 1024  # never below
+    assert fitting_batch_tokens(1.0, 1e12) == 65536  # nor above
+    # The estimate sizes it as training does: a smaller card, a smaller micro-batch.
+    folder = tmp_path / "llama-8b-shape"
+    shutil.copytree(tiny_model, folder)
+    (folder / "model.safetensors").unlink()
+    tok = AutoTokenizer.from_pretrained(folder)
+    LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8).save_pretrained(folder)
+    recipe = recipe_for(folder, *classify_files, batch_tokens=None)
+    sizes = {g: estimate(recipe, gpu=g, methods=["lora"], workspace=workspace)["batch_tokens"]
+             for g in ("a100-40gb", "h200-141gb")}
+    weights = 2 * architecture(str(folder))["parameters"]
+    assert sizes == {"a100-40gb": fitting_batch_tokens(per_token, 40 * 2**30 - weights),
+                     "h200-141gb": fitting_batch_tokens(per_token, 141 * 2**30 - weights)}
+    assert 1024 < sizes["a100-40gb"] < sizes["h200-141gb"]

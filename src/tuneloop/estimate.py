@@ -23,7 +23,8 @@ from tuneloop.data.tokenize import encode
 from tuneloop.errors import TuneloopError
 from tuneloop.store import Registry
 from tuneloop.train.data import load_splits
-from tuneloop.train.plan import default_batch_size, default_batch_tokens, default_epochs
+from tuneloop.train.plan import (activation_bytes, default_batch_size, default_batch_tokens,
+                                 default_epochs, fitting_batch_tokens)
 
 GB = 1024**3
 METHODS = ("lora", "dora", "qlora", "full")
@@ -44,9 +45,6 @@ GPUS = {d.name: d for d in [
     Device("a100-80gb", 80, 312, 2.00), Device("h100-80gb", 80, 989, 3.00),
     Device("h200-141gb", 141, 989, 4.00),
 ]}
-# Calibrated on SmolLM2-135M (bench/methods.py): eager PyTorch keeps about 16 x hidden +
-# 7.5 x intermediate values per token per decoder layer for the backward pass.
-ACT_HIDDEN, ACT_INTERMEDIATE = 16.0, 7.5
 PROCESS_GB = {"cpu": 0.55, "cuda": 0.0}  # interpreter + libraries (GPU: counted on the host)
 CPU_EFFICIENCY, GPU_EFFICIENCY = 0.6, 0.3  # share of the arithmetic peak a training step reaches
 # Small steps on GPUs are bound by per-pass overhead (kernel launches, Python), not arithmetic:
@@ -110,7 +108,7 @@ def memory(arch: dict, method: str, batch_tokens: int, rank: int, device: str,
             weights = arch["linear_parameters"] * 0.52 + (p - arch["linear_parameters"]) * compute_bytes
         else:
             weights = p * compute_bytes
-    per_token = arch["layers"] * (ACT_HIDDEN * arch["hidden"] + ACT_INTERMEDIATE * arch["intermediate"])
+    per_token = activation_bytes(arch["layers"], arch["hidden"], arch["intermediate"], 1)
     if method == "dora":  # DoRA rescales every adapted output: two more output-sized tensors
         per_token += 2 * sum(o for _, o in arch["linears"])
     parts = {
@@ -154,8 +152,6 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
     epochs = recipe.epochs or default_epochs(rows)
     to_process = tokens * epochs
     kind = "cuda" if gpu else models.device().type
-    batch_tokens = max(recipe.batch_tokens or (8192 if kind == "cuda" else default_batch_tokens()),
-                       max_length)
     if gpu:
         device = GPUS[gpu]
         capacity_gb, peak_flops, efficiency = device.memory_gb, device.bf16_tflops * 1e12, GPU_EFFICIENCY
@@ -170,6 +166,13 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
         peak_flops, efficiency = matmul_rate(), CPU_EFFICIENCY
         price = price_per_hour if price_per_hour is not None else default_price()
         where = f"this machine ({kind})"
+    if recipe.batch_tokens or kind != "cuda":
+        batch_tokens = recipe.batch_tokens or default_batch_tokens()
+    else:  # as training sizes it: what fits beside the loaded bf16 weights
+        batch_tokens = fitting_batch_tokens(
+            activation_bytes(arch["layers"], arch["hidden"], arch["intermediate"], 2),
+            capacity_gb * GB - 2 * arch["parameters"])
+    batch_tokens = max(batch_tokens, max_length)
     measured = {} if gpu else _measured_rates(recipe.base_model, workspace, processes, sharding)
     # An update holds batch_size examples; a micro-batch at most those (and, in padded rows,
     # at most 64 rows), within the token budget.

@@ -66,11 +66,34 @@ def default_batch_size(n_examples: int) -> int:
     return 64
 
 
+# The memory model of a training step's activations (calibrated on SmolLM2-135M,
+# bench/methods.py): eager PyTorch keeps about 16 x hidden + 7.5 x intermediate values per
+# token per decoder layer for the backward pass.
+ACT_HIDDEN, ACT_INTERMEDIATE = 16.0, 7.5
+# The share of a GPU's free memory a micro-batch's activations may take (the model model
+# overstates by up to ~30%: bench/RESULTS.md "shapes"), and the range of sizes.
+GPU_MEMORY_SHARE, GPU_BATCH_TOKENS = 0.8, (1024, 65536)
+
+
+def activation_bytes(layers: int, hidden: int, intermediate: int, compute_bytes: int) -> float:
+    """Bytes of activations a training token keeps for the backward pass."""
+    return layers * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * intermediate) * compute_bytes
+
+
+def fitting_batch_tokens(per_token_bytes: float, free_bytes: float) -> int:
+    """The largest micro-batch (tokens, a multiple of 256) whose activations fit in
+    GPU_MEMORY_SHARE of `free_bytes`, within GPU_BATCH_TOKENS."""
+    low, high = GPU_BATCH_TOKENS
+    tokens = int(GPU_MEMORY_SHARE * max(free_bytes, 0) // per_token_bytes) // 256 * 256
+    return max(low, min(high, tokens))
+
+
 def default_batch_tokens() -> int:
-    """Padded tokens per micro-batch.
+    """Padded tokens per micro-batch without a loaded model to size them by.
 
     Eager PyTorch keeps ~2.5 MB of activations per token for a 135M Llama (30 layers); 768
     tokens keeps a CPU run near 3 GB while the matmuls stay large enough to run at full speed.
+    On a GPU, training sizes them to the device instead (train/sft.py, fitting_batch_tokens).
     """
     return 8192 if torch.cuda.is_available() else 768
 

@@ -33,8 +33,9 @@ from tuneloop.project import save_yaml
 from tuneloop.train import checkpoint, zero
 from tuneloop.train.data import Splits
 from tuneloop.models.scoring import causal_lm, completion_loss, mean_loss
-from tuneloop.train.plan import (PACK_ROW_TOKENS, default_batch_size, default_batch_tokens,
-                                 default_epochs, default_loss, default_packing, make_plan)
+from tuneloop.train.plan import (PACK_ROW_TOKENS, activation_bytes, default_batch_size,
+                                 default_batch_tokens, default_epochs, default_loss,
+                                 default_packing, fitting_batch_tokens, make_plan)
 from tuneloop.train.shard import SHARDED, passes, shard_model
 
 
@@ -160,7 +161,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     train_set = [x for x in train_set if objective.size(x) <= max_length]
     lengths = [objective.rows * objective.size(x) for x in train_set]
     epochs = recipe.epochs or objective.epochs(len(train_set))
-    batch_tokens = max(recipe.batch_tokens or default_batch_tokens(), objective.rows * max_length)
+    batch_tokens = max(recipe.batch_tokens or device_batch_tokens(model, method),
+                       objective.rows * max_length)
     batch_size = recipe.batch_size or default_batch_size(len(train_set))
     packed = packing(recipe, objective)
     if packed:
@@ -340,6 +342,22 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
 
 
 WARM_STEPS = 2
+
+
+def device_batch_tokens(model, method: Method) -> int:
+    """Tokens per micro-batch: on a GPU, what the memory model fits in the memory left free
+    once the model is loaded (less a full fine-tune's gradients and AdamW state); on a CPU the
+    fixed budget (train/plan.py)."""
+    if models.device().type != "cuda":
+        return default_batch_tokens()
+    config = causal_lm(model).config
+    text = getattr(config, "text_config", config)
+    per_token = activation_bytes(text.num_hidden_layers, text.hidden_size,
+                                 text.intermediate_size, compute_bytes=2)
+    free = torch.cuda.mem_get_info()[0]
+    if method.artifact == "model":  # every weight trains: float32 gradients and two moments
+        free -= 12 * sum(p.numel() for p in model.parameters())
+    return fitting_batch_tokens(per_token, free)
 
 
 def compiled(step_loss: Callable, model, shard: str | None) -> Callable:
