@@ -101,18 +101,16 @@ def run_tuneloop(folder: Path, method: str, steps: int, out: Path) -> dict:
 def run_trl(folder: Path, method: str, steps: int, out: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from tuneloop import models, tasks
+    from train_throughput import train_timed, trl_rows  # beside this file
+    from tuneloop import models
     from tuneloop.train.data import load_splits
 
     recipe = recipe_for(folder, method, steps)
     splits = load_splits(recipe.data, recipe.task)
-    module = tasks.TASKS[recipe.task]
-    rows = [{"prompt": module.prompt(e, splits.info),
-             "completion": [{"role": "assistant", "content": module.target(e, splits.info)}]}
-            for e in splits.train]
+    rows = trl_rows(recipe, splits)
     tokenizer = models.load_tokenizer(str(folder))
     # As many tokens a step as tuneloop's EXAMPLES_PER_STEP examples (~50 tokens each), in
     # packed rows of 1024.
@@ -132,27 +130,7 @@ def run_trl(folder: Path, method: str, steps: int, out: Path) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer,
                          peft_config=LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA))
-    counted, collate, clock = [], trainer.data_collator, {}
-
-    def counting(features):
-        batch = collate(features)
-        mask = batch.get("attention_mask")
-        counted.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
-        return batch
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            clock["start"] = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            clock["end"] = time.perf_counter()
-
-    trainer.data_collator = counting
-    trainer.add_callback(Clock())
-    trainer.train()
-    # (the data loader collates one batch ahead: the last one counted was never trained on)
-    return {"tokens": sum(counted[:steps]), "train_s": clock["end"] - clock["start"],
-            "peak_mb": peak_mb()}
+    return {**train_timed(trainer), "peak_mb": peak_mb()}
 
 
 def predicted(folder: Path, method: str, steps: int) -> dict:

@@ -103,20 +103,60 @@ def packed_rows(recipe, splits) -> int:
     return max(1, round(ROWS_PER_STEP * mean / PACK_LENGTH))
 
 
+def trl_rows(recipe, splits) -> list[dict]:
+    """The training rows as TRL's prompt-completion dataset: tuneloop's prompts and targets."""
+    from tuneloop import tasks
+
+    module = tasks.TASKS[recipe.task]
+    return [{"prompt": module.prompt(e, splits.info),
+             "completion": [{"role": "assistant", "content": module.target(e, splits.info)}]}
+            for e in splits.train]
+
+
+def train_timed(trainer) -> dict:
+    """Run `trainer.train()`; the real tokens it trained on (a padding-free batch carries no
+    mask: every token is real), its training seconds and its steady rate after WARM_STEPS."""
+    from transformers import TrainerCallback
+
+    per_step, collate, clock = [], trainer.data_collator, {"steps": []}
+
+    def counting(features):
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        per_step.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            clock["start"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            clock["steps"].append(time.perf_counter())
+
+        def on_train_end(self, *a, **k):
+            clock["end"] = time.perf_counter()
+
+    trainer.data_collator = counting
+    trainer.add_callback(Clock())
+    trainer.train()
+    ends = clock["steps"]
+    steady = (sum(per_step[WARM_STEPS:len(ends)]) / (ends[-1] - ends[WARM_STEPS - 1])
+              if len(ends) > WARM_STEPS else None)
+    # (the data loader collates one batch ahead: the last one counted was never trained on)
+    return {"tokens": sum(per_step[:len(ends)]), "train_s": clock["end"] - clock["start"],
+            "steady_tokens_per_s": steady}
+
+
 def run_trl(config: str, steps: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from tuneloop import models, tasks
+    from tuneloop import models
 
     recipe, splits = load_splits()
-    module = tasks.TASKS[recipe.task]
-    rows = [{"prompt": module.prompt(e, splits.info),
-             "completion": [{"role": "assistant", "content": module.target(e)}]}
-            for e in splits.train]
+    rows = trl_rows(recipe, splits)
     common = dict(output_dir=str(out / "trl"), max_steps=steps, learning_rate=LR,
                   lr_scheduler_type="cosine", warmup_steps=max(1, round(0.05 * steps)), logging_steps=1000,
                   save_strategy="no", report_to="none", use_cpu=not GPU, seed=0)
@@ -137,43 +177,10 @@ def run_trl(config: str, steps: int, out: Path) -> dict:
     lora = LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=lora)
-    counted = {"tokens": 0, "per_step": []}
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        if "attention_mask" in batch:
-            n = int(batch["attention_mask"].sum())
-        else:  # packed / padding-free batches carry no mask: every token is real
-            n = int(batch["input_ids"].numel())
-        counted["tokens"] += n
-        counted["per_step"].append(n)
-        return batch
-
-    trainer.data_collator = counting_collator
-    clock = {"steps": []}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            clock["start"] = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            clock["steps"].append(time.perf_counter())
-
-        def on_train_end(self, *a, **k):
-            clock["end"] = time.perf_counter()
-
-    trainer.add_callback(Clock())
-    trainer.train()
+    timed = train_timed(trainer)
     peak = peak_memory_mb()
     trainer.model.save_pretrained(out / "adapter")
-    ends = clock["steps"]
-    steady = (sum(counted["per_step"][WARM_STEPS:len(ends)]) / (ends[-1] - ends[WARM_STEPS - 1])
-              if len(ends) > WARM_STEPS else None)
-    # (the data loader collates one batch ahead: the last one counted was never trained on)
-    return {"tokens": sum(counted["per_step"][:len(ends)]), "train_s": clock["end"] - clock["start"],
-            "steady_tokens_per_s": steady,
-            "peak_rss_mb": peak, "adapter": str(out / "adapter"), "steps": steps}
+    return {**timed, "peak_rss_mb": peak, "adapter": str(out / "adapter"), "steps": steps}
 
 
 def validation_loss(adapter: str) -> float:

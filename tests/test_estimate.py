@@ -102,4 +102,3 @@ def test_a_gpu_micro_batch_is_what_the_memory_model_fits(tiny_model, classify_fi
     weights = 2 * architecture(str(folder))["parameters"]
     assert sizes == {"a100-40gb": fitting_batch_tokens(per_token, 40 * 2**30 - weights),
                      "h200-141gb": fitting_batch_tokens(per_token, 141 * 2**30 - weights)}
-    assert 1024 < sizes["a100-40gb"] < sizes["h200-141gb"]

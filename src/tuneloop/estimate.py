@@ -24,7 +24,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.store import Registry
 from tuneloop.train.data import load_splits
 from tuneloop.train.plan import (activation_bytes, default_batch_size, default_batch_tokens,
-                                 default_epochs, fitting_batch_tokens)
+                                 default_epochs, fitting_batch_tokens, packs)
 
 GB = 1024**3
 METHODS = ("lora", "dora", "qlora", "full")
@@ -177,7 +177,7 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
     # An update holds batch_size examples; a micro-batch at most those (and, in padded rows,
     # at most 64 rows), within the token budget.
     batch_size = recipe.batch_size or default_batch_size(rows)
-    packed = recipe.packing == "on" or (recipe.packing == "auto" and kind == "cuda")
+    packed = packs(recipe.packing, kind)
     update_tokens = batch_size * mean_length
     micro_batches = max(1, math.ceil(update_tokens / batch_tokens),
                         1 if packed else math.ceil(batch_size / MAX_ROWS))

@@ -70,7 +70,7 @@ def default_batch_size(n_examples: int) -> int:
 # bench/methods.py): eager PyTorch keeps about 16 x hidden + 7.5 x intermediate values per
 # token per decoder layer for the backward pass.
 ACT_HIDDEN, ACT_INTERMEDIATE = 16.0, 7.5
-# The share of a GPU's free memory a micro-batch's activations may take (the model model
+# The share of a GPU's free memory a micro-batch's activations may take (the memory model
 # overstates by up to ~30%: bench/RESULTS.md "shapes"), and the range of sizes.
 GPU_MEMORY_SHARE, GPU_BATCH_TOKENS = 0.8, (1024, 65536)
 
@@ -103,7 +103,12 @@ def default_batch_tokens() -> int:
 PACK_ROW_TOKENS = 1024
 
 
-def default_packing() -> bool:
+def packs(packing: str, device: str) -> bool:
+    """Whether a recipe's `packing` packs on `device` ("cuda", "cpu"): `auto` by device."""
+    return packing == "on" or (packing == "auto" and default_packing(device))
+
+
+def default_packing(device: str) -> bool:
     """`packing: auto`: packed on a GPU, padded rows on a CPU.
 
     Evidence (bench/train_throughput.py, bench/RESULTS.md "train_throughput"): a GPU step of a
@@ -111,7 +116,7 @@ def default_packing() -> bool:
     bound by arithmetic, and a packed row's attention over its whole length (sdpa computes
     the block-diagonal mask's masked blocks too) costs more than length-grouped rows' padding.
     """
-    return torch.cuda.is_available()
+    return device == "cuda"
 
 
 def steps_for_budget(minutes: float, tokens_per_step: float, params: int) -> int:

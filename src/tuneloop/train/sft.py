@@ -35,7 +35,7 @@ from tuneloop.train.data import Splits
 from tuneloop.models.scoring import causal_lm, completion_loss, mean_loss
 from tuneloop.train.plan import (PACK_ROW_TOKENS, activation_bytes, default_batch_size,
                                  default_batch_tokens, default_epochs, default_loss,
-                                 default_packing, fitting_batch_tokens, make_plan)
+                                 fitting_batch_tokens, make_plan, packs)
 from tuneloop.train.shard import SHARDED, passes, shard_model
 
 
@@ -374,7 +374,7 @@ def compiled(step_loss: Callable, model, shard: str | None) -> Callable:
 
 def packing(recipe, objective: Objective) -> bool:
     """Whether the run's micro-batches are packed: the recipe's `packing`, `auto` by device."""
-    if recipe.packing == "off" or (recipe.packing == "auto" and not default_packing()):
+    if not packs(recipe.packing, models.device().type):
         return False
     if not objective.can_pack:
         if recipe.packing == "on":
