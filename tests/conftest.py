@@ -135,10 +135,11 @@ def fresh_db_url(kind: str, folder: Path) -> str:
 
 @contextlib.contextmanager
 def two_tenant_server(tiny_model: Path, folder: Path, db_kind: str = "sqlite",
-                      deployed: bool = True, **settings):
+                      deployed: bool = True, recipe: dict | None = None, **settings):
     """The real server on loopback for tenants acme and globex (a key each, the tiny base
     allowed); with `deployed`, each has a LoRA run of the tiny base deployed as
-    <tenant>-intents. Yields {"url", "keys", "registry", "base", "folder"}."""
+    <tenant>-intents (`recipe`: more recipe keys for those runs). Yields {"url", "keys",
+    "registry", "base", "folder", "runs"}."""
     from tests.test_train_lora import recipe_for
     from tuneloop.serve.app import Settings, running
     from tuneloop.serve.auth import create_key
@@ -153,18 +154,20 @@ def two_tenant_server(tiny_model: Path, folder: Path, db_kind: str = "sqlite",
         registry = Registry.open(folder / "ws")
         train_file = write_jsonl(folder / "train.jsonl", make_rows(30, seed=1))
         test_file = write_jsonl(folder / "test.jsonl", make_rows(6, seed=2))
-        keys = {}
+        keys, runs = {}, {}
         for tenant, seed in (("acme", 0), ("globex", 1)):
             if deployed:
                 run = train(recipe_for(tiny_model, train_file, test_file, max_steps=2, seed=seed,
-                                       baselines=[], forgetting={"enabled": False}),
+                                       baselines=[], forgetting={"enabled": False},
+                                       **(recipe or {})),
                             workspace=folder / "ws")
                 deploy(registry, f"{tenant}-intents", run["run_id"], tenant, force=True)
+                runs[tenant] = run
             keys[tenant] = create_key(registry, tenant, bases=[str(tiny_model)])[1]
         with running(Settings(workspace=folder / "ws", bases=[str(tiny_model)],
                               **settings)) as url:
             yield {"url": url, "keys": keys, "registry": registry, "base": str(tiny_model),
-                   "folder": folder}
+                   "folder": folder, "runs": runs}
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

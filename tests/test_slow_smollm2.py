@@ -23,6 +23,7 @@ pytestmark = [
 def small_banking77(tmp_path, extra: str = "") -> Path:
     """60 training rows and one test row per label (12) of the example; returns the recipe."""
     src = ROOT / "examples" / "banking77"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in (src / "test.jsonl").open()]
     by_label = {}
     for row in rows:
@@ -123,15 +124,19 @@ def test_server_serves_a_smollm2_adapter_like_peft_and_holds_json_schemas(tmp_pa
     from tuneloop.store import Registry
 
     monkeypatch.delenv("TUNELOOP_DB_URL", raising=False)
-    result = train(load_recipe(small_banking77(tmp_path, "max_steps: 3\nbaselines: []\n"
-                                                         "forgetting: {enabled: false}\n")),
-                   workspace=workspace)
+    # A classifier that writes its label (head: none) and one that decides with a label head.
+    result, headed = (train(load_recipe(small_banking77(
+        tmp_path / head, f"max_steps: 3\nbaselines: []\nforgetting: {{enabled: false}}\n"
+        f"head: {head}\n")), workspace=workspace) for head in ("none", "labels"))
     deploy(Registry.open(workspace), "intents", result["run_id"], force=True)
+    deploy(Registry.open(workspace), "intents-head", headed["run_id"], force=True)
     question = "I still have not received my new card, how long does it take?"
     with running(Settings(workspace=workspace, auth=False, worker=False)) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         served = c.chat.completions.create(model="intents", max_tokens=12, temperature=0,
                                            messages=[{"role": "user", "content": question}])
+        by_head = c.chat.completions.create(model="intents-head", max_tokens=12, temperature=0,
+                                            messages=[{"role": "user", "content": question}])
         schema = {"type": "object", "required": ["intent", "urgent"], "additionalProperties": False,
                   "properties": {"intent": {"type": "string", "maxLength": 40}, "urgent": {"type": "boolean"}}}
         structured = c.chat.completions.create(
@@ -161,3 +166,13 @@ def test_server_serves_a_smollm2_adapter_like_peft_and_holds_json_schemas(tmp_pa
     assert served.choices[0].message.content == info.labels[trie.leaf[node]]
     assert 0.0 < served.choices[0].model_extra["confidence"] <= 1.0
     assert served.usage.prompt_tokens == len(prompt)
+    # The head's classifier, served on the same base beside it, answers what eval predicts.
+    from tuneloop.models import load_artifact
+    from tuneloop.tasks.labels import label_distribution
+
+    model, _ = load_artifact(Path(headed["artifact"]))
+    probs = label_distribution(model, tok, trie, [prompt])[0]
+    best = int(probs.argmax())
+    assert by_head.choices[0].message.content == info.labels[best]
+    assert by_head.choices[0].model_extra["confidence"] == pytest.approx(float(probs[best]),
+                                                                         rel=1e-3)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from tuneloop import models, project, tasks
-from tuneloop.data.tokenize import encode
 from tuneloop.errors import TuneloopError
 from tuneloop.store import Registry
 from tuneloop.train.data import load_splits
+from tuneloop.train.objective import objective_for
 from tuneloop.train.plan import (activation_bytes, default_batch_size, default_batch_tokens,
                                  default_epochs, fitting_batch_tokens, packs)
 
@@ -227,8 +227,9 @@ def _data_tokens(recipe) -> tuple[int, int, int]:
     splits = load_splits(recipe.data, recipe.task, recipe.fields)
     tokenizer = models.load_tokenizer(recipe.base_model)
     module = tasks.TASKS[recipe.task]
-    lengths = [len(encode(tokenizer, module.prompt(e, splits.info), module.target(e, splits.info)))
-               for e in splits.train]
+    objective = objective_for(recipe, tokenizer, splits.info)  # (a label head: prompts only)
+    lengths = [objective.size(x) for x in
+               objective.encode(tokenizer, module, splits.info, splits.train)]
     if recipe.max_length:
         lengths = [n for n in lengths if n <= recipe.max_length]
     return sum(lengths), max(lengths), len(lengths)

@@ -10,6 +10,7 @@ import torch
 
 from tuneloop import models, project
 from tuneloop.errors import TuneloopError
+from tuneloop.models import head as label_head
 from tuneloop.models import load_artifact
 from tuneloop.store import Registry
 from tuneloop.train.sft import write_atomically
@@ -36,9 +37,15 @@ def export(run_id: str, out: Path, merge: bool = False, workspace: Path | None =
     lm = lm.to(torch.float32)
     tokenizer = models.load_tokenizer(meta["base_model"])
 
+    head = label_head.find(lm)
+    if head is not None:  # kept in its own file, as in the run's artifact (the merged model
+        del lm.label_head  # folder stays one that plain transformers loads)
+
     def write(folder: Path) -> None:
         lm.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        if head is not None:
+            label_head.save(head, folder)
 
     write_atomically(out, write, {**meta, "merged_from": run.id})
     return {"run_id": run.id, "path": str(out), "kind": "model", "base_model": run.base_model}

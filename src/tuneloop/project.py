@@ -113,6 +113,10 @@ class Recipe(_Strict):
         None, description="tokens: cross-entropy over the vocabulary on every answer token; "
         "labels (classify only): over the label set, where the labels branch (the probability "
         "eval and serving decide with); default by task")
+    head: Literal["labels", "none"] | None = Field(
+        None, description="classify only: labels: a classification head (one weight row per "
+        "label over the prompt's last hidden state) decides, trained with the adapter; none: "
+        "the model writes its label; default by task")
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="on: examples laid end to end in each micro-batch's rows, attention "
         "kept inside each example (fewer, fuller steps: faster on a GPU); off: one example per "
@@ -163,6 +167,14 @@ class Recipe(_Strict):
             raise ValueError("loss: labels trains a classifier over its label set; task "
                              f"{self.task} with method {self.method} trains on tokens "
                              "(leave out loss)")
+        if self.head == "labels":
+            if self.task != "classify" or self.method in ("dpo", "distill"):
+                raise ValueError(f"head: labels decides a classifier's label; task {self.task} "
+                                 f"with method {self.method} writes its answer (leave out head)")
+            if self.loss or self.compile:
+                raise ValueError("head: labels trains the head's cross-entropy, eager; leave "
+                                 "out " + ("loss" if self.loss else "compile") + " (or set "
+                                 "head: none)")
         return self
 
     @field_validator("base_model")

@@ -206,9 +206,16 @@ def load_artifact(folder: Path):
     to its base model (unquantized, also for QLoRA adapters)."""
     meta = json.loads((folder / "tuneloop.json").read_text())
     if meta.get("method") == "full":
-        return load_model(str(folder)), meta
+        from tuneloop.models import head
+
+        lm = load_model(str(folder))
+        head.load(lm, folder, meta["task"].get("labels") or [])
+        return lm, meta
     from peft import PeftModel
 
+    from tuneloop.models import head
+
     lm = PeftModel.from_pretrained(load_model(meta["base_model"]), folder)
+    head.load(lm, folder, meta["task"].get("labels") or [])
     lm.eval()
     return lm, meta

@@ -11,6 +11,7 @@ import json
 import secrets
 import time
 from functools import lru_cache
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -26,7 +27,7 @@ from tuneloop.serve.engine import Sampling
 from tuneloop.serve.router import NotFound, Target
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest, as_dict
 from tuneloop.tasks import TASKS, extract
-from tuneloop.tasks.labels import LabelTrie
+from tuneloop.tasks.labels import HeadTrie, LabelTrie
 
 routes = APIRouter()
 # Streamed replies are server-sent events; an engine failure is the request's own 500, a
@@ -132,6 +133,8 @@ def _grammar(target: Target, response_format):
     elif kind == "json_object":
         schema = None
     elif target.task is not None and target.task.kind == "classify" and target.task.labels:
+        if target.head is not None:  # its label head decides, the reply is the label
+            return _head_trie(target.engine, tuple(target.task.labels), target.head)
         # one of the classifier's labels, always (vLLM: its structured-output `choice`)
         return _label_trie(target.engine, tuple(target.task.labels))
     elif target.task is not None and target.task.kind == "extract" and target.task.fields:
@@ -148,6 +151,13 @@ def _grammar(target: Target, response_format):
 @lru_cache(maxsize=256)
 def _label_trie(engine, labels: tuple[str, ...]):
     return LabelTrie(engine.tokenizer, list(labels))
+
+
+@lru_cache(maxsize=256)
+def _head_trie(engine, labels: tuple[str, ...], head: Path):
+    from safetensors.torch import load_file
+
+    return HeadTrie(engine.tokenizer, list(labels), load_file(str(head))["weight"])
 
 
 @lru_cache(maxsize=256)

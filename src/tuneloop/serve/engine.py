@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from tuneloop.serve.adapters import BASE, AdapterPool
-from tuneloop.tasks.labels import LabelMatcher, LabelTrie
+from tuneloop.tasks.labels import HeadMatcher, HeadTrie, LabelMatcher, LabelTrie
 
 log = logging.getLogger("tuneloop.serve")
 
@@ -201,18 +201,24 @@ class Engine:
                     else random.getrandbits(62))
             generator = torch.Generator().manual_seed(seed)
             grammar, matcher = request.sampling.grammar, None
-            if isinstance(grammar, LabelTrie):  # a classifier: one of its labels, nothing else
+            if isinstance(grammar, HeadTrie):  # a classifier deciding with its label head
+                matcher = HeadMatcher(grammar)
+            elif isinstance(grammar, LabelTrie):  # a classifier: one of its labels, nothing else
                 matcher = LabelMatcher(grammar)
             elif grammar is not None:
                 matcher = GrammarMatcher(grammar, self.vocab)
             rows.append(_Row(request, choice, generator, matcher))
         return rows
 
-    def _forward(self, ids, mask, positions, rows, cache):
+    def _forward(self, ids, mask, positions, rows, cache, hidden: bool = False):
+        """(next-token logits, the cache) and, with `hidden`, each row's last final hidden
+        state (a label head decides from it)."""
         self.pool.select([r.request.adapter for r in rows])  # each row its own adapter (or none)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.past_key_values
+                         past_key_values=cache, use_cache=True, logits_to_keep=1,
+                         output_hidden_states=hidden)
+        last = out.hidden_states[-1][:, -1] if hidden else None
+        return out.logits[:, -1, :].float(), out.past_key_values, last
 
     def _prefill(self, new: list[_Row]) -> None:
         width = max(len(r.request.prompt) for r in new)
@@ -225,8 +231,18 @@ class Engine:
             mask[i, width - len(prompt):] = 1
             row.length = len(prompt)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids.to(self.device), mask.to(self.device),
-                                      positions.to(self.device), new, DynamicCache())
+        heads = [i for i, r in enumerate(new) if isinstance(r.matcher, HeadMatcher)]
+        logits, cache, hidden = self._forward(ids.to(self.device), mask.to(self.device),
+                                              positions.to(self.device), new, DynamicCache(),
+                                              hidden=bool(heads))
+        for i in heads:  # (prompts are left-padded: the last column is each one's last token)
+            row = new[i]
+            try:
+                row.matcher.decide(hidden[i], row.request.sampling.temperature, row.generator)
+            except Exception as exc:  # fails this request alone; _advance drops its rows
+                log.exception("a label head failed")
+                row.request.cancelled = True
+                row.request.emit("error", f"generation failed: {exc}")
         self.cache, self.mask = _join(self.cache, self.mask, cache, mask.to(self.device))
         self.rows.extend(new)
         self._advance(new, logits)
@@ -235,7 +251,7 @@ class Engine:
         ids = torch.tensor([[r.next_token] for r in self.rows], device=self.device)
         positions = torch.tensor([[r.length] for r in self.rows], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits, self.cache = self._forward(ids, self.mask, positions, self.rows, self.cache)
+        logits, self.cache, _ = self._forward(ids, self.mask, positions, self.rows, self.cache)
         for row in self.rows:
             row.length += 1
         self._advance(self.rows, logits)

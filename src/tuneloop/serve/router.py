@@ -18,6 +18,7 @@ from typing import Callable
 from sqlalchemy import select
 
 from tuneloop import models
+from tuneloop.models.head import HEAD_FILE
 from tuneloop.serve.adapters import BASE, Unsupported, check_supported
 from tuneloop.serve.auth import Caller
 from tuneloop.serve.engine import Engine
@@ -36,6 +37,7 @@ class Target:
     adapter_path: Path | None = None
     run_id: str | None = None
     task: TaskInfo | None = None
+    head: Path | None = None  # a classifier's label head (models/head.py), which decides
 
 
 @dataclass(frozen=True)
@@ -136,11 +138,15 @@ class Router:
         folder = Path(run.adapter_path)
         meta, stackable = _artifact(folder)
         task = TaskInfo.from_dict(meta["task"]) if meta.get("task") else None
-        if not stackable:  # its own engine, the adapter merged into a copy of the base
-            return Target(name, self.engine(run.id, artifact=folder), run_id=run.id, task=task)
+        head = folder / HEAD_FILE if (folder / HEAD_FILE).exists() else None
+        if not stackable or (head and self.kind is not ENGINES["builtin"]):
+            # its own engine, the adapter merged into a copy of the base (a label head
+            # decides only in the built-in engine)
+            return Target(name, self.engine(run.id, artifact=folder), run_id=run.id, task=task,
+                          head=head)
         # PEFT adapter names become module keys: the run id is unique and safe there.
         return Target(name, self.engine(meta["base_model"]), adapter=run.id.replace("-", "_"),
-                      adapter_path=folder, run_id=run.id, task=task)
+                      adapter_path=folder, run_id=run.id, task=task, head=head)
 
     def engine(self, key: str, artifact: Path | None = None) -> Engine:
         """The engine of a base model (or of one run's own weights), loaded on first use."""

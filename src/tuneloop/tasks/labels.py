@@ -64,12 +64,21 @@ def label_distribution(model, tokenizer, trie: LabelTrie, prompts: list[list[int
     """P(label | prompt) for every prompt (rows) and label (columns); each row sums to 1.
 
     With `prefix`, every prompt is `prefix + prompts[i]` and the prefix runs once: its KV cache
-    is copied into every batch (many-shot prompts of thousands of tokens).
+    is copied into every batch (many-shot prompts of thousands of tokens). A model with a label
+    head (models/head.py) is scored by its head instead.
     """
     import copy
 
     from transformers import DynamicCache
 
+    from tuneloop.models import head as label_head
+
+    head = label_head.find(model)
+    if head is not None:  # `head: labels`: the model decides with its classification head
+        if head.labels != trie.labels or prefix:
+            raise ValueError("a model with a label head scores its own labels, without a prefix")
+        return label_head.distribution(model, tokenizer.pad_token_id, prompts, batch_size,
+                                       on_batch)
     device = model.device
     out = torch.zeros(len(prompts), len(trie.labels), dtype=torch.float64)
     tree = _Tree(trie, device)
@@ -243,3 +252,45 @@ def label_loss(trie):
         return F.cross_entropy(picked, gold_t, reduction="sum"), len(targets)
 
     return loss
+
+
+class HeadTrie(LabelTrie):
+    """A classifier with a label head (models/head.py, `weight`: one row per label): the label
+    is chosen once, from the prompt's last hidden state, and the reply is that label's tokens."""
+
+    def __init__(self, tokenizer, labels: list[str], weight: torch.Tensor):
+        super().__init__(tokenizer, labels)
+        self.weight = weight.float()
+        self.end = {index: node for node, index in self.leaf.items()}  # label -> its last node
+
+
+class HeadMatcher:
+    """LabelMatcher's interface for a HeadTrie: `decide` picks the label from the prompt's
+    last hidden state (greedy at temperature 0, else sampled from the head's softmax at that
+    temperature); the reply is then held to its tokens. `confidence` is the head's probability
+    of the label, as eval's."""
+
+    def __init__(self, trie: HeadTrie):
+        self.trie, self.path, self.at, self.confidence = trie, [], 0, None
+
+    def decide(self, hidden: torch.Tensor, temperature: float, generator) -> None:
+        logits = self.trie.weight @ hidden.float().cpu()
+        probs = torch.softmax(logits.double(), -1)
+        if temperature <= 0:
+            label = int(probs.argmax())
+        else:
+            label = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1,
+                                          generator=generator))
+        self.confidence = float(probs[label])
+        self.path = self.trie.path[self.trie.end[label]]
+
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        masked = torch.full_like(logits, float("-inf"))
+        masked[self.path[self.at]] = 0.0
+        return masked
+
+    def accept(self, token: int, logits: torch.Tensor) -> None:
+        self.at += 1
+
+    def done(self) -> bool:
+        return self.at >= len(self.path)

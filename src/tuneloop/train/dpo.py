@@ -20,8 +20,9 @@ from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.pairs import all_logps, dpo_loss, encode_pairs
 from tuneloop.models.scoring import sequence_logps
 from tuneloop.train.lora import attach_lora, save_adapter
+from tuneloop.train.objective import Objective
 from tuneloop.train.plan import default_epochs
-from tuneloop.train.sft import Method, Objective, run_sft
+from tuneloop.train.sft import Method, run_sft
 
 DPO_LR = 5e-5  # LoRA-DPO: well below SFT's 1e-3, since the start point is already good
 

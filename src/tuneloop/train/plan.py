@@ -31,6 +31,7 @@ class Plan:
     lora_alpha: float
     loss: str = "tokens"
     packing: bool = False
+    head: str = "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +53,21 @@ def default_loss(task: str, method: str) -> str:
     """What a run's loss is taken over (train/loss.py): a classifier's label set, or the
     vocabulary at every answer token."""
     return "tokens"
+
+
+def default_head(task: str, method: str) -> str:
+    """How a classifier decides: "none", it writes its label (scored over the label trie)."""
+    return "none"
+
+
+def resolve_head(recipe) -> str:
+    """The run's head: the recipe's, else the default where nothing the recipe asks for
+    (a loss of its own, compile) rules a head out."""
+    if recipe.head:
+        return recipe.head
+    if recipe.loss or recipe.compile:
+        return "none"
+    return default_head(recipe.task, recipe.method)
 
 
 def default_batch_size(n_examples: int) -> int:
@@ -146,5 +162,5 @@ def make_plan(recipe, n_updates: int, epochs: float, max_length: int, tokens_per
         checkpoint_every=recipe.checkpoint_every or max(1, steps // 4),
         lora_rank=rank, lora_alpha=recipe.lora.alpha or 2.0 * rank,
         loss=recipe.loss or default_loss(recipe.task, recipe.method),
-        packing=packing,
+        packing=packing, head=resolve_head(recipe),
     )

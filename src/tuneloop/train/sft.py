@@ -25,17 +25,17 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from tuneloop import models, tasks
-from tuneloop.data.batching import collate, pack, padded_batches, update_batches
-from tuneloop.data.tokenize import IGNORE, encode, prompt_ids
+from tuneloop.data.batching import update_batches
+from tuneloop.data.tokenize import prompt_ids
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import plot_curves
 from tuneloop.project import save_yaml
 from tuneloop.train import checkpoint, zero
 from tuneloop.train.data import Splits
 from tuneloop.models.scoring import causal_lm, completion_loss, mean_loss
+from tuneloop.train.objective import Objective, objective_for
 from tuneloop.train.plan import (PACK_ROW_TOKENS, activation_bytes, default_batch_size,
-                                 default_batch_tokens, default_epochs, default_loss,
-                                 fitting_batch_tokens, make_plan, packs)
+                                 default_batch_tokens, fitting_batch_tokens, make_plan, packs)
 from tuneloop.train.shard import SHARDED, passes, shard_model
 
 
@@ -54,57 +54,6 @@ class Method:
     prepare: Callable
     save: Callable
     artifact: str = "adapter"
-
-
-class Objective:
-    """What the loop minimizes, and over what: how examples become training items, how items
-    make a micro-batch, the step loss and what it is averaged over. The loop (`run_sft`) owns
-    everything else once: plan, batches, accumulation, schedule, resume, checkpoints, early
-    stopping, several processes, stats and curves. This one is supervised fine-tuning: the
-    loss on answer tokens (or, `loss: labels`, a classifier's over its label set), averaged
-    over the step's answer tokens; train/dpo.py's `Preference` is the other."""
-
-    name = "sft"
-    meta: dict = {}  # more of the artifact's tuneloop.json
-
-    def __init__(self, loss: Callable | None = None):
-        self.loss = loss or completion_loss
-        self.can_pack = loss is None  # the label-set loss reads each row as one example
-
-    can_pack = True  # whether its step loss reads packed rows (data.batching.pack)
-    row_tokens: int | None = None  # set by run_sft when packed; None: padded rows
-
-    def encode(self, tokenizer, module, info, examples) -> list:
-        return [encode(tokenizer, module.prompt(e, info), module.target(e, info)) for e in examples]
-
-    rows = 1  # sequences per item in a micro-batch (DPO: a chosen and a rejected reply)
-
-    def size(self, item) -> int:
-        """The item's longest sequence (held to the recipe's max_length); in a micro-batch it
-        takes `rows` x that many padded tokens."""
-        return len(item)
-
-    def collate(self, items: list, pad: int) -> dict:
-        return pack(items, pad, self.row_tokens) if self.row_tokens else collate(items, pad)
-
-    def count(self, batch: dict) -> int:
-        """What the step's summed loss is divided by: its answer tokens."""
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-    def epochs(self, n_items: int) -> float:
-        return default_epochs(n_items)
-
-    def begin(self, model, train: list, validation: list, batch_tokens: int, pad: int) -> None:
-        """Before the first step (and again on resume), with the model as training starts."""
-
-    def validation_loss(self, model) -> Callable:
-        """The loss validation reports (the answer tokens' cross-entropy for SFT, comparable
-        across runs whatever the step loss is)."""
-        return completion_loss
-
-    def batches(self, items: list, pad: int, batch_tokens: int) -> list[dict]:
-        """Validation's micro-batches."""
-        return padded_batches(items, pad, batch_tokens)
 
 
 def schedule(lengths: list[int], epochs: float, batch_size: int, batch_tokens: int, seed: int,
@@ -149,11 +98,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     tokenizer = models.load_tokenizer(recipe.base_model)
     model = method.load(recipe)
     if objective is None:
-        objective = Objective()
-        if (recipe.loss or default_loss(recipe.task, recipe.method)) == "labels":
-            from tuneloop.tasks.labels import LabelTrie, label_loss
-
-            objective = Objective(label_loss(LabelTrie(tokenizer, splits.info.labels)))
+        objective = objective_for(recipe, tokenizer, splits.info)
 
     train_set = objective.encode(tokenizer, module, splits.info, splits.train)
     val_set = objective.encode(tokenizer, module, splits.info, splits.validation)
@@ -308,7 +253,8 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     model.eval()
     if not writes:
         return {"model": model, "stats": {}, "artifact": artifact}
-    write_atomically(artifact, lambda tmp: method.save(model, tokenizer, tmp), {
+    write_atomically(artifact, lambda tmp: (method.save(model, tokenizer, tmp),
+                                            objective.save(model, tmp)), {
         "base_model": recipe.base_model, "task": splits.info.to_dict(), "method": method.name,
         **objective.meta})
     plot_curves(curves, run_dir / "loss.png")

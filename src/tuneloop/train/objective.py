@@ -1,0 +1,109 @@
+"""What the training loop (train/sft.py) minimizes, and over what: an `Objective` turns
+examples into training items, items into micro-batches, and a micro-batch into a summed step
+loss with what it is averaged over. Supervised fine-tuning's (answer tokens, or a classifier's
+label set) and the label head's are here; DPO's `Preference` is in train/dpo.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from tuneloop.data.batching import collate, pack, padded_batches
+from tuneloop.data.tokenize import IGNORE, encode, prompt_ids
+from tuneloop.models import head as label_head
+from tuneloop.models.scoring import completion_loss
+from tuneloop.train.plan import default_epochs, default_loss, resolve_head
+
+
+class Objective:
+    """What the loop minimizes, and over what: how examples become training items, how items
+    make a micro-batch, the step loss and what it is averaged over. The loop (`run_sft`) owns
+    everything else once: plan, batches, accumulation, schedule, resume, checkpoints, early
+    stopping, several processes, stats and curves. This one is supervised fine-tuning: the
+    loss on answer tokens (or, `loss: labels`, a classifier's over its label set), averaged
+    over the step's answer tokens; train/dpo.py's `Preference` is the other."""
+
+    name = "sft"
+    meta: dict = {}  # more of the artifact's tuneloop.json
+
+    def __init__(self, loss: Callable | None = None):
+        self.loss = loss or completion_loss
+        self.can_pack = loss is None  # the label-set loss reads each row as one example
+
+    can_pack = True  # whether its step loss reads packed rows (data.batching.pack)
+    row_tokens: int | None = None  # set by run_sft when packed; None: padded rows
+
+    def encode(self, tokenizer, module, info, examples) -> list:
+        return [encode(tokenizer, module.prompt(e, info), module.target(e, info)) for e in examples]
+
+    rows = 1  # sequences per item in a micro-batch (DPO: a chosen and a rejected reply)
+
+    def size(self, item) -> int:
+        """The item's longest sequence (held to the recipe's max_length); in a micro-batch it
+        takes `rows` x that many padded tokens."""
+        return len(item)
+
+    def collate(self, items: list, pad: int) -> dict:
+        return pack(items, pad, self.row_tokens) if self.row_tokens else collate(items, pad)
+
+    def count(self, batch: dict) -> int:
+        """What the step's summed loss is divided by: its answer tokens."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def epochs(self, n_items: int) -> float:
+        return default_epochs(n_items)
+
+    def begin(self, model, train: list, validation: list, batch_tokens: int, pad: int) -> None:
+        """Before the first step (and again on resume), with the model as training starts."""
+
+    def validation_loss(self, model) -> Callable:
+        """The loss validation reports (the answer tokens' cross-entropy for SFT, comparable
+        across runs whatever the step loss is)."""
+        return completion_loss
+
+    def batches(self, items: list, pad: int, batch_tokens: int) -> list[dict]:
+        """Validation's micro-batches."""
+        return padded_batches(items, pad, batch_tokens)
+
+    def save(self, model, folder: Path) -> None:
+        """Write what the objective adds to the artifact, beside the method's files."""
+
+
+class LabelHead(Objective):
+    """`head: labels`: a classifier decides with a head over the prompt's last hidden state
+    (models/head.py), trained with the adapter by cross-entropy over the label set. An item
+    is the prompt alone: the label is never written, so a step costs the prompt's tokens only."""
+
+    can_pack = False  # the head reads each row's last token
+
+    def __init__(self, labels: list[str]):
+        self.labels = list(labels)
+        self.loss = label_head.loss
+        self.meta = {"head": "labels"}
+
+    def encode(self, tokenizer, module, info, examples) -> list:
+        return [label_head.encode(prompt_ids(tokenizer, module.prompt(e, info)),
+                                  self.labels.index(module.target(e)))
+                for e in examples if module.target(e) in self.labels]
+
+    def begin(self, model, train, validation, batch_tokens, pad) -> None:
+        if label_head.find(model) is None:
+            label_head.attach(model, self.labels)
+
+    def validation_loss(self, model) -> Callable:
+        return label_head.loss
+
+    def save(self, model, folder: Path) -> None:
+        label_head.save(label_head.find(model), folder)
+
+
+def objective_for(recipe, tokenizer, info) -> Objective:
+    """Supervised fine-tuning's objective for the recipe: answer tokens, a classifier's label
+    set (`loss: labels`) or its head (`head: labels`)."""
+    if resolve_head(recipe) == "labels":
+        return LabelHead(list(info.labels))
+    if (recipe.loss or default_loss(recipe.task, recipe.method)) == "labels":
+        from tuneloop.tasks.labels import LabelTrie, label_loss
+
+        return Objective(label_loss(LabelTrie(tokenizer, info.labels)))
+    return Objective()
