@@ -115,6 +115,7 @@ def test_a_head_trains_with_the_adapter_and_is_kept_in_the_artifact(tiny_model, 
     ({"method": "dpo"}, "head: labels decides"),
     ({"loss": "labels"}, "leave out loss"),
     ({"compile": True}, "leave out compile"),
+    ({"packing": "on"}, "leave out packing: on"),
 ])
 def test_a_recipe_that_cannot_have_a_head_is_refused(extra, match, tmp_path):
     from tuneloop.errors import TuneloopError
@@ -228,3 +229,18 @@ def test_export_keeps_the_head_beside_the_adapter_and_the_merged_model(tiny_mode
                                    ["weight"], trained)
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "label_head" in k]  # plain transformers loads it
+
+
+def test_the_default_head_is_the_adapter_classifiers_and_what_the_recipe_asks_for_wins(tmp_path):
+    from tuneloop.project import recipe_from_dict
+    from tuneloop.train.plan import resolve_head
+
+    def head(**extra):
+        return resolve_head(recipe_from_dict({"task": "classify", **extra,
+                                              "data": {"train": str(tmp_path / "t.jsonl")}}))
+
+    assert head() == "labels" and head(method="qlora") == "labels"
+    assert head(method="full") == "none" and head(task="extract") == "none"
+    assert head(task="chat", method="dpo") == "none"
+    assert head(loss="labels") == head(compile=True) == head(packing="on") == "none"
+    assert head(head="none") == "none" and head(method="full", head="labels") == "labels"

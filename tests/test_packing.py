@@ -146,7 +146,7 @@ def test_a_packed_run_trains_as_a_padded_run(tiny_model, classify_files, tmp_pat
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = classify_files
-    spec = {"base_model": str(tiny_model), "task": "classify", "method": "lora",
+    spec = {"base_model": str(tiny_model), "task": "classify", "method": "lora", "head": "none",
             "data": {"train": str(train_file), "test": str(test_file)}, "max_steps": 4,
             "learning_rate": 5e-3, "batch_size": 8, "batch_tokens": 256, "eval_every": 2}
     if task == "dpo":

@@ -26,7 +26,9 @@ def test_lora_trains_adapters_only_and_writes_a_loadable_adapter(tiny_model, cla
     train_file, test_file = classify_files
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    result = train(recipe_for(tiny_model, train_file, test_file), workspace=workspace)
+    # (head: none: the tiny model's head never beats its first validation, so the adapters
+    # kept would be those of step 1, still zero; tests/test_head.py trains the head longer)
+    result = train(recipe_for(tiny_model, train_file, test_file, head="none"), workspace=workspace)
 
     run_dir = workspace / "runs" / result["run_id"]
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json",
@@ -66,7 +68,8 @@ def test_frozen_parameters_stay_frozen_during_training(tiny_model, classify_file
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = classify_files
-    recipe = recipe_for(tiny_model, train_file, test_file, max_steps=3)
+    # (head: none, as above; the head's trained and frozen weights: tests/test_head.py)
+    recipe = recipe_for(tiny_model, train_file, test_file, max_steps=3, head="none")
     out = run_lora(recipe, load_splits(recipe.data, "classify"), tmp_path / "run")
     model = out["model"]
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
@@ -125,7 +128,7 @@ def test_early_stopping_keeps_the_best_weights(tiny_model, classify_files, tmp_p
 
     train_file, test_file = classify_files
     # A learning rate far too high: validation loss soon rises, and training must stop.
-    recipe = recipe_for(tiny_model, train_file, test_file, max_steps=40, epochs=20,
+    recipe = recipe_for(tiny_model, train_file, test_file, max_steps=40, epochs=20, head="none",
                         learning_rate=0.5, eval_every=1, patience=2, checkpoint_every=1000)
     out = run_lora(recipe, load_splits(recipe.data, "classify"), tmp_path / "run")
     stats = out["stats"]
@@ -162,7 +165,7 @@ def test_the_weights_kept_are_the_best_by_validation_accuracy(tiny_model, classi
 
     train_file, test_file = classify_files
     # A learning rate far too high: accuracy rises, then training wrecks it.
-    recipe = recipe_for(tiny_model, train_file, test_file, max_steps=16, epochs=20,
+    recipe = recipe_for(tiny_model, train_file, test_file, max_steps=16, epochs=20, head="none",
                         learning_rate=0.3, eval_every=1, checkpoint_every=1000)
     out = run_lora(recipe, load_splits(recipe.data, "classify"), tmp_path / "run")
     stats = out["stats"]

@@ -86,16 +86,22 @@ def encode(prompt: list[int], label: int) -> Encoded:
     return Encoded(list(prompt), [IGNORE] * (len(prompt) - 1) + [label])
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """What the head reads of a prompt's final hidden states [rows, tokens, hidden]: the state
+    at each row's last real token (padded on either side) -> [rows, hidden]."""
+    width = attention_mask.shape[1]
+    last = width - 1 - attention_mask.flip(-1).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's final (normed) hidden state at each row's last real token, right-padded
-    rows: [rows, hidden]."""
+    """The decoder's final (normed) hidden states, pooled for the head: [rows, hidden]."""
     lm = causal_lm(model)
     gpu = lm.device.type == "cuda"
     with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu):
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state
-    last = attention_mask.sum(-1) - 1
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return pool(hidden, attention_mask)
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

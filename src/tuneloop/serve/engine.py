@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from tuneloop.models import head as label_head
 from tuneloop.serve.adapters import BASE, AdapterPool
 from tuneloop.tasks.labels import HeadMatcher, HeadTrie, LabelMatcher, LabelTrie
 
@@ -211,14 +212,14 @@ class Engine:
         return rows
 
     def _forward(self, ids, mask, positions, rows, cache, hidden: bool = False):
-        """(next-token logits, the cache) and, with `hidden`, each row's last final hidden
-        state (a label head decides from it)."""
+        """(next-token logits, the cache) and, with `hidden`, each row's final hidden states
+        pooled as a label head reads them (models/head.py)."""
         self.pool.select([r.request.adapter for r in rows])  # each row its own adapter (or none)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1,
                          output_hidden_states=hidden)
-        last = out.hidden_states[-1][:, -1] if hidden else None
-        return out.logits[:, -1, :].float(), out.past_key_values, last
+        pooled = label_head.pool(out.hidden_states[-1], mask) if hidden else None
+        return out.logits[:, -1, :].float(), out.past_key_values, pooled
 
     def _prefill(self, new: list[_Row]) -> None:
         width = max(len(r.request.prompt) for r in new)
@@ -235,7 +236,7 @@ class Engine:
         logits, cache, hidden = self._forward(ids.to(self.device), mask.to(self.device),
                                               positions.to(self.device), new, DynamicCache(),
                                               hidden=bool(heads))
-        for i in heads:  # (prompts are left-padded: the last column is each one's last token)
+        for i in heads:
             row = new[i]
             try:
                 row.matcher.decide(hidden[i], row.request.sampling.temperature, row.generator)

@@ -53,6 +53,10 @@ class Objective:
     def epochs(self, n_items: int) -> float:
         return default_epochs(n_items)
 
+    def attach(self, model) -> None:
+        """Add what the objective trains beside the method's weights (a label head), to the
+        model as prepared; again when a sharded run rebuilds it whole."""
+
     def begin(self, model, train: list, validation: list, batch_tokens: int, pad: int) -> None:
         """Before the first step (and again on resume), with the model as training starts."""
 
@@ -86,9 +90,8 @@ class LabelHead(Objective):
                                   self.labels.index(module.target(e)))
                 for e in examples if module.target(e) in self.labels]
 
-    def begin(self, model, train, validation, batch_tokens, pad) -> None:
-        if label_head.find(model) is None:
-            label_head.attach(model, self.labels)
+    def attach(self, model) -> None:
+        label_head.attach(model, self.labels)
 
     def validation_loss(self, model) -> Callable:
         return label_head.loss

@@ -126,6 +126,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
                    "task": splits.info.to_dict()}, run_dir / "recipe.yaml")
 
     model = method.prepare(model, recipe, plan)
+    objective.attach(model)
     pad = tokenizer.pad_token_id
     objective.begin(model, train_set, val_set, batch_tokens, pad)
     task_loss = objective.loss
@@ -151,9 +152,11 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     # score at every validation (classification: accuracy over the label set), else by loss.
     # (Not for distillation: its validation answers are the teacher's, not gold labels.)
     best = {"loss": math.inf, "metric": None, "step": 0, "bad": 0}
+    # (Data-parallel ranks each hold the whole model and score the same validation rows alike;
+    # sharded ones do not hold it whole, and keep the best by loss.)
     task_metric = (_validation_accuracy(tokenizer, splits) if recipe.task == "classify"
                    and recipe.method not in ("distill", "dpo") and splits.validation
-                   and world == 1 else None)
+                   and not shard else None)
     keep_best = bool(recipe.patience or task_metric)
     metric_curve: list = []
     first, stopped_early = 1, False  # sharded, every rank gathers and reads checkpoints
@@ -248,6 +251,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         if not writes:
             return {"model": None, "stats": {}, "artifact": artifact}
         model = method.prepare(method.load(recipe), recipe, plan)
+        objective.attach(model)
         checkpoint.WHOLE.load_weights(model, weights)
         trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
