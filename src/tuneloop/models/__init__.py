@@ -204,18 +204,15 @@ def context_length(model: str) -> int:
 def load_artifact(folder: Path):
     """(model, tuneloop.json) of a run's artifact: a full model folder, or an adapter applied
     to its base model (unquantized, also for QLoRA adapters)."""
-    meta = json.loads((folder / "tuneloop.json").read_text())
-    if meta.get("method") == "full":
-        from tuneloop.models import head
-
-        lm = load_model(str(folder))
-        head.load(lm, folder, meta["task"].get("labels") or [])
-        return lm, meta
-    from peft import PeftModel
-
     from tuneloop.models import head
 
-    lm = PeftModel.from_pretrained(load_model(meta["base_model"]), folder)
-    head.load(lm, folder, meta["task"].get("labels") or [])
-    lm.eval()
+    meta = json.loads((folder / "tuneloop.json").read_text())
+    if meta.get("method") == "full":
+        lm = load_model(str(folder))
+    else:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(load_model(meta["base_model"]), folder)
+        lm.eval()
+    head.load(lm, folder, meta["task"].get("labels") or [])  # a classifier's label head
     return lm, meta

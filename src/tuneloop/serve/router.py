@@ -87,17 +87,19 @@ class NotFound(Exception):
 
 
 @lru_cache(maxsize=1024)
-def _artifact(folder: Path) -> tuple[dict, bool]:
-    """(tuneloop.json, whether stacked LoRA serves it) of a finished run's artifact. Read once
-    per folder, not on every request: a finished run's artifact does not change."""
+def _artifact(folder: Path) -> tuple[dict, bool, Path | None]:
+    """(tuneloop.json, whether stacked LoRA serves it, its label head's file or None) of a
+    finished run's artifact. Read once per folder, not on every request: a finished run's
+    artifact does not change."""
     meta = json.loads((folder / "tuneloop.json").read_text())
+    head = folder / HEAD_FILE if (folder / HEAD_FILE).exists() else None
     try:
         if meta.get("method") == "full":
             raise Unsupported("a full fine-tune")
         check_supported(folder)
     except Unsupported:
-        return meta, False
-    return meta, True
+        return meta, False, head
+    return meta, True, head
 
 
 class Router:
@@ -136,9 +138,8 @@ class Router:
                 raise NotFound(name)
             run = s.get(Run, row.run_id)
         folder = Path(run.adapter_path)
-        meta, stackable = _artifact(folder)
+        meta, stackable, head = _artifact(folder)
         task = TaskInfo.from_dict(meta["task"]) if meta.get("task") else None
-        head = folder / HEAD_FILE if (folder / HEAD_FILE).exists() else None
         if not stackable or (head and self.kind is not ENGINES["builtin"]):
             # its own engine, the adapter merged into a copy of the base (a label head
             # decides only in the built-in engine)
