@@ -40,7 +40,7 @@ def test_distilled_student_moves_towards_its_teacher(tiny_model, classify_files,
     from tuneloop.store import Registry
 
     train_file, test_file = classify_files
-    teacher_run = train(recipe(tiny_model, train_file, test_file, epochs=3,
+    teacher_run = train(recipe(tiny_model, train_file, test_file, epochs=3, head="none",
                                forgetting={"enabled": False}), workspace=workspace)
     teacher_file = workspace / "runs" / teacher_run["run_id"] / "adapter" / \
         "adapter_model.safetensors"
@@ -81,3 +81,15 @@ def test_distill_needs_a_teacher_and_one_process(tiny_model, classify_files, wor
     with pytest.raises(TuneloopError, match="one process"):
         train(recipe(tiny_model, train_file, test_file, method="distill",
                      distill={"teacher": "run-x"}), workspace=workspace, processes=2)
+
+
+def test_a_teacher_that_decides_with_a_label_head_is_refused(tiny_model, classify_files,
+                                                            workspace):
+    """A classifier trained with a label head was never trained to write its labels: its
+    written answers would teach nonsense, so it is refused as a teacher, with the fix named."""
+    train_file, test_file = classify_files
+    headed = train(recipe(tiny_model, train_file, test_file, max_steps=2, head="labels",
+                          forgetting={"enabled": False}), workspace=workspace)
+    with pytest.raises(TuneloopError, match="label head .* head: none"):
+        train(recipe(tiny_model, train_file, test_file, method="distill", max_steps=2,
+                     distill={"teacher": headed["run_id"]}), workspace=workspace)

@@ -307,6 +307,7 @@ def test_a_local_run_teaches_in_batches_and_its_samples_are_cached(tiny_model, c
 
     train_file, test_file = classify_files
     run = train(recipe_from_dict({"base_model": str(tiny_model), "task": "classify",
+                                  "head": "none",  # a teacher writes its labels
                                   "baselines": [], "max_steps": 10, "learning_rate": 5e-3,
                                   "forgetting": {"enabled": False},
                                   "batch_tokens": 256, "data": {"train": str(train_file)}}),

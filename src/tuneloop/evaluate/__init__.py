@@ -28,6 +28,19 @@ def load_for_eval(model: str, registry: Registry):
     return lm, models.load_tokenizer(meta["base_model"]), TaskInfo.from_dict(meta["task"]), run
 
 
+def load_for_answers(model: str, registry: Registry):
+    """load_for_eval for a model whose written answers are used (a synth or distillation
+    teacher): a run that decides with a label head (models/head.py) writes none."""
+    from tuneloop.models import head
+
+    loaded = load_for_eval(model, registry)
+    if head.find(loaded[0]) is not None:
+        raise TuneloopError(f"run {model} decides its labels with a label head and was not "
+                            "trained to write them; as a teacher use a run trained with "
+                            "head: none, or a base model")
+    return loaded
+
+
 def evaluate(model: str, data: str | Path, task: str | None = None,
              labels_from: str | Path | None = None, workspace: Path | None = None,
              on_batch=None) -> dict:

@@ -206,10 +206,10 @@ class LocalTeacher(Teacher):
     greedy requests are generated in length-grouped batches."""
 
     def __init__(self, model: str, registry, batch: int = 64):
-        from tuneloop.evaluate import load_for_eval
+        from tuneloop.evaluate import load_for_answers
         from tuneloop.models import catalog
 
-        self.model, self.tokenizer, self.trained_for, run = load_for_eval(model, registry)
+        self.model, self.tokenizer, self.trained_for, run = load_for_answers(model, registry)
         base = run.base_model if run else model
         entry = catalog().get(base)
         self.terms = entry.licence["name"] if entry else None

@@ -30,9 +30,9 @@ DISTILL = replace(LORA, name="distill")
 
 def load_teacher(recipe, registry):
     """(model, tokenizer, TaskInfo or None) of the recipe's teacher: a run or a model."""
-    from tuneloop.evaluate import load_for_eval
+    from tuneloop.evaluate import load_for_answers
 
-    model, tokenizer, info, run = load_for_eval(recipe.distill.teacher, registry)
+    model, tokenizer, info, run = load_for_answers(recipe.distill.teacher, registry)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
