@@ -61,13 +61,18 @@ def save(head: LabelHead, folder: Path) -> None:
     save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(folder / HEAD_FILE))
 
 
+def read(path: Path) -> torch.Tensor:
+    """The weight `save` wrote to `path` ([labels, hidden])."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["weight"]
+
+
 def load(model, folder: Path, labels: list[str]) -> LabelHead | None:
     """Attach the head saved in `folder`, if the artifact has one."""
     if not (folder / HEAD_FILE).exists():
         return None
-    from safetensors.torch import load_file
-
-    weight = load_file(str(folder / HEAD_FILE))["weight"]
+    weight = read(folder / HEAD_FILE)
     head = attach(model, labels)
     if weight.shape != head.weight.shape:
         raise ValueError(f"{folder / HEAD_FILE}: {weight.shape[0]} labels x {weight.shape[1]} "

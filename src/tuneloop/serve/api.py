@@ -155,9 +155,9 @@ def _label_trie(engine, labels: tuple[str, ...]):
 
 @lru_cache(maxsize=256)
 def _head_trie(engine, labels: tuple[str, ...], head: Path):
-    from safetensors.torch import load_file
+    from tuneloop.models import head as label_head
 
-    return HeadTrie(engine.tokenizer, list(labels), load_file(str(head))["weight"])
+    return HeadTrie(engine.tokenizer, list(labels), label_head.read(head))
 
 
 @lru_cache(maxsize=256)
