@@ -10,6 +10,14 @@ headers or send 100 KB of them; JSON schemas built to hurt a grammar compiler; u
 creation and cancellation; tenant globex asking for acme's ids; the job worker SIGKILLed
 mid-run (the server restarts it). At the end the server itself is SIGKILLed and restarted, and
 the registry is checked: every feedback, file and job the server accepted is there.
+
+    python bench/soak.py --postgres
+
+puts the registry on a PostgreSQL server of its own (tests/postgres.py) and restarts that
+server mid-run as well: requests in the outage are answered 503 with a time to retry (counted
+apart from other 5xx), and everything after it must succeed again on the same server process.
+The API process's memory is sampled through the run, so a leak (growth that goes on) is told
+apart from warming up (growth that stops).
 Writes bench/out/soak.json and prints a Markdown table for bench/RESULTS.md.
 """
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
@@ -37,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = "smollm2-135m-instruct"
 TUNELOOP = str(Path(sys.executable).parent / "tuneloop")
 TIMEOUT_S = 120.0  # a request unanswered after this counts as never answered
+SAMPLE_S = 5.0  # how often the API process's memory is read
 
 
 class Tally:
@@ -54,11 +64,12 @@ class Tally:
 
 
 def outcome(status: int) -> str:
-    return "2xx" if status < 300 else str(status) if status < 500 else "5xx"
+    """503 is the registry restarting (serve/app.py), the one 5xx a client is told to retry."""
+    return "2xx" if status < 300 else str(status) if status < 500 or status == 503 else "5xx"
 
 
-def start(ws: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, TUNELOOP_HOME=str(ws), TUNELOOP_DB_URL="")
+def start(ws: Path, port: int, db_url: str = "") -> subprocess.Popen:
+    env = dict(os.environ, TUNELOOP_HOME=str(ws), TUNELOOP_DB_URL=db_url)
     proc = subprocess.Popen([TUNELOOP, "serve", "--port", str(port), "--base", BASE],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(1200):
@@ -226,7 +237,10 @@ class Clients:
                     self.tally.add("another tenant's id", "LEAKED")
 
 
-def run_phase(clients: Clients, seconds: float, hostile: bool, healthy: int, on_half=None):
+def run_phase(clients: Clients, seconds: float, hostile: bool, healthy: int,
+              faults: dict | None = None, sample=None):
+    """Run the clients for `seconds`; `faults` maps a share of the time (0.5: half way) to what
+    to do then; `sample` is called every few seconds throughout."""
     clients.stop.clear()
     jobs = [clients.chat] * healthy
     if hostile:
@@ -237,10 +251,13 @@ def run_phase(clients: Clients, seconds: float, hostile: bool, healthy: int, on_
                for fn in jobs]
     for t in threads:
         t.start()
-    time.sleep(seconds / 2)
-    if on_half:
-        on_half()
-    time.sleep(seconds / 2)
+    began, pending = time.monotonic(), sorted((faults or {}).items())
+    while (now := time.monotonic() - began) < seconds:
+        while pending and now >= pending[0][0] * seconds:
+            pending.pop(0)[1]()
+        if sample:
+            sample(now)
+        time.sleep(min(SAMPLE_S, seconds - now))
     clients.stop.set()
     for t in threads:
         t.join(timeout=TIMEOUT_S + 10)
@@ -248,6 +265,14 @@ def run_phase(clients: Clients, seconds: float, hostile: bool, healthy: int, on_
 
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else float("nan")
+
+
+def restart_postgres(cluster, faults: list, down_s: float = 5.0) -> None:
+    """Stop the registry's server (its sessions cut), leave it down a while, start it again."""
+    cluster.stop()
+    time.sleep(down_s)
+    cluster.start()
+    faults.append(f"PostgreSQL stopped mid-run, down {down_s:.0f} s, then started again")
 
 
 def kill_worker(server: subprocess.Popen, faults: list) -> None:
@@ -263,29 +288,45 @@ def main() -> None:
     parser.add_argument("--quiet-s", type=float, default=30)
     parser.add_argument("--abuse-s", type=float, default=90)
     parser.add_argument("--healthy", type=int, default=2, help="healthy chat clients")
+    parser.add_argument("--postgres", action="store_true",
+                        help="the registry on a PostgreSQL server of its own, restarted mid-run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if args.postgres:
+            sys.path.insert(0, str(ROOT))
+            from tests import postgres
 
+            cluster = stack.enter_context(postgres.cluster())
+        soak(args, cluster)
+
+
+def soak(args, cluster) -> None:
     from tuneloop.serve.auth import create_key
     from tuneloop.store import Registry
 
     ws = Path(tempfile.mkdtemp(prefix="soak-"))
-    os.environ.update(TUNELOOP_HOME=str(ws), TUNELOOP_DB_URL="")
+    db_url = cluster.url if cluster else ""
+    os.environ.update(TUNELOOP_HOME=str(ws), TUNELOOP_DB_URL=db_url)
     registry = Registry.open(ws)
     keys = {t: create_key(registry, t, rate_per_minute=10**6)[1] for t in ("acme", "globex")}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url, faults = f"http://127.0.0.1:{port}", []
-    server = start(ws, port)
-    quiet, abuse = Tally(), Tally()
+    server = start(ws, port, db_url)
+    quiet, abuse, memory = Tally(), Tally(), []
     try:
         clients = Clients(url, keys, quiet, threading.Event(), ws)
         run_phase(clients, args.quiet_s, False, args.healthy)
         rss_start = rss_mb(server)
         clients.tally = abuse
-        run_phase(clients, args.abuse_s, True, args.healthy,
-                  on_half=lambda: kill_worker(server, faults))
+        faults_at = {0.5: lambda: kill_worker(server, faults)}
+        if cluster:
+            faults_at[0.7] = lambda: restart_postgres(cluster, faults)
+        run_phase(clients, args.abuse_s, True, args.healthy, faults_at,
+                  sample=lambda t: memory.append((round(t), round(rss_mb(server)))))
         rss_end = rss_mb(server)
         with httpx.Client(base_url=url, timeout=TIMEOUT_S,
                           headers={"Authorization": f"Bearer {keys['acme']}"}) as c:
@@ -297,11 +338,12 @@ def main() -> None:
             if "tuneloop.serve.worker" in " ".join(p.info["cmdline"] or []):
                 p.kill()
         faults.append("server SIGKILLed after the run, then restarted")
-        server = start(ws, port)
+        server = start(ws, port, db_url)
         stored = check_registry(registry, clients, url, keys["acme"])
     finally:
         server.kill()
-    result = report(quiet, abuse, clients.accepted, stored, faults, rss_start, rss_end, args)
+    result = report(quiet, abuse, clients.accepted, stored, faults, rss_start, rss_end, args,
+                    memory)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(result, indent=2))
 
@@ -329,7 +371,8 @@ def check_registry(registry, clients: Clients, url: str, key: str) -> dict:
                     "Authorization": f"Bearer {key}"}).status_code}
 
 
-def report(quiet: Tally, abuse: Tally, accepted, stored, faults, rss_start, rss_end, args) -> dict:
+def report(quiet: Tally, abuse: Tally, accepted, stored, faults, rss_start, rss_end, args,
+           memory) -> dict:
     healthy = ("healthy chat", "healthy chat (streamed)")
     lat_quiet = [x for k in healthy for x in quiet.latency[k]]
     lat_abuse = [x for k in healthy for x in abuse.latency[k]]
@@ -339,7 +382,8 @@ def report(quiet: Tally, abuse: Tally, accepted, stored, faults, rss_start, rss_
     rows = sorted({k for k, _ in counts})
     print(f"quiet {args.quiet_s:.0f} s, then abuse {args.abuse_s:.0f} s; {args.healthy} healthy "
           f"chat clients throughout\n")
-    print("| requests | sent | answered (by class) | 5xx | never answered |")
+    print("| requests | sent | answered (by class; 503: the registry restarting) | 5xx | "
+          "never answered |")
     print("|---|---|---|---|---|")
     for kind in rows:
         mine = {o: n for (k, o), n in counts.items() if k == kind}
@@ -354,14 +398,18 @@ def report(quiet: Tally, abuse: Tally, accepted, stored, faults, rss_start, rss_
     print(f"feedback accepted {accepted['feedback']}, stored {stored['feedback']}; files accepted "
           f"{accepted['files']}, stored {stored['files']}; jobs accepted {accepted['jobs']}, "
           f"ended {jobs_done} ({stored['jobs']}); failed: {stored['failed jobs']}")
+    half = [mb for t, mb in memory if t >= args.abuse_s / 2]
     print(f"API process memory: {rss_start:.0f} MB at the start of the abuse, {rss_end:.0f} MB at "
-          f"its end ({100 * (rss_end / rss_start - 1):+.1f}%; goal < 10%)")
+          f"its end ({100 * (rss_end / rss_start - 1):+.1f}%; goal < 10%); over its second half "
+          f"{half[0] if half else float('nan'):.0f} -> {rss_end:.0f} MB "
+          f"({100 * (rss_end / half[0] - 1) if half else float('nan'):+.1f}%)")
+    print("memory (s into the abuse: MB): " + ", ".join(f"{t}: {mb}" for t, mb in memory))
     print("faults: " + "; ".join(faults) + f"; after the restart GET /v1/models answered "
           f"{stored['answers after restart']}")
     return {"counts": {f"{k} | {o}": n for (k, o), n in counts.items()},
             "p99_quiet_s": p99(lat_quiet), "p99_abuse_s": p99(lat_abuse), "p99_ratio": ratio,
             "accepted": dict(accepted), "stored": stored, "faults": faults,
-            "rss_start_mb": rss_start, "rss_end_mb": rss_end}
+            "rss_start_mb": rss_start, "rss_end_mb": rss_end, "rss_samples": memory}
 
 
 if __name__ == "__main__":

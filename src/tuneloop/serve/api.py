@@ -263,8 +263,9 @@ class _Stream:
             status = "ok"
             latency = time.perf_counter() - started
             self.collected = self._collect()
-            await run_in_threadpool(feedback.log_completion, self.app.state.registry, self.who,
-                                    self.target, as_dict(self.body), self.collected, latency)
+            await run_in_threadpool(feedback.log_completion_if_able, self.app.state.registry,
+                                    self.who, self.target, as_dict(self.body), self.collected,
+                                    latency)
             metrics = self.app.state.metrics
             metrics.latency.labels(*labels).observe(latency)
             if first_token:

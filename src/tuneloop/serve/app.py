@@ -24,12 +24,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import DBAPIError
 
 from tuneloop.serve.auth import RateLimiter, bearer, caller
 from tuneloop.serve.errors import ApiError, error_body
 from tuneloop.serve.metrics import Metrics, OneTenant
 from tuneloop.serve.router import Router
-from tuneloop.store import Registry
+from tuneloop.store import Registry, unavailable
 
 log = logging.getLogger("tuneloop.serve")
 
@@ -142,6 +143,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param),
                             status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(DBAPIError)
+    async def registry_error(request: Request, exc: DBAPIError):
+        """The registry's database restarting or down: 503 with a time to retry, at once (the
+        pool tests each connection before use, so requests succeed again once it is back)."""
+        if unavailable(exc):
+            log.warning("%s %s: the registry cannot be reached: %s", request.method,
+                        request.url.path, exc.orig)
+            return JSONResponse(error_body(
+                "The registry's database cannot be reached (restarting or down); retry in a "
+                "few seconds", "server_error", "registry_unavailable"), 503,
+                headers={"retry-after": str(REGISTRY_RETRY_S)})
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body("The server failed to answer this request; its log "
+                                       "says why", "server_error", "internal_error"), 500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
@@ -182,7 +198,9 @@ ERROR_SCHEMA = {
 COMMON_ERRORS = {"400": "A field is missing or out of range: the message and `param` name it",
                  "401": "No API key, or one this server does not know",
                  "404": "No such object for this tenant", "413": "The body is over the limit",
-                 "429": "Over this key's requests per minute; see `retry-after`"}
+                 "429": "Over this key's requests per minute; see `retry-after`",
+                 "503": "The registry's database cannot be reached; see `retry-after`"}
+REGISTRY_RETRY_S = 2
 
 
 def _document_errors(app: FastAPI) -> None:

@@ -12,22 +12,25 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from sqlalchemy import delete, exists, select
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.auth import CallerDep
 from tuneloop.serve.errors import ApiError
 from tuneloop.serve.schemas import FeedbackRequest, unix_time
-from tuneloop.store import Registry, utcnow, new_id
+from tuneloop.store import Registry, new_id, unavailable, utcnow
 from tuneloop.store.serving import Completion, Feedback
 
 routes = APIRouter()
+log = logging.getLogger("tuneloop.serve")
 
 
 def log_completion(registry: Registry, who, target, request: dict, response: dict,
@@ -39,6 +42,22 @@ def log_completion(registry: Registry, who, target, request: dict, response: dic
                          response=response, prompt_tokens=response["usage"]["prompt_tokens"],
                          completion_tokens=response["usage"]["completion_tokens"],
                          latency_ms=latency_s * 1000))
+
+
+def log_completion_if_able(registry: Registry, who, target, request: dict, response: dict,
+                           latency_s: float) -> bool:
+    """`log_completion`, except that a registry that cannot be reached (restarting) does not
+    fail an answer the model already gave: the reply goes out unlogged (feedback on it is then
+    refused as unknown) and the server's log says so."""
+    try:
+        log_completion(registry, who, target, request, response, latency_s)
+        return True
+    except DBAPIError as exc:
+        if not unavailable(exc):
+            raise
+        log.warning("completion %s answered but not logged: the registry cannot be reached (%s)",
+                    response["id"], exc.orig)
+        return False
 
 
 def apply_retention(registry: Registry, days: int) -> int:

@@ -73,10 +73,14 @@ def _register(registry: Registry, tenant: str, tmp: Path, filename: str, size: i
     file_id = new_id("file")
     final = tmp.parent / f"{file_id}.jsonl"
     os.replace(tmp, final)
-    with registry.session() as s, s.begin():
-        row = File(id=file_id, tenant=tenant, filename=filename, purpose="fine-tune", bytes=size,
-                   sha256=sha256, path=str(final))
-        s.add(row)
+    try:
+        with registry.session() as s, s.begin():
+            row = File(id=file_id, tenant=tenant, filename=filename, purpose="fine-tune",
+                       bytes=size, sha256=sha256, path=str(final))
+            s.add(row)
+    except BaseException:  # (the registry went away) a file no row names is not kept either
+        final.unlink(missing_ok=True)
+        raise
     return row
 
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import psutil
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from tuneloop import project
 from tuneloop.data.validate import validate
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.deploy import deploy
 from tuneloop.serve.jobs import STARTS, add_event, job_recipe
-from tuneloop.store import Registry, utcnow
+from tuneloop.store import Registry, unavailable, utcnow
 from tuneloop.store.serving import Job
 from tuneloop.train import checkpoint
 from tuneloop.train.run import Stopped, train
@@ -106,8 +107,8 @@ def claim(registry: Registry, me: str) -> Job | None:
     """Take the oldest active job that no live worker holds (a conditional update: one winner)."""
     with registry.session() as s:
         jobs = list(s.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.created)))
-    for job in jobs:
-        if job.worker == me or _alive(job.worker, job.lease_until):
+    for job in jobs:  # (one of this worker's own is one it left when the registry went away)
+        if job.worker != me and _alive(job.worker, job.lease_until):
             continue
         with registry.session() as s, s.begin():
             won = s.execute(update(Job).where(Job.id == job.id, Job.status == job.status,
@@ -115,7 +116,7 @@ def claim(registry: Registry, me: str) -> Job | None:
                                               Job.worker.is_(None))
                             .values(worker=me, lease_until=_lease())).rowcount == 1
         if won:
-            if job.worker:
+            if job.worker and job.worker != me:
                 add_event(registry, job.id, f"Worker {job.worker} stopped; job taken over by {me}")
             with registry.session() as s:
                 return s.get(Job, job.id)
@@ -164,14 +165,21 @@ def process(registry: Registry, job: Job, workspace, lost: threading.Event | Non
         def progress(step, steps, loss, tokens_per_s):
             if lost is not None and lost.is_set():
                 raise LostLease()
-            with registry.session() as s:
-                cancel = s.get(Job, job.id).cancel_requested
+            try:
+                with registry.session() as s:
+                    cancel = s.get(Job, job.id).cancel_requested
+                if step == 1 or step == steps or step % max(1, steps // 20) == 0:
+                    add_event(registry, job.id, f"Step {step}/{steps}: training loss={loss:.4f}",
+                              data={"step": step, "total_steps": steps, "train_loss": loss,
+                                    "tokens_per_s": tokens_per_s})
+            except DBAPIError as exc:  # the registry restarting: train on, ask again next step
+                if not unavailable(exc):
+                    raise
+                log.warning("job %s step %d: the registry cannot be reached; training on", job.id,
+                            step)
+                return
             if cancel:
                 raise Stopped("cancelled by the client")
-            if step == 1 or step == steps or step % max(1, steps // 20) == 0:
-                add_event(registry, job.id, f"Step {step}/{steps}: training loss={loss:.4f}",
-                          data={"step": step, "total_steps": steps, "train_loss": loss,
-                                "tokens_per_s": tokens_per_s})
 
         result = train(recipe, workspace=workspace, progress=progress, resume=resume,
                        on_run=lambda run_id: _set(registry, job.id, run_id=run_id))
@@ -191,6 +199,8 @@ def process(registry: Registry, job: Job, workspace, lost: threading.Event | Non
         _fail(registry, job, "invalid_training_file" if job.status == "validating_files"
               else "training_error", str(exc))
     except Exception as exc:  # noqa: BLE001  a worker outlives any one job's failure
+        if unavailable(exc):  # not the job's fault: it is left running, to be taken up again
+            raise
         log.error("job %s failed:\n%s", job.id, traceback.format_exc())
         _fail(registry, job, "internal_error", f"{type(exc).__name__}: {exc}")
 
@@ -216,15 +226,24 @@ def main(poll_s: float = 0.5) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     log.info("worker %s polling %s", me, registry.url.split("@")[-1])
+    away = 0  # polls in a row that found the registry unreachable
     try:
         while not stopping:
-            job = claim(registry, me)
-            if job is None:
-                time.sleep(poll_s)
-                continue
-            log.info("job %s: %s", job.id, job.status)
-            with Heartbeat(registry, job.id, me) as beat:
-                process(registry, job, workspace, beat.lost)
+            try:
+                job = claim(registry, me)
+                if job is None:
+                    time.sleep(poll_s)
+                    continue
+                log.info("job %s: %s", job.id, job.status)
+                with Heartbeat(registry, job.id, me) as beat:
+                    process(registry, job, workspace, beat.lost)
+                away = 0
+            except DBAPIError as exc:  # restarting or down: wait for it, jobs left as they are
+                if not unavailable(exc):
+                    raise
+                away += 1
+                log.warning("the registry cannot be reached (%s); trying again", exc.orig)
+                time.sleep(min(poll_s * 2 ** min(away, 6), 30.0))
     except KeyboardInterrupt:
         log.info("worker %s stopped", me)
 

@@ -16,7 +16,7 @@ from sqlalchemy import (JSON, DateTime, Float, ForeignKey, Integer, String, crea
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tuneloop.errors import TuneloopError
-from tuneloop.store.base import Base, new_id, utcnow  # noqa: F401  (re-exported)
+from tuneloop.store.base import Base, new_id, unavailable, utcnow  # noqa: F401  (re-exported)
 from tuneloop.store.migrations import migrate
 
 
@@ -80,6 +80,9 @@ class Evaluation(Base):
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+CONNECT_TIMEOUT_S = 5
+
+
 class Registry:
     """A connection to the registry database, migrated to the latest schema on open."""
 
@@ -91,7 +94,10 @@ class Registry:
             self.engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
+            # a server that restarted leaves the pool's connections dead: each is tested as it
+            # is taken (pre-ping) and replaced; a host that does not answer fails in seconds
+            self.engine = create_engine(url, pool_pre_ping=True,
+                                        connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
         migrate(self.engine)
 
     @classmethod
