@@ -6,7 +6,8 @@ task kind, scored on its test split beside the best prompting baseline and publi
 
 Each set is one `tuneloop.train` run of the four-line recipe (base model, task, data, method
 lora) with the set's test file; defaults decide everything else. Writes
-bench/out/quality-<set>.json and prints a Markdown table for bench/RESULTS.md.
+bench/out/quality-<set>.json (the run's workspace, with every evaluation's predictions, is
+kept in bench/out/quality-<set>/) and prints a Markdown table for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import json
 import os
 import resource
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ METHOD = {"hh_rlhf_harmless": "dpo"}  # preference pairs; every other set: the d
 HEADLINE = {"classify": "accuracy", "extract": "field_f1", "chat": "rouge_l", "dpo": "preference_accuracy"}
 
 
-def run_set(name: str, data: Path) -> dict:
+def run_set(name: str, data: Path, out: Path) -> dict:
     task, folder, anchor = SETS[name]
     recipe = recipe_from_dict({
         "task": task, "name": f"quality-{name}",
@@ -50,8 +51,9 @@ def run_set(name: str, data: Path) -> dict:
                  "test": str(data / folder / "test.jsonl")},
         "method": METHOD.get(name, "lora")})
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as ws:
-        result = train(recipe, workspace=Path(ws), on_phase=lambda p: print(p, flush=True))
+    ws = out / f"quality-{name}"  # kept: every evaluation's predictions, for a later look
+    shutil.rmtree(ws, ignore_errors=True)
+    result = train(recipe, workspace=ws, on_phase=lambda p: print(p, flush=True))
     result.update(wall_s=time.perf_counter() - started, set=name, anchor=anchor, task=task,
                   device=torch.cuda.get_device_name() if torch.cuda.is_available()
                   else f"{os.cpu_count()} CPU cores",
@@ -99,8 +101,8 @@ def main() -> None:
         if not (args.data / SETS[name][1] / "train.jsonl").is_file():
             print(f"{name}: no data under {args.data}; skipped", flush=True)
             continue
-        result = run_set(name, args.data)
         args.out.mkdir(parents=True, exist_ok=True)
+        result = run_set(name, args.data, args.out)
         (args.out / f"quality-{name}.json").write_text(json.dumps(result, indent=2, default=str))
         results.append(result)
         print(row(result), flush=True)

@@ -121,8 +121,9 @@ def test_cpu_and_gpu_micro_batches_give_the_same_updates():
 
 
 def test_extraction_is_decoded_under_its_fields_schema_where_free_generation_breaks(tiny):
-    """The untrained tiny model writes no JSON of its own; scored as an extractor, every
-    answer parses as one object with exactly the task's fields, in order."""
+    """The untrained tiny model writes no JSON of its own; scored as an extractor (a fine-tune
+    or a prompting baseline), every answer parses as one object with exactly the task's
+    fields, in order."""
     import json
 
     model, tok = tiny
@@ -137,10 +138,14 @@ def test_extraction_is_decoded_under_its_fields_schema_where_free_generation_bre
     free = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
                           pad_token_id=tok.pad_token_id)[0, len(prompt):]
     assert extract.parse(tok.decode(free, skip_special_tokens=True), info)[1] is False
-    result = score(model, tok, examples, info)
-    assert result["metrics"]["json_valid_rate"] == 1.0
-    for row in result["predictions"]:
-        assert list(json.loads(row["output"])) == list(fields)
+    # as a fine-tune is scored, and as the gate's baselines are (zero-shot, and shots
+    # sharing a prefix, with and without its cache)
+    for kwargs in ({}, {"shots": []}, {"shots": examples[:2]},
+                   {"shots": examples[:2], "reuse_prefix": False}):
+        result = score(model, tok, examples, info, zero_shot="shots" in kwargs, **kwargs)
+        assert result["metrics"]["json_valid_rate"] == 1.0, kwargs
+        for row in result["predictions"]:
+            assert list(json.loads(row["output"])) == list(fields)
 
 
 def test_a_shared_prefix_run_once_scores_labels_as_the_whole_prompts_do(tiny):

@@ -136,6 +136,9 @@ def test_field_values_normalize_amounts_and_dates():
     assert n("25/12/2018") == n("25-12-2018") == n("25 Dec 2018") == n("Dec 25, 2018") \
         == n("2018-12-25") == "2018-12-25"
     assert n("03/04/2019") == "2019-04-03"  # day first
-    assert n("  Acme  SDN BHD ") == "acme sdn bhd"
-    assert n("No. 3, Jalan 5") == "no. 3, jalan 5"  # an address is not a date
+    assert n("  Acme  SDN BHD ") == n("acme sdn bhd")
+    # punctuation aside, as a value copied from OCR differs from its annotation
+    assert n("No. 3, Jalan 5,") == n("NO 3. JALAN 5") == "no 3 jalan 5"  # (not a date)
+    assert n("S/B") == n("S B") != n("SB") and n("No 3, Jalan 6") != n("No 3, Jalan 5")
+    assert n("-") == "" and n("D'Cafe") == n("D Cafe")
     assert n("12") == n(12.0)

@@ -59,8 +59,9 @@ def _collect(tokenizer, new: torch.Tensor, idx: list[int], replies: list[str],
 @torch.no_grad()
 def generate_shared_prefix(model, tokenizer, prefix: list[int], suffixes: list[list[int]],
                            max_new_tokens: int, batch_size: int = 16, reuse: bool = True,
-                           on_batch=None) -> tuple[list[str], list[int]]:
-    """Greedy replies to prompts that all start with the same `prefix` tokens.
+                           on_batch=None, grammar=None) -> tuple[list[str], list[int]]:
+    """Greedy replies to prompts that all start with the same `prefix` tokens (each held to an
+    xgrammar `grammar` where one is given).
 
     With `reuse`, the prefix is run through the model once and its KV cache is copied into
     every batch, so a many-shot prompt of thousands of tokens costs one forward pass instead
@@ -87,6 +88,10 @@ def generate_shared_prefix(model, tokenizer, prefix: list[int], suffixes: list[l
                         dim=1)
         mask = torch.cat([torch.ones(n, len(prefix), dtype=torch.long), tail["attention_mask"]], dim=1)
         kwargs = {}
+        if grammar is not None:  # a processor holds its matchers: one per generate call
+            from xgrammar.contrib.hf import LogitsProcessor
+
+            kwargs["logits_processor"] = [LogitsProcessor(grammar)]
         if cache is not None:
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(n)

@@ -57,6 +57,7 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     batch_tokens = batch_tokens or (32768 if model.device.type == "cuda" else 2048)
     start = time.perf_counter()
     confidences = None
+    grammar = _schema_grammar(model, tokenizer, info)  # baselines decode under it too
     if shots is None:
         if prompts is None:
             prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
@@ -65,14 +66,6 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
             outputs, confidences, counts = classify_constrained(model, tokenizer, encoded, info,
                                                                 on_batch)
         else:
-            grammar = None
-            if info.kind == "extract" and info.fields:  # decoded under the fields' schema
-                from tuneloop.tasks import extract
-
-                compiler = extract.grammar_compiler(
-                    tokenizer, model.get_output_embeddings().weight.shape[0],
-                    {tokenizer.eos_token_id})
-                grammar = extract.compile_schema(compiler, extract.schema(info))
             outputs, counts = generate(model, tokenizer, prompts, new_tokens,
                                        batch_tokens=batch_tokens, on_batch=on_batch,
                                        grammar=grammar)
@@ -89,7 +82,7 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
         else:
             outputs, counts = generate_shared_prefix(
                 model, tokenizer, prefix_ids, suffixes, new_tokens, reuse=reuse_prefix,
-                batch_size=rows_per_batch, on_batch=on_batch)
+                batch_size=rows_per_batch, on_batch=on_batch, grammar=grammar)
         prompt_tokens = len(prefix_ids) + sum(len(x) for x in suffixes) / max(1, len(suffixes))
     elapsed = time.perf_counter() - start
     parsed = [module.parse(o, info) for o in outputs]
@@ -125,6 +118,18 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
                                                             for r in rows])
     metrics["ci95"] = interval(info.kind, rows)
     return {"metrics": metrics, "predictions": rows}
+
+
+def _schema_grammar(model, tokenizer, info):
+    """An extraction task's fields as the grammar every reply is decoded under (None for
+    other tasks: a classifier is scored over its label trie, chat is free text)."""
+    if info.kind != "extract" or not info.fields:
+        return None
+    from tuneloop.tasks import extract
+
+    compiler = extract.grammar_compiler(tokenizer, model.get_output_embeddings().weight.shape[0],
+                                        {tokenizer.eos_token_id})
+    return extract.compile_schema(compiler, extract.schema(info))
 
 
 def _text(example) -> str:
