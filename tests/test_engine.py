@@ -153,19 +153,31 @@ def test_json_schema_grammar_always_parses_and_validates(tiny):
 
 def test_distinct_client_schemas_do_not_grow_the_grammar_cache_without_bound(tiny, monkeypatch):
     """Each request may bring its own schema; the compiled grammars kept stay under the cache's
-    bound (here shrunk so that a few schemas fill it), and a schema pushed out compiles again."""
+    bound in bytes (here shrunk so that a few schemas fill it), and a schema pushed out compiles
+    again. Asked for as the API asks: nothing above the engine keeps grammars of its own (a
+    cache bounded by count held 256 of any size, out of reach of the bound in bytes)."""
+    import gc
+    import weakref
+
+    from tuneloop.serve.api import _grammar
+    from tuneloop.serve.router import Target
+    from tuneloop.serve.schemas import ResponseFormat
     from tuneloop.tasks import extract
 
     model, tok = tiny
     monkeypatch.setattr(extract, "GRAMMAR_CACHE_BYTES", 256 * 1024)
     engine = Engine(model, tok)
-    sizes = []
+    sizes, kept = [], []
     for i in range(40):
         schema = {"type": "object", "properties": {f"f{i}": {"enum": [f"v{i}-{j}" for j in range(50)]}},
                   "required": [f"f{i}"]}
-        engine.compile_grammar(json.dumps(schema))
+        asked = ResponseFormat.model_validate({"type": "json_schema",
+                                               "json_schema": {"name": "x", "schema": schema}})
+        kept.append(weakref.ref(_grammar(Target("base", engine), asked)))
         sizes.append(engine.grammar_compiler().get_cache_size_bytes())
+    gc.collect()
     assert max(sizes) <= 256 * 1024 and sizes[5] > 0
+    assert sum(ref() is not None for ref in kept) <= 1  # no request holds one: none is kept
     assert engine.compile_grammar(json.dumps({"type": "object"})) is not None
     engine.close()
 

@@ -160,8 +160,10 @@ def _head_trie(engine, labels: tuple[str, ...], head: Path):
     return HeadTrie(engine.tokenizer, list(labels), label_head.read(head))
 
 
-@lru_cache(maxsize=256)
 def _compile(engine, schema: str | None):
+    """(Not cached here: the engine's compiler keeps compiled grammars within a bound in bytes;
+    a cache by count above it would hold any number of bytes, up to 256 grammars of a client's
+    choosing.)"""
     return engine.compile_grammar(schema)
 
 
