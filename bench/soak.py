@@ -233,7 +233,7 @@ class Clients:
             for path in (f"/v1/files/{file_id}", f"/v1/files/{file_id}/content",
                          f"/v1/fine_tuning/jobs/{job_id}"):
                 reply = self.call("another tenant's id", lambda: c.get(path))
-                if reply is not None and reply.status_code != 404:
+                if reply is not None and reply.status_code < 300:  # (a 503 shows nothing)
                     self.tally.add("another tenant's id", "LEAKED")
 
 
