@@ -39,6 +39,28 @@ def test_only_an_unreachable_database_counts_as_unavailable():
     assert not unavailable(ValueError("no database here"))
 
 
+def test_an_answer_given_while_the_registry_is_away_is_delivered_unlogged(pg, monkeypatch):
+    """A generation under way when the registry goes: logging it fails, the answer does not."""
+    from types import SimpleNamespace
+
+    from tuneloop.serve.feedback import log_completion_if_able
+    from tuneloop.store import Registry
+
+    registry = Registry(pg.url)
+    who = SimpleNamespace(tenant="acme", key_id="key-1")
+    target = SimpleNamespace(run_id=None)
+    reply = {"id": "chatcmpl-1", "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    assert log_completion_if_able(registry, who, target, {"model": "m"}, reply, 0.1)
+    pg.stop()
+    assert not log_completion_if_able(registry, who, target, {"model": "m"},
+                                      {**reply, "id": "chatcmpl-2"}, 0.1)
+    # (a fault that is not the registry being away still raises)
+    monkeypatch.setattr(registry, "session", lambda: (_ for _ in ()).throw(
+        OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: completions"))))
+    with pytest.raises(OperationalError):
+        log_completion_if_able(registry, who, target, {"model": "m"}, reply, 0.1)
+
+
 def _client(srv) -> httpx.Client:
     return httpx.Client(base_url=srv["url"], timeout=60,
                         headers={"Authorization": f"Bearer {srv['keys']['acme']}"})
