@@ -142,7 +142,7 @@ def test_json_schema_grammar_always_parses_and_validates(tiny):
     schema = {"type": "object", "properties": {"label": {"enum": ["card_lost", "top_up"]},
                                                "urgent": {"type": "boolean"}},
               "required": ["label", "urgent"], "additionalProperties": False}
-    grammar = engine.grammar_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
+    grammar = engine.compile_grammar(json.dumps(schema))
     choices = complete(engine, ids(tok, PROMPTS[0]), Sampling(max_tokens=40, temperature=1.0, seed=3,
                                                               grammar=grammar), n=4)
     for c in choices:  # a random tiny model, yet every reply is valid JSON of the schema
@@ -154,8 +154,8 @@ def test_json_schema_grammar_always_parses_and_validates(tiny):
 def test_distinct_client_schemas_do_not_grow_the_grammar_cache_without_bound(tiny, monkeypatch):
     """Each request may bring its own schema; the compiled grammars kept stay under the cache's
     bound in bytes (here shrunk so that a few schemas fill it), and a schema pushed out compiles
-    again. Asked for as the API asks: nothing above the engine keeps grammars of its own (a
-    cache bounded by count held 256 of any size, out of reach of the bound in bytes)."""
+    again. Asked for as the API asks: nothing but that cache keeps a grammar (a cache bounded
+    by count above it held 256 of any size, out of reach of the bound in bytes)."""
     import gc
     import weakref
 
@@ -174,12 +174,33 @@ def test_distinct_client_schemas_do_not_grow_the_grammar_cache_without_bound(tin
         asked = ResponseFormat.model_validate({"type": "json_schema",
                                                "json_schema": {"name": "x", "schema": schema}})
         kept.append(weakref.ref(_grammar(Target("base", engine), asked)))
-        sizes.append(engine.grammar_compiler().get_cache_size_bytes())
+        sizes.append(engine.grammars().bytes)
     gc.collect()
-    assert max(sizes) <= 256 * 1024 and sizes[5] > 0
-    assert sum(ref() is not None for ref in kept) <= 1  # no request holds one: none is kept
+    cache = engine.grammars()
+    assert max(sizes) <= 256 * 1024 and sizes[5] > 0 and 0 < len(cache.entries) < 40
+    alive = [ref() for ref in kept if ref() is not None]  # only the cache holds any
+    assert len(alive) == len(cache.entries)
+    assert all(any(g is c for c in cache.entries.values()) for g in alive)
     assert engine.compile_grammar(json.dumps({"type": "object"})) is not None
     engine.close()
+
+
+def test_the_grammar_cache_keeps_the_most_recent_within_its_bytes(tiny):
+    from tuneloop.tasks import extract
+
+    _, tok = tiny
+    compiler = extract.grammar_compiler(tok, len(tok))
+    enum = lambda n, tag: json.dumps({"enum": [f"{tag}-{i}" for i in range(n)]})  # noqa: E731
+    one = extract.compile_schema(compiler, enum(20, "a")).memory_size_bytes
+    cache = extract.GrammarCache(compiler, limit_bytes=int(2.5 * one))
+    first = cache.get(enum(20, "a"))
+    assert cache.get(enum(20, "a")) is first  # a hit is the same grammar
+    cache.get(enum(20, "b"))
+    cache.get(enum(20, "a"))  # (a is now the most recent)
+    cache.get(enum(20, "c"))  # over the bound: the least recent, b, goes
+    assert list(cache.entries) == [enum(20, "a"), enum(20, "c")] and cache.bytes <= cache.limit
+    big = cache.get(enum(400, "d"))  # larger than the bound: compiled, answered, not kept
+    assert big is not None and enum(400, "d") not in cache.entries and len(cache.entries) == 2
 
 
 def test_an_extraction_adapter_is_held_to_its_fields_without_a_response_format(tiny):

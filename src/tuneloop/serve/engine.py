@@ -93,7 +93,7 @@ class Engine:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None
         self.tokens_generated = 0
-        self._grammar_compiler = None
+        self._grammars = None
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -126,18 +126,19 @@ class Engine:
                 "adapters": list(self.pool.resident)}
 
     def compile_grammar(self, schema: str | None):
-        """The grammar a reply must match: a JSON schema's, or any JSON object's (None)."""
-        from tuneloop.tasks.extract import compile_schema
+        """The grammar a reply must match: a JSON schema's, or any JSON object's (None); the
+        engine keeps those it compiled within a bound in bytes (`grammars`)."""
+        return self.grammars().get(schema)
 
-        return compile_schema(self.grammar_compiler(), schema)
+    def grammars(self):
+        """This engine's compiled grammars (the compiler is built once: it indexes the
+        vocabulary)."""
+        if self._grammars is None:
+            from tuneloop.tasks import extract
 
-    def grammar_compiler(self):
-        """An xgrammar compiler for this tokenizer (built once: it indexes the vocabulary)."""
-        if self._grammar_compiler is None:
-            from tuneloop.tasks.extract import grammar_compiler
-
-            self._grammar_compiler = grammar_compiler(self.tokenizer, self.vocab, self.stop_ids)
-        return self._grammar_compiler
+            self._grammars = extract.GrammarCache(extract.grammar_compiler(
+                self.tokenizer, self.vocab, self.stop_ids), extract.GRAMMAR_CACHE_BYTES)
+        return self._grammars
 
     # --- the engine thread -------------------------------------------------------------------
 
