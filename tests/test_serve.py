@@ -217,6 +217,49 @@ def test_a_schema_over_openais_limits_is_refused_before_anything_compiles(server
     assert reply.choices[0].message.content.startswith('{"x":')
 
 
+def test_a_schema_that_compiles_too_long_is_refused_and_others_are_not_held(tiny_model, tmp_path,
+                                                                            monkeypatch):
+    """A compile past the server's deadline answers 400 (make it simpler) and goes on in the
+    background, one at a time: a second new schema meanwhile answers 503 (retry) within the
+    deadline, a request without a schema is served at once, and the first schema, compiled by
+    then, is served from the cache."""
+    import time
+
+    from tuneloop.tasks import extract
+
+    compile_schema = extract.compile_schema
+
+    def slow(compiler, schema_text):
+        time.sleep(1.5)  # as a schema full of optional properties does on a real vocabulary
+        return compile_schema(compiler, schema_text)
+
+    monkeypatch.setattr(extract, "compile_schema", slow)
+    with two_tenant_server(tiny_model, tmp_path, deployed=False, worker=False,
+                           grammar_timeout_s=0.5) as srv:
+        c = openai.OpenAI(base_url=srv["url"] + "/v1", api_key=srv["keys"]["acme"])
+        ask = dict(model=srv["base"], messages=[{"role": "user", "content": "go"}], max_tokens=8)
+
+        def shaped(name):
+            return {"type": "json_schema", "json_schema": {"name": name, "schema": {
+                "type": "object", "properties": {name: {"type": "string"}}, "required": [name]}}}
+
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(**ask, response_format=shaped("first"))
+        assert refused.value.body["code"] == "schema_too_complex"
+        began = time.perf_counter()
+        with pytest.raises(openai.InternalServerError) as busy:  # (503)
+            c.with_options(max_retries=0).chat.completions.create(
+                **ask, response_format=shaped("second"))
+        assert busy.value.body["code"] == "compiler_busy" and time.perf_counter() - began < 1.2
+        plain = c.chat.completions.create(**ask)
+        assert time.perf_counter() - began < 1.2 and plain.choices[0].finish_reason
+        time.sleep(1.5)  # the first compile has ended: kept, it is served at once
+        began = time.perf_counter()
+        reply = c.chat.completions.create(**ask, response_format=shaped("first"))
+        assert reply.choices[0].message.content.startswith('{"first"')
+        assert time.perf_counter() - began < 1.2
+
+
 def test_a_deployed_classifier_answers_only_its_labels_with_a_confidence(server):
     """A classification adapter's reply is one of its labels (decoded within the label set)
     and carries the label's probability; below a review threshold it answers needs_review,

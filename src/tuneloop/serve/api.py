@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -76,7 +77,7 @@ async def chat_completions(body: ChatRequest, request: Request, who: CallerDep):
     except Exception as exc:  # the model's chat template refused the conversation
         raise ApiError(400, f"messages: the model's chat template cannot render them: {exc}",
                        param="messages") from None
-    grammar = await run_in_threadpool(_grammar, target, body.response_format)
+    grammar = await _grammar_in_time(request, target, body.response_format)
     requested = body.max_completion_tokens or body.max_tokens
     sampling = _sampling(request, target, body, prompt, requested, grammar)
     return await _respond(request, who, target, body, prompt, sampling, "chat")
@@ -121,7 +122,26 @@ def _sampling(request, target: Target, body, prompt: list[int], requested: int |
                     seed=body.seed, stop=stop, grammar=grammar)
 
 
-def _grammar(target: Target, response_format):
+async def _grammar_in_time(request: Request, target: Target, response_format):
+    """`_grammar` within the server's compile deadline: a schema whose compile runs past it is
+    refused (400: simplify it); one still waiting for another's compile to end, 503: retry."""
+    started = threading.Event()
+    limit = request.app.state.settings.grammar_timeout_s
+    try:
+        return await asyncio.wait_for(run_in_threadpool(_grammar, target, response_format,
+                                                        started), limit)
+    except asyncio.TimeoutError:
+        if started.is_set():
+            raise ApiError(400, f"response_format: the JSON schema did not compile within "
+                           f"{limit:g} s; make it simpler (fewer optional properties, "
+                           "alternatives or enum values)", param="response_format",
+                           code="schema_too_complex") from None
+        raise ApiError(503, "Another JSON schema is compiling for this model; retry in a few "
+                       "seconds", type="server_error", code="compiler_busy",
+                       headers={"retry-after": "5"}) from None
+
+
+def _grammar(target: Target, response_format, started=None):
     """The compiled grammar a reply must match: the requested JSON schema or JSON object, or for
     an extraction adapter called without one, an object with exactly its task's fields."""
     kind = response_format.type if response_format else "text"
@@ -142,7 +162,7 @@ def _grammar(target: Target, response_format):
     else:
         return None
     try:
-        return _compile(target.engine, schema)
+        return _compile(target.engine, schema, started)
     except Exception as exc:
         raise ApiError(400, f"response_format: the JSON schema cannot be used: {exc}",
                        param="response_format") from None
@@ -160,11 +180,11 @@ def _head_trie(engine, labels: tuple[str, ...], head: Path):
     return HeadTrie(engine.tokenizer, list(labels), label_head.read(head))
 
 
-def _compile(engine, schema: str | None):
+def _compile(engine, schema: str | None, started=None):
     """(Not cached here: the engine's compiler keeps compiled grammars within a bound in bytes;
     a cache by count above it would hold any number of bytes, up to 256 grammars of a client's
     choosing.)"""
-    return engine.compile_grammar(schema)
+    return engine.compile_grammar(schema, started)
 
 
 async def _respond(request: Request, who, target: Target, body, prompt, sampling, kind: str):

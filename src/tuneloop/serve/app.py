@@ -51,6 +51,9 @@ class Settings:
     # The last guard: a request the engine has not finished by then is answered with an error
     # (and its rows freed) instead of waiting for ever.
     request_timeout_s: float = 600.0
+    # A response_format schema that has not compiled by then is refused (400: simplify it); the
+    # compile goes on in the background, one at a time per model (tasks/extract.GrammarCache).
+    grammar_timeout_s: float = 10.0
     # A bearer token with which /metrics shows every tenant's series (for Prometheus'
     # `authorization` scrape setting); a tenant's key shows only its own.
     metrics_token: str | None = None

@@ -125,10 +125,11 @@ class Engine:
         return {"engine": "builtin", "running": len(self.rows), "queued": self.queue_depth(),
                 "adapters": list(self.pool.resident)}
 
-    def compile_grammar(self, schema: str | None):
+    def compile_grammar(self, schema: str | None, started=None):
         """The grammar a reply must match: a JSON schema's, or any JSON object's (None); the
-        engine keeps those it compiled within a bound in bytes (`grammars`)."""
-        return self.grammars().get(schema)
+        engine keeps those it compiled within a bound in bytes (`grammars`), and compiles one
+        at a time (`started` is set when this one's compile begins)."""
+        return self.grammars().get(schema, started)
 
     def grammars(self):
         """This engine's compiled grammars (the compiler is built once: it indexes the

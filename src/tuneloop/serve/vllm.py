@@ -105,10 +105,13 @@ class VllmEngine:
         return {"engine": "vllm", "running": self.running, "queued": self.waiting,
                 "adapters": list(self.loaded)}
 
-    def compile_grammar(self, schema: str | None):
+    def compile_grammar(self, schema: str | None, started=None):
         """vLLM's structured-output field for a JSON schema (None: any JSON object). The schema
         is parsed here with xgrammar, the library vLLM uses, so a bad one is the client's 400."""
         import xgrammar as xgr
+
+        if started is not None:
+            started.set()
 
         if schema is None:
             return {"json_object": True}

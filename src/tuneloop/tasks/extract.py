@@ -90,7 +90,11 @@ class GrammarCache:
     xgrammar's own cache, bounded the same way, let the process grow without bound: a server
     compiling distinct 20,000-value enums grew ~70 MB for each (460, 530, 571, 629 MB) while
     that cache counted 4 to 17 MB, and stayed flat with it off; kept here instead, the same
-    schemas plateau once the first is evicted."""
+    schemas plateau once the first is evicted.
+
+    Grammars compile one at a time (a compile cannot be stopped once begun, so a caller that
+    gives up on one leaves it running: one at a time, that costs at most one core); `started`,
+    if given, is set when this call's compile begins."""
 
     def __init__(self, compiler, limit_bytes: int = GRAMMAR_CACHE_BYTES):
         import threading
@@ -98,14 +102,24 @@ class GrammarCache:
 
         self.compiler, self.limit = compiler, limit_bytes
         self.entries: OrderedDict = OrderedDict()
-        self.bytes, self.lock = 0, threading.Lock()
+        self.bytes, self.lock, self.compiling = 0, threading.Lock(), threading.Lock()
 
-    def get(self, schema_text: str | None):
+    def _kept(self, schema_text: str | None):
         with self.lock:
             if schema_text in self.entries:
                 self.entries.move_to_end(schema_text)
                 return self.entries[schema_text]
-        grammar = compile_schema(self.compiler, schema_text)  # (not under the lock: slow)
+        return None
+
+    def get(self, schema_text: str | None, started=None):
+        if (grammar := self._kept(schema_text)) is not None:
+            return grammar
+        with self.compiling:
+            if (grammar := self._kept(schema_text)) is not None:  # compiled while it waited
+                return grammar
+            if started is not None:
+                started.set()
+            grammar = compile_schema(self.compiler, schema_text)
         size = grammar.memory_size_bytes
         with self.lock:
             if size <= self.limit and schema_text not in self.entries:
