@@ -43,13 +43,15 @@ METHOD = {"hh_rlhf_harmless": "dpo"}  # preference pairs; every other set: the d
 HEADLINE = {"classify": "accuracy", "extract": "field_f1", "chat": "rouge_l", "dpo": "preference_accuracy"}
 
 
-def run_set(name: str, data: Path, out: Path) -> dict:
+def run_set(name: str, data: Path, out: Path, baselines: bool = True) -> dict:
     task, folder, anchor = SETS[name]
     recipe = recipe_from_dict({
         "task": task, "name": f"quality-{name}",
         "data": {"train": str(data / folder / "train.jsonl"),
                  "test": str(data / folder / "test.jsonl")},
-        "method": METHOD.get(name, "lora")})
+        "method": METHOD.get(name, "lora"),
+        # (the prompting baselines change nothing the run trains; off, they are not scored)
+        **({} if baselines else {"baselines": []})})
     started = time.perf_counter()
     ws = out / f"quality-{name}"  # kept: every evaluation's predictions, for a later look
     shutil.rmtree(ws, ignore_errors=True)
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated: " + ", ".join(SETS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="train and score the fine-tune only (baselines scored elsewhere)")
     args = parser.parse_args()
     results = []
     for name in args.sets.split(","):
@@ -102,7 +106,7 @@ def main() -> None:
             print(f"{name}: no data under {args.data}; skipped", flush=True)
             continue
         args.out.mkdir(parents=True, exist_ok=True)
-        result = run_set(name, args.data, args.out)
+        result = run_set(name, args.data, args.out, baselines=not args.no_baselines)
         (args.out / f"quality-{name}.json").write_text(json.dumps(result, indent=2, default=str))
         results.append(result)
         print(row(result), flush=True)
