@@ -260,3 +260,29 @@ def test_a_request_that_fails_alone_leaves_the_batch_it_joined_untouched(tiny):
     assert isinstance(results["top_seed"], str)
     assert results["healthy"] == reference
     engine.close()
+
+
+def test_the_engine_gives_a_bursts_memory_back_once_it_is_idle(tiny, monkeypatch):
+    """After a batch ends and nothing waits, the allocator's free memory is returned (once per
+    burst, never while rows are decoding)."""
+    from tuneloop.serve import engine as engine_module
+
+    model, tok = tiny
+    calls = []
+    monkeypatch.setattr(engine_module, "_release_memory",
+                        lambda: calls.append(None if not engine.rows else "busy"))
+    engine = Engine(model, tok)
+    try:
+        time.sleep(0.7)
+        assert calls == []  # idle from the start: nothing to give back
+        for _ in range(2):  # a burst of two requests at once, then idle
+            threads = [threading.Thread(target=complete, args=(
+                engine, ids(tok, p), Sampling(max_tokens=6, temperature=0))) for p in PROMPTS[:2]]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            time.sleep(0.7)
+        assert calls == [None, None]  # once after each burst, with no rows in flight
+    finally:
+        engine.close()
