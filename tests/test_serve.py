@@ -221,15 +221,16 @@ def test_a_schema_that_compiles_too_long_is_refused_and_others_are_not_held(tiny
                                                                             monkeypatch):
     """A compile past the server's deadline answers 400 (make it simpler) and goes on in the
     background, one at a time: a second new schema meanwhile answers 503 (retry) within the
-    deadline, a request without a schema is served at once, and the first schema, compiled by
-    then, is served from the cache."""
+    deadline and stops waiting (nothing piles up behind a compile), a request without a schema
+    is served at once, and the first schema, compiled by then, is served from the cache."""
     import time
 
     from tuneloop.tasks import extract
 
-    compile_schema = extract.compile_schema
+    compile_schema, compiled = extract.compile_schema, []
 
     def slow(compiler, schema_text):
+        compiled.append(json.loads(schema_text)["required"][0])
         time.sleep(1.5)  # as a schema full of optional properties does on a real vocabulary
         return compile_schema(compiler, schema_text)
 
@@ -258,6 +259,7 @@ def test_a_schema_that_compiles_too_long_is_refused_and_others_are_not_held(tiny
         reply = c.chat.completions.create(**ask, response_format=shaped("first"))
         assert reply.choices[0].message.content.startswith('{"first"')
         assert time.perf_counter() - began < 1.2
+        assert compiled == ["first"]  # the second gave up waiting: no compile left behind
 
 
 def test_a_deployed_classifier_answers_only_its_labels_with_a_confidence(server):

@@ -129,8 +129,8 @@ async def _grammar_in_time(request: Request, target: Target, response_format):
     limit = request.app.state.settings.grammar_timeout_s
     try:
         return await asyncio.wait_for(run_in_threadpool(_grammar, target, response_format,
-                                                        started), limit)
-    except asyncio.TimeoutError:
+                                                        started, limit), limit)
+    except (asyncio.TimeoutError, extract.GrammarBusy):
         if started.is_set():
             raise ApiError(400, f"response_format: the JSON schema did not compile within "
                            f"{limit:g} s; make it simpler (fewer optional properties, "
@@ -141,7 +141,7 @@ async def _grammar_in_time(request: Request, target: Target, response_format):
                        headers={"retry-after": "5"}) from None
 
 
-def _grammar(target: Target, response_format, started=None):
+def _grammar(target: Target, response_format, started=None, wait_s: float | None = None):
     """The compiled grammar a reply must match: the requested JSON schema or JSON object, or for
     an extraction adapter called without one, an object with exactly its task's fields."""
     kind = response_format.type if response_format else "text"
@@ -162,7 +162,9 @@ def _grammar(target: Target, response_format, started=None):
     else:
         return None
     try:
-        return _compile(target.engine, schema, started)
+        return _compile(target.engine, schema, started, wait_s)
+    except extract.GrammarBusy:
+        raise
     except Exception as exc:
         raise ApiError(400, f"response_format: the JSON schema cannot be used: {exc}",
                        param="response_format") from None
@@ -180,11 +182,11 @@ def _head_trie(engine, labels: tuple[str, ...], head: Path):
     return HeadTrie(engine.tokenizer, list(labels), label_head.read(head))
 
 
-def _compile(engine, schema: str | None, started=None):
+def _compile(engine, schema: str | None, started=None, wait_s: float | None = None):
     """(Not cached here: the engine's compiler keeps compiled grammars within a bound in bytes;
     a cache by count above it would hold any number of bytes, up to 256 grammars of a client's
     choosing.)"""
-    return engine.compile_grammar(schema, started)
+    return engine.compile_grammar(schema, started, wait_s)
 
 
 async def _respond(request: Request, who, target: Target, body, prompt, sampling, kind: str):

@@ -145,11 +145,12 @@ class Engine:
         return {"engine": "builtin", "running": len(self.rows), "queued": self.queue_depth(),
                 "adapters": list(self.pool.resident)}
 
-    def compile_grammar(self, schema: str | None, started=None):
+    def compile_grammar(self, schema: str | None, started=None, wait_s: float | None = None):
         """The grammar a reply must match: a JSON schema's, or any JSON object's (None); the
         engine keeps those it compiled within a bound in bytes (`grammars`), and compiles one
-        at a time (`started` is set when this one's compile begins)."""
-        return self.grammars().get(schema, started)
+        at a time (`started` is set when this one's compile begins; `wait_s`: how long to wait
+        for another's)."""
+        return self.grammars().get(schema, started, wait_s)
 
     def grammars(self):
         """This engine's compiled grammars (the compiler is built once: it indexes the

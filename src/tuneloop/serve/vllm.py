@@ -105,7 +105,7 @@ class VllmEngine:
         return {"engine": "vllm", "running": self.running, "queued": self.waiting,
                 "adapters": list(self.loaded)}
 
-    def compile_grammar(self, schema: str | None, started=None):
+    def compile_grammar(self, schema: str | None, started=None, wait_s: float | None = None):
         """vLLM's structured-output field for a JSON schema (None: any JSON object). The schema
         is parsed here with xgrammar, the library vLLM uses, so a bad one is the client's 400."""
         import xgrammar as xgr

@@ -82,19 +82,23 @@ def grammar_compiler(tokenizer, vocab_size: int, stop_ids=()):
     return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
 
 
+class GrammarBusy(Exception):
+    """Another grammar is compiling and did not finish within the caller's wait."""
+
+
 class GrammarCache:
     """Compiled grammars by schema, within a bound in bytes (each grammar's own
     `memory_size_bytes`); the least recently used go first, and one larger than the bound is
     compiled for its request and not kept.
 
-    xgrammar's own cache, bounded the same way, let the process grow without bound: a server
-    compiling distinct 20,000-value enums grew ~70 MB for each (460, 530, 571, 629 MB) while
-    that cache counted 4 to 17 MB, and stayed flat with it off; kept here instead, the same
-    schemas plateau once the first is evicted.
+    xgrammar's own cache, bounded the same way, let the process grow ~55 MB for each large
+    grammar it had evicted (`bench/grammar_memory.py`: 470, 536, 579 MB after three distinct
+    20,000-value enums); kept here instead, with its cache off, the process stays flat (407).
 
-    Grammars compile one at a time (a compile cannot be stopped once begun, so a caller that
-    gives up on one leaves it running: one at a time, that costs at most one core); `started`,
-    if given, is set when this call's compile begins."""
+    Grammars compile one at a time: a compile cannot be stopped once begun, so a caller that
+    gives up on one leaves it running, and one at a time that costs at most one core. A call
+    waits at most `wait_s` for another's compile to end (then `GrammarBusy`), so waiting
+    callers cannot pile up; `started`, if given, is set when this call's compile begins."""
 
     def __init__(self, compiler, limit_bytes: int = GRAMMAR_CACHE_BYTES):
         import threading
@@ -111,15 +115,19 @@ class GrammarCache:
                 return self.entries[schema_text]
         return None
 
-    def get(self, schema_text: str | None, started=None):
+    def get(self, schema_text: str | None, started=None, wait_s: float | None = None):
         if (grammar := self._kept(schema_text)) is not None:
             return grammar
-        with self.compiling:
+        if not self.compiling.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise GrammarBusy("another JSON schema is compiling")
+        try:
             if (grammar := self._kept(schema_text)) is not None:  # compiled while it waited
                 return grammar
             if started is not None:
                 started.set()
             grammar = compile_schema(self.compiler, schema_text)
+        finally:
+            self.compiling.release()
         size = grammar.memory_size_bytes
         with self.lock:
             if size <= self.limit and schema_text not in self.entries:
