@@ -31,10 +31,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
                         left_pad=True)
         if temperature > 0:
             torch.manual_seed(seed)
-        if grammar is not None:  # a processor holds its matchers: one per generate call
-            from xgrammar.contrib.hf import LogitsProcessor
-
-            sampling["logits_processor"] = [LogitsProcessor(grammar)]
+        if grammar is not None:
+            sampling["logits_processor"] = _held_to(grammar)
         out = model.generate(input_ids=batch["input_ids"].to(model.device),
                              attention_mask=batch["attention_mask"].to(model.device),
                              max_new_tokens=max_new_tokens, **sampling,
@@ -43,6 +41,14 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
         if on_batch:
             on_batch(len(idx))
     return replies, counts
+
+
+def _held_to(grammar) -> list:
+    """The logits processors that hold one generate call's rows to an xgrammar grammar (a
+    processor keeps its rows' matchers: a new one per call)."""
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    return [LogitsProcessor(grammar)]
 
 
 def _collect(tokenizer, new: torch.Tensor, idx: list[int], replies: list[str],
@@ -88,10 +94,8 @@ def generate_shared_prefix(model, tokenizer, prefix: list[int], suffixes: list[l
                         dim=1)
         mask = torch.cat([torch.ones(n, len(prefix), dtype=torch.long), tail["attention_mask"]], dim=1)
         kwargs = {}
-        if grammar is not None:  # a processor holds its matchers: one per generate call
-            from xgrammar.contrib.hf import LogitsProcessor
-
-            kwargs["logits_processor"] = [LogitsProcessor(grammar)]
+        if grammar is not None:
+            kwargs["logits_processor"] = _held_to(grammar)
         if cache is not None:
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(n)
