@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 
@@ -106,6 +107,15 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     big_headers = httpx.get(url + "/v1/models", headers={**headers, "x-big": "a" * 100_000})
     assert big_headers.status_code == 431
+    # The same head sent in pieces, as a slow network delivers it, still gets the 431.
+    host, port = url.removeprefix("http://").split(":")
+    head = (f"GET /v1/models HTTP/1.1\r\nhost: {host}\r\nauthorization: {headers['authorization']}"
+            f"\r\nx-big: {'a' * 40_000}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for i in range(0, len(head), 4096):
+            sock.sendall(head[i:i + 4096])
+            time.sleep(0.01)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 431")
     c = client(server)
     msg = [{"role": "user", "content": "hello"}]
     with pytest.raises(openai.NotFoundError):

@@ -236,6 +236,16 @@ def _document_errors(app: FastAPI) -> None:
 
 
 MAX_HEADER_BYTES = 32 * 1024  # nginx's default large_client_header_buffers is 4 x 8 KB
+# What the HTTP parser may buffer while a request's head is still arriving. h11's own default
+# (16 KB) sits below MAX_HEADER_BYTES: a head of 16-32 KB, or one over the limit that arrived in
+# pieces, was cut off with a bare 400 and a reset connection before BodyLimit could answer 431,
+# depending on how the network split it. Above this size the parser still refuses (memory guard).
+HEAD_READ_LIMIT = 256 * 1024
+
+
+def _uvicorn_options(graceful_s: int) -> dict:
+    return {"h11_max_incomplete_event_size": HEAD_READ_LIMIT,
+            "timeout_graceful_shutdown": graceful_s}
 
 
 class BodyLimit:
@@ -333,7 +343,7 @@ def running(settings: Settings, host: str = "127.0.0.1"):
     sock.listen(64)
     url = f"http://{host}:{sock.getsockname()[1]}"
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning",
-                                           timeout_graceful_shutdown=2))
+                                           **_uvicorn_options(graceful_s=2)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 900  # engines started with the app (vLLM) take a while
@@ -360,6 +370,6 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=5)
+                **_uvicorn_options(graceful_s=5))
 
 
