@@ -81,6 +81,28 @@ def row(result: dict) -> str:
             f"{result['wall_s'] / 60:.1f} | {memory} | {result['anchor']} |")
 
 
+def fields_table(result: dict) -> str:
+    """An extraction run's test figures by field, with the abstention figures beneath."""
+    test = result["test"]
+    by_field = (test.get("ci95") or {}).get("by_field", {})
+    lines = [f"| {result['set']} field | F1 [95% CI] | precision | recall | gold values |",
+             "|---|---|---|---|---|"]
+    for name, m in test["per_field"].items():
+        ci = by_field.get(name, {})
+        lines.append(f"| {name} | {m['f1']:.3f} [{ci.get('low', float('nan')):.3f}, "
+                     f"{ci.get('high', float('nan')):.3f}] | {m['precision']:.3f} | "
+                     f"{m['recall']:.3f} | {m['gold_values']} |")
+    lines.append(f"| all | {test['field_f1']:.3f} | {test['field_precision']:.3f} | "
+                 f"{test['field_recall']:.3f} | |")
+    extra = [f"valid JSON {test['json_valid_rate']:.3f}"]
+    if "empty_row_accuracy" in test:
+        extra.append(f"empty-row accuracy {test['empty_row_accuracy']:.3f} "
+                     f"({test['empty_rows']} of {test['n']} rows have nothing to extract)")
+    if "hallucination_rate" in test:
+        extra.append(f"hallucination rate {test['hallucination_rate']:.3f}")
+    return "\n".join(lines) + "\n\n" + "; ".join(extra) + "\n"
+
+
 def table(results: list[dict]) -> str:
     device = results[0]["device"]
     lines = [f"## quality ({time.strftime('%Y-%m-%d')}, {device})", "",
@@ -89,6 +111,7 @@ def table(results: list[dict]) -> str:
              "| training min | whole run min | peak MB | published anchor |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(r) for r in results]
+    lines += ["\n" + fields_table(r) for r in results if r["task"] == "extract"]
     return "\n".join(lines) + "\n"
 
 

@@ -93,6 +93,16 @@ def test_every_score_carries_its_headline_interval():
     ci = interval("classify", rows)
     assert ci["metric"] == "accuracy" and ci["level"] == 0.95
     assert ci["low"] < 0.75 < ci["high"] and ci["high"] - ci["low"] < 0.35
-    rows = [{"line": 1, "prediction": {"a": "1"}, "gold": {"a": "1"}},
-            {"line": 2, "prediction": {"a": "2"}, "gold": {"a": "1"}}]
-    assert interval("extract", rows)["metric"] == "field_f1_row_mean"
+    # Extraction: the interval of micro F1 itself. One row of ten people found (its place
+    # missed), ten rows of one person missed: micro F1 is 2*10 / (10 + 21) = 0.645, where a
+    # mean of per-row F1 would say 0.95/11. A resample holding the first row k times scores
+    # 20k / (20k + 11): 0 for k = 0 (35% of resamples), 0.845 for k = 3 (the 97.5th percentile).
+    rows = [{"line": 0, "prediction": {"who": [f"p{i}" for i in range(10)], "where": None},
+             "gold": {"who": [f"p{i}" for i in range(10)], "where": "x"}}]
+    rows += [{"line": i, "prediction": {"who": [], "where": None},
+              "gold": {"who": ["q"], "where": None}} for i in range(1, 11)]
+    ci = interval("extract", rows)
+    assert ci["metric"] == "field_f1" and ci["low"] < 20 / 31 < ci["high"] <= 1.0
+    assert ci["low"] == 0.0 and ci["high"] == 60 / 71
+    assert ci["by_field"]["where"] == {"low": 0.0, "high": 0.0}  # the one gold value missed
+    assert ci["by_field"]["who"]["high"] == 60 / 68  # k = 3: 30 right of 30 said and 38 gold

@@ -210,6 +210,16 @@ def abstained(prediction: dict | None) -> bool:
     return prediction is not None and not has_values(prediction)
 
 
+def value_counts(prediction: dict | None, gold: dict, names: list[str]) -> list[tuple[int, int, int]]:
+    """(values right, values predicted, values in the gold) of each named field of one row, each
+    field a multiset of normalized values: the counts micro P/R/F1 add up over rows."""
+    out = []
+    for name in names:
+        pred, want = Counter(values((prediction or {}).get(name))), Counter(values(gold.get(name)))
+        out.append((sum((pred & want).values()), sum(pred.values()), sum(want.values())))
+    return out
+
+
 def _plain(text) -> str:
     return " ".join(str(text).lower().split())
 
@@ -225,16 +235,12 @@ def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool]
     names = sorted({k for g in golds for k in g})
     per_field = {}
     totals = Counter()
-    for name in names:
-        exact = norm = 0
-        counts = Counter()
-        for p, g in zip(predictions, golds):
-            pv, gv = (p or {}).get(name), g.get(name)
-            exact += pv == gv
-            pred, gold = Counter(values(pv)), Counter(values(gv))
-            norm += pred == gold
-            counts.update(tp=sum((pred & gold).values()), pred=sum(pred.values()),
-                          gold=sum(gold.values()))
+    rows = [value_counts(p, g, names) for p, g in zip(predictions, golds)]
+    for i, name in enumerate(names):
+        exact = sum((p or {}).get(name) == g.get(name) for p, g in zip(predictions, golds))
+        counts = Counter(tp=sum(r[i][0] for r in rows), pred=sum(r[i][1] for r in rows),
+                         gold=sum(r[i][2] for r in rows))
+        norm = sum(r[i][0] == r[i][1] == r[i][2] for r in rows)  # the same multiset
         totals.update(counts)
         per_field[name] = {"exact": exact / n if n else 0.0, "normalized": norm / n if n else 0.0,
                            **_prf(counts), "gold_values": counts["gold"]}
