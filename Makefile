@@ -49,18 +49,19 @@ demo: $(BIN)/tuneloop
 pii-model: $(BIN)/tuneloop
 	$(BIN)/tuneloop data pii-model > /dev/null
 
-# The fast tests run one thread each, so pytest-xdist runs one per core (at most 8: each worker
-# holds torch and its test models in memory, about a gigabyte). The slow SmolLM2 tests
-# run one at a time on every core: two workers gained 8% here (454 s against 493 s) for twice
-# the memory (tests/conftest.py would give each worker its share of the threads).
 # The reference pages (docs/) as a site in site/; strict: a broken link or a page left out of
 # the navigation fails.
 docs: $(BIN)/tuneloop
 	$(BIN)/mkdocs build --strict -q
 
+# All tests in one pytest-xdist run, one worker per core (at most 8: each worker holds torch and
+# its test models in memory, about a gigabyte). Workers take whole files, longest first
+# (tests/conftest.py orders them; --no-loadscope-reorder keeps that order), so the slow SmolLM2
+# files run beside the fast ones instead of after them; a slow test gets its share of the
+# cores, a fast one a single thread (tests/conftest.py, threads_per_test).
 test: install pii-model docs
-	$(BIN)/python -m pytest -q --durations=15 -n auto --maxprocesses 8 --dist loadfile -m "not slow" tests
-	$(BIN)/python -m pytest -q --durations=10 -m slow tests
+	$(BIN)/python -m pytest -q --durations=20 -n auto --maxprocesses 8 --dist loadfile \
+		--no-loadscope-reorder tests
 
 test-fast: install pii-model
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 8 --dist loadfile -m "not slow" tests

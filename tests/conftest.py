@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,19 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first: `make test` runs every test in one pytest-xdist run with
+    --dist loadfile --no-loadscope-reorder, which hands whole files to the workers in this
+    order, so the slow SmolLM2 files start at once beside the fast ones instead of after them
+    (or last, as a tail). Files with more slow tests first, then files with more tests; a
+    file's own order is kept."""
+    slow, count = Counter(), Counter()
+    for item in items:
+        count[item.path] += 1
+        slow[item.path] += bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (-slow[item.path], -count[item.path], str(item.path)))
 
 
 @pytest.fixture(autouse=True)

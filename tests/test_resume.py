@@ -33,7 +33,7 @@ def write_recipe(tmp_path, tiny_model, classify_files, method: str = "lora") -> 
     train, test = classify_files
     recipe = {"base_model": str(tiny_model), "task": "classify",
               "data": {"train": str(train), "test": str(test)}, "baselines": [],
-              "max_steps": 10, "epochs": 4, "batch_tokens": 128, "learning_rate": 5e-3,
+              "max_steps": 10, "epochs": 4, "batch_size": 4, "batch_tokens": 128, "learning_rate": 5e-3,
               "checkpoint_every": 3, "eval_every": 2, "lora": {"rank": 4, "dropout": 0.1}}
     if method == "dpo":  # preference pairs (tests/test_dpo.py's), scored on pairs
         from tests.test_dpo import pairs

@@ -1,4 +1,6 @@
-"""The real bundled model: 3 LoRA steps and an evaluation, end to end (minutes on a CPU)."""
+"""The real bundled model: 3 LoRA steps and an evaluation, end to end (minutes on a CPU).
+Updates of 4 examples (the default is 16): what these tests show does not depend on it, and
+each update costs the time of its examples."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def small_banking77(tmp_path, extra: str = "") -> Path:
 
 
 def test_three_steps_and_evaluate_on_smollm2(tmp_path, workspace):
-    result = train(load_recipe(small_banking77(tmp_path, "max_steps: 3\n")), workspace=workspace)
+    result = train(load_recipe(small_banking77(tmp_path, "max_steps: 3\nbatch_size: 4\n")), workspace=workspace)
     assert result["steps"] == 3 and result["train_tokens"] > 0
     assert result["test"]["n"] == 12 and 0.0 <= result["accuracy"] <= 1.0
     assert result["peak_rss_mb"] < 6000
@@ -77,7 +79,7 @@ def test_each_method_trains_smollm2_and_its_artifact_evaluates(tmp_path, workspa
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed")
     # The forgetting check is shown on the real model by the three-step test; off here.
-    recipe = small_banking77(tmp_path, f"method: {method}\nmax_steps: 2\nbatch_tokens: 384\n"
+    recipe = small_banking77(tmp_path, f"method: {method}\nmax_steps: 2\nbatch_size: 4\nbatch_tokens: 384\n"
                                        "baselines: []\ncheckpoint_every: 1000\n"
                                        "forgetting: {enabled: false}\n")
     result = train(load_recipe(recipe), workspace=workspace)
@@ -97,14 +99,14 @@ def test_dpo_trains_smollm2_on_preference_pairs_and_evaluates(tmp_path, workspac
     from tests.test_cli import tl
 
     short = [line for line in (HH / "train.jsonl").read_text().splitlines() if len(line) < 700]
-    (tmp_path / "train.jsonl").write_text("\n".join(short[:24]) + "\n")
-    (tmp_path / "test.jsonl").write_text("\n".join(short[24:36]) + "\n")
+    (tmp_path / "train.jsonl").write_text("\n".join(short[:16]) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(short[16:24]) + "\n")
     (tmp_path / "r.yaml").write_text("base_model: smollm2-135m-instruct\ntask: chat\nmethod: dpo\n"
                                      "data: {train: train.jsonl, test: test.jsonl}\nmax_steps: 2\n"
-                                     "batch_tokens: 1024\ncheckpoint_every: 1000\n"
+                                     "batch_size: 4\nbatch_tokens: 1024\ncheckpoint_every: 1000\n"
                                      "forgetting: {enabled: false}\n")
     result = train(load_recipe(tmp_path / "r.yaml"), workspace=workspace)
-    assert result["steps"] == 2 and result["test"]["n"] == 12
+    assert result["steps"] == 2 and result["test"]["n"] == 8
     assert 0.0 <= result["test"]["start_preference_accuracy"] <= 1.0
     scored = tl("eval", "--model", result["run_id"], "--data", tmp_path / "test.jsonl", "--json")
     assert scored.returncode == 0, scored.stderr
@@ -126,7 +128,7 @@ def test_server_serves_a_smollm2_adapter_like_peft_and_holds_json_schemas(tmp_pa
     monkeypatch.delenv("TUNELOOP_DB_URL", raising=False)
     # A classifier that writes its label (head: none) and one that decides with a label head.
     result, headed = (train(load_recipe(small_banking77(
-        tmp_path / head, f"max_steps: 3\nbaselines: []\nforgetting: {{enabled: false}}\n"
+        tmp_path / head, f"max_steps: 3\nbatch_size: 4\nbaselines: []\nforgetting: {{enabled: false}}\n"
         f"head: {head}\n")), workspace=workspace) for head in ("none", "labels"))
     deploy(Registry.open(workspace), "intents", result["run_id"], force=True)
     deploy(Registry.open(workspace), "intents-head", headed["run_id"], force=True)
