@@ -63,7 +63,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"sweep-{args.set}.json").write_text(json.dumps(rows, indent=2))
-    print(f"| variant | updates | best validation accuracy (step) | final val loss | training min |\n"
+    print("| variant | updates | best validation accuracy (step) | final val loss | training min |\n"
           "|---|---|---|---|---|")
     for r in rows:
         acc = r["best_val_accuracy"]
