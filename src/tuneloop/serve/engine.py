@@ -26,7 +26,9 @@ import torch
 from transformers import DynamicCache
 
 from tuneloop.models import head as label_head
+from tuneloop.serve import batch_cache
 from tuneloop.serve.adapters import BASE, AdapterPool
+from tuneloop.serve.sampling import GrammarMatcher, sample
 from tuneloop.tasks.labels import HeadMatcher, HeadTrie, LabelMatcher, LabelTrie
 
 log = logging.getLogger("tuneloop.serve")
@@ -272,7 +274,7 @@ class Engine:
                 log.exception("a label head failed")
                 row.request.cancelled = True
                 row.request.emit("error", f"generation failed: {exc}")
-        self.cache, self.mask = _join(self.cache, self.mask, cache, mask.to(self.device))
+        self.cache, self.mask = batch_cache.join_rows(self.cache, self.mask, cache, mask.to(self.device))
         self.rows.extend(new)
         self._advance(new, logits)
 
@@ -292,7 +294,7 @@ class Engine:
                 row.done = True
                 continue
             try:  # one row's failure (its grammar, its text) ends its request, not the batch
-                token = _sample(logits[i], row)
+                token = sample(logits[i], row)
                 row.tokens.append(token)
                 row.next_token = token
                 self.tokens_generated += 1
@@ -311,7 +313,7 @@ class Engine:
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         if len(keep) < len(self.rows):
             self.rows = [self.rows[i] for i in keep]
-            self.cache, self.mask = _select(self.cache, self.mask, keep)
+            self.cache, self.mask = batch_cache.keep_rows(self.cache, self.mask, keep)
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         if token in self.stop_ids or (row.matcher is not None and row.matcher.done()):
@@ -337,91 +339,6 @@ class Engine:
             row.request.emit("text", row.choice, text[row.sent:end])
             row.sent = end
         return finish
-
-
-class GrammarMatcher:
-    """An xgrammar matcher with LabelMatcher's interface: the reply must match `grammar`."""
-
-    confidence = None  # a grammar's reply has no label probability
-
-    def __init__(self, grammar, vocab: int):
-        import xgrammar as xgr
-
-        self.matcher = xgr.GrammarMatcher(grammar)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab)  # refilled every step
-
-    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
-        import xgrammar as xgr
-
-        self.matcher.fill_next_token_bitmask(self.bitmask)
-        logits = logits.unsqueeze(0).clone()
-        xgr.apply_token_bitmask_inplace(logits, self.bitmask)
-        return logits[0]
-
-    def accept(self, token: int, logits: torch.Tensor) -> None:
-        self.matcher.accept_token(token)
-
-    def done(self) -> bool:
-        return self.matcher.is_terminated()
-
-
-def _sample(logits: torch.Tensor, row: _Row) -> int:
-    """One token: grammar mask, then greedy (temperature 0) or temperature + nucleus sampling."""
-    unmasked = logits
-    if row.matcher is not None:  # (its masks live on the CPU)
-        unmasked = logits.cpu()
-        logits = row.matcher.constrain(unmasked)
-    s = row.request.sampling
-    if s.temperature <= 0:
-        token = int(torch.argmax(logits))
-    else:
-        probs = torch.softmax(logits.cpu() / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > s.top_p  # always keeps the top one
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        token = int(torch.multinomial(probs, 1, generator=row.generator))
-    if row.matcher is not None:
-        row.matcher.accept(token, unmasked)
-    return token
-
-
-def _join(cache, mask, new_cache, new_mask):
-    """The running batch's KV cache and mask with new rows appended (shorter side left-padded)."""
-    if cache is None:
-        return new_cache, new_mask
-    width = max(mask.shape[1], new_mask.shape[1])
-    layers = []
-    for old, add in zip(cache.layers, new_cache.layers):
-        layers.append((torch.cat([_left_pad(old.keys, width), _left_pad(add.keys, width)]),
-                       torch.cat([_left_pad(old.values, width), _left_pad(add.values, width)])))
-    joined = torch.cat([_left_pad_mask(mask, width), _left_pad_mask(new_mask, width)])
-    return DynamicCache(ddp_cache_data=layers), joined
-
-
-def _select(cache, mask, keep: list[int]):
-    """Keep only rows `keep`, and drop leading columns that are padding in every kept row."""
-    if not keep:
-        return None, None
-    index = torch.tensor(keep, device=mask.device)
-    mask = mask.index_select(0, index)
-    start = int((mask.sum(0) > 0).nonzero()[0])
-    layers = [(layer.keys.index_select(0, index)[:, :, start:],
-               layer.values.index_select(0, index)[:, :, start:]) for layer in cache.layers]
-    return DynamicCache(ddp_cache_data=layers), mask[:, start:]
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - t.shape[-2]
-    if missing == 0:
-        return t
-    return torch.cat([t.new_zeros((*t.shape[:-2], missing, t.shape[-1])), t], dim=-2)
-
-
-def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - m.shape[1]
-    return m if missing == 0 else torch.cat([m.new_zeros((m.shape[0], missing)), m], dim=1)
 
 
 def _stop_token_ids(model, tokenizer) -> set[int]:
