@@ -23,7 +23,8 @@ pytestmark = [
 
 
 def small_banking77(tmp_path, extra: str = "") -> Path:
-    """60 training rows and one test row per label (12) of the example; returns the recipe."""
+    """60 training rows and one test row per label (12) of the example, updates of 4 examples;
+    returns the recipe."""
     src = ROOT / "examples" / "banking77"
     tmp_path.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in (src / "test.jsonl").open()]
@@ -35,12 +36,12 @@ def small_banking77(tmp_path, extra: str = "") -> Path:
     train_rows = list(itertools.islice((src / "train.jsonl").open(), 60))
     (tmp_path / "train.jsonl").write_text("".join(train_rows))
     (tmp_path / "r.yaml").write_text("base_model: smollm2-135m-instruct\ntask: classify\n"
-                                     "data: {train: train.jsonl, test: test.jsonl}\n" + extra)
+                                     "data: {train: train.jsonl, test: test.jsonl}\nbatch_size: 4\n" + extra)
     return tmp_path / "r.yaml"
 
 
 def test_three_steps_and_evaluate_on_smollm2(tmp_path, workspace):
-    result = train(load_recipe(small_banking77(tmp_path, "max_steps: 3\nbatch_size: 4\n")), workspace=workspace)
+    result = train(load_recipe(small_banking77(tmp_path, "max_steps: 3\n")), workspace=workspace)
     assert result["steps"] == 3 and result["train_tokens"] > 0
     assert result["test"]["n"] == 12 and 0.0 <= result["accuracy"] <= 1.0
     assert result["peak_rss_mb"] < 6000
@@ -79,7 +80,7 @@ def test_each_method_trains_smollm2_and_its_artifact_evaluates(tmp_path, workspa
     if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed")
     # The forgetting check is shown on the real model by the three-step test; off here.
-    recipe = small_banking77(tmp_path, f"method: {method}\nmax_steps: 2\nbatch_size: 4\nbatch_tokens: 384\n"
+    recipe = small_banking77(tmp_path, f"method: {method}\nmax_steps: 2\nbatch_tokens: 384\n"
                                        "baselines: []\ncheckpoint_every: 1000\n"
                                        "forgetting: {enabled: false}\n")
     result = train(load_recipe(recipe), workspace=workspace)
@@ -128,7 +129,7 @@ def test_server_serves_a_smollm2_adapter_like_peft_and_holds_json_schemas(tmp_pa
     monkeypatch.delenv("TUNELOOP_DB_URL", raising=False)
     # A classifier that writes its label (head: none) and one that decides with a label head.
     result, headed = (train(load_recipe(small_banking77(
-        tmp_path / head, f"max_steps: 3\nbatch_size: 4\nbaselines: []\nforgetting: {{enabled: false}}\n"
+        tmp_path / head, f"max_steps: 3\nbaselines: []\nforgetting: {{enabled: false}}\n"
         f"head: {head}\n")), workspace=workspace) for head in ("none", "labels"))
     deploy(Registry.open(workspace), "intents", result["run_id"], force=True)
     deploy(Registry.open(workspace), "intents-head", headed["run_id"], force=True)

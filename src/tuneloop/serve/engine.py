@@ -274,7 +274,8 @@ class Engine:
                 log.exception("a label head failed")
                 row.request.cancelled = True
                 row.request.emit("error", f"generation failed: {exc}")
-        self.cache, self.mask = batch_cache.join_rows(self.cache, self.mask, cache, mask.to(self.device))
+        self.cache, self.mask = batch_cache.join_rows(self.cache, self.mask, cache,
+                                                      mask.to(self.device))
         self.rows.extend(new)
         self._advance(new, logits)
 

@@ -210,7 +210,8 @@ def abstained(prediction: dict | None) -> bool:
     return prediction is not None and not has_values(prediction)
 
 
-def value_counts(prediction: dict | None, gold: dict, names: list[str]) -> list[tuple[int, int, int]]:
+def value_counts(prediction: dict | None, gold: dict,
+                 names: list[str]) -> list[tuple[int, int, int]]:
     """(values right, values predicted, values in the gold) of each named field of one row, each
     field a multiset of normalized values: the counts micro P/R/F1 add up over rows."""
     out = []
