@@ -90,6 +90,33 @@ def test_qlora_trains_adapters_on_a_4bit_base(tiny_model, classify_files, worksp
     assert result["method"] == "qlora" and 0.0 <= result["accuracy"] <= 1.0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_qlora_keeps_the_unquantized_layers_in_their_loaded_dtype(tiny_model, classify_files,
+                                                                  tmp_path):
+    """On a GPU the base loads in bf16: its embeddings, norms and head stay bf16 (no float32
+    copies of a 128k-vocabulary head); only the adapters train, in float32."""
+    from transformers import BitsAndBytesConfig
+
+    from tuneloop import models
+    from tuneloop.train.plan import make_plan
+    from tuneloop.train.qlora import QLORA
+
+    folder = wide_tiny_model(tiny_model, tmp_path / "wide")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    model = models.load_model(str(folder), dtype=torch.bfloat16, quantization=config)
+    train_file, test_file = classify_files
+    recipe = recipe_for(folder, train_file, test_file, method="qlora", baselines=[])
+    plan = make_plan(recipe, 3, 1, 64, 100.0, 1000, 1e-4, batch_size=8, batch_tokens=256)
+    model = QLORA.prepare(model, recipe, plan)
+    frozen = {n: p.dtype for n, p in model.named_parameters()
+              if not p.requires_grad and p.dtype.is_floating_point}
+    assert any("embed_tokens" in n for n in frozen) and any("norm" in n for n in frozen)
+    assert set(frozen.values()) == {torch.bfloat16}, frozen
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+
+
 def test_export_merge_gives_the_same_outputs_as_base_plus_adapter(tiny_model, classify_files,
                                                                   workspace, tmp_path):
     train_file, test_file = classify_files

@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import write_jsonl
 from tuneloop.data.batching import collate, pack, update_batches
 from tuneloop.data.tokenize import IGNORE, Encoded
 from tuneloop.errors import TuneloopError
+from tuneloop.models import scoring
 from tuneloop.models.scoring import answer_logits, sequence_logps
 from tuneloop.project import recipe_from_dict
 
@@ -39,8 +39,7 @@ def model_with(tiny_model, attn: str):
 
 
 def token_losses(model, batch) -> torch.Tensor:
-    logits, targets, _ = answer_logits(model, batch)
-    return F.cross_entropy(logits, targets, reduction="none")
+    return scoring.token_losses(model, batch)[0]
 
 
 def test_a_packed_row_restarts_positions_and_keeps_the_examples_apart():

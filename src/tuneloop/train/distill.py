@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tuneloop import tasks
 from tuneloop.errors import TuneloopError
-from tuneloop.models.scoring import answer_logits
+from tuneloop.models.scoring import answer_hidden, over_rows
 from tuneloop.train.lora import LORA
 
 DISTILL = replace(LORA, name="distill")
@@ -89,30 +89,40 @@ def teacher_answers(model, tokenizer, examples, info, teacher_info, max_new_toke
 
 
 def _kl(student_logits, teacher_logits, top_k: int | None, temperature: float):
-    """Summed KL(teacher || student) over answer positions at `temperature`: over the whole
+    """KL(teacher || student) at each answer position at `temperature`: over the whole
     vocabulary, or over the teacher's top-k tokens plus one bucket for all the others (zero
     exactly when the student matches the teacher on those k + 1 outcomes)."""
     s = F.log_softmax(student_logits / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
     if not top_k or top_k >= log_p.shape[-1]:
-        return (log_p.exp() * (log_p - s)).sum()
+        return (log_p.exp() * (log_p - s)).sum(-1)
     log_p_k, index = log_p.topk(top_k, dim=-1)
     log_q_k = s.gather(-1, index)
     p_rest = (1 - log_p_k.exp().sum(-1)).clamp_min(1e-12)
     q_rest = (1 - log_q_k.exp().sum(-1)).clamp_min(1e-12)
-    return ((log_p_k.exp() * (log_p_k - log_q_k)).sum()
-            + (p_rest * (p_rest.log() - q_rest.log())).sum())
+    return ((log_p_k.exp() * (log_p_k - log_q_k)).sum(-1)
+            + p_rest * (p_rest.log() - q_rest.log()))
+
+
+def _teacher_logits(teacher, hidden):
+    with torch.no_grad():  # (also when the chunk is formed again in the backward pass)
+        return over_rows(teacher, lambda logits: logits, hidden)
 
 
 def distill_loss(model, batch, teacher, top_k: int | None, temperature: float, weight: float):
     """(summed loss over answer tokens, their count): the KL to the teacher mixed with the
-    cross-entropy of the batch's answers (the teacher's own, for sequence-level targets)."""
-    logits, targets, _ = answer_logits(model, batch)
+    cross-entropy of the batch's answers (the teacher's own, for sequence-level targets).
+    Both models' logits are formed a chunk of answer rows at a time (models/scoring.py)."""
+    hidden, targets, _ = answer_hidden(model, batch)
     with torch.no_grad():
-        teacher_logits, _, _ = answer_logits(teacher, batch)
-    kl = _kl(logits, teacher_logits, top_k, temperature) * temperature ** 2
-    ce = F.cross_entropy(logits, targets, reduction="sum")
-    return weight * kl + (1 - weight) * ce, int(targets.numel())
+        teacher_hidden, _, _ = answer_hidden(teacher, batch)
+
+    def loss(logits, teacher_hidden, targets):
+        kl = _kl(logits, _teacher_logits(teacher, teacher_hidden), top_k, temperature)
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        return weight * kl * temperature ** 2 + (1 - weight) * ce
+
+    return over_rows(model, loss, hidden, teacher_hidden, targets).sum(), int(targets.numel())
 
 
 @torch.no_grad()
@@ -121,9 +131,11 @@ def mean_kl(student, teacher, batches) -> float:
     total, count = 0.0, 0
     student.eval()
     for batch in batches:
-        s, targets, _ = answer_logits(student, batch)
-        t, _, _ = answer_logits(teacher, batch)
-        total += float(_kl(s, t, None, 1.0))
+        hidden, targets, _ = answer_hidden(student, batch)
+        teacher_hidden, _, _ = answer_hidden(teacher, batch)
+        kl = over_rows(student, lambda s, h: _kl(s, _teacher_logits(teacher, h), None, 1.0),
+                       hidden, teacher_hidden)
+        total += float(kl.sum())
         count += int(targets.numel())
     return total / count if count else float("nan")
 
