@@ -62,4 +62,10 @@ if [ "${SHAPES_S:-300}" != 0 ]; then
         2>&1 | grep -v "Warning\|warn(\|it/s\]\|examples/s\]" | tail -40
     cp /tmp/shapes/shapes.md "$OUT/" 2>/dev/null
 fi
+# The loss's memory at long answers (8,192 answer tokens, Llama-3.2-1B shape); LOGITS_S=0 leaves it out.
+if [ "${LOGITS_S:-120}" != 0 ]; then
+    timeout "${LOGITS_S:-120}" python3 bench/logit_memory.py --rows 16 --answer 512 --layers 16 \
+        --steps 3 --out /tmp/logit_memory 2>&1 | grep -v "Warning\|warn(" | tail -12
+    cp /tmp/logit_memory/logit_memory.md "$OUT/" 2>/dev/null
+fi
 ls "$OUT"

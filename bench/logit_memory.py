@@ -147,7 +147,7 @@ def main() -> None:
     where = f"{torch.cuda.get_device_name()}, bf16" if GPU else f"{os.cpu_count()} CPU cores, float32"
     answers = args.rows * args.answer
     lines = [f"## logit_memory ({time.strftime('%Y-%m-%d')}, {where})", "",
-             f"Command: `python bench/logit_memory.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+             f"Command: `{' '.join(['python bench/logit_memory.py', *sys.argv[1:]])}`",
              "",
              f"{args.shape} width and vocabulary, {args.layers} layers, LoRA r=16 all-linear; "
              f"one micro-batch of {args.rows} rows of {args.prompt} prompt + {args.answer} answer "

@@ -75,6 +75,7 @@ def recipe_for(folder: Path, method: str, steps: int):
     recipe = load_recipe(DATA / "recipe.yaml")
     return recipe.model_copy(update={
         "base_model": str(folder), "method": method, "max_steps": steps, "epochs": 100,
+        "head": "none",  # the answer tokens' loss, as TRL's (not classification's label head)
         "learning_rate": LR, "batch_size": EXAMPLES_PER_STEP, "eval_every": 10_000,
         "checkpoint_every": 10_000})
 

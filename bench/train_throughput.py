@@ -75,8 +75,10 @@ def run_tuneloop(steps: int, out: Path, packing: str = "off", compile: bool = Fa
 
     recipe, splits = load_splits()
     # Enough epochs that every configuration runs exactly `steps` optimizer steps, each of
-    # as many examples as TRL's.
+    # as many examples as TRL's; the answer tokens' loss, as TRL's (not the label head that
+    # classification takes by default, which trains on prompt tokens only).
     recipe = recipe.model_copy(update={"max_steps": steps, "learning_rate": LR, "epochs": 100,
+                                       "head": "none",
                                        "batch_size": ROWS_PER_STEP, "packing": packing,
                                        "compile": compile,
                                        "batch_tokens": BATCH_TOKENS, "eval_every": 10_000,

@@ -2,7 +2,8 @@
 
 Counts come from the model's architecture (built on the meta device: no weights are read) and
 from the recipe's data tokenized with the chat template. Memory is weights + gradients +
-AdamW moments + activations (per padded token in a micro-batch) + the process itself.
+AdamW moments + activations (per padded token in a micro-batch) + one chunk of answer logits +
+the process itself.
 Throughput comes, in this order, from what the user states, from this registry's finished
 runs of the same model and method on this kind of device (with as many processes, sharded
 alike), or from the device's arithmetic rate at a stated efficiency: N processes on N GPUs
@@ -20,6 +21,7 @@ import torch
 
 from tuneloop import models, project, tasks
 from tuneloop.errors import TuneloopError
+from tuneloop.models.scoring import LOGIT_CHUNK
 from tuneloop.store import Registry
 from tuneloop.train.data import load_splits
 from tuneloop.train.objective import objective_for
@@ -116,6 +118,8 @@ def memory(arch: dict, method: str, batch_tokens: int, rank: int, device: str,
         "gradients": trainable * 4,
         "optimizer": trainable * 8,  # AdamW: two float32 moments
         "activations": batch_tokens * per_token * compute_bytes,
+        # one chunk of answer rows' logits (models/scoring.py): the head's output, then float32
+        "logits": LOGIT_CHUNK * (compute_bytes + 4),
         "process": PROCESS_GB["cuda" if gpu else "cpu"] * GB,
         "parallel": 0.0,
     }

@@ -5,8 +5,10 @@ The output projection of a 49k-token vocabulary is a fifth of a small model's co
 most of its activation memory; prompt tokens carry no loss, so their logits are never formed.
 Answer tokens' logits are formed a chunk of rows at a time (LOGIT_CHUNK): a long answer's
 8,192 tokens at a 128k vocabulary would otherwise hold 4 GB of float32 logits, and as much
-again for their gradient. In training each chunk is recomputed in the backward pass
-(activation checkpointing), so only the chunk's hidden states are kept.
+again for their gradient. Where the head does not train (LoRA, QLoRA, DPO), the hidden
+states' gradient is formed chunk by chunk in the forward pass; where it does (full
+fine-tuning) and for other functions of the logits (distillation), each chunk is formed again
+in the backward pass (activation checkpointing). Either way no chunk's logits are kept.
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
         n = keep.shape[0]
     return torch.zeros(n, device=token.device).index_add(0, rows, token)
+
 
 @torch.no_grad()
 def mean_loss(model, batches, loss=completion_loss) -> float:

@@ -129,7 +129,8 @@ def estimate(
     for m in result["methods"]:
         mem = m["memory_gb"]
         table.add_row(m["method"], f"{m['trainable_parameters'] / 1e6:.1f}M", f"{mem['weights']:.2f}",
-                      f"{mem['gradients'] + mem['optimizer']:.2f}", f"{mem['activations']:.2f}",
+                      f"{mem['gradients'] + mem['optimizer']:.2f}",
+                      f"{mem['activations'] + mem['logits']:.2f}",
                       f"{mem['parallel']:.2f}", f"{m['peak_memory_gb']:.2f}", "yes" if m["fits"] else "[red]no[/]",
                       f"{m['tokens_per_s']:.0f}", hours(m["seconds"]), f"{m['cost_usd']:.2f}",
                       m["throughput_source"])
