@@ -144,7 +144,8 @@ def main() -> None:
         return
     from tuneloop.models.scoring import LOGIT_CHUNK
 
-    where = f"{torch.cuda.get_device_name()}, bf16" if GPU else f"{os.cpu_count()} CPU cores, float32"
+    where = (f"{torch.cuda.get_device_name()}, bf16" if GPU
+             else f"{os.cpu_count()} CPU cores, float32")
     answers = args.rows * args.answer
     lines = [f"## logit_memory ({time.strftime('%Y-%m-%d')}, {where})", "",
              f"Command: `{' '.join(['python bench/logit_memory.py', *sys.argv[1:]])}`",

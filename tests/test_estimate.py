@@ -22,10 +22,13 @@ def _rate(recipe, workspace, **kw):
 
 def test_measured_throughput_is_taken_from_runs_with_as_many_processes_sharded_alike(
         tiny_model, classify_files, workspace, monkeypatch):
-    monkeypatch.setattr("tuneloop.estimate.matmul_rate", lambda: 1e11)  # (a timed measurement)
+    timed = []  # (a timed measurement), at the model's own layer shapes
+    monkeypatch.setattr("tuneloop.estimate.matmul_rate",
+                        lambda shape: timed.append(shape) or 1e11)
     recipe = recipe_for(tiny_model, *classify_files)
     arithmetic, source = _rate(recipe, workspace)
     assert source.startswith("arithmetic")
+    assert timed == [(32, 64)]  # the tiny model's hidden and intermediate sizes
     registry, model = Registry.open(workspace), recipe.base_model
     for rate in (100.0, 120.0, 300.0):  # one process: the median
         _finished(registry, model, "lora", rate)
