@@ -7,7 +7,7 @@ logits at every token, plus its entropy and token accuracy), on the same micro-b
 The model is Llama-3.2-1B's width and vocabulary (bench/shapes.py) with `--layers` decoder
 layers and random weights: the output head's memory does not depend on depth. Each
 configuration runs in its own process; memory is the step's peak above what the process held
-before it (peak RSS on a CPU, peak allocated on a GPU).
+before it (peak RSS counted from the step's start on a CPU, peak allocated on a GPU).
 
     python bench/logit_memory.py                                  # CPU
     python bench/logit_memory.py --rows 16 --answer 512 --layers 16   # a CUDA machine
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -41,10 +40,22 @@ def held_mb() -> float:
     return torch.cuda.memory_allocated() / 2**20 if GPU else rss_mb()
 
 
+def reset_peak() -> None:
+    """Start the peak over from what is held now (on Linux, `5` to clear_refs resets the
+    process's high-water RSS): building the model peaks above any step of a few hundred
+    answer tokens."""
+    if GPU:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
 def peak_mb() -> float:
     if GPU:
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def model_and_batch(args):
@@ -104,8 +115,7 @@ def child(args) -> None:
     model, batch = model_and_batch(args)
     loss_fn = step_fn(args.child, model, args)
     before = held_mb()
-    if GPU:
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     started = time.perf_counter()
     loss = loss_fn(batch)
     loss.backward()
