@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import LABELS, make_rows
-from tuneloop.data.batching import collate
+from tuneloop.data.batching import collate, pack
 from tuneloop.data.formats import Example
 from tuneloop.data.tokenize import prompt_ids
 from tuneloop.models import head as label_head
@@ -53,6 +53,35 @@ def test_the_head_loss_is_minus_log_the_gold_labels_probability(tiny_model):
     torch.testing.assert_close(alone[0], probs[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="its own labels"):
         label_distribution(model, tok, LabelTrie(tok, LABELS[:2]), prompts)
+
+
+def test_a_packed_micro_batch_gives_the_head_the_losses_and_gradients_of_padded_rows(tiny_model):
+    """Packed rows (packing: on, the GPU default) serve the head as padded ones: the gold
+    label sits at each item's last prompt token either way."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    head = label_head.attach(model, LABELS)
+    with torch.no_grad():
+        head.weight.normal_()
+    rows = make_rows(9, seed=4)
+    items = [label_head.encode(prompt_ids(tok, m), LABELS.index(r["label"]))
+             for m, r in zip(messages(rows), rows)]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        summed, n = label_head.loss(model, batch)
+        summed.backward()
+        return summed.detach(), n, [p.grad.clone() for p in model.parameters()]
+
+    padded = loss_and_grads(collate(items, tok.pad_token_id))
+    batch = pack(items, tok.pad_token_id, row_tokens=3 * max(len(x) for x in items))
+    assert batch["input_ids"].shape[0] < len(items)  # items share rows
+    packed = loss_and_grads(batch)
+    assert packed[1] == padded[1] == len(items)
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(packed[2], padded[2]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_head_trains_with_the_adapter_and_is_kept_in_the_artifact(tiny_model, classify_files,
@@ -115,7 +144,6 @@ def test_a_head_trains_with_the_adapter_and_is_kept_in_the_artifact(tiny_model, 
     ({"method": "dpo"}, "head: labels decides"),
     ({"loss": "labels"}, "leave out loss"),
     ({"compile": True}, "leave out compile"),
-    ({"packing": "on"}, "leave out packing: on"),
 ])
 def test_a_recipe_that_cannot_have_a_head_is_refused(extra, match, tmp_path):
     from tuneloop.errors import TuneloopError
@@ -242,5 +270,6 @@ def test_the_default_head_is_the_adapter_classifiers_and_what_the_recipe_asks_fo
     assert head() == "labels" and head(method="qlora") == "labels"
     assert head(method="full") == "none" and head(task="extract") == "none"
     assert head(task="chat", method="dpo") == "none"
-    assert head(loss="labels") == head(compile=True) == head(packing="on") == "none"
+    assert head(loss="labels") == head(compile=True) == "none"
+    assert head(packing="on") == "labels"  # the head reads packed rows as padded ones
     assert head(head="none") == "none" and head(method="full", head="labels") == "labels"

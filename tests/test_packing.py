@@ -138,7 +138,7 @@ def test_packed_micro_batches_hold_the_same_updates_within_the_token_budget():
     assert len(update_batches(mixed, 64, 160, seed=0, packed=True)[0]) == 2
 
 
-@pytest.mark.parametrize("task", ["classify", "dpo"])
+@pytest.mark.parametrize("task", ["classify", "head", "dpo"])
 def test_a_packed_run_trains_as_a_padded_run(tiny_model, classify_files, tmp_path, task):
     from tuneloop.train.data import load_splits
     from tuneloop.train.dpo import run_dpo
@@ -148,6 +148,8 @@ def test_a_packed_run_trains_as_a_padded_run(tiny_model, classify_files, tmp_pat
     spec = {"base_model": str(tiny_model), "task": "classify", "method": "lora", "head": "none",
             "data": {"train": str(train_file), "test": str(test_file)}, "max_steps": 4,
             "learning_rate": 5e-3, "batch_size": 8, "batch_tokens": 256, "eval_every": 2}
+    if task == "head":  # the label head, as classification trains by default
+        spec.update(head="labels")
     if task == "dpo":
         rows = [{"prompt": f"q{i} {r['text']}", "chosen": r["label"], "rejected": "no idea"}
                 for i, r in enumerate(json.loads(x) for x in train_file.read_text().splitlines())]
@@ -197,7 +199,8 @@ def test_compile_trains_as_eager_and_only_the_training_step_is_compiled(
     train_file, test_file = classify_files
     spec = {"base_model": str(tiny_model), "task": "classify", "max_steps": 4,
             "data": {"train": str(train_file), "test": str(test_file)}, "learning_rate": 5e-3,
-            "batch_size": 8, "batch_tokens": 256, "eval_every": 2, "packing": "on"}
+            "batch_size": 8, "batch_tokens": 256, "eval_every": 2, "packing": "on",
+            "head": "none"}  # (compile rules out a head; the eager run trains the same loss)
     curves, stats = {}, {}
     for mode in (True, False):
         recipe = recipe_from_dict({**spec, "compile": mode})

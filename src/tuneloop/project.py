@@ -171,11 +171,10 @@ class Recipe(_Strict):
             if self.task != "classify" or self.method in ("dpo", "distill"):
                 raise ValueError(f"head: labels decides a classifier's label; task {self.task} "
                                  f"with method {self.method} writes its answer (leave out head)")
-            clash = [k for k, v in (("loss", self.loss), ("compile", self.compile),
-                                    ("packing: on", self.packing == "on")) if v]
+            clash = [k for k, v in (("loss", self.loss), ("compile", self.compile)) if v]
             if clash:
-                raise ValueError("head: labels trains the head's cross-entropy, eager, one "
-                                 f"example per row; leave out {clash[0]} (or set head: none)")
+                raise ValueError("head: labels trains the head's cross-entropy, eager; leave "
+                                 f"out {clash[0]} (or set head: none)")
         return self
 
     @field_validator("base_model")

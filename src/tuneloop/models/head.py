@@ -21,7 +21,7 @@ from torch import nn
 
 from tuneloop.data.batching import collate
 from tuneloop.data.tokenize import IGNORE, Encoded
-from tuneloop.models.scoring import causal_lm
+from tuneloop.models.scoring import attention, causal_lm
 
 HEAD_FILE = "label_head.safetensors"
 
@@ -110,13 +110,18 @@ def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy of the gold labels under the head, rows) for a batch of `encode`d
-    items."""
+    """(summed cross-entropy of the gold labels under the head, items) for a micro-batch of
+    `encode`d items, in padded rows or packed ones (data/batching.pack): each item's gold
+    label sits at its prompt's last token, the only position that is not IGNORE."""
     lm = causal_lm(model)
     batch = {k: v.to(lm.device, non_blocking=True) for k, v in batch.items()}
-    gold = batch["labels"].gather(1, (batch["attention_mask"].sum(-1) - 1)[:, None])[:, 0]
-    logits = find(model)(last_hidden(model, batch["input_ids"], batch["attention_mask"]))
-    return F.cross_entropy(logits, gold, reduction="sum"), int(gold.numel())
+    gpu = lm.device.type == "cuda"
+    with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu):
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], **attention(batch),
+                                  use_cache=False).last_hidden_state
+    last = batch["labels"] != IGNORE
+    gold = batch["labels"][last]
+    return F.cross_entropy(find(model)(hidden[last]), gold, reduction="sum"), int(gold.numel())
 
 
 @torch.no_grad()

@@ -76,9 +76,8 @@ class Objective:
 class LabelHead(Objective):
     """`head: labels`: a classifier decides with a head over the prompt's last hidden state
     (models/head.py), trained with the adapter by cross-entropy over the label set. An item
-    is the prompt alone: the label is never written, so a step costs the prompt's tokens only."""
-
-    can_pack = False  # the head reads each row's last token
+    is the prompt alone: the label is never written, so a step costs the prompt's tokens only.
+    Packed rows serve it as padded ones: the head reads each item's last prompt token."""
 
     def __init__(self, labels: list[str]):
         self.labels = list(labels)

@@ -74,10 +74,10 @@ def default_head(task: str, method: str) -> str:
 
 def resolve_head(recipe) -> str:
     """The run's head: the recipe's, else the default where nothing the recipe asks for
-    (a loss of its own, compile, packing: on) rules a head out."""
+    (a loss of its own, compile) rules a head out."""
     if recipe.head:
         return recipe.head
-    if recipe.loss or recipe.compile or recipe.packing == "on":
+    if recipe.loss or recipe.compile:
         return "none"
     return default_head(recipe.task, recipe.method)
 
