@@ -99,26 +99,26 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The decoder's final (normed) hidden states, pooled for the head: [rows, hidden]."""
+def _final_states(model, input_ids: torch.Tensor, **masking) -> torch.Tensor:
+    """The decoder's final (normed) hidden states [rows, tokens, hidden] (bf16 on a GPU);
+    `masking`: an attention mask or a packed batch's position ids."""
     lm = causal_lm(model)
     gpu = lm.device.type == "cuda"
     with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu):
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state
-    return pool(hidden, attention_mask)
+        return lm.get_decoder()(input_ids=input_ids, **masking, use_cache=False).last_hidden_state
+
+
+def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The decoder's final hidden states, pooled for the head: [rows, hidden]."""
+    return pool(_final_states(model, input_ids, attention_mask=attention_mask), attention_mask)
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy of the gold labels under the head, items) for a micro-batch of
     `encode`d items, in padded rows or packed ones (data/batching.pack): each item's gold
     label sits at its prompt's last token, the only position that is not IGNORE."""
-    lm = causal_lm(model)
-    batch = {k: v.to(lm.device, non_blocking=True) for k, v in batch.items()}
-    gpu = lm.device.type == "cuda"
-    with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu):
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], **attention(batch),
-                                  use_cache=False).last_hidden_state
+    batch = {k: v.to(causal_lm(model).device, non_blocking=True) for k, v in batch.items()}
+    hidden = _final_states(model, batch["input_ids"], **attention(batch))
     last = batch["labels"] != IGNORE
     gold = batch["labels"][last]
     return F.cross_entropy(find(model)(hidden[last]), gold, reduction="sum"), int(gold.numel())

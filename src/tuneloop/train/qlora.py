@@ -4,6 +4,13 @@ The base weights take ~0.5 byte per parameter instead of 2 (bf16) or 4 (float32)
 dequantized block by block inside each matmul. The adapters, the optimizer and the loss stay
 in full precision, and the saved adapter is an ordinary PEFT adapter: evaluation and serving
 apply it to the unquantized base.
+
+The layers left unquantized (embeddings, norms, the output head) keep the dtype they load in,
+bf16 on a GPU, as in a LoRA run, and the adapters attach as LoRA's do. PEFT's
+prepare_model_for_kbit_training would make those layers float32: at an 8B model's 128k
+vocabulary 2.1 GB more for the embeddings and as much for the head, which autocast then copies
+back to bf16 at every pass. Its other work (inputs that carry gradients) serves gradient
+checkpointing, which tuneloop does not use.
 """
 
 from __future__ import annotations
@@ -32,14 +39,4 @@ def load_4bit(recipe):
     return models.load_model(recipe.base_model, dtype=compute, quantization=config)
 
 
-def prepare(model, recipe, plan):
-    """LoRA adapters on the 4-bit base. The layers left unquantized (embeddings, norms, the
-    output head) keep the dtype they loaded in, bf16 on a GPU, as in a LoRA run. PEFT's
-    prepare_model_for_kbit_training would make them float32: at an 8B model's 128k
-    vocabulary 2.1 GB more for the embeddings and as much for the head, which autocast then
-    copies back to bf16 at every pass. Its other work (inputs that carry gradients) serves
-    gradient checkpointing, which tuneloop does not use."""
-    return prepare_lora(model, recipe, plan)
-
-
-QLORA = Method("qlora", LORA_LR, load_4bit, prepare, save_adapter)
+QLORA = Method("qlora", LORA_LR, load_4bit, prepare_lora, save_adapter)
