@@ -117,3 +117,23 @@ def test_a_training_step_keeps_no_full_vocabulary_logits(tiny_model, monkeypatch
     for chunk in (2**62, 3 * vocab):
         monkeypatch.setattr(scoring, "LOGIT_CHUNK", chunk)
         assert vocab_wide_bytes_kept(frozen, batch) == 0
+
+
+def test_the_fused_loss_keeps_a_bf16_models_dtypes_and_its_gradient(tiny_model, monkeypatch):
+    """A bf16 model (as on a GPU): hidden states' gradients come back bf16, and match plain
+    autograd's to bf16's precision, in one chunk or several."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    batch = collate(examples(6, seed=7), 0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    with monkeypatch.context() as m:
+        m.setattr(scoring._FrozenHeadCrossEntropy, "apply", plain_cross_entropy)
+        reference = loss_and_grads(model, scoring.completion_loss, batch)
+    for chunk in (2**62, 3 * vocab):
+        monkeypatch.setattr(scoring, "LOGIT_CHUNK", chunk)
+        loss, grads = loss_and_grads(model, scoring.completion_loss, batch)
+        torch.testing.assert_close(loss, reference[0], rtol=1e-3, atol=1e-3)
+        for got, expected in zip(grads, reference[1]):
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)

@@ -106,7 +106,10 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, size):
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # (float32 until the backward pass weighs it: the weights are often tiny, 1 / tokens)
+        grad = (torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+                if ctx.needs_input_grad[0] else None)
+        ctx.dtype = hidden.dtype
         for start in range(0, hidden.shape[0], size):
             rows = slice(start, start + size)
             t = targets[rows]
@@ -123,7 +126,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, weights):
         (grad,) = ctx.saved_tensors
-        return grad * weights[:, None].to(grad.dtype), None, None, None, None
+        return (grad * weights[:, None].float()).to(ctx.dtype), None, None, None, None
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor], decoder=None):
