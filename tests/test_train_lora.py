@@ -218,3 +218,31 @@ def test_extraction_with_empty_rows_and_list_fields_trains_and_is_scored(tiny_mo
     test = result["test"]
     assert test["json_valid_rate"] == 1.0 and test["empty_rows"] == 3
     assert 0.0 <= test["empty_row_accuracy"] <= 1.0 and "hallucination_rate" in test
+
+
+def test_validation_passes_are_no_larger_than_a_training_micro_batch(
+        tiny_model, classify_files, tmp_path, monkeypatch):
+    """A GPU's token budget fits the device, but an update holds batch_size examples: passes
+    without gradients (validation, DPO's reference) at the whole budget would set the run's
+    memory peak. They are cut to training's largest micro-batch."""
+    from tuneloop.train.data import load_splits
+    from tuneloop.train.lora import run_lora
+    from tuneloop.train.objective import Objective
+
+    made = []
+    real = Objective.batches
+
+    def recording(self, items, pad, batch_tokens):
+        out = real(self, items, pad, batch_tokens)
+        made.extend(out)
+        return out
+
+    monkeypatch.setattr(Objective, "batches", recording)
+    train_file, test_file = classify_files
+    recipe = recipe_for(tiny_model, train_file, test_file, head="none", batch_size=2,
+                        batch_tokens=4096, max_steps=2)
+    out = run_lora(recipe, load_splits(recipe.data, "classify"), tmp_path / "run")
+    plan = out["plan"]
+    assert plan.batch_tokens == 4096 and plan.batch_size == 2
+    assert len(made) > 1  # the budget alone would take every validation example at once
+    assert all(b["input_ids"].numel() <= 2 * plan.max_length for b in made)

@@ -128,7 +128,10 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
     model = method.prepare(model, recipe, plan)
     objective.attach(model)
     pad = tokenizer.pad_token_id
-    objective.begin(model, train_set, val_set, batch_tokens, pad)
+    # Passes without gradients (validation, DPO's reference) in micro-batches no larger than
+    # training's largest: at the device's whole token budget they would set the run's peak.
+    pass_tokens = min(batch_tokens, batch_size * objective.rows * max_length)
+    objective.begin(model, train_set, val_set, pass_tokens, pad)
     task_loss = objective.loss
     held, step_loss_fn, val_loss_fn = None, loss_fn or task_loss, objective.validation_loss(model)
     if recipe.compile:
@@ -144,7 +147,7 @@ def run_sft(method: Method, recipe, splits: Splits, run_dir: Path, progress=None
         engine = zero.initialize(model, task_loss, optimizer, zero.STAGES[shard])
         step_loss_fn = val_loss_fn = lambda _model, batch: engine(batch)
         held, access = zero.held(model), zero.Zero(engine, shard)
-    val_batches = objective.batches(val_set, pad, batch_tokens)
+    val_batches = objective.batches(val_set, pad, pass_tokens)
 
     curves = {"train": [], "validation": []}
     tokens, train_s, deadline = 0, 0.0, _deadline(recipe)
