@@ -1,6 +1,8 @@
-"""Answer tokens' full-vocabulary logits are formed a chunk of rows at a time, and in training
-each chunk is formed again in the backward pass instead of kept: the losses and gradients must
-be those of the whole, and no tensor of vocabulary width may be kept for the backward pass."""
+"""Answer tokens' full-vocabulary logits are formed a chunk of rows at a time; in training a
+frozen head's gradient is formed in the forward pass, and a head that trains has each chunk
+formed again in the backward pass. Either way the losses and gradients must be those of the
+whole (and of plain autograd), and no tensor of vocabulary width may be kept for the backward
+pass."""
 
 from __future__ import annotations
 
