@@ -17,7 +17,7 @@ from tuneloop.data.batching import collate, pack, update_batches
 from tuneloop.data.tokenize import IGNORE, Encoded
 from tuneloop.errors import TuneloopError
 from tuneloop.models import scoring
-from tuneloop.models.scoring import answer_logits, sequence_logps
+from tuneloop.models.scoring import sequence_logps
 from tuneloop.project import recipe_from_dict
 
 
@@ -66,7 +66,7 @@ def test_packed_losses_and_gradients_equal_each_example_alone(tiny_model, attn):
     items = examples(6, seed=1)
     packed = pack(items, pad_id=0, row_tokens=48)
     # The packed batch's answer tokens, in its row-major order, by the item they belong to.
-    _, _, keep = answer_logits(model, packed)
+    _, _, keep = scoring.token_losses(model, packed)
     owner = packed["sequence"][:, 1:][keep]
     losses = token_losses(model, packed)
     alone_grads = None
@@ -93,7 +93,7 @@ def test_no_token_attends_across_an_example_boundary(tiny_model):
     batch = pack(changed, 0, row_tokens=200)
     assert batch["input_ids"].shape[0] == 1  # all four in one row
     after = token_losses(model, batch)
-    _, _, keep = answer_logits(model, batch)
+    _, _, keep = scoring.token_losses(model, batch)
     owner = batch["sequence"][:, 1:][keep]
     others = owner != 1
     assert torch.equal(before[others], after[others])

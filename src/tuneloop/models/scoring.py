@@ -129,13 +129,6 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         return (grad * weights[:, None].float()).to(ctx.dtype), None, None, None, None
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor], decoder=None):
-    """(float32 logits at answer positions, their target ids, mask of those positions
-    [rows, len-1]), every row's logits at once: for a few rows (tests, short answers)."""
-    hidden, targets, keep = answer_hidden(model, batch, decoder)
-    return over_rows(model, lambda logits: logits, hidden), targets, keep
-
-
 def _token_loss(logits, targets):
     return F.cross_entropy(logits, targets, reduction="none")
 
