@@ -21,7 +21,7 @@ from torch import nn
 
 from tuneloop.data.batching import collate
 from tuneloop.data.tokenize import IGNORE, Encoded
-from tuneloop.models.scoring import attention, causal_lm
+from tuneloop.models.scoring import attention, autocast, causal_lm
 
 HEAD_FILE = "label_head.safetensors"
 
@@ -103,8 +103,7 @@ def _final_states(model, input_ids: torch.Tensor, **masking) -> torch.Tensor:
     """The decoder's final (normed) hidden states [rows, tokens, hidden] (bf16 on a GPU);
     `masking`: an attention mask or a packed batch's position ids."""
     lm = causal_lm(model)
-    gpu = lm.device.type == "cuda"
-    with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu):
+    with autocast(lm):
         return lm.get_decoder()(input_ids=input_ids, **masking, use_cache=False).last_hidden_state
 
 

@@ -42,8 +42,9 @@ def attention(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"attention_mask": batch["attention_mask"]}
 
 
-def _autocast(lm):
-    # On a GPU the matmuls run in bf16 (float32 master weights stay float32: full fine-tuning).
+def autocast(lm):
+    """The context a model's passes run in: on a GPU the matmuls run in bf16 (float32 master
+    weights stay float32: full fine-tuning); on a CPU, as the weights are."""
     gpu = lm.device.type == "cuda"
     return torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu)
 
@@ -54,7 +55,7 @@ def answer_hidden(model, batch: dict[str, torch.Tensor], decoder=None):
     instead of its own (a compiled one: train/sft.py)."""
     lm = causal_lm(model)
     batch = {k: v.to(lm.device, non_blocking=True) for k, v in batch.items()}
-    with _autocast(lm):
+    with autocast(lm):
         body = lm.get_decoder() if decoder is None else decoder
         hidden = body(input_ids=batch["input_ids"], **attention(batch),
                       use_cache=False).last_hidden_state
@@ -80,7 +81,7 @@ def over_rows(model, fn: Callable, hidden: torch.Tensor, *rows: torch.Tensor) ->
     head = lm.get_output_embeddings()
 
     def chunk(h, *rest):
-        with _autocast(lm):
+        with autocast(lm):
             logits = head(h)
         return fn(logits.float(), *rest)
 
@@ -142,7 +143,7 @@ def token_losses(model, batch: dict[str, torch.Tensor], decoder=None):
     # A plain head (not adapted, not quantized) that does not train: LoRA, QLoRA, DPO.
     if (type(head) is torch.nn.Linear and size < math.inf
             and not any(p.requires_grad for p in head.parameters())):
-        with _autocast(lm):
+        with autocast(lm):
             losses = _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, size)
         return losses, targets, keep
     return over_rows(model, _token_loss, hidden, targets), targets, keep

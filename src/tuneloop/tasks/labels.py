@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tuneloop.data.batching import collate
 from tuneloop.data.tokenize import IGNORE, Encoded
-from tuneloop.models.scoring import causal_lm
+from tuneloop.models.scoring import autocast, causal_lm
 
 
 class LabelTrie:
@@ -237,8 +237,7 @@ def label_loss(trie):
                 node = kids[token]
         if not rows:
             return lm.get_output_embeddings().weight.sum() * 0.0, 0
-        gpu = lm.device.type == "cuda"
-        with torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16, enabled=gpu):
+        with autocast(lm):
             hidden = lm.get_decoder()(input_ids=batch["input_ids"],
                                       attention_mask=batch["attention_mask"],
                                       use_cache=False).last_hidden_state
