@@ -63,7 +63,7 @@ def model_and_batch(args):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from shapes import LORA, SHAPES  # beside this file
-    from tuneloop.data.tokenize import IGNORE
+    from tuneloop.core.tokenize import IGNORE
 
     spec = dict(SHAPES[args.shape], num_hidden_layers=args.layers)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)

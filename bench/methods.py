@@ -35,8 +35,8 @@ def recipe_for(method: str, steps: int):
 
 
 def child(method: str, steps: int, out: Path) -> None:
-    from tuneloop.train.data import load_splits
-    from tuneloop.train.methods import METHODS as REGISTRY
+    from tuneloop.data.splits import load_splits
+    from tuneloop.train.methods import WEIGHTS as REGISTRY
     from tuneloop.train.sft import run_sft
 
     recipe = recipe_for(method, steps)
@@ -61,7 +61,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.steps, args.out / args.child)
         return
-    from tuneloop.estimate import estimate
+    from tuneloop.train.estimate import estimate
 
     predicted = {m["method"]: m for m in estimate(recipe_for("lora", args.steps),
                                                   methods=args.methods)["methods"]}

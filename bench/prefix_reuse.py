@@ -23,9 +23,10 @@ def main() -> None:
 
     from tuneloop import models, tasks
     from tuneloop.baselines import shots
+    from tuneloop.tasks import prompts
     from tuneloop.baselines.strategies import many_shot
-    from tuneloop.data.formats import load_examples
-    from tuneloop.evaluate.generate import generate_shared_prefix
+    from tuneloop.core.formats import load_examples
+    from tuneloop.models.generate import generate_shared_prefix
     from tuneloop.evaluate.runner import max_new_tokens, prefix_batch_size
 
     data = ROOT / "examples" / "banking77"
@@ -36,8 +37,8 @@ def main() -> None:
     model = models.load_model("smollm2-135m-instruct")
     candidates = shots.ordered(shots.pool(train, test), info, 0)
     chosen = many_shot(tok, info, candidates, args.budget - 64, test)
-    prefix = shots.prefix_messages(info, chosen)
-    prefix_ids, suffixes = shots.split_prompts(tok, prefix, test)
+    prefix = prompts.prefix_messages(info, chosen)
+    prefix_ids, suffixes = prompts.split_prompts(tok, prefix, test)
     new = max_new_tokens(tok, test, info)
     batch = prefix_batch_size(model, len(prefix_ids))
     timings, replies = {}, {}

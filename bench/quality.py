@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tuneloop import methods
 from tuneloop.project import recipe_from_dict
 from tuneloop.train.run import train
 
@@ -40,7 +41,6 @@ SETS = {
     "wnut17": ("extract", "wnut17", "entity F1 0.56 (BERTweet), ~0.60 the best reported"),
 }
 METHOD = {"hh_rlhf_harmless": "dpo"}  # preference pairs; every other set: the default, lora
-HEADLINE = {"classify": "accuracy", "extract": "field_f1", "chat": "rouge_l", "dpo": "preference_accuracy"}
 
 
 def run_set(name: str, data: Path, out: Path, baselines: bool = True) -> dict:
@@ -64,7 +64,7 @@ def run_set(name: str, data: Path, out: Path, baselines: bool = True) -> dict:
 
 
 def row(result: dict) -> str:
-    metric = HEADLINE["dpo" if result["method"] == "dpo" else result["task"]]
+    metric = methods.headline(result["method"], result["task"])
     test = result["test"]
     ci = test.get("ci95") or {}
     gate = result.get("gate") or {}

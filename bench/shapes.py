@@ -87,13 +87,13 @@ def peak_mb() -> float:
 
 
 def run_tuneloop(folder: Path, method: str, steps: int, out: Path) -> dict:
-    from tuneloop.train.data import load_splits
-    from tuneloop.train.methods import METHODS
+    from tuneloop.data.splits import load_splits
+    from tuneloop.train.methods import WEIGHTS
     from tuneloop.train.sft import run_sft
 
     recipe = recipe_for(folder, method, steps)
     splits = load_splits(recipe.data, recipe.task)
-    result = run_sft(METHODS[method], recipe, splits, out)
+    result = run_sft(WEIGHTS[method], recipe, splits, out)
     s = result["stats"]
     return {"tokens": s["train_tokens"], "train_s": s["train_s"], "peak_mb": peak_mb(),
             "packing": result["plan"].packing}
@@ -107,7 +107,7 @@ def run_trl(folder: Path, method: str, steps: int, out: Path) -> dict:
 
     from train_throughput import train_timed, trl_rows  # beside this file
     from tuneloop import models
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
 
     recipe = recipe_for(folder, method, steps)
     splits = load_splits(recipe.data, recipe.task)
@@ -136,7 +136,7 @@ def run_trl(folder: Path, method: str, steps: int, out: Path) -> dict:
 
 def predicted(folder: Path, method: str, steps: int) -> dict:
     """tuneloop estimate's peak memory and tokens/s for this run (on the GPU: the H200)."""
-    from tuneloop.estimate import estimate
+    from tuneloop.train.estimate import estimate
 
     recipe = recipe_for(folder, method, steps)
     row = estimate(recipe, gpu=ESTIMATE_GPU if GPU else None, methods=[method])["methods"][0]

@@ -30,16 +30,16 @@ RECIPE = ROOT / "examples" / "banking77" / "recipe.yaml"
 
 def _one_process(recipe, run_dir: Path) -> dict:
     """The loop's stats in this (fresh) process: its peak RSS is the run's alone."""
-    from tuneloop.train.data import load_splits
-    from tuneloop.train.methods import METHODS
+    from tuneloop.data.splits import load_splits
+    from tuneloop.train.methods import WEIGHTS
     from tuneloop.train.sft import run_sft
 
     splits = load_splits(recipe.data, recipe.task)
-    return run_sft(METHODS[recipe.method], recipe, splits, run_dir)["stats"]
+    return run_sft(WEIGHTS[recipe.method], recipe, splits, run_dir)["stats"]
 
 
 def main() -> None:
-    from tuneloop.estimate import estimate
+    from tuneloop.train.estimate import estimate
     from tuneloop.project import load_recipe
     from tuneloop.train.distributed import launch
 

@@ -48,7 +48,7 @@ WARM_STEPS = 2  # steps left out of the steady rate (compilation, allocator warm
 
 def matmul_gflops(seconds: float = 3.0) -> float:
     """GEMM rate at the model's layer shapes: float32 on a CPU, bfloat16 on a GPU."""
-    from tuneloop.estimate import matmul_rate
+    from tuneloop.train.estimate import matmul_rate
 
     return matmul_rate(seconds, gpu=GPU) / 1e9
 
@@ -64,7 +64,7 @@ def peak_memory_mb() -> float:
 
 def load_splits():
     from tuneloop.project import load_recipe
-    from tuneloop.train.data import load_splits as _load
+    from tuneloop.data.splits import load_splits as _load
 
     recipe = load_recipe(DATA / "recipe.yaml")
     return recipe, _load(recipe.data, recipe.task)
@@ -96,7 +96,7 @@ def run_tuneloop(steps: int, out: Path, packing: str = "off", compile: bool = Fa
 def packed_rows(recipe, splits) -> int:
     """TRL's packed sequences a step that hold about ROWS_PER_STEP examples, as tuneloop's."""
     from tuneloop import models, tasks
-    from tuneloop.data.tokenize import encode
+    from tuneloop.core.tokenize import encode
 
     module = tasks.TASKS[recipe.task]
     tok = models.load_tokenizer(recipe.base_model)
@@ -190,8 +190,8 @@ def validation_loss(adapter: str) -> float:
     from peft import PeftModel
 
     from tuneloop import models, tasks
-    from tuneloop.data.batching import collate, length_grouped_batches
-    from tuneloop.data.tokenize import encode
+    from tuneloop.core.batching import collate, length_grouped_batches
+    from tuneloop.core.tokenize import encode
     from tuneloop.models.scoring import mean_loss
 
     recipe, splits = load_splits()

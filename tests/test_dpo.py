@@ -10,12 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import WORDS, write_jsonl
-from tuneloop.data.batching import collate
-from tuneloop.data.formats import load_examples, prompt_messages, scan
-from tuneloop.data.tokenize import IGNORE, encode
+from tuneloop.core.batching import collate
+from tuneloop.core.formats import load_examples, prompt_messages, scan
+from tuneloop.core.tokenize import IGNORE, encode
 from tuneloop.evaluate import evaluate
 from tuneloop.project import recipe_from_dict
-from tuneloop.evaluate.pairs import dpo_loss
+from tuneloop.models.scoring import dpo_loss
 from tuneloop.models.scoring import sequence_logps
 from tuneloop.train.run import train
 

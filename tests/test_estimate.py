@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.test_train_lora import recipe_for
-from tuneloop.estimate import CPU_PROCESSES_EFFICIENCY, architecture, estimate
+from tuneloop.train.estimate import CPU_PROCESSES_EFFICIENCY, architecture, estimate
 from tuneloop.store import Registry
 
 
@@ -23,7 +23,7 @@ def _rate(recipe, workspace, **kw):
 def test_measured_throughput_is_taken_from_runs_with_as_many_processes_sharded_alike(
         tiny_model, classify_files, workspace, monkeypatch):
     timed = []  # (a timed measurement), at the model's own layer shapes
-    monkeypatch.setattr("tuneloop.estimate.matmul_rate",
+    monkeypatch.setattr("tuneloop.train.estimate.matmul_rate",
                         lambda shape: timed.append(shape) or 1e11)
     recipe = recipe_for(tiny_model, *classify_files)
     arithmetic, source = _rate(recipe, workspace)
@@ -73,7 +73,7 @@ def test_the_largest_micro_batch_holds_at_most_an_updates_examples(tiny_model, c
 
 
 def _longest(tiny_model, classify_files) -> int:
-    from tuneloop.estimate import _data_tokens
+    from tuneloop.train.estimate import _data_tokens
 
     return _data_tokens(recipe_for(tiny_model, *classify_files))[1]
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import make_rows, write_jsonl
-from tuneloop.data.formats import Example, load_examples, scan
+from tuneloop.core.formats import Example, load_examples, scan
 from tuneloop.errors import TuneloopError
 
 GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -81,7 +81,7 @@ def test_too_long_uses_the_token_count(tmp_path):
 
 
 def test_oversized_line_is_skipped_without_reading_it_whole(tmp_path, monkeypatch):
-    import tuneloop.data.formats as formats
+    import tuneloop.core.formats as formats
 
     monkeypatch.setattr(formats, "MAX_LINE_BYTES", 1024)
     path = tmp_path / "d.jsonl"
@@ -131,7 +131,7 @@ def test_memory_stays_flat_on_large_files(tmp_path):
     many.write_bytes(row * (40_000_000 // len(row)))
     script = (
         "import resource, sys, json\n"
-        "from tuneloop.data.formats import scan\n"
+        "from tuneloop.core.formats import scan\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "r1 = scan(sys.argv[1]); r2 = scan(sys.argv[2])\n"
         "grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024\n"

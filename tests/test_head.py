@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import LABELS, make_rows
-from tuneloop.data.batching import collate, pack
-from tuneloop.data.formats import Example
-from tuneloop.data.tokenize import prompt_ids
+from tuneloop.core.batching import collate, pack
+from tuneloop.core.formats import Example
+from tuneloop.core.tokenize import prompt_ids
 from tuneloop.models import head as label_head
 from tuneloop.models.scoring import mean_loss
 from tuneloop.tasks import classify
@@ -89,7 +89,7 @@ def test_a_head_trains_with_the_adapter_and_is_kept_in_the_artifact(tiny_model, 
     from tuneloop.evaluate.runner import score
     from tuneloop.models import load_artifact
     from tuneloop.project import recipe_from_dict
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = classify_files
@@ -243,7 +243,7 @@ def test_export_keeps_the_head_beside_the_adapter_and_the_merged_model(tiny_mode
     from safetensors import safe_open
 
     from tests.test_train_lora import recipe_for
-    from tuneloop.export import export
+    from tuneloop.train.export import export
     from tuneloop.train.run import train
 
     train_file, test_file = classify_files

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import write_jsonl
 from tests.test_synth import teacher  # noqa: F401  (the loopback judge fixture)
-from tuneloop.data.formats import file_sha256
+from tuneloop.core.formats import file_sha256
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.judge import parse_score, parse_winner, run_judge
 from tuneloop.evaluate.store import record_evaluation

@@ -13,14 +13,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import LABELS, make_rows
-from tuneloop.data.formats import Example
-from tuneloop.data.tokenize import prompt_ids
+from tuneloop.core.formats import Example
+from tuneloop.core.tokenize import prompt_ids
 from tuneloop.evaluate.runner import calibration, score
 from tuneloop.serve.engine import Engine, Sampling, complete
 from tuneloop.tasks import classify
 from tuneloop.tasks.labels import LabelTrie, label_distribution
 from tuneloop.tasks import TaskInfo
-from tuneloop.train.sft import schedule
+from tuneloop.tasks.info import SAVED_WITHOUT_SYSTEM
+from tuneloop.train.objective import schedule
 
 # Labels sharing first tokens and one label that is a prefix of another: the trie branches
 # below its root and ends one label where another goes on.
@@ -166,10 +167,13 @@ def test_a_shared_prefix_run_once_scores_labels_as_the_whole_prompts_do(tiny):
 def test_a_classifier_is_prompted_as_it_was_trained_old_artifacts_too():
     """New classifiers learn with the short system turn and record it with their artifact; one
     saved before that record existed learned with the instruction, and is prompted with it."""
-    info = TaskInfo(kind="classify", labels=("a", "b"))
+    ask = Example(messages=({"role": "user", "content": "hi"},), answer="")
+    info = classify.describe([Example(ask.messages, "b", label="b"),
+                              Example(ask.messages, "a", label="a")])
+    assert info == TaskInfo(kind="classify", labels=("a", "b"), system=classify.TRAINED_SYSTEM)
     saved = info.to_dict()
     assert saved["system"] == classify.TRAINED_SYSTEM
-    ask = Example(messages=({"role": "user", "content": "hi"},), answer="")
+    assert SAVED_WITHOUT_SYSTEM["classify"] == classify.SYSTEM
     assert classify.prompt(ask, TaskInfo.from_dict(saved))[0]["content"] == "Classify."
     legacy = {k: v for k, v in saved.items() if k != "system"}
     assert classify.prompt(ask, TaskInfo.from_dict(legacy))[0]["content"] == classify.SYSTEM
@@ -210,8 +214,8 @@ def test_an_update_split_for_several_processes_stays_within_the_token_budget():
 def test_the_label_loss_is_minus_log_the_gold_labels_probability(tiny):
     """The label loss of a padded batch is, row by row, -log of the gold label's probability as
     eval and serving compute it; a label set with one label leaves nothing to learn."""
-    from tuneloop.data.batching import collate
-    from tuneloop.data.tokenize import encode
+    from tuneloop.core.batching import collate
+    from tuneloop.core.tokenize import encode
     from tuneloop.tasks.labels import label_loss
 
     model, tok = tiny
@@ -238,7 +242,7 @@ def test_a_classifier_trained_on_its_label_set_learns_it(tiny_model, classify_fi
     where there is no label set."""
     from tuneloop.errors import TuneloopError
     from tuneloop.project import recipe_from_dict
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = classify_files

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from tests.test_packing import examples
-from tuneloop.data.batching import collate, pack
+from tuneloop.core.batching import collate, pack
 from tuneloop.models import scoring
 from tuneloop.train.distill import distill_loss
 

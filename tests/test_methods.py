@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from tests.test_train_lora import recipe_for
 from tuneloop.evaluate import evaluate
 from tuneloop.models import load_artifact
-from tuneloop.export import export
+from tuneloop.train.export import export
 from tuneloop.errors import TuneloopError
 from tuneloop.train.run import train
 
@@ -70,7 +70,7 @@ def wide_tiny_model(tiny_model: Path, folder: Path) -> Path:
 def test_qlora_trains_adapters_on_a_4bit_base(tiny_model, classify_files, workspace, tmp_path):
     import bitsandbytes as bnb
 
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.qlora import QLORA
     from tuneloop.train.sft import run_sft
 

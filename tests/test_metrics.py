@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tuneloop.data.formats import Example
+from tuneloop.core.formats import Example
 from tuneloop.tasks import TaskInfo, chat, classify, extract
 
 
@@ -57,7 +57,8 @@ def test_list_fields_score_as_multisets_and_abstention_is_measured():
              {"person": ["Zed"], "place": None},       # invented: in no input
              {"person": ["Cy"], "place": "rome"}]
     texts = ["Ann Lee met Bob and Dan", "Price range is moderate?", "hello", "Cy and Cy in Rome"]
-    m = extract.metrics(preds, golds, [True] * 4, texts=texts)
+    rows = [Example(({"role": "user", "content": x},), "", text=x) for x in texts]
+    m = extract.metrics(preds, golds, [True] * 4, rows)
     person = m["per_field"]["person"]
     # person: gold 4 values, predicted 5 (3 + 1 + 1), right 3 (ann lee, bob, one cy)
     assert (person["gold_values"], person["precision"], person["recall"]) == (4, 3 / 5, 3 / 4)

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import write_jsonl
-from tuneloop.data.batching import collate, pack, update_batches
-from tuneloop.data.tokenize import IGNORE, Encoded
+from tuneloop.core.batching import collate, pack, update_batches
+from tuneloop.core.tokenize import IGNORE, Encoded
 from tuneloop.errors import TuneloopError
 from tuneloop.models import scoring
 from tuneloop.models.scoring import sequence_logps
@@ -140,7 +140,7 @@ def test_packed_micro_batches_hold_the_same_updates_within_the_token_budget():
 
 @pytest.mark.parametrize("task", ["classify", "head", "dpo"])
 def test_a_packed_run_trains_as_a_padded_run(tiny_model, classify_files, tmp_path, task):
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.dpo import run_dpo
     from tuneloop.train.lora import run_lora
 
@@ -171,7 +171,7 @@ def test_a_packed_run_trains_as_a_padded_run(tiny_model, classify_files, tmp_pat
 
 
 def test_packing_on_with_the_label_set_loss_is_a_clear_error(tiny_model, classify_files, tmp_path):
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = classify_files
@@ -185,7 +185,7 @@ def test_packing_on_with_the_label_set_loss_is_a_clear_error(tiny_model, classif
 
 def test_compile_trains_as_eager_and_only_the_training_step_is_compiled(
         tiny_model, classify_files, tmp_path, monkeypatch):
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.lora import run_lora
 
     compiled = []

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import DB_KINDS, make_rows, two_tenant_server, write_jsonl
 from tuneloop.serve.app import running
-from tuneloop.data.formats import load_examples
+from tuneloop.core.formats import load_examples
 from tuneloop.serve.app import Settings
 from tuneloop.serve.auth import create_key, revoke_key
 from tuneloop.serve.feedback import export

@@ -89,7 +89,7 @@ def server(tmp_path_factory):
 def builtin_replies(paths: dict[str, Path], max_tokens: int) -> dict[tuple[str, str], str]:
     """What the built-in engine answers each (model, question), greedy."""
     from tuneloop import models
-    from tuneloop.data.tokenize import prompt_ids
+    from tuneloop.core.tokenize import prompt_ids
     from tuneloop.serve.adapters import BASE as NO_ADAPTER
     from tuneloop.serve.engine import Engine, Sampling, complete
 

@@ -149,8 +149,8 @@ def test_server_serves_a_smollm2_adapter_like_peft_and_holds_json_schemas(tmp_pa
     jsonschema.validate(json.loads(structured.choices[0].message.content), schema)
     # The same prompt through PEFT's own model, greedy within the label trie: the stacked-LoRA
     # engine, holding the classifier to its labels, must agree.
-    from tuneloop.data.formats import Example
-    from tuneloop.data.tokenize import prompt_ids
+    from tuneloop.core.formats import Example
+    from tuneloop.core.tokenize import prompt_ids
     from tuneloop.tasks import TaskInfo, classify
     from tuneloop.tasks.labels import LabelTrie
 

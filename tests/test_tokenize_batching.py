@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneloop.data.batching import collate, length_grouped_batches
-from tuneloop.data.tokenize import IGNORE, encode, prompt_ids
+from tuneloop.core.batching import collate, length_grouped_batches
+from tuneloop.core.tokenize import IGNORE, encode, prompt_ids
 from tuneloop.models.scoring import completion_loss
 
 MSGS = [{"role": "system", "content": "Classify."}, {"role": "user", "content": "i lost my card"}]
@@ -83,7 +83,7 @@ def test_a_typed_control_token_string_stays_text_and_clean_prompts_are_unchanged
     prompt of clean text is token for token what tokenizing the rendered template gives."""
     from transformers import AutoTokenizer
 
-    from tuneloop.data.tokenize import encode, prompt_ids
+    from tuneloop.core.tokenize import encode, prompt_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     specials = set(tok.all_special_ids)

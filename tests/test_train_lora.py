@@ -64,7 +64,7 @@ def test_lora_trains_adapters_only_and_writes_a_loadable_adapter(tiny_model, cla
 
 
 def test_frozen_parameters_stay_frozen_during_training(tiny_model, classify_files, tmp_path):
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = classify_files
@@ -88,7 +88,7 @@ def test_frozen_parameters_stay_frozen_during_training(tiny_model, classify_file
 
 
 def test_same_seed_same_run(tiny_model, classify_files, tmp_path):
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = classify_files
@@ -123,7 +123,7 @@ def test_extract_and_chat_tasks_train_and_score(tiny_model, tmp_path, workspace)
 def test_early_stopping_keeps_the_best_weights(tiny_model, classify_files, tmp_path):
     from safetensors.torch import load_file
 
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = classify_files
@@ -160,7 +160,7 @@ def test_the_weights_kept_are_the_best_by_validation_accuracy(tiny_model, classi
     not its last ones, without being asked to stop early."""
     from safetensors.torch import load_file
 
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = classify_files
@@ -186,8 +186,8 @@ def test_the_weights_kept_are_the_best_by_validation_accuracy(tiny_model, classi
 def test_extraction_with_empty_rows_and_list_fields_trains_and_is_scored(tiny_model, tmp_path, workspace):
     """Rows with nothing to extract train as the all-null answer and are scored for answering
     nothing; list fields are learned and scored as lists."""
-    from tuneloop.data.tokenize import encode
-    from tuneloop.train.data import load_splits
+    from tuneloop.core.tokenize import encode
+    from tuneloop.data.splits import load_splits
 
     words = ["ann", "bob", "cy", "dan"]
     rows = []
@@ -225,7 +225,7 @@ def test_validation_passes_are_no_larger_than_a_training_micro_batch(
     """A GPU's token budget fits the device, but an update holds batch_size examples: passes
     without gradients (validation, DPO's reference) at the whole budget would set the run's
     memory peak. They are cut to training's largest micro-batch."""
-    from tuneloop.train.data import load_splits
+    from tuneloop.data.splits import load_splits
     from tuneloop.train.lora import run_lora
     from tuneloop.train.objective import Objective
 

@@ -7,7 +7,7 @@ import yaml
 
 from tuneloop.project import load_recipe
 from tuneloop.store import Registry
-from tuneloop.tune import tune
+from tuneloop.train.tune import tune
 
 
 def test_tune_records_every_trial_and_writes_the_best_recipe(tmp_path, tiny_model, classify_files,

@@ -225,7 +225,7 @@ def runs_list(as_json: bool = JSON_OPT) -> None:
     """List runs, newest first.  Example: tuneloop runs list"""
     from tuneloop.project import workspace
     from tuneloop.store import Registry
-    from tuneloop.tasks import HEADLINE
+    from tuneloop import methods
 
     runs = Registry.open(workspace()).list_runs()
     if as_json:
@@ -235,7 +235,7 @@ def runs_list(as_json: bool = JSON_OPT) -> None:
     table = Table(Column("id", no_wrap=True), "status", "task", "base model", "method",
                   "headline", Column("created", no_wrap=True))
     for r in runs:
-        key = "preference_accuracy" if r.method == "dpo" else HEADLINE[r.task]
+        key = methods.headline(r.method, r.task)
         metric = (r.metrics or {}).get(key)
         table.add_row(r.id, r.status, r.task, r.base_model, r.method,
                       f"{metric:.3f}" if isinstance(metric, float) else "–", f"{r.created:%Y-%m-%d %H:%M}")
@@ -336,7 +336,7 @@ def models_compare(
     Example: tuneloop models compare examples/banking77/recipe.yaml
              --models smollm2-135m-instruct,gemma3-270m --accept-licence "Gemma Terms of Use"
     """
-    from tuneloop.baselines.compare import compare
+    from tuneloop.train.compare import compare
     from tuneloop.project import load_recipe
 
     result = compare(load_recipe(recipe), [m.strip() for m in model_list.split(",") if m.strip()],

@@ -133,7 +133,7 @@ def serve_step(run_id: str, recipe, out) -> dict:
     import datetime as dt
     import urllib.request
 
-    from tuneloop.data.formats import load_examples
+    from tuneloop.core.formats import load_examples
     from tuneloop.serve.app import Settings, running
     from tuneloop.serve.auth import create_key
     from tuneloop.serve.deploy import deploy, deployments

@@ -15,8 +15,12 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from pydantic_core import PydanticCustomError
+
+from tuneloop import methods, tasks
 from tuneloop.errors import TuneloopError
 from tuneloop.models.licences import DEFAULT_ALLOWED
+from tuneloop.core.files import atomic_write
 
 
 class _Strict(BaseModel):
@@ -87,11 +91,10 @@ class Recipe(_Strict):
     """A training run, as saved YAML. Only base_model, task and data are required."""
 
     base_model: str = Field("smollm2-135m-instruct", description="catalog id, folder or hub id")
-    task: Literal["classify", "extract", "chat"] = Field(description="classify | extract | chat")
+    task: str = Field(description="the task kind: " + " | ".join(tasks.TASKS))
     data: DataSpec
-    method: Literal["lora", "dora", "qlora", "full", "dpo", "distill"] = Field(
-        "lora", description="lora | dora | qlora (4-bit base) | full (every weight) | dpo "
-        "(preference pairs) | distill (a LoRA student learns from distill.teacher)")
+    method: str = Field("lora", description=" | ".join(
+        f"{m.name} ({m.summary})" for m in methods.METHODS.values()))
     name: str | None = Field(None, description="a label for the run")
     seed: int = Field(0, description="makes batching, init and dropout repeatable")
     epochs: float | None = Field(None, gt=0, description="passes over the data; default by size")
@@ -155,20 +158,34 @@ class Recipe(_Strict):
                              "(set batch_size), split into micro-batches of batch_tokens")
         return raw
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        return _one_of(v, tasks.TASKS)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return _one_of(v, methods.METHODS)
+
     @model_validator(mode="after")
-    def _distill_has_teacher(self):
-        if self.method == "distill" and not self.distill.teacher:
-            raise ValueError("method distill needs its teacher: distill: {teacher: RUN_ID}")
-        if self.compile and (self.method in ("dpo", "distill") or self.loss == "labels"):
+    def _what_the_method_and_task_support(self):
+        """The recipe asks only what its method and task support (each entry says what)."""
+        method, task = methods.method(self.method), tasks.module(self.task)
+        for key, hint in method.requires:
+            section, _, field = key.partition(".")
+            if not getattr(getattr(self, section), field):
+                raise ValueError(f"method {self.method} needs {hint}")
+        if self.compile and (not method.task_objectives or self.loss == "labels"):
             raise ValueError("compile: true compiles supervised fine-tuning's step; method "
                              f"{self.method}{' with loss: labels' if self.loss else ''} trains "
                              "eager (leave out compile)")
-        if self.loss == "labels" and (self.task != "classify" or self.method in ("dpo", "distill")):
+        if self.loss == "labels" and ("labels" not in task.LOSSES or not method.task_objectives):
             raise ValueError("loss: labels trains a classifier over its label set; task "
                              f"{self.task} with method {self.method} trains on tokens "
                              "(leave out loss)")
         if self.head == "labels":
-            if self.task != "classify" or self.method in ("dpo", "distill"):
+            if "labels" not in task.HEADS or not method.task_objectives:
                 raise ValueError(f"head: labels decides a classifier's label; task {self.task} "
                                  f"with method {self.method} writes its answer (leave out head)")
             clash = [k for k, v in (("loss", self.loss), ("compile", self.compile)) if v]
@@ -183,6 +200,16 @@ class Recipe(_Strict):
         if not v.strip():
             raise ValueError("must name a model, e.g. smollm2-135m-instruct")
         return v
+
+
+def _one_of(value: str, registry: dict) -> str:
+    """`value` if the registry holds it; else pydantic's own error for a choice."""
+    if value not in registry:
+        names = [repr(k) for k in registry]
+        expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": expected})
+    return value
 
 
 def read_yaml_mapping(path: Path) -> dict:
@@ -257,6 +284,4 @@ def workspace() -> Path:
 
 def save_yaml(data: dict, path: Path) -> None:
     """Write YAML atomically (temp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(data, sort_keys=False))

@@ -88,8 +88,9 @@ def print_metrics(result: dict) -> None:
 
 def print_scoreboard(task: str, rows: dict[str, dict], title: str = "scoreboard") -> None:
     """One row per model/strategy: the task's metrics, latency, cost and prompt size."""
-    metrics = {"classify": ["accuracy", "macro_f1"], "extract": ["field_f1", "json_valid_rate"],
-               "chat": ["rouge_l", "perplexity"]}[task]
+    from tuneloop import tasks
+
+    metrics = tasks.module(task).COLUMNS
     columns = {**{m: m for m in metrics}, "latency_ms_per_request": "ms/request",
                "cost_per_1k_requests": "$/1k req", "prompt_tokens": "prompt tokens",
                "shots": "shots"}

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneloop.baselines.shots import count, prefix_messages
+from tuneloop.tasks.prompts import count, prefix_messages
 from tuneloop.errors import TuneloopError
 
 PASSAGE_WORDS = 120
@@ -83,7 +83,7 @@ def chunks(text: str, words: int = PASSAGE_WORDS) -> list[str]:
 
 def retrieve(queries: list[str], passages: list[Passage], k: int) -> list[list[Passage]]:
     """The k passages most similar to each query, most similar first."""
-    from tuneloop.baselines.retrieve import nearest
+    from tuneloop.models.embed import nearest
 
     ranked = nearest(queries, [p.text for p in passages], k)
     return [[passages[i] for i in row] for row in ranked]

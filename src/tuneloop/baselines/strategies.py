@@ -15,7 +15,8 @@ from pathlib import Path
 from tuneloop import models, project, tasks
 from tuneloop.baselines import rag
 from tuneloop.baselines import shots as shots_lib
-from tuneloop.data.formats import Example, file_sha256, load_examples
+from tuneloop.tasks import prompts
+from tuneloop.core.formats import Example, file_sha256, load_examples
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.runner import max_new_tokens, score
 from tuneloop.evaluate.store import record_evaluation
@@ -51,7 +52,7 @@ def zero_shot(setup: Setup):
 def few_shot(setup: Setup):
     """One example per label (classify, up to 16) or 4 examples, within the budget."""
     info = setup.info
-    k = min(FEW_SHOT_MAX, len(info.labels)) if info.kind == "classify" else 4
+    k = min(FEW_SHOT_MAX, len(info.labels)) if info.labels else 4
     return shots_lib.fit(setup.tokenizer, info, setup.candidates, setup.budget, limit=k)
 
 
@@ -65,7 +66,7 @@ def similar_shot(setup: Setup):
     (MiniLM embeddings). The prompts then differ per row, so there is no shared prefix."""
     k = len(few_shot(setup))
     rows = per_row_shots(setup.test_rows, setup.candidates, k)
-    return [[*shots_lib.prefix_messages(setup.info, row), *_user_turns(e)]
+    return [[*prompts.prefix_messages(setup.info, row), *_user_turns(e)]
             for e, row in zip(setup.test_rows, rows)]
 
 
@@ -145,7 +146,7 @@ def make_setup(tok, base_model: str, info, train_rows, test_rows, max_prompt_tok
     prompt budget: the context (capped at max_prompt_tokens) less the longest test row's own
     turns and the longest expected reply."""
     candidates = shots_lib.ordered(shots_lib.pool(train_rows, test_rows), info, seed)
-    _, suffixes = shots_lib.split_prompts(tok, shots_lib.prefix_messages(info, []), test_rows)
+    _, suffixes = prompts.split_prompts(tok, prompts.prefix_messages(info, []), test_rows)
     limit = min(models.context_length(base_model), max_prompt_tokens)
     budget = limit - max(len(s) for s in suffixes) - max_new_tokens(tok, test_rows, info)
     return Setup(tok, info, candidates, test_rows, budget, collection, passages)
@@ -171,7 +172,7 @@ def recipe_baselines(recipe, strategies: list[str] | None = None, **options) -> 
 def per_row_shots(test_rows, candidates, k: int) -> list[list]:
     """The k candidates nearest to each test row's input, least similar first (the most similar
     example sits right before the question)."""
-    from tuneloop.baselines.retrieve import nearest
+    from tuneloop.models.embed import nearest
 
     def text(e):
         return " ".join(m["content"] for m in _user_turns(e))
@@ -182,6 +183,6 @@ def per_row_shots(test_rows, candidates, k: int) -> list[list]:
 
 def best(baselines: dict[str, dict], task: str) -> tuple[str, float]:
     """(strategy, headline metric) of the best baseline."""
-    headline = tasks.HEADLINE[task]
+    headline = tasks.headline(task)
     name = max(baselines, key=lambda s: baselines[s][headline])
     return name, baselines[name][headline]

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from tuneloop.errors import TuneloopError
 from tuneloop.terminal import JSON_OPT, err, out, print_json
+from tuneloop.core.files import atomic_write
 
 app = typer.Typer(no_args_is_help=True, help="Check, prepare, anonymize and report on data.")
 
@@ -156,9 +157,7 @@ def data_report(
         print_json(found.report)
         return
     target = html_out or Path(found.folder) / "report.html"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(render_html(found.report), encoding="utf-8")
-    tmp.replace(target)
+    atomic_write(target, render_html(found.report))
     out.print(f"wrote {target}", highlight=False)
 
 

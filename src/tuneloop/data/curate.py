@@ -33,7 +33,7 @@ import yaml
 
 from tuneloop.data import clean as cleaning
 from tuneloop.data.dedup import NearDuplicates, exact_digest, semantic_duplicates
-from tuneloop.data.formats import MIN_EXAMPLES, Problem, file_sha256, parse_row
+from tuneloop.core.formats import MIN_EXAMPLES, Problem, file_sha256, parse_row
 from tuneloop.data.ingest import read_rows
 from tuneloop.data.rows import prompt_text, reply_text
 from tuneloop.data.prepare_recipe import PrepareRecipe
@@ -134,116 +134,178 @@ def prepare(data: Iterable[dict] | None = None, recipe: PrepareRecipe | None = N
 
 def _run(sources: list[Source], recipe: PrepareRecipe, tmp: Path, workspace: Path,
          progress: Callable[[str], None]) -> dict:
+    """Every step into `tmp` (spool, anonymized rows, splits); the report of what each did."""
     spool = tmp / "spool.jsonl"
-    ingest = Step("ingest", {"on_error": recipe.on_error, "inputs": [s[0] for s in sources]})
-    clean = Step("clean", recipe.clean.model_dump())
-    exact = Step("dedup_exact", {"enabled": recipe.dedup.exact})
-    near = Step("dedup_near", recipe.dedup.near.model_dump())
-    settings = cleaning.CleanSettings(**recipe.clean.model_dump(exclude={"enabled"}))
-    near_index = (NearDuplicates(recipe.dedup.near.threshold, recipe.dedup.near.num_perm)
-                  if recipe.dedup.near.enabled or recipe.split.group_near_duplicates else None)
-    digests: dict[bytes, int] = {}
-    kept = _Kept()  # per spooled row: where it came from, its label and duplicate group
-    problems: list[str] = []
-    inputs = []
+    stream = _Stream(sources, recipe)
     progress("reading, cleaning and deduplicating")
-    with spool.open("w", encoding="utf-8") as out:
-        for name, rows in sources:
-            label = Path(name).name  # rows are named file:line in the report; inputs list paths
-            count = 0
-            for line, row, problem in rows:
-                count += 1
-                ingest.rows_in += 1
-                where = f"{label}:{line}"
-                if problem is None:
-                    example, _, found = parse_row(row, line, recipe.task)
-                    problem = found[0] if found else None
-                if problem is not None:
-                    if len(problems) < 20:
-                        problems.append(f"  {name} line {problem.line}: {problem.code}: "
-                                        f"{problem.message}")
-                    ingest.drop(problem.code, where, row if isinstance(row, dict) else None,
-                                message=problem.message)
-                    continue
-                ingest.rows_out += 1
-                if "tags" in row and "text" not in row:  # BIO: prepared as text with fields
-                    row = {**{k: v for k, v in row.items() if k not in ("tokens", "tags")},
-                           "text": example.messages[0]["content"], "fields": example.fields}
-                clean.rows_in += 1
-                if recipe.clean.enabled:
-                    row, reason, changed = cleaning.clean_row(row, settings)
-                    clean.changed += changed
-                    if reason:
-                        clean.drop(reason, where, row)
-                        continue
-                clean.rows_out += 1
-                key = cleaning.match_key(prompt_text(row))
-                digest = exact_digest(key)
-                exact.rows_in += 1
-                first = digests.get(digest)
-                if first is not None and recipe.dedup.exact:
-                    exact.drop("duplicate", where, row, of=kept.where(first),
-                               same_answer=exact_digest(_answer(row)) == kept.answers[first])
-                    kept.cluster(first)["exact"].append(where)
-                    continue
-                exact.rows_out += 1
-                near.rows_in += 1
-                group = first
-                if near_index is not None and first is None:
-                    sig = near_index.signature(key)
-                    match, similarity = near_index.match(key, sig)
-                    if match is not None and recipe.dedup.near.enabled:
-                        near.drop("near_duplicate", where, row, of=kept.where(match),
-                                  similarity=round(similarity, 3))
-                        kept.cluster(match)["near"].append((where, round(similarity, 3)))
-                        continue
-                    group = match
-                    near_index.add(len(kept), key, sig)
-                near.rows_out += 1
-                if first is None:
-                    digests[digest] = len(kept)
-                kept.add(label, line, row.get("label"), exact_digest(_answer(row)),
-                         kept.groups[group] if group is not None else len(kept))
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            inputs.append({"name": name, "rows": count,
-                           "sha256": file_sha256(name) if Path(name).is_file() else None})
-    if problems and recipe.on_error == "fail":
-        total = sum(ingest.removed.values())
-        raise TuneloopError(f"{total} malformed row(s); nothing was recorded:\n" +
-                            "\n".join(problems) + "\nFix them, or set `on_error: skip` to leave "
-                            "them out (they are listed in the report).")
-    steps = [ingest, clean, exact, near]
+    stream.run(sources, spool)
+    steps, kept = [stream.ingest, stream.clean, stream.exact, stream.near], stream.kept
     dropped = set()
     if recipe.dedup.semantic.enabled:
         progress("semantic deduplication (MiniLM)")
-        semantic = Step("dedup_semantic", recipe.dedup.semantic.model_dump(), rows_in=len(kept))
-        rows = list(read_spool(spool))
-        for index, (other, cosine) in semantic_duplicates(
-                [prompt_text(r) for r in rows], recipe.dedup.semantic.threshold).items():
-            semantic.drop("semantic_duplicate", kept.where(index), rows[index],
-                          of=kept.where(other), similarity=cosine)
-            kept.cluster(other)["near"].append((kept.where(index), cosine))
-            dropped.add(index)
-        semantic.rows_out = len(kept) - len(dropped)
+        semantic, dropped = _semantic_dedup(spool, kept, recipe)
         steps.append(semantic)
     final = tmp / "rows.jsonl"
     pii = _anonymize(spool, final, dropped, recipe, tmp, workspace, progress)
     if pii is not None:
         steps.append(pii.pop("step"))
+    survivors = _survivors(kept, dropped)
+    progress("splitting")
+    splits, contamination = _split(final, survivors, kept, recipe, pii, tmp, workspace)
+    if contamination:
+        steps.append(contamination.pop("step"))
+    return _report(recipe, stream.inputs, steps, splits, kept, pii, contamination)
+
+
+class _Stream:
+    """Ingest, clean, exact and near dedup in one pass, a row at a time, spooling the kept."""
+
+    def __init__(self, sources: list[Source], recipe: PrepareRecipe):
+        self.recipe = recipe
+        self.ingest = Step("ingest", {"on_error": recipe.on_error,
+                                      "inputs": [s[0] for s in sources]})
+        self.clean = Step("clean", recipe.clean.model_dump())
+        self.exact = Step("dedup_exact", {"enabled": recipe.dedup.exact})
+        self.near = Step("dedup_near", recipe.dedup.near.model_dump())
+        self.settings = cleaning.CleanSettings(**recipe.clean.model_dump(exclude={"enabled"}))
+        self.near_index = (NearDuplicates(recipe.dedup.near.threshold, recipe.dedup.near.num_perm)
+                           if recipe.dedup.near.enabled or recipe.split.group_near_duplicates
+                           else None)
+        self.digests: dict[bytes, int] = {}
+        self.kept = _Kept()  # per spooled row: where it came from, its label and duplicate group
+        self.problems: list[str] = []
+        self.inputs: list[dict] = []
+
+    def run(self, sources: list[Source], spool: Path) -> None:
+        """Stream every source into the spool; raises on malformed rows unless skipping them."""
+        with spool.open("w", encoding="utf-8") as out:
+            for name, rows in sources:
+                label = Path(name).name  # rows are named file:line in the report; inputs list paths
+                count = 0
+                for line, row, problem in rows:
+                    count += 1
+                    row = self._take(name, label, line, row, problem)
+                    if row is not None:
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.inputs.append({"name": name, "rows": count, "sha256": file_sha256(name)
+                                    if Path(name).is_file() else None})
+        if self.problems and self.recipe.on_error == "fail":
+            total = sum(self.ingest.removed.values())
+            raise TuneloopError(f"{total} malformed row(s); nothing was recorded:\n" +
+                                "\n".join(self.problems) + "\nFix them, or set `on_error: skip` "
+                                "to leave them out (they are listed in the report).")
+
+    def _take(self, name: str, label: str, line: int, row, problem: Problem | None) -> dict | None:
+        """One row through every step; the row to spool, or None when a step dropped it."""
+        where = f"{label}:{line}"
+        row = self._parse(name, where, line, row, problem)
+        if row is not None:
+            row = self._clean(where, row)
+        return row if row is not None and self._dedup(where, label, line, row) else None
+
+    def _parse(self, name: str, where: str, line: int, row, problem: Problem | None) -> dict | None:
+        """The row validated for the task (None, and noted, when it is malformed)."""
+        self.ingest.rows_in += 1
+        if problem is None:
+            example, _, found = parse_row(row, line, self.recipe.task)
+            problem = found[0] if found else None
+        if problem is not None:
+            if len(self.problems) < 20:
+                self.problems.append(f"  {name} line {problem.line}: {problem.code}: "
+                                     f"{problem.message}")
+            self.ingest.drop(problem.code, where, row if isinstance(row, dict) else None,
+                             message=problem.message)
+            return None
+        self.ingest.rows_out += 1
+        if "tags" in row and "text" not in row:  # BIO: prepared as text with fields
+            row = {**{k: v for k, v in row.items() if k not in ("tokens", "tags")},
+                   "text": example.messages[0]["content"], "fields": example.fields}
+        return row
+
+    def _clean(self, where: str, row: dict) -> dict | None:
+        """The row cleaned, or None when cleaning drops it."""
+        self.clean.rows_in += 1
+        if self.recipe.clean.enabled:
+            row, reason, changed = cleaning.clean_row(row, self.settings)
+            self.clean.changed += changed
+            if reason:
+                self.clean.drop(reason, where, row)
+                return None
+        self.clean.rows_out += 1
+        return row
+
+    def _dedup(self, where: str, label: str, line: int, row: dict) -> bool:
+        """Exact, then near deduplication; whether the row is kept (then added to `kept`)."""
+        key = cleaning.match_key(prompt_text(row))
+        digest = exact_digest(key)
+        self.exact.rows_in += 1
+        first = self.digests.get(digest)
+        if first is not None and self.recipe.dedup.exact:
+            self.exact.drop("duplicate", where, row, of=self.kept.where(first),
+                            same_answer=exact_digest(_answer(row)) == self.kept.answers[first])
+            self.kept.cluster(first)["exact"].append(where)
+            return False
+        self.exact.rows_out += 1
+        self.near.rows_in += 1
+        group = first
+        if self.near_index is not None and first is None:
+            sig = self.near_index.signature(key)
+            match, similarity = self.near_index.match(key, sig)
+            if match is not None and self.recipe.dedup.near.enabled:
+                self.near.drop("near_duplicate", where, row, of=self.kept.where(match),
+                               similarity=round(similarity, 3))
+                self.kept.cluster(match)["near"].append((where, round(similarity, 3)))
+                return False
+            group = match
+            self.near_index.add(len(self.kept), key, sig)
+        self.near.rows_out += 1
+        if first is None:
+            self.digests[digest] = len(self.kept)
+        self.kept.add(label, line, row.get("label"), exact_digest(_answer(row)),
+                      self.kept.groups[group] if group is not None else len(self.kept))
+        return True
+
+
+def _semantic_dedup(spool: Path, kept: "_Kept", recipe: PrepareRecipe) -> tuple[Step, set[int]]:
+    """The step and spool positions of rows whose prompt means another's (MiniLM)."""
+    semantic = Step("dedup_semantic", recipe.dedup.semantic.model_dump(), rows_in=len(kept))
+    dropped = set()
+    rows = list(read_spool(spool))
+    for index, (other, cosine) in semantic_duplicates(
+            [prompt_text(r) for r in rows], recipe.dedup.semantic.threshold).items():
+        semantic.drop("semantic_duplicate", kept.where(index), rows[index],
+                      of=kept.where(other), similarity=cosine)
+        kept.cluster(other)["near"].append((kept.where(index), cosine))
+        dropped.add(index)
+    semantic.rows_out = len(kept) - len(dropped)
+    return semantic, dropped
+
+
+def _survivors(kept: "_Kept", dropped: set[int]) -> list[int]:
+    """Spool positions of the rows that are left; raises when too few are."""
     survivors = [i for i in range(len(kept)) if i not in dropped]
     if len(survivors) < MIN_EXAMPLES:
         raise TuneloopError(f"only {len(survivors)} example(s) left after cleaning and "
                             f"deduplication; at least {MIN_EXAMPLES} are needed. See which step "
                             "removed them with on_error: skip, or loosen its settings.")
-    progress("splitting")
+    return survivors
+
+
+def _split(final: Path, survivors: list[int], kept: "_Kept", recipe: PrepareRecipe,
+           pii: dict | None, tmp: Path, workspace: Path) -> tuple[dict, dict | None]:
+    """Assign duplicate groups to splits, check them against test files, write the splits."""
     assignment = split_groups([kept.groups[i] for i in survivors],
                               [kept.labels[i] for i in survivors] if recipe.task == "classify"
                               else None, recipe.split)
     contamination, drop_train = _contamination(final, survivors, assignment, recipe, kept)
     maps = pii.pop("maps") if pii else {}
     splits = write_splits(final, survivors, assignment, drop_train, tmp, maps, workspace)
-    if contamination:
-        steps.append(contamination.pop("step"))
+    return splits, contamination
+
+
+def _report(recipe: PrepareRecipe, inputs: list[dict], steps: list[Step], splits: dict,
+            kept: "_Kept", pii: dict | None, contamination: dict | None) -> dict:
+    """The version's report: inputs, recipe, steps, splits, largest duplicate clusters."""
     clusters = [{"kept": kept.where(i), "exact": c["exact"][:10], "near": c["near"][:10],
                  "size": 1 + len(c["exact"]) + len(c["near"])} for i, c in kept.clusters.items()]
     clusters.sort(key=lambda c: -c["size"])

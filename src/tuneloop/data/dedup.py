@@ -106,7 +106,7 @@ def semantic_duplicates(texts: list[str], threshold: float = 0.95, chunk: int = 
     """{index: (earlier kept index, cosine)} for texts whose meaning repeats an earlier kept one."""
     import torch
 
-    from tuneloop.baselines.retrieve import embed
+    from tuneloop.models.embed import embed
 
     if not texts:
         return {}

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from tuneloop.data.formats import MAX_LINE_BYTES, Problem, read_lines
+from tuneloop.core.formats import MAX_LINE_BYTES, Problem, read_lines
 from tuneloop.errors import TuneloopError
 
 SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet")

@@ -79,7 +79,7 @@ BIO = ["O"] + [f"{p}-{t}" for t in NER_TYPES for p in "BI"]
 
 def base_folder() -> Path:
     """The pretrained encoder the recognizer starts from (the similarity model's folder)."""
-    from tuneloop.baselines.retrieve import model_folder
+    from tuneloop.models.embed import model_folder
 
     return model_folder()
 

@@ -11,7 +11,7 @@ import html
 import json
 from pathlib import Path
 
-from tuneloop.data.formats import parse_row
+from tuneloop.core.formats import parse_row
 
 BINS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -20,7 +20,7 @@ def token_lengths(files: list[Path], task: str, model: str) -> dict:
     """Histogram of tokens per example as training sees them: the task's prompt and the model's
     chat template included."""
     from tuneloop import models, tasks
-    from tuneloop.data.tokenize import encode
+    from tuneloop.core.tokenize import encode
 
     tokenizer = models.load_tokenizer(model)
     examples = []
@@ -31,7 +31,7 @@ def token_lengths(files: list[Path], task: str, model: str) -> dict:
                 examples.append(example)
     if not examples:
         return {}
-    kind = tasks.TASKS[task]
+    kind = tasks.module(task)
     info = tasks.describe(task, examples)
     lengths = sorted(len(encode(tokenizer, kind.prompt(e, info), kind.target(e, info)))
                      for e in examples)

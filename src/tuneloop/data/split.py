@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any, Iterator
 
 from tuneloop.data.prepare_recipe import SplitSpec
-from tuneloop.data.formats import file_sha256
+from tuneloop.core.formats import file_sha256
 from tuneloop.tasks import extract
 
 SPLITS = ("train", "validation", "test")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneloop import models
-from tuneloop.data.formats import MAX_STORED_PROBLEMS, Example, Problem, Report, scan
-from tuneloop.data.tokenize import encode
+from tuneloop.core.formats import MAX_STORED_PROBLEMS, Example, Problem, Report, scan
+from tuneloop.core.tokenize import encode
 
 
 def validate(path: str | Path, task: str | None = None,

@@ -5,40 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tuneloop import models, project, tasks
-from tuneloop.data.formats import load_examples
+from tuneloop import methods, project, tasks
+from tuneloop.core.formats import load_examples
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.pairs import evaluate_pairs
 from tuneloop.evaluate.runner import score
 from tuneloop.evaluate.store import record_evaluation
-from tuneloop.models import load_artifact
 from tuneloop.store import Registry, new_id
-from tuneloop.tasks import TaskInfo
-from tuneloop.data.formats import file_sha256
-
-
-def load_for_eval(model: str, registry: Registry):
-    """(model, tokenizer, TaskInfo or None, run or None): a run's adapter on its base, or a base."""
-    run = registry.get_run(model) if model.startswith("run-") else None
-    if run is None:
-        return models.load_model(model), models.load_tokenizer(model), None, None
-    if run.status != "done" or not run.adapter_path:
-        raise TuneloopError(f"run {run.id} is {run.status}; only finished runs can be evaluated")
-    lm, meta = load_artifact(Path(run.adapter_path))
-    return lm, models.load_tokenizer(meta["base_model"]), TaskInfo.from_dict(meta["task"]), run
-
-
-def load_for_answers(model: str, registry: Registry):
-    """load_for_eval for a model whose written answers are used (a synth or distillation
-    teacher): a run that decides with a label head (models/head.py) writes none."""
-    from tuneloop.models import head
-
-    loaded = load_for_eval(model, registry)
-    if head.find(loaded[0]) is not None:
-        raise TuneloopError(f"run {model} decides its labels with a label head and was not "
-                            "trained to write them; as a teacher use a run trained with "
-                            "head: none, or a base model")
-    return loaded
+from tuneloop.tasks.trained import load_for_eval
+from tuneloop.core.formats import file_sha256
 
 
 def evaluate(model: str, data: str | Path, task: str | None = None,
@@ -61,7 +36,7 @@ def evaluate(model: str, data: str | Path, task: str | None = None,
                             "(classify, extract or chat)")
     examples = load_examples(data, task)
     zero_shot = run is None
-    if run is not None and run.method == "dpo":  # preference pairs: scored by log-probabilities
+    if run is not None and methods.method(run.method).trains_on == "pairs":  # by log-probabilities
         meta = json.loads((Path(run.adapter_path) / "tuneloop.json").read_text())
         result = evaluate_pairs(lm, tokenizer, examples, beta=meta["beta"],
                                 start_adapter=meta["start_adapter"])

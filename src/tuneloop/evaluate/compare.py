@@ -19,6 +19,7 @@ import numpy as np
 
 from tuneloop import tasks
 from tuneloop.errors import TuneloopError
+from tuneloop.core.files import atomic_write
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -37,17 +38,7 @@ class Scored:
 
 def row_scores(task: str, rows: list[dict]) -> np.ndarray:
     """The headline metric of each row alone (accuracy: 1/0, field F1, ROUGE-L)."""
-    module, headline = tasks.TASKS[task], tasks.HEADLINE[task]  # of one row: its own value
-    out = []
-    for r in rows:
-        if task == "classify":
-            out.append(float(r["prediction"] == r["gold"]))
-        elif task == "extract" and not tasks.extract.has_values(r["gold"]):  # nothing there:
-            out.append(float(tasks.extract.abstained(r["prediction"])))  # 1 if nothing answered
-        else:
-            out.append(float(module.metrics([r["prediction"]], [r["gold"]],
-                                            [r["prediction"] is not None])[headline]))
-    return np.array(out)
+    return np.array([tasks.module(task).row_score(r) for r in rows], dtype=float)
 
 
 def bootstrap_interval(values: np.ndarray, resamples: int = RESAMPLES, level: float = LEVEL,
@@ -149,9 +140,8 @@ def compare(entries: list[Scored]) -> dict:
     lines = sorted(set.intersection(*({r["line"] for r in e.rows} for e in entries)))
     if not lines:
         raise TuneloopError("the entries share no test rows")
-    headline = tasks.HEADLINE[first.task]
-    if first.task == "extract":  # micro field F1 does not split by row: its row mean does
-        headline = "field_f1_row_mean"
+    module = tasks.module(first.task)
+    headline = module.ROW_HEADLINE  # (a micro F1 does not split by row: its row mean does)
     scores, models = {}, []
     for e in entries:
         by_line = {r["line"]: r for r in e.rows}
@@ -160,11 +150,7 @@ def compare(entries: list[Scored]) -> dict:
         low, high = bootstrap_interval(values)
         models.append({"name": e.name, "evaluation": e.evaluation, headline: float(values.mean()),
                        "low": low, "high": high})
-        if first.task == "extract":  # abstention, on the shared rows
-            shared = [by_line[n] for n in lines]
-            models[-1]["empty_row_accuracy"] = tasks.extract.metrics(
-                [r["prediction"] for r in shared], [r["gold"] for r in shared],
-                [r["prediction"] is not None for r in shared]).get("empty_row_accuracy")
+        models[-1].update(module.shared_extras([by_line[n] for n in lines]))  # (abstention)
     base_values, base_rows = scores[first.name]
     pairs = []
     for e in entries[1:]:
@@ -177,7 +163,7 @@ def compare(entries: list[Scored]) -> dict:
                               "before": base_rows[n]["prediction"], "after": rows[n]["prediction"]}
                              for kind, group in (("fixed", fixed), ("broken", broken))
                              for n in group[:20]]}
-        if first.task == "classify":
+        if module.PAIRED_EXACT:
             pair["mcnemar_p"] = mcnemar_exact(len(fixed), len(broken))
         pairs.append(pair)
     return {"task": first.task, "metric": headline, "rows": len(lines), "level": LEVEL,
@@ -215,6 +201,4 @@ def render_html(result: dict) -> str:
 
 
 def write_html(result: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_html(result), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, render_html(result))

@@ -1,7 +1,7 @@
 """Custom evaluators: business checks scored on every test answer, by name.
 
 An evaluator is a function `(example, prediction) -> dict[str, float | bool]`: `example` is the
-test row (`tuneloop.data.formats.Example`: messages, answer, label, fields, text, line) and
+test row (`tuneloop.core.formats.Example`: messages, answer, label, fields, text, line) and
 `prediction` the evaluated row ({"output", "prediction", "gold", "line"}). The run reports the
 mean of each returned value over the test rows. A recipe names evaluators in `evaluators:`:
 a built-in name, `package.module:function`, or `path/to/file.py:function` (relative to the

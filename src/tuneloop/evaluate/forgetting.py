@@ -14,10 +14,11 @@ import json
 import re
 from pathlib import Path
 
-from tuneloop.data.batching import padded_batches
-from tuneloop.data.tokenize import encode
-from tuneloop.evaluate.generate import generate
+from tuneloop.core.batching import padded_batches
+from tuneloop.core.tokenize import encode
+from tuneloop.models.generate import generate
 from tuneloop.models.scoring import mean_loss
+from tuneloop.core.files import atomic_write
 
 SUITE = Path(__file__).parent / "resources" / "general.jsonl"
 MAX_NEW_TOKENS = 16
@@ -76,10 +77,7 @@ def base_score(model, tokenizer, base_model: str, workspace: Path, load_base=Non
     else:
         result = score(load_base(), tokenizer)
     cached[base_model] = result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cached))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(cached))
     return result
 
 

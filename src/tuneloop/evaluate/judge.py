@@ -22,6 +22,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.tasks import extract
 from tuneloop.evaluate.compare import Scored, bootstrap_interval, row_scores
 from tuneloop.synth.teacher import Ask, Cache, Teacher, Usage, ask_all, request_cache_path
+from tuneloop.core.files import atomic_write
 
 RUBRIC = ("correct (agrees with the reference answer when one is given), complete, and in the "
           "form the task asks for")
@@ -251,9 +252,7 @@ def run_judge(refs: list[str], judge_spec: dict, workspace: Path, rubric: str = 
     folder = workspace / "judgements"
     folder.mkdir(parents=True, exist_ok=True)
     name = "-vs-".join(e.evaluation for e in entries) + f"-{result['prompt']['sha256'][:8]}"
-    tmp = folder / f"{name}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    tmp.replace(folder / f"{name}.json")
+    atomic_write(folder / f"{name}.json", json.dumps(result, indent=1, ensure_ascii=False))
     result["path"] = str(folder / f"{name}.json")
     return result
 

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from tuneloop.data.batching import collate, length_grouped_batches
-from tuneloop.data.tokenize import encode
+from tuneloop.core.batching import collate, length_grouped_batches
+from tuneloop.core.tokenize import encode
 from tuneloop.errors import TuneloopError
 from tuneloop.models import load_artifact
-from tuneloop.models.scoring import sequence_logps
+from tuneloop.models.scoring import dpo_loss, sequence_logps
 
 
 def encode_pairs(tokenizer, examples) -> list[tuple]:
@@ -46,12 +45,6 @@ def all_logps(model, pairs: list[tuple], batch_tokens: int, pad: int) -> torch.T
         out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
     model.train(was_training)
     return out
-
-
-def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-pair DPO loss from [n, 2] (chosen, rejected) log-probabilities."""
-    margin = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
-    return -F.logsigmoid(beta * margin)
 
 
 def preference_metrics(logps: torch.Tensor, reference: torch.Tensor | None = None,

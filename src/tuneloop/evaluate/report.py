@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from tuneloop.core.files import atomic_path
 from pathlib import Path
 
 
@@ -24,7 +24,6 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    os.replace(tmp, path)

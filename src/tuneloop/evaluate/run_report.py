@@ -13,14 +13,15 @@ import json
 from pathlib import Path
 
 from tuneloop.errors import TuneloopError
-from tuneloop.tasks import HEADLINE
+from tuneloop import methods
+from tuneloop.core.files import atomic_write
 
 WORST = 15
 
 
 def examples_by_line(dataset_id: str | None, task: str, registry) -> dict[int, str]:
     """The input text of each row of a registered dataset ({} when its file is gone)."""
-    from tuneloop.data.formats import load_examples
+    from tuneloop.core.formats import load_examples
     from tuneloop.store import Dataset
 
     with registry.session() as s:
@@ -42,8 +43,7 @@ def report_data(run_id: str, registry, workspace: Path) -> dict:
         raise TuneloopError(f"run {run.id} is {run.status}; a report needs a finished run")
     run_dir = workspace / "runs" / run.id
     test = metrics.get("test") or {}
-    headline = HEADLINE.get(run.task, "accuracy") if run.method != "dpo" else \
-        "preference_accuracy"
+    headline = methods.headline(run.method, run.task)
     ci = test.get("ci95") or {}
     scoreboard = [{"model": f"fine-tuned ({run.method})", headline: test.get(headline),
                    "low": ci.get("low"), "high": ci.get("high"),
@@ -57,7 +57,7 @@ def report_data(run_id: str, registry, workspace: Path) -> dict:
     rows = ([json.loads(line) for line in predictions_file.open(encoding="utf-8")]
             if predictions_file.is_file() else [])
     worst = []
-    if rows and run.method != "dpo":
+    if rows and methods.method(run.method).trains_on == "answers":  # (pairs have none)
         inputs = examples_by_line(run.test_dataset, run.task, registry)
         scores = row_scores(run.task, rows)
         order = sorted(range(len(rows)), key=lambda i: scores[i])
@@ -199,139 +199,222 @@ def _reliability_svg(calibration: dict, size: int = 260) -> str:
 
 
 def render_html(data: dict) -> str:
+    """The report page: each section in turn, left out where the run has nothing for it."""
+    run, metric = data["run"], data["headline"]["metric"]
+    page = [_header_html(run, data["headline"]), _gate_html(data.get("gate")),
+            # joined without a line break, as on earlier pages, so those stay byte-identical
+            _scoreboard_html(data["scoreboard"], metric) + _training_html(data["training"]),
+            _curves_html(data.get("curves")), _confusion_html(data.get("confusion")),
+            _calibration_html(data.get("calibration")), _per_field_html(data.get("per_field")),
+            _abstention_html(data.get("abstention")), _worst_errors_html(data["worst_errors"]),
+            _forgetting_html(data.get("forgetting")), _custom_html(data.get("custom")),
+            _judgements_html(data["judgements"]),
+            _lineage_html(data["lineage"], run["artifact"]) + _cost_html(data["cost"])
+            + _recipe_html(data["lineage"]["recipe"]) + "</html>"]
+    return "\n".join(section for section in page if section)
+
+
+def _header_html(run: dict, head: dict) -> str:
+    """The page head, the title, what was tuned, and the test headline with its interval."""
     from tuneloop.data.report import CSS
 
-    run, head = data["run"], data["headline"]
     metric = head["metric"]
     title = f"Run {run['id']}" + (f" — {run['name']}" if run.get("name") else "")
-    out = [f"<!doctype html><html lang=en><meta charset=utf-8><title>{html.escape(title)}"
-           f"</title><style>{CSS}</style><h1>{html.escape(title)}</h1>",
-           f"<p>{html.escape(run['task'])} · {html.escape(run['method'])} on "
-           f"<code>{html.escape(run['base_model'])}</code> · finished {html.escape(run['finished'])}"
-           f"</p><p>Test {html.escape(metric)}: <strong data-key=\"headline.value\">"
-           f"{_fmt(head['value'])}</strong> (95% interval <span data-key=\"headline.low\">"
-           f"{_fmt(head['low'])}</span> – <span data-key=\"headline.high\">{_fmt(head['high'])}"
-           f"</span>, {_fmt(head['rows'])} rows)</p>"]
-    gate = data.get("gate")
-    if gate:
-        word = "passed" if gate["passed"] else "failed"
-        out.append(f"<p>Gate <strong data-key=\"gate.passed\">{word}</strong>: "
-                   f"{gate['gain']:+.3f} over the best baseline ({html.escape(gate['best_baseline'])}"
-                   f", {gate['best_baseline_value']:.3f}); margin {gate['margin']}.</p>")
-    out.append("<h2>Scoreboard</h2><table><thead><tr><th>model</th>"
-               f"<th>{html.escape(metric)}</th><th>95% interval</th><th>ms/request</th>"
-               "<th>$/1k requests</th></tr></thead><tbody>")
-    for i, row in enumerate(data["scoreboard"]):
+    return "\n".join([
+        f"<!doctype html><html lang=en><meta charset=utf-8><title>{html.escape(title)}"
+        f"</title><style>{CSS}</style><h1>{html.escape(title)}</h1>",
+        f"<p>{html.escape(run['task'])} · {html.escape(run['method'])} on "
+        f"<code>{html.escape(run['base_model'])}</code> · finished {html.escape(run['finished'])}"
+        f"</p><p>Test {html.escape(metric)}: <strong data-key=\"headline.value\">"
+        f"{_fmt(head['value'])}</strong> (95% interval <span data-key=\"headline.low\">"
+        f"{_fmt(head['low'])}</span> – <span data-key=\"headline.high\">{_fmt(head['high'])}"
+        f"</span>, {_fmt(head['rows'])} rows)</p>"])
+
+
+def _gate_html(gate: dict | None) -> str:
+    """Whether the run beat the best baseline by the margin ("" without a gate)."""
+    if not gate:
+        return ""
+    word = "passed" if gate["passed"] else "failed"
+    return (f"<p>Gate <strong data-key=\"gate.passed\">{word}</strong>: "
+            f"{gate['gain']:+.3f} over the best baseline ({html.escape(gate['best_baseline'])}"
+            f", {gate['best_baseline_value']:.3f}); margin {gate['margin']}.</p>")
+
+
+def _scoreboard_html(scoreboard: list[dict], metric: str) -> str:
+    """The fine-tuned model and the baselines: headline metric, interval, speed and price."""
+    out = ["<h2>Scoreboard</h2><table><thead><tr><th>model</th>"
+           f"<th>{html.escape(metric)}</th><th>95% interval</th><th>ms/request</th>"
+           "<th>$/1k requests</th></tr></thead><tbody>"]
+    for i, row in enumerate(scoreboard):
         interval = ("–" if row["low"] is None else f"{row['low']:.3f} – {row['high']:.3f}")
         out.append(f"<tr><td>{html.escape(row['model'])}</td>"
                    + _cell(row[metric], f"scoreboard.{i}.{metric}")
                    + f"<td>{interval}</td>" + _cell(row["ms_per_request"])
                    + _cell(row["usd_per_1k_requests"]) + "</tr>")
-    out.append("</tbody></table><h2>Training</h2><table><tbody>")
-    for key, value in data["training"].items():
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _training_html(training: dict) -> str:
+    """The training figures (steps, tokens, final losses, fit, memory, device)."""
+    out = ["<h2>Training</h2><table><tbody>"]
+    for key, value in training.items():
         out.append(f"<tr><th scope=row>{html.escape(key)}</th>"
                    + _cell(value, f"training.{key}") + "</tr>")
     out.append("</tbody></table>")
-    if data.get("curves"):
-        out.append("<h2>Loss curves</h2>" + _curve_svg(data["curves"]))
-    if data.get("confusion"):
-        labels = sorted(data["confusion"])
-        wrong = sorted(((g, p, n) for g, row in data["confusion"].items() for p, n in row.items()
-                        if p != g), key=lambda t: -t[2])[:20]
-        out.append("<h2>Confusions</h2><p class=muted>The most frequent mistakes (gold → "
-                   f"predicted) over {len(labels)} labels.</p><table><thead><tr><th>gold</th>"
-                   "<th>predicted</th><th>rows</th></tr></thead><tbody>"
-                   + "".join(f"<tr><td>{html.escape(g)}</td><td>{html.escape(p or '(none)')}</td>"
-                             f"<td>{n}</td></tr>" for g, p, n in wrong) + "</tbody></table>")
-    calibration = data.get("calibration")
-    if calibration and calibration.get("bins"):
-        out.append("<h2>Confidence</h2><p>Each prediction's confidence is its label's "
-                   "probability. Expected calibration error <strong data-key=\"calibration.ece\">"
-                   f"{calibration['ece']:.3f}</strong> (mean confidence "
-                   f"{calibration['mean_confidence']:.3f}); a deployment can answer "
-                   "<code>needs_review</code> below a threshold (<code>tuneloop serve "
-                   "--review-below P</code>).</p>" + _reliability_svg(calibration)
-                   + "<table><thead><tr><th>confidence</th><th>rows</th><th>accuracy</th>"
-                   "<th>mean confidence</th></tr></thead><tbody>"
-                   + "".join(f"<tr><td>{b['low']:.1f} – {b['high']:.1f}</td><td>{b['n']}</td>"
-                             + _cell(b["accuracy"]) + _cell(b["confidence"]) + "</tr>"
-                             for b in calibration["bins"]) + "</tbody></table>")
-    if data.get("per_field"):
-        out.append("<h2>Per field</h2><table><thead><tr><th>field</th><th>exact</th>"
-                   "<th>normalized</th><th>precision</th><th>recall</th><th>F1</th></tr></thead>"
-                   "<tbody>" + "".join(
-                       f"<tr><td>{html.escape(f)}</td>" + _cell(v["exact"])
-                       + _cell(v["normalized"], f"per_field.{f}.normalized")
-                       + _cell(v.get("precision")) + _cell(v.get("recall")) + _cell(v.get("f1"))
-                       + "</tr>" for f, v in data["per_field"].items()) + "</tbody></table>")
-    if data.get("abstention"):
-        names = {"empty_rows": "rows with nothing to extract",
-                 "empty_row_accuracy": "of those, answered with nothing",
-                 "hallucination_rate": "predicted values found in no input"}
-        out.append("<h2>Abstention</h2><table><tbody>" + "".join(
-            f"<tr><th scope=row>{names[k]}</th>{_cell(v, f'abstention.{k}')}</tr>"
-            for k, v in data["abstention"].items()) + "</tbody></table>")
-    if data["worst_errors"]:
-        out.append("<h2>Worst errors</h2><table><thead><tr><th>line</th><th>input</th>"
-                   "<th>output</th><th>expected</th></tr></thead><tbody>"
-                   + "".join(f"<tr><td>{e['line']}</td><td>{html.escape(e['input'][:400])}</td>"
-                             f"<td>{html.escape(str(e['output'])[:400])}</td>"
-                             f"<td>{html.escape(_fmt(e['gold']) if not isinstance(e['gold'], dict) else json.dumps(e['gold']))}</td></tr>"
-                             for e in data["worst_errors"]) + "</tbody></table>")
-    check = data.get("forgetting")
-    if check:
-        word = "flagged" if check["flagged"] else "no loss of general ability beyond the limits"
-        out.append(f"<h2>Forgetting check</h2><p data-key=\"forgetting.flagged\">{word}</p>"
-                   "<table><thead><tr><th></th><th>base</th><th>fine-tuned</th></tr></thead>"
-                   "<tbody><tr><th scope=row>general accuracy</th>"
-                   + _cell(check["base"]["accuracy"])
-                   + _cell(check["fine_tuned"]["accuracy"], "forgetting.fine_tuned.accuracy")
-                   + "</tr><tr><th scope=row>reference loss</th>" + _cell(check["base"]["loss"])
-                   + _cell(check["fine_tuned"]["loss"]) + "</tr></tbody></table>"
-                   + "".join(f"<p>{html.escape(r)}</p>" for r in check["reasons"]))
-    if data.get("custom"):
-        out.append("<h2>Custom evaluators</h2><table><tbody>" + "".join(
-            f"<tr><th scope=row>{html.escape(name)} · {html.escape(k)}</th>{_cell(v)}</tr>"
-            for name, values in data["custom"].items() for k, v in values.items())
-            + "</tbody></table>")
-    if data["judgements"]:
-        out.append("<h2>LLM judge</h2><table><thead><tr><th>mode</th><th>judge</th>"
-                   "<th>result</th><th>position flips</th></tr></thead><tbody>")
-        for j in data["judgements"]:
-            result = (f"mean score {_fmt(j['mean_score'])} ({_fmt(j['low'])} – {_fmt(j['high'])})"
-                      if j["mode"] == "pointwise" else
-                      f"{j['second']} wins {_fmt(j['second_win_rate'])} against {j['first']}")
-            out.append(f"<tr><td>{j['mode']} ({html.escape(j['prompt'])})</td>"
-                       f"<td>{html.escape(j['judge'])}</td><td>{html.escape(result)}</td>"
-                       f"<td>{_fmt(j.get('flip_rate'))}</td></tr>")
-        out.append("</tbody></table>")
-    lineage, cost = data["lineage"], data["cost"]
-    train = lineage["train_data"] or {}
-    out.append("<h2>Lineage</h2><table><tbody>"
-               f"<tr><th scope=row>training data</th><td>{html.escape(str(train.get('path')))} "
-               f"({_fmt(train.get('rows'))} rows, sha256 {html.escape(str(train.get('sha256'))[:12])})"
-               "</td></tr>"
-               + "".join(f"<tr><th scope=row>dataset version</th><td>{html.escape(v['id'])} "
-                         f"{html.escape(v['name'] or '')}"
-                         + (f" · synthetic, teacher {html.escape(str(v['lineage']['teacher']))}"
-                            if v["lineage"] else "") + "</td></tr>"
-                         for v in lineage["dataset_versions"])
-               + f"<tr><th scope=row>base licence</th><td>{html.escape(str((lineage['licence'] or {}).get('name')))}</td></tr>"
-               f"<tr><th scope=row>artifact</th><td>{html.escape(str(run['artifact']))}</td></tr>"
-               "</tbody></table><h2>Cost</h2><table><tbody>"
-               f"<tr><th scope=row>training</th>{_cell(cost['train_usd'], 'cost.train_usd')}</tr>"
-               f"<tr><th scope=row>$ per 1,000 requests</th>{_cell(cost['usd_per_1k_requests'])}"
-               f"</tr><tr><th scope=row>machine price ($/hour)</th>{_cell(cost['price_per_hour'])}"
-               "</tr></tbody></table><h2>Recipe</h2><pre>"
-               + html.escape(json.dumps(lineage["recipe"], indent=1)) + "</pre></html>")
     return "\n".join(out)
+
+
+def _curves_html(curves: dict | None) -> str:
+    """The loss curves chart ("" without curves)."""
+    return "<h2>Loss curves</h2>" + _curve_svg(curves) if curves else ""
+
+
+def _confusion_html(confusion: dict | None) -> str:
+    """The 20 most frequent gold → predicted mistakes ("" without a confusion matrix)."""
+    if not confusion:
+        return ""
+    labels = sorted(confusion)
+    wrong = sorted(((g, p, n) for g, row in confusion.items() for p, n in row.items()
+                    if p != g), key=lambda t: -t[2])[:20]
+    return ("<h2>Confusions</h2><p class=muted>The most frequent mistakes (gold → "
+            f"predicted) over {len(labels)} labels.</p><table><thead><tr><th>gold</th>"
+            "<th>predicted</th><th>rows</th></tr></thead><tbody>"
+            + "".join(f"<tr><td>{html.escape(g)}</td><td>{html.escape(p or '(none)')}</td>"
+                      f"<td>{n}</td></tr>" for g, p, n in wrong) + "</tbody></table>")
+
+
+def _calibration_html(calibration: dict | None) -> str:
+    """Calibration error, the reliability diagram and its bins ("" without bins)."""
+    if not (calibration and calibration.get("bins")):
+        return ""
+    return ("<h2>Confidence</h2><p>Each prediction's confidence is its label's "
+            "probability. Expected calibration error <strong data-key=\"calibration.ece\">"
+            f"{calibration['ece']:.3f}</strong> (mean confidence "
+            f"{calibration['mean_confidence']:.3f}); a deployment can answer "
+            "<code>needs_review</code> below a threshold (<code>tuneloop serve "
+            "--review-below P</code>).</p>" + _reliability_svg(calibration)
+            + "<table><thead><tr><th>confidence</th><th>rows</th><th>accuracy</th>"
+            "<th>mean confidence</th></tr></thead><tbody>"
+            + "".join(f"<tr><td>{b['low']:.1f} – {b['high']:.1f}</td><td>{b['n']}</td>"
+                      + _cell(b["accuracy"]) + _cell(b["confidence"]) + "</tr>"
+                      for b in calibration["bins"]) + "</tbody></table>")
+
+
+def _per_field_html(per_field: dict | None) -> str:
+    """Exact and normalized match, precision, recall and F1 per extracted field."""
+    if not per_field:
+        return ""
+    return ("<h2>Per field</h2><table><thead><tr><th>field</th><th>exact</th>"
+            "<th>normalized</th><th>precision</th><th>recall</th><th>F1</th></tr></thead>"
+            "<tbody>" + "".join(
+                f"<tr><td>{html.escape(f)}</td>" + _cell(v["exact"])
+                + _cell(v["normalized"], f"per_field.{f}.normalized")
+                + _cell(v.get("precision")) + _cell(v.get("recall")) + _cell(v.get("f1"))
+                + "</tr>" for f, v in per_field.items()) + "</tbody></table>")
+
+
+def _abstention_html(abstention: dict | None) -> str:
+    """How the model did on rows with nothing to extract, and how often it made values up."""
+    if not abstention:
+        return ""
+    names = {"empty_rows": "rows with nothing to extract",
+             "empty_row_accuracy": "of those, answered with nothing",
+             "hallucination_rate": "predicted values found in no input"}
+    return ("<h2>Abstention</h2><table><tbody>" + "".join(
+        f"<tr><th scope=row>{names[k]}</th>{_cell(v, f'abstention.{k}')}</tr>"
+        for k, v in abstention.items()) + "</tbody></table>")
+
+
+def _worst_errors_html(worst_errors: list[dict]) -> str:
+    """The lowest-scoring test rows: input, output and expected answer, each cut to 400."""
+    if not worst_errors:
+        return ""
+    return ("<h2>Worst errors</h2><table><thead><tr><th>line</th><th>input</th>"
+            "<th>output</th><th>expected</th></tr></thead><tbody>"
+            + "".join(f"<tr><td>{e['line']}</td><td>{html.escape(e['input'][:400])}</td>"
+                      f"<td>{html.escape(str(e['output'])[:400])}</td>"
+                      f"<td>{html.escape(_fmt(e['gold']) if not isinstance(e['gold'], dict) else json.dumps(e['gold']))}</td></tr>"
+                      for e in worst_errors) + "</tbody></table>")
+
+
+def _forgetting_html(check: dict | None) -> str:
+    """General accuracy and reference loss, base against fine-tuned, and why it was flagged."""
+    if not check:
+        return ""
+    word = "flagged" if check["flagged"] else "no loss of general ability beyond the limits"
+    return (f"<h2>Forgetting check</h2><p data-key=\"forgetting.flagged\">{word}</p>"
+            "<table><thead><tr><th></th><th>base</th><th>fine-tuned</th></tr></thead>"
+            "<tbody><tr><th scope=row>general accuracy</th>"
+            + _cell(check["base"]["accuracy"])
+            + _cell(check["fine_tuned"]["accuracy"], "forgetting.fine_tuned.accuracy")
+            + "</tr><tr><th scope=row>reference loss</th>" + _cell(check["base"]["loss"])
+            + _cell(check["fine_tuned"]["loss"]) + "</tr></tbody></table>"
+            + "".join(f"<p>{html.escape(r)}</p>" for r in check["reasons"]))
+
+
+def _custom_html(custom: dict | None) -> str:
+    """Each value of each custom evaluator ("" without any)."""
+    if not custom:
+        return ""
+    return ("<h2>Custom evaluators</h2><table><tbody>" + "".join(
+        f"<tr><th scope=row>{html.escape(name)} · {html.escape(k)}</th>{_cell(v)}</tr>"
+        for name, values in custom.items() for k, v in values.items())
+        + "</tbody></table>")
+
+
+def _judgements_html(judgements: list[dict]) -> str:
+    """One row per LLM-judge result: mean score or win rate, and its position-flip rate."""
+    if not judgements:
+        return ""
+    out = ["<h2>LLM judge</h2><table><thead><tr><th>mode</th><th>judge</th>"
+           "<th>result</th><th>position flips</th></tr></thead><tbody>"]
+    for j in judgements:
+        result = (f"mean score {_fmt(j['mean_score'])} ({_fmt(j['low'])} – {_fmt(j['high'])})"
+                  if j["mode"] == "pointwise" else
+                  f"{j['second']} wins {_fmt(j['second_win_rate'])} against {j['first']}")
+        out.append(f"<tr><td>{j['mode']} ({html.escape(j['prompt'])})</td>"
+                   f"<td>{html.escape(j['judge'])}</td><td>{html.escape(result)}</td>"
+                   f"<td>{_fmt(j.get('flip_rate'))}</td></tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _lineage_html(lineage: dict, artifact) -> str:
+    """Training data, the dataset versions holding it, the base licence and the artifact."""
+    train = lineage["train_data"] or {}
+    return ("<h2>Lineage</h2><table><tbody>"
+            f"<tr><th scope=row>training data</th><td>{html.escape(str(train.get('path')))} "
+            f"({_fmt(train.get('rows'))} rows, sha256 {html.escape(str(train.get('sha256'))[:12])})"
+            "</td></tr>"
+            + "".join(f"<tr><th scope=row>dataset version</th><td>{html.escape(v['id'])} "
+                      f"{html.escape(v['name'] or '')}"
+                      + (f" · synthetic, teacher {html.escape(str(v['lineage']['teacher']))}"
+                         if v["lineage"] else "") + "</td></tr>"
+                      for v in lineage["dataset_versions"])
+            + f"<tr><th scope=row>base licence</th><td>{html.escape(str((lineage['licence'] or {}).get('name')))}</td></tr>"
+            f"<tr><th scope=row>artifact</th><td>{html.escape(str(artifact))}</td></tr>"
+            "</tbody></table>")
+
+
+def _cost_html(cost: dict) -> str:
+    """Training cost, price per 1,000 requests and the machine price it assumes."""
+    return ("<h2>Cost</h2><table><tbody>"
+            f"<tr><th scope=row>training</th>{_cell(cost['train_usd'], 'cost.train_usd')}</tr>"
+            f"<tr><th scope=row>$ per 1,000 requests</th>{_cell(cost['usd_per_1k_requests'])}"
+            f"</tr><tr><th scope=row>machine price ($/hour)</th>{_cell(cost['price_per_hour'])}"
+            "</tr></tbody></table>")
+
+
+def _recipe_html(recipe: dict) -> str:
+    """The training recipe as indented JSON."""
+    return "<h2>Recipe</h2><pre>" + html.escape(json.dumps(recipe, indent=1)) + "</pre>"
 
 
 def write(run_id: str, registry, workspace: Path, path: Path | None = None) -> tuple[Path, dict]:
     """Write the run's report (default runs/RUN/report.html) atomically; (path, data)."""
     data = report_data(run_id, registry, workspace)
     path = path or workspace / "runs" / data["run"]["id"] / "report.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_html(data), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, render_html(data))
     return path, data

@@ -7,23 +7,16 @@ import os
 import time
 
 from tuneloop import tasks
-from tuneloop.data.batching import padded_batches
-from tuneloop.data.tokenize import encode, prompt_ids
-from tuneloop.baselines import shots as shots_lib
-from tuneloop.evaluate.generate import generate, generate_shared_prefix
+from tuneloop.core.batching import padded_batches
+from tuneloop.core.tokenize import encode, prompt_ids
+from tuneloop.tasks import prompts as shots_lib
+from tuneloop.models.generate import generate, generate_shared_prefix
 from tuneloop.models.scoring import mean_loss
 
 
 def max_new_tokens(tokenizer, examples, info) -> int:
-    """Enough room for the longest expected answer, with a margin."""
-    module = tasks.TASKS[info.kind]
-    if info.kind == "classify":
-        longest = max(len(tokenizer(label, add_special_tokens=False)["input_ids"])
-                      for label in info.labels)
-        return longest + 4
-    longest = max(len(tokenizer(module.target(e, info), add_special_tokens=False)["input_ids"])
-                  for e in examples)
-    return min(512, int(longest * 1.5) + 16)
+    """Enough room for the longest expected answer, with a margin (the task's own count)."""
+    return tasks.module(info.kind).max_new_tokens(tokenizer, examples, info)
 
 
 def price_per_hour() -> float:
@@ -52,19 +45,19 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     `prompts` (chat messages, one list per example) each row has its own prompt.
     Returns {"metrics": {...}, "predictions": [{"line", "output", "prediction", "gold"}]}.
     """
-    module = tasks.TASKS[info.kind]
+    module = tasks.module(info.kind)
     new_tokens = max_new_tokens(tokenizer, examples, info)
     batch_tokens = batch_tokens or (32768 if model.device.type == "cuda" else 2048)
     start = time.perf_counter()
     confidences = None
-    grammar = _schema_grammar(model, tokenizer, info)  # baselines decode under it too
+    grammar = module.grammar(model, tokenizer, info)  # baselines decode under it too
     if shots is None:
         if prompts is None:
             prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
         encoded = [prompt_ids(tokenizer, p) for p in prompts]
-        if info.kind == "classify" and info.labels:  # decoded within the label set
-            outputs, confidences, counts = classify_constrained(model, tokenizer, encoded, info,
-                                                                on_batch)
+        decided = module.decide(model, tokenizer, encoded, info, on_batch)  # (a label set)
+        if decided is not None:
+            outputs, confidences, counts = decided
         else:
             outputs, counts = generate(model, tokenizer, prompts, new_tokens,
                                        batch_tokens=batch_tokens, on_batch=on_batch,
@@ -74,11 +67,12 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
         prefix_ids, suffixes = shots_lib.split_prompts(
             tokenizer, shots_lib.prefix_messages(info, shots), examples)
         rows_per_batch = prefix_batch_size(model, len(prefix_ids))
-        if info.kind == "classify" and info.labels:
-            outputs, confidences, counts = classify_constrained(
-                model, tokenizer, suffixes if reuse_prefix else [prefix_ids + x for x in suffixes],
-                info, on_batch, prefix=prefix_ids if reuse_prefix else None,
-                batch_size=rows_per_batch)
+        decided = module.decide(
+            model, tokenizer, suffixes if reuse_prefix else [prefix_ids + x for x in suffixes],
+            info, on_batch, prefix=prefix_ids if reuse_prefix else None,
+            batch_size=rows_per_batch)
+        if decided is not None:
+            outputs, confidences, counts = decided
         else:
             outputs, counts = generate_shared_prefix(
                 model, tokenizer, prefix_ids, suffixes, new_tokens, reuse=reuse_prefix,
@@ -88,13 +82,9 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     parsed = [module.parse(o, info) for o in outputs]
     preds = [p for p, _ in parsed]
     valid = [v for _, v in parsed]
-    golds = [tasks.extract.canonical(e.fields, info) if info.kind == "extract"
-             else module.target(e) for e in examples]
-    if info.kind == "extract":  # with the inputs: values found in no input are counted
-        metrics = module.metrics(preds, golds, valid, texts=[_text(e) for e in examples])
-    else:
-        metrics = module.metrics(preds, golds, valid)
-    if info.kind == "chat":  # perplexity of the reference answers, given the same prompts
+    golds = [module.gold(e, info) for e in examples]
+    metrics = module.metrics(preds, golds, valid, examples)  # (extraction: hallucinated values)
+    if module.REFERENCE_LOSS:  # perplexity of the reference answers, given the same prompts
         if prompts is None:
             head = shots_lib.prefix_messages(info, shots)
             prompts = [[*head, *[m for m in e.messages if m["role"] != "system"]] for e in examples]
@@ -120,39 +110,6 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     return {"metrics": metrics, "predictions": rows}
 
 
-def _schema_grammar(model, tokenizer, info):
-    """An extraction task's fields as the grammar every reply is decoded under (None for
-    other tasks: a classifier is scored over its label trie, chat is free text)."""
-    if info.kind != "extract" or not info.fields:
-        return None
-    from tuneloop.tasks import extract
-
-    compiler = extract.grammar_compiler(tokenizer, model.get_output_embeddings().weight.shape[0],
-                                        {tokenizer.eos_token_id})
-    return extract.compile_schema(compiler, extract.schema(info))
-
-
-def _text(example) -> str:
-    return example.text or " ".join(m["content"] for m in example.messages)
-
-
-def classify_constrained(model, tokenizer, prompts: list[list[int]], info, on_batch=None,
-                         prefix: list[int] | None = None, batch_size: int = 16
-                         ) -> tuple[list[str], list[float], list[int]]:
-    """Each prompt's (token ids, after `prefix` if given) most probable label under the label
-    trie (tasks.labels), its probability, and the tokens its answer takes (the label's tokens
-    and end-of-turn)."""
-    from tuneloop.tasks.labels import LabelTrie, label_distribution
-
-    trie = LabelTrie(tokenizer, info.labels)
-    probs = label_distribution(model, tokenizer, trie, prompts, batch_size=batch_size,
-                               on_batch=on_batch, prefix=prefix)
-    best = probs.argmax(-1).tolist()
-    lengths = {i: len(trie.path[n]) for n, i in trie.leaf.items()}
-    return ([info.labels[b] for b in best], [float(probs[r, b]) for r, b in enumerate(best)],
-            [lengths[b] for b in best])
-
-
 def calibration(confidences: list[float], correct: list[bool], bins: int = 10) -> dict:
     """Accuracy against confidence in `bins` equal-width bins (a reliability diagram) and the
     expected calibration error: the rows' share-weighted |accuracy - confidence| over bins
@@ -175,19 +132,19 @@ def calibration(confidences: list[float], correct: list[bool], bins: int = 10) -
 
 
 def interval(kind: str, rows: list[dict]) -> dict:
-    """The headline metric's 95% bootstrap interval over the rows; for extraction, of the micro
-    field F1 itself, overall and of each field (`by_field`)."""
-    import numpy as np
-
+    """The headline metric's 95% bootstrap interval over the rows; where the task's headline
+    adds up counts of values (extraction's micro field F1), of that metric itself, overall and
+    of each field (`by_field`)."""
     from tuneloop.evaluate.compare import LEVEL, bootstrap_f1, bootstrap_interval, row_scores
 
-    if kind != "extract":
+    module = tasks.module(kind)
+    table = module.value_counts_table(rows)
+    if table is None:
         low, high = bootstrap_interval(row_scores(kind, rows))
-        return {"metric": tasks.HEADLINE[kind], "low": low, "high": high, "level": LEVEL}
-    names = sorted({k for r in rows for k in r["gold"]})
-    counts = np.array([tasks.extract.value_counts(r["prediction"], r["gold"], names)
-                       for r in rows], dtype=np.int64).reshape(len(rows), len(names), 3)
+        return {"metric": module.HEADLINE, "low": low, "high": high, "level": LEVEL}
+    names, counts = table
     low, high = bootstrap_f1(counts.sum(axis=1))
     by_field = {name: dict(zip(("low", "high"), bootstrap_f1(counts[:, i])))
                 for i, name in enumerate(names)}
-    return {"metric": "field_f1", "low": low, "high": high, "level": LEVEL, "by_field": by_field}
+    return {"metric": module.HEADLINE, "low": low, "high": high, "level": LEVEL,
+            "by_field": by_field}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+from tuneloop.core.files import atomic_path, atomic_write
 from pathlib import Path
 
 
@@ -11,12 +11,10 @@ def record_evaluation(registry, folder: Path, result: dict, **fields):
     """Write folder/predictions.jsonl and metrics.json atomically, and add a registry row
     (named like the folder when the folder is named by an evaluation id)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "predictions.jsonl.tmp"
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(folder / "predictions.jsonl") as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in result["predictions"]:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, folder / "predictions.jsonl")
-    (folder / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
+    atomic_write(folder / "metrics.json", json.dumps(result["metrics"], indent=2))
     if folder.name.startswith("ev-"):
         fields.setdefault("id", folder.name)
     return registry.add_evaluation(metrics=result["metrics"], **fields)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from tuneloop.core.files import atomic_path
 from tuneloop.errors import TuneloopError
 
 CATALOG_FILE = Path(__file__).with_name("catalog.yaml")
@@ -201,13 +202,21 @@ def context_length(model: str) -> int:
     return int(getattr(config, "max_position_embeddings", 2048))
 
 
+def save_artifact(target: Path, write, meta: dict) -> None:
+    """`write(folder)` into a temporary folder, add tuneloop.json (task, labels/fields, base,
+    method), then rename it over `target`: a crash never leaves a half-written artifact."""
+    with atomic_path(target, folder=True) as tmp:
+        write(tmp)
+        (tmp / "tuneloop.json").write_text(json.dumps(meta))
+
+
 def load_artifact(folder: Path):
     """(model, tuneloop.json) of a run's artifact: a full model folder, or an adapter applied
     to its base model (unquantized, also for QLoRA adapters)."""
     from tuneloop.models import head
 
     meta = json.loads((folder / "tuneloop.json").read_text())
-    if meta.get("method") == "full":
+    if not (folder / "adapter_config.json").is_file():  # a whole model folder (full, merged)
         lm = load_model(str(folder))
     else:
         from peft import PeftModel

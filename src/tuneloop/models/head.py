@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tuneloop.data.batching import collate
-from tuneloop.data.tokenize import IGNORE, Encoded
+from tuneloop.core.batching import collate
+from tuneloop.core.tokenize import IGNORE, Encoded
 from tuneloop.models.scoring import attention, autocast, causal_lm
 
 HEAD_FILE = "label_head.safetensors"
@@ -114,7 +114,7 @@ def last_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 def loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy of the gold labels under the head, items) for a micro-batch of
-    `encode`d items, in padded rows or packed ones (data/batching.pack): each item's gold
+    `encode`d items, in padded rows or packed ones (core/batching.pack): each item's gold
     label sits at its prompt's last token, the only position that is not IGNORE."""
     batch = {k: v.to(causal_lm(model).device, non_blocking=True) for k, v in batch.items()}
     hidden = _final_states(model, batch["input_ids"], **attention(batch))

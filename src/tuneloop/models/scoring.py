@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tuneloop.data.tokenize import IGNORE
+from tuneloop.core.tokenize import IGNORE
 
 # Full-vocabulary logits held at once, in elements (128 MB in float32): 256 rows at a 128k
 # vocabulary, 682 at SmolLM2's 49k. A classification answer of a few tokens is one chunk.
@@ -35,7 +35,7 @@ def causal_lm(model):
 
 def attention(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What tells the model which tokens see which: a packed batch's position ids (and no
-    mask: transformers then keeps attention inside each example, data/batching.pack), else the
+    mask: transformers then keeps attention inside each example, core/batching.pack), else the
     padding mask."""
     if "position_ids" in batch:
         return {"position_ids": batch["position_ids"]}
@@ -181,3 +181,9 @@ def mean_loss(model, batches, loss=completion_loss) -> float:
         count += n
     model.train(was_training)
     return total / count if count else float("nan")
+
+
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair DPO loss from [n, 2] (chosen, rejected) log-probabilities."""
+    margin = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
+    return -F.logsigmoid(beta * margin)

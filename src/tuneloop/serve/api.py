@@ -18,8 +18,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tuneloop.data.formats import Example
-from tuneloop.data.tokenize import prompt_ids
+from tuneloop import tasks
+from tuneloop.core.formats import Example
+from tuneloop.core.tokenize import prompt_ids
 from tuneloop.serve import feedback
 from tuneloop.serve.auth import CallerDep
 from tuneloop.serve.errors import ApiError, error_body
@@ -27,7 +28,7 @@ from tuneloop.serve.engine import Request as EngineRequest
 from tuneloop.serve.engine import Sampling
 from tuneloop.serve.router import NotFound, Target
 from tuneloop.serve.schemas import ChatRequest, CompletionRequest, as_dict
-from tuneloop.tasks import TASKS, extract
+from tuneloop.tasks import extract
 from tuneloop.tasks.labels import HeadTrie, LabelTrie
 
 routes = APIRouter()
@@ -70,7 +71,7 @@ async def chat_completions(body: ChatRequest, request: Request, who: CallerDep):
                 for m in body.messages]
     if target.task is not None and messages[0]["role"] != "system":
         # The adapter learned its task with this system prompt; clients send only their text.
-        module = TASKS[target.task.kind]
+        module = tasks.module(target.task.kind)
         messages = module.prompt(Example(messages=tuple(messages), answer=""), target.task)
     try:
         prompt = prompt_ids(target.engine.tokenizer, messages)
@@ -80,7 +81,7 @@ async def chat_completions(body: ChatRequest, request: Request, who: CallerDep):
     grammar = await _grammar_in_time(request, target, body.response_format)
     requested = body.max_completion_tokens or body.max_tokens
     sampling = _sampling(request, target, body, prompt, requested, grammar)
-    return await _respond(request, who, target, body, prompt, sampling, "chat")
+    return await _respond(request, who, target, body, prompt, sampling, chat=True)
 
 
 @routes.post("/v1/completions", responses=GENERATION_RESPONSES)
@@ -90,7 +91,7 @@ async def completions(body: CompletionRequest, request: Request, who: CallerDep)
     if not prompt:
         raise ApiError(400, "prompt: must not be empty", param="prompt")
     sampling = _sampling(request, target, body, prompt, body.max_tokens, None)
-    return await _respond(request, who, target, body, prompt, sampling, "text")
+    return await _respond(request, who, target, body, prompt, sampling, chat=False)
 
 
 async def _resolve(request: Request, who, name: str) -> Target:
@@ -152,13 +153,14 @@ def _grammar(target: Target, response_format, started=None, wait_s: float | None
         schema = json.dumps(response_format.json_schema.schema_, sort_keys=True)
     elif kind == "json_object":
         schema = None
-    elif target.task is not None and target.task.kind == "classify" and target.task.labels:
+    elif target.task is not None and target.task.labels:  # a classifier: its labels
         if target.head is not None:  # its label head decides, the reply is the label
             return _head_trie(target.engine, tuple(target.task.labels), target.head)
         # one of the classifier's labels, always (vLLM: its structured-output `choice`)
         return _label_trie(target.engine, tuple(target.task.labels))
-    elif target.task is not None and target.task.kind == "extract" and target.task.fields:
-        schema = extract.schema(target.task)
+    elif target.task is not None and (
+            answer := tasks.module(target.task.kind).answer_schema(target.task)) is not None:
+        schema = answer  # the task's own schema (an extractor: an object with its fields)
     else:
         return None
     try:
@@ -189,10 +191,12 @@ def _compile(engine, schema: str | None, started=None, wait_s: float | None = No
     return engine.compile_grammar(schema, started, wait_s)
 
 
-async def _respond(request: Request, who, target: Target, body, prompt, sampling, kind: str):
-    """Run the request on its engine; stream the chunks or return them collected."""
-    cid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
-    stream = _Stream(request, who, target, body, prompt, sampling, kind, cid)
+async def _respond(request: Request, who, target: Target, body, prompt, sampling, *,
+                   chat: bool):
+    """Run the request on its engine; stream the chunks or return them collected. `chat`: the
+    route is /v1/chat/completions (else the legacy /v1/completions)."""
+    cid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+    stream = _Stream(request, who, target, body, prompt, sampling, cid, chat=chat)
     if body.stream:
         return StreamingResponse(stream.sse(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
@@ -204,9 +208,11 @@ async def _respond(request: Request, who, target: Target, body, prompt, sampling
 class _Stream:
     """One request's chunks, its collected reply, its log row and its metrics."""
 
-    def __init__(self, request, who, target, body, prompt, sampling, kind, cid):
+    def __init__(self, request, who, target, body, prompt, sampling, cid, *, chat: bool):
         self.app, self.who, self.target, self.body = request.app, who, target, body
-        self.prompt, self.sampling, self.kind, self.id = prompt, sampling, kind, cid
+        self.prompt, self.sampling, self.id = prompt, sampling, cid
+        self.chat = chat  # the route: chat completions, else legacy text completions
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
         self.texts = [""] * body.n
         self.finish: list[str | None] = [None] * body.n
@@ -220,7 +226,7 @@ class _Stream:
 
     def _chunk(self, choice: int, text: str | None, finish: str | None, first: bool,
                confidence: float | None = None) -> dict:
-        if self.kind == "chat":
+        if self.chat:
             delta = {"role": "assistant", "content": ""} if first else (
                 {"content": text} if text is not None else {})
             item = {"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -228,8 +234,7 @@ class _Stream:
                 item["confidence"] = confidence
         else:
             item = {"index": choice, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return self._envelope("chat.completion.chunk" if self.kind == "chat" else "text_completion",
-                              choices=[item])
+        return self._envelope(self.chunk_object, choices=[item])
 
     def _envelope(self, obj: str, **fields) -> dict:
         """The fields every chunk and reply of this request carries, then `fields`."""
@@ -251,7 +256,7 @@ class _Stream:
         started, first_token, status = time.perf_counter(), None, "cancelled"
         self.target.engine.submit(job)
         try:
-            if self.kind == "chat":
+            if self.chat:
                 for i in range(self.body.n):
                     yield self._chunk(i, None, None, first=True)
             remaining = self.body.n
@@ -282,7 +287,7 @@ class _Stream:
                         yield self._chunk(choice, self.texts[choice], None, first=False)
                     self.finish[choice], remaining = reason, remaining - 1
                     self.tokens += n_tokens
-                    yield self._chunk(choice, None if self.kind == "chat" else "", reason,
+                    yield self._chunk(choice, None if self.chat else "", reason,
                                       first=False, confidence=confidence)
             status = "ok"
             latency = time.perf_counter() - started
@@ -301,7 +306,7 @@ class _Stream:
             self.app.state.metrics.requests.labels(*labels, status).inc()
 
     def _collect(self) -> dict:
-        if self.kind == "chat":
+        if self.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t},
                         "logprobs": None, "finish_reason": f}
                        for i, (t, f) in enumerate(zip(self.texts, self.finish))]
@@ -325,7 +330,6 @@ class _Stream:
             return
         options = self.body.stream_options
         if options is not None and options.include_usage:
-            usage = self._envelope("chat.completion.chunk" if self.kind == "chat"
-                                   else "text_completion", choices=[], usage=self.usage())
+            usage = self._envelope(self.chunk_object, choices=[], usage=self.usage())
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"

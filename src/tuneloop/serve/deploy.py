@@ -12,7 +12,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.serve.auth import ensure_tenant
 from tuneloop.store import Evaluation, Registry, Run, utcnow
 from tuneloop.store.serving import Deployment, DeploymentEvent
-from tuneloop.tasks import HEADLINE
+from tuneloop import methods
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")
 
@@ -22,7 +22,7 @@ def headline(run: Run) -> str:
     gate = (run.metrics or {}).get("gate")
     if gate:
         return gate["metric"]
-    return "preference_accuracy" if run.method == "dpo" else HEADLINE[run.task]
+    return methods.headline(run.method, run.task)
 
 
 def _score_on(registry: Registry, run: Run, dataset: str | None, metric: str) -> float | None:

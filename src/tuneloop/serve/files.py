@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from tuneloop.data.formats import scan
+from tuneloop.core.formats import scan
 from tuneloop.serve.auth import CallerDep
 from tuneloop.serve.errors import ApiError
 from tuneloop.serve.schemas import unix_time

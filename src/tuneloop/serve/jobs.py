@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 from sqlalchemy import select
 
+from tuneloop import methods
 from tuneloop.errors import TuneloopError
 from tuneloop.project import Recipe, recipe_from_dict
 from tuneloop.serve.auth import CallerDep
@@ -45,13 +46,17 @@ class Hyperparameters(Open):
     beta: float | Literal["auto"] = "auto"  # DPO only
 
 
+# OpenAI's fine-tuning method types, and the method each trains with here.
+OPENAI_METHODS = {"supervised": "lora", "dpo": "dpo"}
+
+
 class MethodBody(Open):
     type: Literal["supervised", "dpo"] = "supervised"
     supervised: dict | None = None
     dpo: dict | None = None
 
     def hyperparameters(self) -> dict:
-        section = (self.dpo if self.type == "dpo" else self.supervised) or {}
+        section = getattr(self, self.type) or {}  # (the section named by the type)
         return Hyperparameters(**section.get("hyperparameters", {})).model_dump()
 
 
@@ -99,24 +104,23 @@ def recipe_keys(raw: dict | str | None) -> dict | None:
 
 def job_recipe(registry: Registry, job: Job) -> Recipe:
     """The recipe a job trains with: its OpenAI fields, then its `recipe` keys over them."""
-    from tuneloop.train.dpo import DPO_LR
-    from tuneloop.train.plan import LORA_LR
-
     kind = job.method["type"]
+    method = OPENAI_METHODS[kind]
     hyper = job.method[kind]["hyperparameters"]
     with registry.session() as s:
         data = {"train": s.get(File, job.training_file).path}
         if job.validation_file:
             data["validation"] = s.get(File, job.validation_file).path
     recipe = {"base_model": job.model, "task": "chat", "data": data, "name": job.id,
-              "method": "dpo" if kind == "dpo" else "lora", "seed": job.seed, "baselines": []}
+              "method": method, "seed": job.seed, "baselines": []}
     if hyper.get("n_epochs") not in (None, "auto"):
         recipe["epochs"] = hyper["n_epochs"]
     if hyper.get("batch_size") not in (None, "auto"):  # examples per update, as OpenAI's
         recipe["batch_size"] = hyper["batch_size"]
     if hyper.get("learning_rate_multiplier") not in (None, "auto"):
-        recipe["learning_rate"] = (DPO_LR if kind == "dpo" else LORA_LR) * hyper["learning_rate_multiplier"]
-    if kind == "dpo" and hyper.get("beta") not in (None, "auto"):
+        recipe["learning_rate"] = (methods.method(method).learning_rate
+                                   * hyper["learning_rate_multiplier"])
+    if methods.method(method).trains_on == "pairs" and hyper.get("beta") not in (None, "auto"):
         recipe["dpo"] = {"beta": hyper["beta"]}
     return recipe_from_dict({**recipe, **(job.recipe or {})},
                             source=f"the recipe of fine-tuning job {job.id}")

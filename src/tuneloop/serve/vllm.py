@@ -34,7 +34,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.serve.adapters import BASE
 from tuneloop.serve.engine import Request
 from tuneloop.tasks.labels import LabelTrie
-from tuneloop.train.distributed import free_port
+from tuneloop.core.net import free_port
 
 # vLLM allocates LoRA buffers for this many adapters per batch, each up to this rank; later
 # `--vllm-arg` values override them (vLLM's parser keeps the last of a repeated flag).

@@ -27,7 +27,7 @@ import psutil
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
-from tuneloop import project
+from tuneloop import methods, project
 from tuneloop.data.validate import validate
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.deploy import deploy
@@ -141,7 +141,8 @@ def process(registry: Registry, job: Job, workspace, lost: threading.Event | Non
     try:
         recipe = job_recipe(registry, job)
         if job.status == "validating_files":
-            task = None if recipe.method == "dpo" else recipe.task
+            # preference pairs are checked as pairs, answers as the task's rows
+            task = recipe.task if methods.method(recipe.method).trains_on == "answers" else None
             for param, path in (("training_file", recipe.data.train),
                                 ("validation_file", recipe.data.validation)):
                 if path:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tuneloop import tasks
 from tuneloop.data.prepare_recipe import AnonymizeSpec, InputSpec, ReportSpec, SplitSpec
 from tuneloop.synth.teacher import EndpointTeacher, LocalTeacher, Teacher
 
@@ -94,15 +95,24 @@ class SynthRecipe(_Strict):
 
     @model_validator(mode="after")
     def _fits(self):
-        if self.mode == "label" and self.task == "chat":
-            raise ValueError("mode label is for classify and extract; use mode answer for chat")
-        if self.mode in ("answer", "preferences") and self.task != "chat":
-            raise ValueError(f"mode {self.mode} writes replies: use it with task chat")
+        if self.mode not in tasks.module(self.task).SYNTH_MODES:
+            raise ValueError(_unsupported(self.mode, self.task))
         if self.mode == "expand" and not self.seeds:
             raise ValueError("mode expand imitates seed examples: add seeds: [{path: ...}]")
         if self.mode != "expand" and not self.inputs:
             raise ValueError(f"mode {self.mode} needs inputs: [{{path: ...}}]")
         return self
+
+
+def _unsupported(mode: str, task: str) -> str:
+    """Why a task's module refuses a synth mode, naming the tasks (`SYNTH_MODES`) that take it."""
+    takers = " and ".join(kind for kind, m in tasks.TASKS.items() if mode in m.SYNTH_MODES)
+    if mode == "label":
+        return (f"mode label is for {takers}; use mode {tasks.module(task).SYNTH_MODES[0]} "
+                f"for {task}")
+    if mode in ("answer", "preferences"):
+        return f"mode {mode} writes replies: use it with task {takers}"
+    return f"mode {mode} is for task {takers}, not {task}"
 
 
 def load_synth_recipe(path: str | Path) -> SynthRecipe:

@@ -26,7 +26,7 @@ from tuneloop.data import clean as cleaning
 from tuneloop.data.curate import prepare
 from tuneloop.data.prepare_recipe import InputSpec, PrepareRecipe
 from tuneloop.data.dedup import NearDuplicates, exact_digest
-from tuneloop.data.formats import Example, parse_row, prompt_messages
+from tuneloop.core.formats import Example, parse_row, prompt_messages
 from tuneloop.data.ingest import read_rows
 from tuneloop.data.rows import prompt_text
 from tuneloop.errors import TuneloopError
@@ -92,40 +92,30 @@ def input_messages(row: dict) -> list[dict] | None:
 
 
 def _task_info(recipe: SynthRecipe, seeds: list[dict], teacher: Teacher) -> TaskInfo:
-    if recipe.task == "chat":
-        return TaskInfo("chat")
+    """What the teacher answers for (the label set, the field names): the task module's
+    `synth_info`, from the recipe, the seeds or a teacher run trained on the task."""
     trained = teacher.trained_for if getattr(teacher.trained_for, "kind", None) == recipe.task \
         else None
-    if recipe.task == "classify":
-        labels = recipe.labels or sorted({str(r["label"]) for r in seeds if r.get("label")}) or \
-            (list(trained.labels) if trained else [])
-        if not labels:
-            raise TuneloopError("classify needs its label set: labels: [...], seeds with labels, "
-                                "or a teacher run trained on the task")
-        return TaskInfo("classify", labels=tuple(labels))
-    fields = recipe.fields or list(dict.fromkeys(k for r in seeds for k in r.get("fields") or {})) \
-        or (list(trained.fields) if trained else [])
-    if not fields:
-        raise TuneloopError("extract needs its field names: fields: [...], seeds with fields, or "
-                            "a teacher run trained on the task")
-    return TaskInfo("extract", fields=tuple(fields))
+    return tasks.module(recipe.task).synth_info(recipe, seeds, trained)
 
 
 def _prompt(recipe: SynthRecipe, info: TaskInfo, teacher: Teacher, messages: list[dict]
             ) -> list[dict]:
     """What the teacher is asked: the task's prompt (the one a teacher run was trained on,
     else the zero-shot prompt that names the labels/fields), or the recipe's instruction."""
-    if recipe.task == "chat":
-        head = [{"role": "system", "content": recipe.instruction}] if recipe.instruction else []
-        return head + messages
+    module = tasks.module(recipe.task)
     trained = teacher.trained_for
     zero_shot = not (trained is not None and trained.kind == info.kind and
                      set(trained.labels) >= set(info.labels) and
                      set(trained.fields) >= set(info.fields))
     example = Example(messages=tuple(messages), answer="")
-    built = tasks.TASKS[info.kind].prompt(example, info, zero_shot=zero_shot)
+    built = module.prompt(example, info, zero_shot=zero_shot)
     if recipe.instruction:
-        built[0] = {"role": "system", "content": recipe.instruction}
+        instruction = {"role": "system", "content": recipe.instruction}
+        if module.OWN_SYSTEM_TURN:  # the task's system turn gives way to the instruction
+            built[0] = instruction
+        else:  # the conversation as it is, the instruction before it
+            built = [instruction, *built]
     return built
 
 
@@ -138,19 +128,7 @@ def _valid(task: str, info: TaskInfo, reply) -> tuple[object, str | None]:
     text = reply.text.strip()
     if not text:
         return None, "empty"
-    if task == "classify":
-        label, exact = tasks.classify.parse(text, info)
-        return (label, None) if exact else (None, "invalid_label")
-    if task == "extract":
-        fields, ok = tasks.extract.parse(text, info)
-        if not ok:
-            return None, "invalid_json"
-        if set(fields) - set(info.fields):
-            return None, "unknown_field"
-        if any(not isinstance(v, (str, int, float, bool, type(None))) for v in fields.values()):
-            return None, "nested_value"
-        return {f: fields.get(f, "") for f in info.fields}, None
-    return text, None
+    return tasks.module(task).synth_answer(text, info)
 
 
 def _consensus(answers: list, min_agreement: float) -> tuple[object, float]:
@@ -190,14 +168,12 @@ class Synth:
     def label(self, items: list[tuple[list[dict], dict]], info: TaskInfo) -> list[dict]:
         """Rows for (messages, row) items: labelled / answered, validated, agreed on."""
         c = self.recipe.consistency
-        samples = c.samples if self.recipe.task != "chat" else 1
+        samples = c.samples if tasks.module(self.recipe.task).SYNTH_CONSENSUS else 1
         prompts = [_prompt(self.recipe, info, self.teacher, m) for m, _ in items]
         if prompts:
             self.prompts.setdefault("task", prompts[0][0]["content"] if prompts[0][0]["role"] ==
                                     "system" else "")
-        limit = self.recipe.teacher.max_tokens
-        if info.kind == "classify":  # a label is short: a reply that runs on is not one
-            limit = min(limit, 8 + max(len(label) for label in info.labels) // 2)
+        limit = tasks.module(info.kind).synth_max_tokens(self.recipe.teacher.max_tokens, info)
         asks = [Ask.of(p, max_tokens=limit, temperature=c.temperature if samples > 1 else 0.0,
                        sample=s)
                 for p in prompts for s in range(samples)]
@@ -238,9 +214,9 @@ class Synth:
             kept.append(row)
         return kept
 
-    def preferences(self, items: list[tuple[list[dict], dict]]) -> list[dict]:
+    def preferences(self, items: list[tuple[list[dict], dict]], info: TaskInfo) -> list[dict]:
         temperature = self.recipe.consistency.temperature
-        asks = [Ask.of(_prompt(self.recipe, TaskInfo("chat"), self.teacher, m), sample=s,
+        asks = [Ask.of(_prompt(self.recipe, info, self.teacher, m), sample=s,
                        temperature=temperature, max_tokens=self.recipe.teacher.max_tokens)
                 for m, _ in items for s in (0, 1)]
         replies = self.ask(asks, "sampling two replies each")
@@ -276,8 +252,9 @@ class Synth:
         spec, rng = self.recipe.expand, random.Random(self.recipe.seed)
         self.prompts["expand"] = EXPAND_SYSTEM
         by_label: dict[str | None, list[dict]] = {}
+        per_label = tasks.module(info.kind).EXPAND_BY_LABEL
         for row in seeds:
-            by_label.setdefault(row.get("label") if info.kind == "classify" else None, []).append(row)
+            by_label.setdefault(row.get("label") if per_label else None, []).append(row)
         groups = sorted(by_label, key=str)
         asks, intended = [], []
         for r in range(spec.requests):
@@ -350,11 +327,7 @@ def _lines(text: str) -> list[str]:
 
 
 def _row(task: str, messages: list[dict], answer, source: dict) -> dict:
-    if task == "classify":
-        return {"text": messages[-1]["content"], "label": answer}
-    if task == "extract":
-        return {"text": messages[-1]["content"], "fields": answer}
-    return {"messages": [*messages, {"role": "assistant", "content": answer}]}
+    return tasks.module(task).synth_row(messages, answer)
 
 
 def _answer_text(row: dict) -> str:
@@ -381,10 +354,11 @@ def synthesize(recipe: SynthRecipe, workspace: Path | None = None, progress=None
             items = [(input_messages(r), r) for r in _read(recipe.inputs, recipe.task, False)]
         offered = len(items)
         if recipe.mode == "preferences":
-            rows = job.preferences(items)
+            rows = job.preferences(items, info)
         else:
             rows = job.label(items, info)
-            if recipe.mode == "expand" and recipe.task == "classify" and recipe.expand.verify:
+            if recipe.mode == "expand" and tasks.module(recipe.task).EXPAND_BY_LABEL and \
+                    recipe.expand.verify:
                 rows = _verified(rows, items, job)
         rows = job.overlapping(rows, recipe.dedup_against, "repeats_existing")
         rows = job.overlapping(rows, recipe.check_against, "matches_test_row")

@@ -206,7 +206,7 @@ class LocalTeacher(Teacher):
     greedy requests are generated in length-grouped batches."""
 
     def __init__(self, model: str, registry, batch: int = 64):
-        from tuneloop.evaluate import load_for_answers
+        from tuneloop.tasks.trained import load_for_answers
         from tuneloop.models import catalog
 
         self.model, self.tokenizer, self.trained_for, run = load_for_answers(model, registry)
@@ -217,8 +217,8 @@ class LocalTeacher(Teacher):
         self.batch = batch
 
     def answer(self, asks):
-        from tuneloop.data.tokenize import prompt_ids
-        from tuneloop.evaluate.generate import generate
+        from tuneloop.core.tokenize import prompt_ids
+        from tuneloop.models.generate import generate
 
         groups: dict[tuple, list[int]] = {}
         for i, a in enumerate(asks):

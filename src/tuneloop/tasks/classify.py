@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import random
 import re
+
+from tuneloop.tasks.info import TaskInfo
 
 SYSTEM = "Classify the user's message. Reply with the label only."
 # A trained model needs no instruction, only a system turn of its own: without one, chat
 # templates such as SmolLM2's insert a default system prompt (20 tokens). "Classify." costs 3;
 # the whole banking77 prompt falls from 45 tokens to 34 (tests/test_labels.py counts them).
 TRAINED_SYSTEM = "Classify."
+
+HEADLINE = "accuracy"
+COLUMNS = ["accuracy", "macro_f1"]  # the terminal's table of an evaluation
+ROW_HEADLINE = HEADLINE  # compare's per-row mean: accuracy splits by row
+PAIRED_EXACT = True  # compare adds McNemar's exact test: each row is right or wrong
+REFERENCE_LOSS = False  # no perplexity of references: the label set is scored instead
+# A label head decides (one weight row per label over the prompt's last hidden state) or the
+# model writes its label; the label-set loss trains over the labels where they branch.
+HEADS = ("labels", "none")  # the recipe's `head` choices, the default first
+LOSSES = ("tokens", "labels")  # the recipe's `loss` choices, the default first
+
+
+def describe(examples, fields=None) -> TaskInfo:
+    """The label set of the training rows, and the short system turn a trained model keeps."""
+    return TaskInfo("classify", labels=tuple(sorted({e.label or e.answer for e in examples})),
+                    system=TRAINED_SYSTEM)
 
 
 def prompt(example, info, zero_shot: bool = False) -> list[dict]:
@@ -25,6 +45,82 @@ def prompt(example, info, zero_shot: bool = False) -> list[dict]:
 def target(example, info=None) -> str:
     """The reply the model should produce."""
     return example.label or example.answer
+
+
+def gold(example, info) -> str:
+    """What a prediction is scored against."""
+    return target(example)
+
+
+def with_answer(example, reply: str, info):
+    """The example labelled by a teacher's reply (kept as it was when the reply is empty)."""
+    return dataclasses.replace(example, label=reply or example.label,
+                               answer=reply or example.answer)
+
+
+def shot_order(candidates: list, seed: int) -> list:
+    """A seeded order that cycles through the labels, so any first k shots cover them evenly."""
+    rng = random.Random(seed)
+    shuffled = candidates[:]
+    rng.shuffle(shuffled)
+    by_label: dict[str, list] = {}
+    for e in shuffled:
+        by_label.setdefault(e.label, []).append(e)
+    out: list = []
+    while any(by_label.values()):
+        for label in sorted(by_label):
+            if by_label[label]:
+                out.append(by_label[label].pop())
+    return out
+
+
+def max_new_tokens(tokenizer, examples, info) -> int:
+    """The longest label's tokens and a margin."""
+    return max(len(tokenizer(label, add_special_tokens=False)["input_ids"])
+               for label in info.labels) + 4
+
+
+def grammar(model, tokenizer, info):
+    """None: a classifier is decided over its label trie (`decide`), not decoded freely."""
+    return None
+
+
+def answer_schema(info) -> None:
+    """None: served replies are held to the label trie instead of a JSON schema."""
+    return None
+
+
+def decide(model, tokenizer, prompts: list[list[int]], info, on_batch=None,
+           prefix: list[int] | None = None, batch_size: int = 16):
+    """Each prompt's (token ids, after `prefix` if given) most probable label under the label
+    trie (tasks.labels), its probability, and the tokens its answer takes (the label's tokens
+    and end-of-turn); None when the task knows no labels (then the model writes its answer)."""
+    if not info.labels:
+        return None
+    from tuneloop.tasks.labels import LabelTrie, label_distribution
+
+    trie = LabelTrie(tokenizer, info.labels)
+    probs = label_distribution(model, tokenizer, trie, prompts, batch_size=batch_size,
+                               on_batch=on_batch, prefix=prefix)
+    best = probs.argmax(-1).tolist()
+    lengths = {i: len(trie.path[n]) for n, i in trie.leaf.items()}
+    return ([info.labels[b] for b in best], [float(probs[r, b]) for r, b in enumerate(best)],
+            [lengths[b] for b in best])
+
+
+def row_score(row: dict) -> float:
+    """One row's accuracy: 1 when the prediction is the gold label."""
+    return float(row["prediction"] == row["gold"])
+
+
+def value_counts_table(rows: list[dict]):
+    """None: accuracy's interval is a bootstrap of the row scores."""
+    return None
+
+
+def shared_extras(rows: list[dict]) -> dict:
+    """Nothing beyond the headline for compare's table."""
+    return {}
 
 
 def _norm(s: str) -> str:
@@ -45,7 +141,7 @@ def parse(output: str, info) -> tuple[str, bool]:
     return (by_norm[close[0]] if close else ""), False
 
 
-def metrics(predictions: list[str], golds: list[str], exact: list[bool]) -> dict:
+def metrics(predictions: list[str], golds: list[str], exact: list[bool], examples=None) -> dict:
     """Accuracy, macro precision/recall/F1 over the gold label set, and the confusion matrix."""
     n = len(golds)
     labels = sorted(set(golds))
@@ -72,3 +168,39 @@ def metrics(predictions: list[str], golds: list[str], exact: list[bool]) -> dict
         "n": n,
         "confusion": confusion,
     }
+
+
+# Synthesis (tuneloop synth): what a teacher is asked for and how its reply becomes a row.
+
+SYNTH_MODES = ("label", "expand")  # the synth modes this kind supports, the usual one first
+SYNTH_CONSENSUS = True  # label mode samples `consistency.samples` answers and keeps the majority
+EXPAND_BY_LABEL = True  # expand writes inputs per seed label; `verify` keeps those labelled so
+OWN_SYSTEM_TURN = True  # prompt() opens with the task's system turn: an instruction replaces it
+
+
+def synth_info(recipe, seeds: list[dict], trained) -> TaskInfo:
+    """The label set synth asks for: the recipe's, else the seeds', else the teacher run's."""
+    labels = recipe.labels or sorted({str(r["label"]) for r in seeds if r.get("label")}) or \
+        (list(trained.labels) if trained else [])
+    if not labels:
+        from tuneloop.errors import TuneloopError
+
+        raise TuneloopError("classify needs its label set: labels: [...], seeds with labels, "
+                            "or a teacher run trained on the task")
+    return TaskInfo("classify", labels=tuple(labels), system=TRAINED_SYSTEM)
+
+
+def synth_max_tokens(limit: int, info) -> int:
+    """A teacher's longest label reply: a label is short, so a reply that runs on is not one."""
+    return min(limit, 8 + max(len(label) for label in info.labels) // 2)
+
+
+def synth_answer(text: str, info) -> tuple[object, str | None]:
+    """(the label a teacher's reply names exactly, None) or (None, "invalid_label")."""
+    label, exact = parse(text, info)
+    return (label, None) if exact else (None, "invalid_label")
+
+
+def synth_row(messages: list[dict], answer) -> dict:
+    """The dataset row of an input's turns and the teacher's label."""
+    return {"text": messages[-1]["content"], "label": answer}

@@ -9,13 +9,41 @@ answer "nothing" for a field as an explicit choice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import re
 from collections import Counter
+
+from tuneloop.tasks.info import TaskInfo, answer_room
+
+HEADLINE = "field_f1"
+COLUMNS = ["field_f1", "json_valid_rate"]  # the terminal's table of an evaluation
+ROW_HEADLINE = "field_f1_row_mean"  # micro field F1 does not split by row: its row mean does
+PAIRED_EXACT = False
+REFERENCE_LOSS = False
+HEADS = ("none",)  # the recipe's `head` choices, the default first
+LOSSES = ("tokens",)  # the recipe's `loss` choices, the default first
 
 TYPES = {"string": {"type": ["string", "null"]}, "number": {"type": ["number", "null"]},
          "list": {"type": ["array", "null"], "items": {"type": ["string", "number", "null"]}},
          "any": {}}
+
+
+def describe(examples, fields=None) -> TaskInfo:
+    """The fields and their types, from the training rows; the recipe's `fields` (name, type,
+    description), when given, name the fields instead of the data."""
+    seen: dict[str, set] = {}
+    for e in examples:
+        for key, value in (e.fields or {}).items():
+            seen.setdefault(key, set()).add(value_type(value))
+    if fields:
+        info = {f.name: {"type": f.type or common_type(seen.get(f.name, set())),
+                         "description": f.description} for f in fields}
+    else:
+        info = {name: {"type": common_type(types), "description": None}
+                for name, types in seen.items()}
+    return TaskInfo("extract", fields=tuple(info), field_info=info)
 
 
 def prompt(example, info, zero_shot: bool = False) -> list[dict]:
@@ -44,6 +72,76 @@ def target(example, info=None) -> str:
     """The reply the model should produce: the row's fields in the one answer shape."""
     fields = canonical(example.fields, info) if info is not None else example.fields
     return json.dumps(fields, ensure_ascii=False)
+
+
+def gold(example, info) -> dict:
+    """What a prediction is scored against: the row's fields in the one answer shape."""
+    return canonical(example.fields, info)
+
+
+def with_answer(example, reply: str, info):
+    """The example with a teacher's reply as its fields, where the reply parses."""
+    fields, ok = parse(reply, info)
+    return dataclasses.replace(example, fields=fields if ok else example.fields,
+                               answer=reply or example.answer)
+
+
+def shot_order(candidates: list, seed: int) -> list:
+    """A seeded shuffle."""
+    shuffled = candidates[:]
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+def max_new_tokens(tokenizer, examples, info) -> int:
+    """Room for the longest answer, with a margin."""
+    return answer_room(tokenizer, [target(e, info) for e in examples])
+
+
+def answer_schema(info) -> str | None:
+    """The JSON schema every reply is held to: an object with exactly the task's fields."""
+    return schema(info) if info.fields else None
+
+
+def grammar(model, tokenizer, info):
+    """The task's fields as the grammar every reply is decoded under (baselines too)."""
+    text = answer_schema(info)
+    if text is None:
+        return None
+    compiler = grammar_compiler(tokenizer, model.get_output_embeddings().weight.shape[0],
+                                {tokenizer.eos_token_id})
+    return compile_schema(compiler, text)
+
+
+def decide(model, tokenizer, prompts, info, on_batch=None, prefix=None, batch_size: int = 16):
+    """None: the model writes its answer (there is no set of answers to decide among)."""
+    return None
+
+
+def row_score(row: dict) -> float:
+    """One row's field F1; a row with nothing to extract scores 1 when nothing was answered."""
+    if not has_values(row["gold"]):
+        return float(abstained(row["prediction"]))
+    return float(metrics([row["prediction"]], [row["gold"]],
+                         [row["prediction"] is not None])["field_f1"])
+
+
+def value_counts_table(rows: list[dict]):
+    """(field names, [rows, fields, 3] counts of values right, predicted and gold): micro
+    field F1's interval resamples these counts, overall and field by field."""
+    import numpy as np
+
+    names = sorted({k for r in rows for k in r["gold"]})
+    counts = np.array([value_counts(r["prediction"], r["gold"], names) for r in rows],
+                      dtype=np.int64).reshape(len(rows), len(names), 3)
+    return names, counts
+
+
+def shared_extras(rows: list[dict]) -> dict:
+    """Abstention on the shared rows, beside compare's headline."""
+    found = metrics([r["prediction"] for r in rows], [r["gold"] for r in rows],
+                    [r["prediction"] is not None for r in rows])
+    return {"empty_row_accuracy": found.get("empty_row_accuracy")}
 
 
 def value_type(value) -> str:
@@ -226,12 +324,13 @@ def _plain(text) -> str:
 
 
 def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool],
-            texts: list[str] | None = None) -> dict:
+            examples=None) -> dict:
     """JSON validity, per-field exact and normalized match and P/R/F1, and micro P/R/F1 over
     every value: each field a multiset of normalized values (a list field holds several; a
     value invented where the gold has none is a false positive). Rows with nothing to extract:
-    the share answered with nothing (`empty_row_accuracy`). With the input `texts`: the share
-    of predicted values that do not occur in their text at all (`hallucination_rate`)."""
+    the share answered with nothing (`empty_row_accuracy`). With the `examples` (their input
+    texts): the share of predicted values that occur in no input at all (`hallucination_rate`)."""
+    texts = None if examples is None else [_text(e) for e in examples]
     n = len(golds)
     names = sorted({k for g in golds for k in g})
     per_field = {}
@@ -260,6 +359,10 @@ def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool]
     return out
 
 
+def _text(example) -> str:
+    return example.text or " ".join(m["content"] for m in example.messages)
+
+
 def _found(value, text: str) -> bool:
     """Whether a predicted value occurs in its input: as text (case and spacing aside), or as
     a number written any way there ("1,234.50" holds 1234.5)."""
@@ -275,3 +378,45 @@ def _prf(c: Counter) -> dict:
     recall = c["tp"] / c["gold"] if c["gold"] else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+# Synthesis (tuneloop synth): what a teacher is asked for and how its reply becomes a row.
+
+SYNTH_MODES = ("label", "expand")  # the synth modes this kind supports, the usual one first
+SYNTH_CONSENSUS = True  # label mode samples `consistency.samples` answers and keeps the majority
+EXPAND_BY_LABEL = False  # expand writes inputs from all seeds alike; nothing to verify
+OWN_SYSTEM_TURN = True  # prompt() opens with the task's system turn: an instruction replaces it
+
+
+def synth_info(recipe, seeds: list[dict], trained) -> TaskInfo:
+    """The field names synth asks for: the recipe's, else the seeds', else the teacher run's."""
+    fields = recipe.fields or list(dict.fromkeys(k for r in seeds for k in r.get("fields") or {})) \
+        or (list(trained.fields) if trained else [])
+    if not fields:
+        from tuneloop.errors import TuneloopError
+
+        raise TuneloopError("extract needs its field names: fields: [...], seeds with fields, or "
+                            "a teacher run trained on the task")
+    return TaskInfo("extract", fields=tuple(fields))
+
+
+def synth_max_tokens(limit: int, info) -> int:
+    """A teacher's longest reply: the teacher spec's limit."""
+    return limit
+
+
+def synth_answer(text: str, info) -> tuple[object, str | None]:
+    """(every field of the teacher's flat JSON object, None) or (None, why it is not valid)."""
+    fields, ok = parse(text, info)
+    if not ok:
+        return None, "invalid_json"
+    if set(fields) - set(info.fields):
+        return None, "unknown_field"
+    if any(not isinstance(v, (str, int, float, bool, type(None))) for v in fields.values()):
+        return None, "nested_value"
+    return {f: fields.get(f, "") for f in info.fields}, None
+
+
+def synth_row(messages: list[dict], answer) -> dict:
+    """The dataset row of an input's turns and the teacher's fields."""
+    return {"text": messages[-1]["content"], "fields": answer}

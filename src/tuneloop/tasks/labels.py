@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tuneloop.data.batching import collate
-from tuneloop.data.tokenize import IGNORE, Encoded
+from tuneloop.core.batching import collate
+from tuneloop.core.tokenize import IGNORE, Encoded
 from tuneloop.models.scoring import autocast, causal_lm
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneloop.errors import TuneloopError
+from tuneloop.core.files import atomic_path
 
 MANIFEST = "manifest.json"
 
@@ -121,10 +122,8 @@ def save_weights(model, path: Path, access: Whole = WHOLE, write: bool = True) -
     weights = access.weights(model)
     if not write:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(weights, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(weights, str(tmp))
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -81,7 +81,7 @@ def export_(
 
     Example: tuneloop export run-20261123-ab12cd --out ./my-model --merge
     """
-    from tuneloop.export import export
+    from tuneloop.train.export import export
 
     result = export(run_id, out_dir, merge=merge)
     if as_json:
@@ -108,7 +108,7 @@ def estimate(
 
     Example: tuneloop estimate examples/banking77/recipe.yaml --gpu a100-80gb
     """
-    from tuneloop.estimate import estimate as run_estimate, hours
+    from tuneloop.train.estimate import estimate as run_estimate, hours
     from tuneloop.project import load_recipe
 
     result = run_estimate(load_recipe(recipe), gpu=gpu, tokens_per_s=tokens_per_s, price_per_hour=price,
@@ -149,7 +149,7 @@ def tune(
     Example: tuneloop tune examples/banking77/recipe.yaml --trials 8
     """
     from tuneloop.project import load_recipe
-    from tuneloop.tune import tune as run_tune
+    from tuneloop.train.tune import tune as run_tune
 
     result = run_tune(load_recipe(recipe), recipe, trials, timeout_minutes=timeout_minutes,
                       on_trial=lambda r: err.print(f"[dim]trial {r['trial']}: val loss "

@@ -30,7 +30,7 @@ DISTILL = replace(LORA, name="distill")
 
 def load_teacher(recipe, registry):
     """(model, tokenizer, TaskInfo or None) of the recipe's teacher: a run or a model."""
-    from tuneloop.evaluate import load_for_answers
+    from tuneloop.tasks.trained import load_for_answers
 
     model, tokenizer, info, run = load_for_answers(recipe.distill.teacher, registry)
     for p in model.parameters():
@@ -51,10 +51,10 @@ def teacher_answers(model, tokenizer, examples, info, teacher_info, max_new_toke
     With a `cache` (synth's request cache), replies are looked up by (teacher, prompt, limit)
     and only the missing ones generated, so a second student of the same teacher, or a run
     resumed after a crash, does not ask again."""
-    from tuneloop.evaluate.generate import generate
+    from tuneloop.models.generate import generate
     from tuneloop.synth.teacher import Reply
 
-    module = tasks.TASKS[info.kind]
+    module = tasks.module(info.kind)
     # A teacher fine-tuned on this task gets its training prompt; any other model the prompt
     # that names the labels / fields.
     zero_shot = teacher_info is None or teacher_info.kind != info.kind
@@ -77,14 +77,7 @@ def teacher_answers(model, tokenizer, examples, info, teacher_info, max_new_toke
     out = []
     for e, reply in zip(examples, replies):
         reply = reply.strip()
-        if info.kind == "classify":
-            out.append(dataclasses.replace(e, label=reply or e.label, answer=reply or e.answer))
-        elif info.kind == "extract":
-            fields, ok = module.parse(reply, info)
-            out.append(dataclasses.replace(e, fields=fields if ok else e.fields,
-                                           answer=reply or e.answer))
-        else:
-            out.append(dataclasses.replace(e, answer=reply or e.answer))
+        out.append(module.with_answer(e, reply, info))
     return out, len(examples) - len(missing)
 
 
@@ -176,10 +169,25 @@ def prepare_distillation(recipe, splits, registry, on_phase, workspace=None):
         if hits + more:
             on_phase(f"{hits + more} of {len(train) + len(validation)} teacher answers were "
                      "cached from an earlier run")
-        info = (tasks.describe(splits.info.kind, train, recipe.fields)
-                if splits.info.kind != "classify" else splits.info)
+        # a label set stays the gold one; fields are those the teacher's answers hold
+        info = (splits.info if splits.info.labels
+                else tasks.describe(splits.info.kind, train, recipe.fields))
         splits = dataclasses.replace(splits, train=train, validation=validation, info=info)
     loss_fn = (partial(distill_loss, teacher=teacher, top_k=spec.top_k,
                        temperature=spec.temperature, weight=spec.weight)
                if spec.mode == "logits" else None)
     return splits, loss_fn, teacher
+
+
+def distill_stats(out: dict, teacher, splits, recipe) -> dict:
+    """The student's mean per-token KL to the teacher on the validation answers."""
+    from tuneloop.core.batching import padded_batches
+    from tuneloop.core.tokenize import encode
+
+    if not splits.validation:
+        return {}
+    tok, module = out["tokenizer"], tasks.module(recipe.task)
+    enc = [encode(tok, module.prompt(e, splits.info), module.target(e, splits.info))
+           for e in splits.validation]
+    kl = mean_kl(out["model"], teacher, padded_batches(enc, tok.pad_token_id))
+    return {"final_val_kl": kl, "distill": recipe.distill.model_dump()}

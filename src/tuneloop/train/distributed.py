@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from tuneloop.errors import TuneloopError
+from tuneloop.core.net import free_port
 
 
 def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
@@ -58,24 +59,14 @@ def launch(recipe, run_dir: Path, processes: int, resume: bool = False,
     return stats
 
 
-def free_port() -> int:
-    """A TCP port on loopback that no one listens on now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     import torch
     from accelerate import PartialState
 
     from tuneloop.project import recipe_from_dict
     from tuneloop.train.checkpoint import trainable_state
-    from tuneloop.train.data import load_splits
-    from tuneloop.train.methods import METHODS
-    from tuneloop.train.sft import run_sft
+    from tuneloop.data.splits import load_splits
+    from tuneloop.train.methods import Context, trainer
 
     run_dir = Path(sys.argv[1])
     spec = json.loads((run_dir / "launch.json").read_text())
@@ -83,15 +74,9 @@ def main() -> None:
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
         splits = load_splits(recipe.data, recipe.task, recipe.fields)
-        if recipe.method == "dpo":
-            from tuneloop.train.dpo import run_dpo
-
-            out = run_dpo(recipe, splits, run_dir, resume=spec["resume"],
-                          rank=state.process_index, world=state.num_processes)
-        else:
-            out = run_sft(METHODS[recipe.method], recipe, splits, run_dir, resume=spec["resume"],
-                          rank=state.process_index, world=state.num_processes,
-                          shard=spec["sharding"])
+        ctx = Context(resume=spec["resume"], rank=state.process_index,
+                      world=state.num_processes, shard=spec["sharding"])
+        out = trainer(recipe.method).train(recipe, splits, run_dir, ctx)
     except TuneloopError as e:  # the launcher shows it as it is, not a rank's traceback
         (run_dir / "ranks").mkdir(exist_ok=True)
         (run_dir / "ranks" / f"rank-{state.process_index}.error").write_text(str(e))

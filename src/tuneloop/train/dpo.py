@@ -15,16 +15,17 @@ from pathlib import Path
 import torch
 
 from tuneloop import models
-from tuneloop.data.batching import collate, length_grouped_batches, pack
+from tuneloop.core.batching import collate, length_grouped_batches, pack
+from tuneloop import methods
 from tuneloop.errors import TuneloopError
-from tuneloop.evaluate.pairs import all_logps, dpo_loss, encode_pairs
+from tuneloop.evaluate.pairs import all_logps, encode_pairs
+from tuneloop.models.scoring import dpo_loss
 from tuneloop.models.scoring import sequence_logps
 from tuneloop.train.lora import attach_lora, save_adapter
 from tuneloop.train.objective import Objective
 from tuneloop.train.plan import default_epochs
-from tuneloop.train.sft import Method, run_sft
+from tuneloop.train.sft import Weights, run_sft
 
-DPO_LR = 5e-5  # LoRA-DPO: well below SFT's 1e-3, since the start point is already good
 
 
 def start_run(recipe, registry=None):
@@ -35,9 +36,10 @@ def start_run(recipe, registry=None):
     from tuneloop.store import Registry
 
     run = (registry or Registry.open(project.workspace())).get_run(recipe.dpo.start)
-    if run.status != "done" or run.method not in ("lora", "dora", "qlora", "dpo"):
-        raise TuneloopError(f"dpo.start must be a finished adapter run (lora, dora, qlora or "
-                            f"dpo); {run.id} is a {run.status} {run.method} run")
+    if run.status != "done" or not methods.method(run.method).continued:
+        able = [m.name for m in methods.METHODS.values() if m.continued]
+        raise TuneloopError(f"dpo.start must be a finished adapter run ({', '.join(able[:-1])} "
+                            f"or {able[-1]}); {run.id} is a {run.status} {run.method} run")
     if run.base_model != recipe.base_model:
         raise TuneloopError(f"dpo.start run {run.id} was trained on {run.base_model}, not "
                             f"{recipe.base_model}; set base_model to match")
@@ -123,7 +125,7 @@ def run_dpo(recipe, splits, run_dir: Path, progress=None, resume: bool = False,
                            recipe.lora.targets)
 
     load = partial(load_policy, start=start)
-    out = run_sft(Method("dpo", DPO_LR, load, prepare, save_adapter), recipe, splits, run_dir,
+    out = run_sft(Weights("dpo", load, prepare, save_adapter), recipe, splits, run_dir,
                   progress, resume=resume, rank=rank, world=world, on_validation=on_validation,
                   objective=Preference(recipe.dpo.beta, start))
     return {**out, "start": start}

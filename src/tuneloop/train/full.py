@@ -11,8 +11,7 @@ import torch
 
 from tuneloop import models
 from tuneloop.models.scoring import causal_lm
-from tuneloop.train.plan import FULL_LR
-from tuneloop.train.sft import Method
+from tuneloop.train.sft import Weights
 
 
 def load_float32(recipe):
@@ -37,4 +36,14 @@ def save_model(model, tokenizer, folder) -> None:
     tokenizer.save_pretrained(folder)
 
 
-FULL = Method("full", FULL_LR, load_float32, prepare, save_model, artifact="model")
+def footprint(arch: dict, rank: int, freeze_layers: int, compute_bytes: int) -> dict:
+    """float32 master weights; every weight trains but the embeddings and the frozen layers
+    (forward, activation and weight gradients: ~6 x params a token)."""
+    p = arch["parameters"]
+    per_layer = (p - arch["embedding_parameters"]) / arch["layers"]
+    trainable = p - (arch["embedding_parameters"] + freeze_layers * per_layer
+                     if freeze_layers else 0)
+    return {"weights": p * 4, "trainable": trainable, "per_token": 0, "flops_per_param": 6.0}
+
+
+FULL = Weights("full", load_float32, prepare, save_model)

@@ -11,8 +11,7 @@ from functools import partial
 from peft import LoraConfig, get_peft_model
 
 from tuneloop import models
-from tuneloop.train.plan import LORA_LR
-from tuneloop.train.sft import Method, run_sft
+from tuneloop.train.sft import Weights, run_sft
 
 
 def attach_lora(model, rank: int, alpha: float, dropout: float, targets, dora: bool = False):
@@ -35,6 +34,19 @@ def save_adapter(model, tokenizer, folder) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-LORA = Method("lora", LORA_LR, load_base, prepare, save_adapter)
-DORA = Method("dora", LORA_LR, load_base, partial(prepare, dora=True), save_adapter)
+def footprint(arch: dict, rank: int, freeze_layers: int, compute_bytes: int,
+              dora: bool = False) -> dict:
+    """What a step holds (train/estimate.py): the base in the compute dtype, rank x (in + out)
+    trainable values per adapted linear; DoRA adds a magnitude per output row, and rescales
+    every adapted output (two more output-sized tensors a token)."""
+    outputs = sum(o for _, o in arch["linears"])
+    return {"weights": arch["parameters"] * compute_bytes,
+            "trainable": sum(rank * (i + o) for i, o in arch["linears"]) + (outputs if dora else 0),
+            "per_token": 2 * outputs if dora else 0,
+            # forward plus activation gradients (~4 x params a token); DoRA's norms, more
+            "flops_per_param": 4.6 if dora else 4.0}
+
+
+LORA = Weights("lora", load_base, prepare, save_adapter)
+DORA = Weights("dora", load_base, partial(prepare, dora=True), save_adapter)
 run_lora = partial(run_sft, LORA)

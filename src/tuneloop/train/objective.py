@@ -8,11 +8,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from tuneloop.data.batching import collate, pack, padded_batches
-from tuneloop.data.tokenize import IGNORE, encode, prompt_ids
+import math
+
+from tuneloop.core.batching import collate, pack, padded_batches, update_batches
+from tuneloop.core.tokenize import IGNORE, encode, prompt_ids
 from tuneloop.models import head as label_head
 from tuneloop.models.scoring import completion_loss
 from tuneloop.train.plan import default_epochs, default_loss, resolve_head
+
+
+def schedule(lengths: list[int], epochs: float, batch_size: int, batch_tokens: int, seed: int,
+             parts: int = 1, packed: bool = False) -> list[list[list[int]]]:
+    """Every optimizer update of the run as its micro-batches, epoch after epoch (a fractional
+    last epoch is cut short). The updates do not depend on `batch_tokens` or `packed`
+    (core.batching); their micro-batches do."""
+    updates: list[list[list[int]]] = []
+    for epoch in range(math.ceil(epochs)):
+        epoch_updates = update_batches(lengths, batch_size, batch_tokens, seed + epoch, parts,
+                                       packed=packed)
+        share = min(1.0, epochs - epoch)
+        updates += epoch_updates[: max(1, round(share * len(epoch_updates)))]
+    return updates
 
 
 class Objective:
@@ -30,7 +46,7 @@ class Objective:
         self.loss = loss or completion_loss
         self.can_pack = loss is None  # the label-set loss reads each row as one example
 
-    can_pack = True  # whether its step loss reads packed rows (data.batching.pack)
+    can_pack = True  # whether its step loss reads packed rows (core.batching.pack)
     row_tokens: int | None = None  # set by run_sft when packed; None: padded rows
 
     def encode(self, tokenizer, module, info, examples) -> list:
@@ -45,6 +61,18 @@ class Objective:
 
     def collate(self, items: list, pad: int) -> dict:
         return pack(items, pad, self.row_tokens) if self.row_tokens else collate(items, pad)
+
+    def schedule(self, lengths: list[int], epochs: float, batch_size: int, batch_tokens: int,
+                 seed: int, parts: int = 1, packed: bool = False) -> list:
+        """The run's optimizer updates, each as its micro-batches (indices into the items): the
+        loop runs as many updates as this holds, and plans its learning-rate schedule, its
+        validations and checkpoints in them. Default: length-grouped epochs (`schedule`)."""
+        return schedule(lengths, epochs, batch_size, batch_tokens, seed, parts, packed=packed)
+
+    def step_batches(self, model, update: list, items: list, pad: int) -> list[dict]:
+        """One update's micro-batches, asked at its step with the model as it is then: an
+        on-policy objective may generate them here; supervised ones collate their items."""
+        return [self.collate([items[i] for i in b], pad) for b in update]
 
     def count(self, batch: dict) -> int:
         """What the step's summed loss is divided by: its answer tokens."""

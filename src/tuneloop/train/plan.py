@@ -6,11 +6,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# LoRA tolerates a higher rate than full fine-tuning: its update starts at zero and is scaled
-# by alpha/r; 1e-3 with alpha = 2r converges in a few hundred steps on small models. Full
-# fine-tuning moves every pretrained weight, so it takes the usual 2e-5.
-LORA_LR = 1e-3
-FULL_LR = 2e-5
+from tuneloop import methods, tasks
+
 # Effective training throughput used only to size a time budget before the first step
 # (about 4 x params FLOPs per token for LoRA: forward plus activation gradients).
 CPU_FLOPS, GPU_FLOPS = 1.0e11, 1.0e14
@@ -56,10 +53,11 @@ def default_loss(task: str, method: str) -> str:
 
 
 def default_head(task: str, method: str) -> str:
-    """How a classifier decides: "labels", a label head over the prompt's last hidden state
-    (models/head.py), for the adapter methods; "none" (it writes its label, scored over the
-    label trie) for every other task and method. Full fine-tuning keeps "none": its learning
-    rate (2e-5) is too low for a head that starts at zero.
+    """How a model answers: the task's default head (a classifier's "labels", a label head
+    over the prompt's last hidden state, models/head.py) for the methods that train one
+    (`Method.task_head`: the adapter methods); "none" (it writes its answer; a label is scored
+    over the label trie) for every other task and method. Full fine-tuning keeps "none": its
+    learning rate (2e-5) is too low for a head that starts at zero.
 
     Evidence (bench/sweep.py on banking77, judged on the validation split only; bench/RESULTS.md
     "sweep", fourth round): with the same 525 updates the head's validation accuracy was ahead
@@ -67,9 +65,7 @@ def default_head(task: str, method: str) -> str:
     at 0.885 against 0.87, while an example cost only its prompt's tokens (254k training tokens
     against 316k).
     """
-    if task == "classify" and method in ("lora", "dora", "qlora"):
-        return "labels"
-    return "none"
+    return tasks.module(task).HEADS[0] if methods.method(method).task_head else "none"
 
 
 def resolve_head(recipe) -> str:
@@ -154,7 +150,7 @@ def steps_for_budget(minutes: float, tokens_per_step: float, params: int) -> int
 
 
 def make_plan(recipe, n_updates: int, epochs: float, max_length: int, tokens_per_step: float,
-              params: int, default_lr: float = LORA_LR, batch_size: int = 16,
+              params: int, default_lr: float = methods.LORA_LR, batch_size: int = 16,
               batch_tokens: int | None = None, packing: bool = False) -> Plan:
     """Resolve every derived setting of a run; `n_updates` is the schedule's optimizer steps."""
     steps = max(1, n_updates)

@@ -22,9 +22,9 @@ import torch
 from tuneloop import models
 from tuneloop.errors import TuneloopError
 from tuneloop.train.lora import prepare as prepare_lora
+from tuneloop.train.lora import footprint as lora_footprint
 from tuneloop.train.lora import save_adapter
-from tuneloop.train.plan import LORA_LR
-from tuneloop.train.sft import Method
+from tuneloop.train.sft import Weights
 
 
 def load_4bit(recipe):
@@ -39,4 +39,13 @@ def load_4bit(recipe):
     return models.load_model(recipe.base_model, dtype=compute, quantization=config)
 
 
-QLORA = Method("qlora", LORA_LR, load_4bit, prepare_lora, save_adapter)
+def footprint(arch: dict, rank: int, freeze_layers: int, compute_bytes: int) -> dict:
+    """LoRA's, on NF4 linears (+ double-quantized scales) with the rest unquantized; each
+    matmul dequantizes its weight block by block (more work a token)."""
+    parts = lora_footprint(arch, rank, freeze_layers, compute_bytes)
+    linear = arch["linear_parameters"]
+    return {**parts, "weights": linear * 0.52 + (arch["parameters"] - linear) * compute_bytes,
+            "flops_per_param": 5.0}
+
+
+QLORA = Weights("qlora", load_4bit, prepare_lora, save_adapter)

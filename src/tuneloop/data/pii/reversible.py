@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from tuneloop.errors import TuneloopError
+from tuneloop.core.files import atomic_write
 
 
 def key_path(workspace: Path) -> Path:
@@ -31,9 +32,7 @@ def _fernet(workspace: Path, create: bool):
 def write_map(path: Path, maps: dict[int, dict[str, str]], workspace: Path) -> None:
     """Encrypt {row number: {stand-in: original}} to `path` (temp file + rename)."""
     token = _fernet(workspace, create=True).encrypt(json.dumps(maps, ensure_ascii=False).encode())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(token)
-    os.replace(tmp, path)
+    atomic_write(path, token)
 
 
 def read_map(path: Path, workspace: Path) -> dict[int, dict[str, str]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tuneloop.data.batching import collate, length_grouped_batches
-from tuneloop.data.tokenize import Encoded, prompt_ids
+from tuneloop.core.batching import collate, length_grouped_batches
+from tuneloop.core.tokenize import Encoded, prompt_ids
 
 
 @torch.no_grad()

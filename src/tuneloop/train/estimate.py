@@ -23,13 +23,15 @@ from tuneloop import models, project, tasks
 from tuneloop.errors import TuneloopError
 from tuneloop.models.scoring import LOGIT_CHUNK
 from tuneloop.store import Registry
-from tuneloop.train.data import load_splits
+from tuneloop.data.splits import load_splits
+from tuneloop.train.methods import TRAINERS, trainer
 from tuneloop.train.objective import objective_for
 from tuneloop.train.plan import (activation_bytes, default_batch_size, default_batch_tokens,
                                  default_epochs, fitting_batch_tokens, packs)
 
 GB = 1024**3
-METHODS = ("lora", "dora", "qlora", "full")
+# The methods an estimate covers: those whose trainer counts its footprint.
+METHODS = tuple(name for name, t in TRAINERS.items() if t.footprint is not None)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,6 @@ MAX_ROWS = 64  # rows per micro-batch (data.batching)
 # Training FLOPs per token in units of parameters: forward 2, activation gradients 2, weight
 # gradients 2 (full only). DoRA renormalizes each adapted weight every step; QLoRA
 # dequantizes every weight every step.
-FLOPS_PER_PARAM = {"lora": 4.0, "dora": 4.6, "qlora": 5.0, "full": 6.0}
 
 
 def architecture(model: str) -> dict:
@@ -97,22 +98,10 @@ def memory(arch: dict, method: str, batch_tokens: int, rank: int, device: str,
     gpu = device == "cuda"
     compute_bytes = 2 if gpu else 4
     p = arch["parameters"]
-    if method == "full":
-        per_layer = (p - arch["embedding_parameters"]) / arch["layers"]
-        trainable = p - (arch["embedding_parameters"] + freeze_layers * per_layer
-                         if freeze_layers else 0)
-        weights = p * 4  # float32 master weights
-    else:
-        trainable = sum(rank * (i + o) for i, o in arch["linears"])
-        if method == "dora":
-            trainable += sum(o for _, o in arch["linears"])  # one magnitude per output row
-        if method == "qlora":  # NF4 linears (+ double-quantized scales), the rest unquantized
-            weights = arch["linear_parameters"] * 0.52 + (p - arch["linear_parameters"]) * compute_bytes
-        else:
-            weights = p * compute_bytes
-    per_token = activation_bytes(arch["layers"], arch["hidden"], arch["intermediate"], 1)
-    if method == "dora":  # DoRA rescales every adapted output: two more output-sized tensors
-        per_token += 2 * sum(o for _, o in arch["linears"])
+    held = trainer(method).footprint(arch, rank, freeze_layers, compute_bytes)
+    weights, trainable = held["weights"], held["trainable"]
+    per_token = (activation_bytes(arch["layers"], arch["hidden"], arch["intermediate"], 1)
+                 + held["per_token"])
     parts = {
         "weights": weights,
         "gradients": trainable * 4,
@@ -199,7 +188,8 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
         elif method in measured:
             rate, source = measured[method], "measured (registry)"
         else:
-            rate = efficiency * peak_flops / (FLOPS_PER_PARAM[method] * arch["parameters"])
+            flops = trainer(method).footprint(arch, 1, 0, 4)["flops_per_param"]
+            rate = efficiency * peak_flops / (flops * arch["parameters"])
             source = f"arithmetic ({efficiency:.0%} of peak)"
             if kind == "cuda":  # an update's tokens over its passes' overhead
                 overhead_bound = update_tokens / (micro_batches * arch["layers"]
@@ -231,7 +221,7 @@ def _data_tokens(recipe) -> tuple[int, int, int]:
     """(training tokens per epoch, longest example, rows), tokenized as training will."""
     splits = load_splits(recipe.data, recipe.task, recipe.fields)
     tokenizer = models.load_tokenizer(recipe.base_model)
-    module = tasks.TASKS[recipe.task]
+    module = tasks.module(recipe.task)
     objective = objective_for(recipe, tokenizer, splits.info)  # (a label head: prompts only)
     lengths = [objective.size(x) for x in
                objective.encode(tokenizer, module, splits.info, splits.train)]

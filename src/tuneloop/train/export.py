@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from tuneloop import models, project
+from tuneloop import methods, models, project
 from tuneloop.errors import TuneloopError
 from tuneloop.models import head as label_head
 from tuneloop.models import load_artifact
 from tuneloop.store import Registry
-from tuneloop.train.sft import write_atomically
+from tuneloop.core.files import atomic_path
 
 
 def export(run_id: str, out: Path, merge: bool = False, workspace: Path | None = None) -> dict:
@@ -27,12 +27,13 @@ def export(run_id: str, out: Path, merge: bool = False, workspace: Path | None =
         raise TuneloopError(f"{out} already exists; choose a new folder (nothing was overwritten)")
     source = Path(run.adapter_path)
     method = run.method
-    if method != "full" and not merge:
-        shutil.copytree(source, out.with_name(out.name + ".tmp"), dirs_exist_ok=True)
-        (out.with_name(out.name + ".tmp")).replace(out)
+    adapter = methods.method(method).artifact == "adapter"
+    if adapter and not merge:
+        with atomic_path(out) as tmp:
+            shutil.copytree(source, tmp)
         return {"run_id": run.id, "path": str(out), "kind": "adapter", "base_model": run.base_model}
     lm, meta = load_artifact(source)
-    if method != "full":
+    if adapter:
         lm = lm.merge_and_unload()  # W + (alpha/r) B A, folded into each adapted weight
     lm = lm.to(torch.float32)
     tokenizer = models.load_tokenizer(meta["base_model"])
@@ -47,5 +48,5 @@ def export(run_id: str, out: Path, merge: bool = False, workspace: Path | None =
         if head is not None:
             label_head.save(head, folder)
 
-    write_atomically(out, write, {**meta, "merged_from": run.id})
+    models.save_artifact(out, write, {**meta, "merged_from": run.id})
     return {"run_id": run.id, "path": str(out), "kind": "model", "base_model": run.base_model}

@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from tuneloop.data.tokenize import IGNORE, Encoded
+from tuneloop.core.tokenize import IGNORE, Encoded
 
 
 def length_grouped_batches(lengths: list[int], batch_tokens: int, seed: int,

@@ -20,11 +20,12 @@ from pathlib import Path
 from tuneloop import models, project, tasks
 from tuneloop.baselines import rag
 from tuneloop.baselines.strategies import best, make_setup, prompting, recipe_baselines
-from tuneloop.data.formats import load_examples
+from tuneloop.core.formats import load_examples
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.runner import score
 from tuneloop.models import licences
 from tuneloop.store import new_id
+from tuneloop.core.files import atomic_write
 
 LATENCY_SAMPLE = 16
 TOLERANCE = 0.02
@@ -43,7 +44,7 @@ def compare(recipe, candidates: list[str], tolerance: float = TOLERANCE, train_s
     if not candidates:
         raise TuneloopError("name the models to compare: --models a,b")
     ws = workspace or project.workspace()
-    headline = tasks.HEADLINE[recipe.task]
+    headline = tasks.headline(recipe.task)
     rows = []
     for model in candidates:
         if on_phase:
@@ -63,10 +64,7 @@ def compare(recipe, candidates: list[str], tolerance: float = TOLERANCE, train_s
     result = {"task": recipe.task, "headline": headline, "tolerance": tolerance, "rows": rows,
               "recommendation": recommend(scored, "lora" if train_steps else "quality", tolerance)}
     target = ws / "comparisons" / f"{new_id('cmp')}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    tmp.replace(target)
+    atomic_write(target, json.dumps(result, indent=2, default=str))
     result["path"] = str(target)
     return result
 
@@ -106,7 +104,7 @@ def _candidate(recipe, ws: Path, train_steps: int, sample: int) -> dict:
             tokens += result["metrics"]["output_tokens_per_s"] * result["metrics"]["generate_s"]
     row = {
         "quality": quality, "strategy": strategy,
-        "baselines": {s: m[tasks.HEADLINE[recipe.task]] for s, m in baselines.items()},
+        "baselines": {s: m[tasks.headline(recipe.task)] for s, m in baselines.items()},
         "parameters": sum(p.numel() for p in lm.parameters()),
         "context_length": models.context_length(recipe.base_model),
         "latency_p50_ms": statistics.median(latencies),
@@ -119,7 +117,7 @@ def _candidate(recipe, ws: Path, train_steps: int, sample: int) -> dict:
 
         run = train(recipe.model_copy(update={"max_steps": train_steps, "baselines": []}),
                     workspace=ws)
-        row.update(lora=run[tasks.HEADLINE[recipe.task]], lora_run=run["run_id"])
+        row.update(lora=run[tasks.headline(recipe.task)], lora_run=run["run_id"])
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
 

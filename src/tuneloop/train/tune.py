@@ -11,22 +11,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tuneloop import project
+from tuneloop import methods, project
 from tuneloop.errors import TuneloopError
-from tuneloop.train.plan import FULL_LR, LORA_LR
 from tuneloop.train.run import Stopped, train
 
 
 def space(trial, recipe) -> dict:
     """One trial's settings, around tuneloop's defaults for the method (the batch in examples
     per update: the micro-batch's token budget is memory only)."""
-    default_lr = FULL_LR if recipe.method == "full" else LORA_LR
+    method = methods.method(recipe.method)
+    default_lr = method.learning_rate
     update = {
         "learning_rate": trial.suggest_float("learning_rate", default_lr / 10, default_lr * 3, log=True),
         "epochs": trial.suggest_int("epochs", 1, 4),
         "batch_size": trial.suggest_categorical("batch_size", [8, 16, 32, 64]),
     }
-    if recipe.method != "full":
+    if method.rank:
         rank = trial.suggest_categorical("lora_rank", [4, 8, 16, 32])
         update["lora"] = recipe.lora.model_copy(update={"rank": rank, "alpha": None})
     return update
@@ -37,8 +37,9 @@ def tune(recipe, recipe_path: Path | None, trials: int, workspace: Path | None =
     """Run the search; returns the trials, the best one and the tuned recipe's path."""
     import optuna
 
-    if recipe.method == "dpo":
-        raise TuneloopError("tune searches SFT methods (lora, dora, qlora, full); not dpo yet")
+    if methods.method(recipe.method).trains_on != "answers":
+        raise TuneloopError(f"tune searches supervised methods; not {recipe.method} yet (it "
+                            "trains on preference pairs)")
     ws = workspace or project.workspace()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
