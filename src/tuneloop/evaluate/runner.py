@@ -9,7 +9,7 @@ import time
 from tuneloop import tasks
 from tuneloop.core.batching import padded_batches
 from tuneloop.core.tokenize import encode, prompt_ids
-from tuneloop.tasks import prompts as shots_lib
+from tuneloop.tasks import prompts as layout
 from tuneloop.models.generate import generate, generate_shared_prefix
 from tuneloop.models.scoring import mean_loss
 
@@ -64,8 +64,8 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
                                        grammar=grammar)
         prompt_tokens = sum(map(len, encoded)) / max(1, len(encoded))
     else:
-        prefix_ids, suffixes = shots_lib.split_prompts(
-            tokenizer, shots_lib.prefix_messages(info, shots), examples)
+        prefix_ids, suffixes = layout.split_prompts(
+            tokenizer, layout.prefix_messages(info, shots), examples)
         rows_per_batch = prefix_batch_size(model, len(prefix_ids))
         decided = module.decide(
             model, tokenizer, suffixes if reuse_prefix else [prefix_ids + x for x in suffixes],
@@ -86,7 +86,7 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     metrics = module.metrics(preds, golds, valid, examples)  # (extraction: hallucinated values)
     if module.REFERENCE_LOSS:  # perplexity of the reference answers, given the same prompts
         if prompts is None:
-            head = shots_lib.prefix_messages(info, shots)
+            head = layout.prefix_messages(info, shots)
             prompts = [[*head, *[m for m in e.messages if m["role"] != "system"]] for e in examples]
         enc = [encode(tokenizer, p, module.target(e)) for p, e in zip(prompts, examples)]
         loss = mean_loss(model, padded_batches(enc, tokenizer.pad_token_id, batch_tokens))

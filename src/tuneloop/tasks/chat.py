@@ -5,11 +5,10 @@ is added by the runner."""
 from __future__ import annotations
 
 import dataclasses
-import random
 import re
 from functools import cache
 
-from tuneloop.tasks.info import TaskInfo, answer_room
+from tuneloop.tasks.info import TaskInfo, answer_room, shuffled
 
 HEADLINE = "rouge_l"
 COLUMNS = ["rouge_l", "perplexity"]  # the terminal's table of an evaluation
@@ -60,9 +59,7 @@ def with_answer(example, reply: str, info):
 
 def shot_order(candidates: list, seed: int) -> list:
     """A seeded shuffle."""
-    shuffled = candidates[:]
-    random.Random(seed).shuffle(shuffled)
-    return shuffled
+    return shuffled(candidates, seed)
 
 
 def max_new_tokens(tokenizer, examples, info) -> int:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import random
 import re
 
-from tuneloop.tasks.info import TaskInfo
+from tuneloop.tasks.info import TaskInfo, shuffled
 
 SYSTEM = "Classify the user's message. Reply with the label only."
 # A trained model needs no instruction, only a system turn of its own: without one, chat
@@ -60,11 +59,8 @@ def with_answer(example, reply: str, info):
 
 def shot_order(candidates: list, seed: int) -> list:
     """A seeded order that cycles through the labels, so any first k shots cover them evenly."""
-    rng = random.Random(seed)
-    shuffled = candidates[:]
-    rng.shuffle(shuffled)
     by_label: dict[str, list] = {}
-    for e in shuffled:
+    for e in shuffled(candidates, seed):
         by_label.setdefault(e.label, []).append(e)
     out: list = []
     while any(by_label.values()):

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import re
 from collections import Counter
 
-from tuneloop.tasks.info import TaskInfo, answer_room
+from tuneloop.tasks.info import TaskInfo, answer_room, shuffled
 
 HEADLINE = "field_f1"
 COLUMNS = ["field_f1", "json_valid_rate"]  # the terminal's table of an evaluation
@@ -88,9 +87,7 @@ def with_answer(example, reply: str, info):
 
 def shot_order(candidates: list, seed: int) -> list:
     """A seeded shuffle."""
-    shuffled = candidates[:]
-    random.Random(seed).shuffle(shuffled)
-    return shuffled
+    return shuffled(candidates, seed)
 
 
 def max_new_tokens(tokenizer, examples, info) -> int:

@@ -3,6 +3,7 @@ with every artifact so evaluation and serving prompt exactly as training did."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 
@@ -37,6 +38,14 @@ class TaskInfo:
 # An artifact saved before its system turn was recorded learned with its task's instruction
 # (classify.SYSTEM; tests/test_labels.py checks they are the same text).
 SAVED_WITHOUT_SYSTEM = {"classify": "Classify the user's message. Reply with the label only."}
+
+
+def shuffled(candidates: list, seed: int) -> list:
+    """`candidates` in a seeded order (a copy): how shots are drawn where a task has no order
+    of its own."""
+    out = candidates[:]
+    random.Random(seed).shuffle(out)
+    return out
 
 
 def answer_room(tokenizer, answers: list[str]) -> int:

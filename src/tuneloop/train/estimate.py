@@ -60,9 +60,6 @@ GPU_STEP_S_PER_LAYER = 0.01
 # two, bench/sharding.py: 136 against 187 tokens/s; an all-reduce per step, cores contended).
 CPU_PROCESSES_EFFICIENCY = 0.73
 MAX_ROWS = 64  # rows per micro-batch (data.batching)
-# Training FLOPs per token in units of parameters: forward 2, activation gradients 2, weight
-# gradients 2 (full only). DoRA renormalizes each adapted weight every step; QLoRA
-# dequantizes every weight every step.
 
 
 def architecture(model: str) -> dict:
@@ -188,6 +185,8 @@ def estimate(recipe, gpu: str | None = None, methods: list[str] | None = None,
         elif method in measured:
             rate, source = measured[method], "measured (registry)"
         else:
+            # training FLOPs a token, in parameters (forward 2, activation gradients 2, weight
+            # gradients 2 for full): each method's footprint says
             flops = trainer(method).footprint(arch, 1, 0, 4)["flops_per_param"]
             rate = efficiency * peak_flops / (flops * arch["parameters"])
             source = f"arithmetic ({efficiency:.0%} of peak)"

@@ -76,9 +76,12 @@ def _dpo(recipe, splits, run_dir: Path, ctx: Context) -> dict:
 
 
 def _dpo_test(out: dict, recipe, splits, ctx: Context) -> dict:
+    """The test pairs against the start point (`dpo.start`'s adapter, else the base), read from
+    the recipe: a run in several processes returns no `start` of its own."""
     from tuneloop.evaluate.pairs import evaluate_pairs
+    from tuneloop.train.dpo import start_run
 
-    start = out.get("start")
+    start = start_run(recipe, ctx.registry)
     return evaluate_pairs(out["model"], out["tokenizer"], splits.test, beta=recipe.dpo.beta,
                           start_adapter=start.adapter_path if start else None)
 

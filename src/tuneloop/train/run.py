@@ -53,9 +53,9 @@ def _check_processes(recipe, processes: int, sharding: str | None) -> None:
     """What a run in several processes (--processes, --fsdp, --deepspeed) cannot do, refused
     before anything starts."""
     method = methods.method(recipe.method)
-    if processes > 1 and not method.processes:
-        raise TuneloopError(f"method {method.name} trains in one process (the teacher sits "
-                            "beside the student); leave out --processes")
+    if processes > 1 and method.one_process:
+        raise TuneloopError(f"method {method.name} trains in one process ({method.one_process}); "
+                            "leave out --processes")
     if not sharding:
         return
     flag = FLAGS.get(sharding)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -11,6 +10,7 @@ from tuneloop.data.pii.detect import Detector
 from tuneloop.data.pii.replace import anonymize_rows
 from tuneloop.data.pii.reversible import map_path, read_map, restore, write_map
 from tuneloop.data.rows import get_path, text_paths
+from tuneloop.core.files import atomic_path
 from tuneloop.errors import TuneloopError
 
 
@@ -70,28 +70,23 @@ def anonymize_file(src: str | Path, dst: str | Path, detector: Detector, mode: s
         raise TuneloopError(f"{dst}: write the anonymized copy to a new file, not over the input")
     if mode == "reversible" and workspace is None:
         raise TuneloopError("reversible mode needs a workspace to keep its key in")
-    tmp = dst.with_name(dst.name + ".tmp")
     by_type: dict[str, int] = {}
     maps: dict[int, dict[str, str]] = {}
     rows = with_pii = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as out:
-            for batch in _file_rows(src, fields):
-                new, findings, row_maps = anonymize_rows([r for _, r in batch], detector, mode,
-                                                         fields)
-                for (line, _), row, found, mapping in zip(batch, new, findings, row_maps):
-                    rows += 1
-                    with_pii += bool(found)
-                    for f in found:
-                        by_type[f.type] = by_type.get(f.type, 0) + 1
-                    if mapping:
-                        maps[rows] = mapping
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if maps:
+    with atomic_path(dst) as tmp, tmp.open("w", encoding="utf-8") as out:
+        for batch in _file_rows(src, fields):
+            new, findings, row_maps = anonymize_rows([r for _, r in batch], detector, mode,
+                                                     fields)
+            for (line, _), row, found, mapping in zip(batch, new, findings, row_maps):
+                rows += 1
+                with_pii += bool(found)
+                for f in found:
+                    by_type[f.type] = by_type.get(f.type, 0) + 1
+                if mapping:
+                    maps[rows] = mapping
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if maps:  # (before the output appears: a reversible copy never lacks its map)
             write_map(map_path(dst), maps, workspace)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"input": str(src), "output": str(dst), "rows": rows, "rows_with_pii": with_pii,
             "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])), "mode": mode,
             "map": str(map_path(dst)) if maps else None}
@@ -102,16 +97,11 @@ def reidentify_file(src: str | Path, dst: str | Path, map_file: str | Path,
     """Undo reversible anonymization: row n of `src` gets the originals of map entry n."""
     src, dst = Path(src), Path(dst)
     maps = read_map(Path(map_file), workspace)
-    tmp = dst.with_name(dst.name + ".tmp")
     rows = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as out:
-            for batch in _file_rows(src, None):
-                for _, row in batch:
-                    rows += 1
-                    out.write(json.dumps(restore(row, maps.get(rows, {})), ensure_ascii=False)
-                              + "\n")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(dst) as tmp, tmp.open("w", encoding="utf-8") as out:
+        for batch in _file_rows(src, None):
+            for _, row in batch:
+                rows += 1
+                out.write(json.dumps(restore(row, maps.get(rows, {})), ensure_ascii=False)
+                          + "\n")
     return rows
