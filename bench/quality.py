@@ -43,9 +43,11 @@ SETS = {
 METHOD = {"hh_rlhf_harmless": "dpo"}  # preference pairs; every other set: the default, lora
 
 
-def run_set(name: str, data: Path, out: Path, baselines: bool = True) -> dict:
+def run_set(name: str, data: Path, out: Path, baselines: bool = True,
+            extra: dict | None = None) -> dict:
     task, folder, anchor = SETS[name]
     recipe = recipe_from_dict({
+        **(extra or {}),
         "task": task, "name": f"quality-{name}",
         "data": {"train": str(data / folder / "train.jsonl"),
                  "test": str(data / folder / "test.jsonl")},
@@ -95,6 +97,8 @@ def fields_table(result: dict) -> str:
     lines.append(f"| all | {test['field_f1']:.3f} | {test['field_precision']:.3f} | "
                  f"{test['field_recall']:.3f} | |")
     extra = [f"valid JSON {test['json_valid_rate']:.3f}"]
+    if "strict_field_f1" in test:
+        extra.append(f"strict F1 (values as written) {test['strict_field_f1']:.3f}")
     if "empty_row_accuracy" in test:
         extra.append(f"empty-row accuracy {test['empty_row_accuracy']:.3f} "
                      f"({test['empty_rows']} of {test['n']} rows have nothing to extract)")
@@ -122,14 +126,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--no-baselines", action="store_true",
                         help="train and score the fine-tune only (baselines scored elsewhere)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe key beyond the minimal recipe, e.g. head=spans (the "
+                        "row is then that recipe's, not the minimal one)")
     args = parser.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.set)
     results = []
     for name in args.sets.split(","):
         if not (args.data / SETS[name][1] / "train.jsonl").is_file():
             print(f"{name}: no data under {args.data}; skipped", flush=True)
             continue
         args.out.mkdir(parents=True, exist_ok=True)
-        result = run_set(name, args.data, args.out, baselines=not args.no_baselines)
+        result = run_set(name, args.data, args.out, baselines=not args.no_baselines,
+                         extra=extra)
         (args.out / f"quality-{name}.json").write_text(json.dumps(result, indent=2, default=str))
         results.append(result)
         print(row(result), flush=True)

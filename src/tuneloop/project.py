@@ -116,10 +116,15 @@ class Recipe(_Strict):
         None, description="tokens: cross-entropy over the vocabulary on every answer token; "
         "labels (classify only): over the label set, where the labels branch (the probability "
         "eval and serving decide with); default by task")
-    head: Literal["labels", "none"] | None = Field(
-        None, description="classify only: labels: a classification head (one weight row per "
-        "label over the prompt's last hidden state) decides, trained with the adapter; none: "
-        "the model writes its label; default by task")
+    head: Literal["labels", "spans", "none"] | None = Field(
+        None, description="labels (classify): a classification head (one weight row per "
+        "label over the prompt's last hidden state) decides, trained with the adapter; spans "
+        "(extract): a tagging head over the text's tokens finds each field's values in the "
+        "text; none: the model writes its answer; default by task")
+    span_context: Literal["bidirectional", "echo", "causal"] | None = Field(
+        None, description="head: spans only: how the head's pass reads the text: "
+        "bidirectional (the causal mask lifted), echo (read twice, the second copy tagged) "
+        "or causal; default echo (the best on validation, bench/span_context.py)")
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="on: examples laid end to end in each micro-batch's rows, attention "
         "kept inside each example (fewer, fuller steps: faster on a GPU); off: one example per "
@@ -184,14 +189,19 @@ class Recipe(_Strict):
             raise ValueError("loss: labels trains a classifier over its label set; task "
                              f"{self.task} with method {self.method} trains on tokens "
                              "(leave out loss)")
-        if self.head == "labels":
-            if "labels" not in task.HEADS or not method.task_objectives:
-                raise ValueError(f"head: labels decides a classifier's label; task {self.task} "
-                                 f"with method {self.method} writes its answer (leave out head)")
+        if self.head not in (None, "none"):
+            if self.head not in task.HEADS or not method.task_objectives:
+                what = {"labels": "decides a classifier's label",
+                        "spans": "finds an extractor's values in its text"}[self.head]
+                raise ValueError(f"head: {self.head} {what}; task {self.task} with method "
+                                 f"{self.method} writes its answer (leave out head)")
             clash = [k for k, v in (("loss", self.loss), ("compile", self.compile)) if v]
             if clash:
-                raise ValueError("head: labels trains the head's cross-entropy, eager; leave "
-                                 f"out {clash[0]} (or set head: none)")
+                raise ValueError(f"head: {self.head} trains the head's cross-entropy, eager; "
+                                 f"leave out {clash[0]} (or set head: none)")
+        if self.span_context and self.head != "spans":
+            raise ValueError("span_context sets how a span head reads its text; it needs "
+                             "head: spans (or leave out span_context)")
         return self
 
     @field_validator("base_model")

@@ -86,7 +86,8 @@ def report_data(run_id: str, registry, workspace: Path) -> dict:
             "steps", "train_tokens", "train_tokens_per_s", "final_train_loss", "final_val_loss",
             "final_val_kl", "fit", "peak_rss_mb", "peak_gpu_mb", "device")},
         "curves": json.loads(curves_file.read_text()) if curves_file.is_file() else None,
-        "confusion": test.get("confusion"), "per_field": test.get("per_field"),
+        "confusion": test.get("confusion"),
+        "per_field": _with_paths(test.get("per_field"), run_dir / "recipe.yaml"),
         "calibration": test.get("calibration"), "worst_errors": worst,
         "abstention": {k: test.get(k) for k in ("empty_rows", "empty_row_accuracy",
                                                 "hallucination_rate") if k in test},
@@ -302,14 +303,32 @@ def _calibration_html(calibration: dict | None) -> str:
                       for b in calibration["bins"]) + "</tbody></table>")
 
 
+def _with_paths(per_field: dict | None, recipe_file: Path) -> dict | None:
+    """The test's per-field figures, each with the path its values took (`span`: found in
+    the text by the span head; `written`: decoded as JSON) and the share of its training
+    values found in their text, from the run's resolved settings."""
+    if not per_field or not recipe_file.is_file():
+        return per_field
+    import yaml
+
+    saved = yaml.safe_load(recipe_file.read_text()) or {}
+    spanned = (saved.get("plan") or {}).get("head") == "spans"
+    info = (saved.get("task") or {}).get("field_info") or {}
+    return {f: {**v, "path": "span" if spanned else "written",
+                "in_text": (info.get(f) or {}).get("in_text")} for f, v in per_field.items()}
+
+
 def _per_field_html(per_field: dict | None) -> str:
-    """Exact and normalized match, precision, recall and F1 per extracted field."""
+    """Exact and normalized match, precision, recall and F1 per extracted field, and the path
+    its values took (found in the text, or written)."""
     if not per_field:
         return ""
-    return ("<h2>Per field</h2><table><thead><tr><th>field</th><th>exact</th>"
+    return ("<h2>Per field</h2><table><thead><tr><th>field</th><th>path</th>"
+            "<th>training values in their text</th><th>exact</th>"
             "<th>normalized</th><th>precision</th><th>recall</th><th>F1</th></tr></thead>"
             "<tbody>" + "".join(
-                f"<tr><td>{html.escape(f)}</td>" + _cell(v["exact"])
+                f"<tr><td>{html.escape(f)}</td><td>{html.escape(v.get('path') or '-')}</td>"
+                + _cell(v.get("in_text")) + _cell(v["exact"])
                 + _cell(v["normalized"], f"per_field.{f}.normalized")
                 + _cell(v.get("precision")) + _cell(v.get("recall")) + _cell(v.get("f1"))
                 + "</tr>" for f, v in per_field.items()) + "</tbody></table>")

@@ -55,7 +55,8 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
         if prompts is None:
             prompts = [module.prompt(e, info, zero_shot=zero_shot) for e in examples]
         encoded = [prompt_ids(tokenizer, p) for p in prompts]
-        decided = module.decide(model, tokenizer, encoded, info, on_batch)  # (a label set)
+        decided = module.decide(model, tokenizer, encoded, info, on_batch,  # a label set
+                                 messages=prompts)  # (or a span head)
         if decided is not None:
             outputs, confidences, counts = decided
         else:

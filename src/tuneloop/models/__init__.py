@@ -213,7 +213,7 @@ def save_artifact(target: Path, write, meta: dict) -> None:
 def load_artifact(folder: Path):
     """(model, tuneloop.json) of a run's artifact: a full model folder, or an adapter applied
     to its base model (unquantized, also for QLoRA adapters)."""
-    from tuneloop.models import head
+    from tuneloop.models import head, spans
 
     meta = json.loads((folder / "tuneloop.json").read_text())
     if not (folder / "adapter_config.json").is_file():  # a whole model folder (full, merged)
@@ -224,4 +224,5 @@ def load_artifact(folder: Path):
         lm = PeftModel.from_pretrained(load_model(meta["base_model"]), folder)
         lm.eval()
     head.load(lm, folder, meta["task"].get("labels") or [])  # a classifier's label head
+    spans.load(lm, folder)  # an extractor's span head
     return lm, meta

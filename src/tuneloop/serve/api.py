@@ -78,15 +78,74 @@ async def chat_completions(body: ChatRequest, request: Request, who: CallerDep):
     except Exception as exc:  # the model's chat template refused the conversation
         raise ApiError(400, f"messages: the model's chat template cannot render them: {exc}",
                        param="messages") from None
-    grammar = await _grammar_in_time(request, target, body.response_format)
+    # (a span head answers in its task's shape: no grammar, unless the client asks one)
+    grammar = (await _grammar_in_time(request, target, body.response_format)
+               if not target.spans or body.response_format else None)
     requested = body.max_completion_tokens or body.max_tokens
     sampling = _sampling(request, target, body, prompt, requested, grammar)
-    return await _respond(request, who, target, body, prompt, sampling, chat=True)
+    answers = None
+    if target.spans:  # found in the text by the span head (models/spans.py), not decoded
+        answers = await run_in_threadpool(_span_answers, target, body, messages, sampling)
+    return await _respond(request, who, target, body, prompt, sampling, chat=True,
+                          answers=answers)
+
+
+def _span_answers(target: Target, body, messages: list[dict], sampling: Sampling) -> list:
+    """Each choice's (reply, finish reason, reply tokens, confidence) from the target's span
+    head: the answer `eval` gives for the same text (tasks/extract.decide), at temperature 0
+    the most probable valid tag path, else one drawn at that temperature; held to max_tokens
+    and the stop strings as a written reply is, and refused where it does not match the
+    client's JSON schema (it cannot be steered toward one)."""
+    import torch
+
+    from tuneloop.models import spans
+
+    if body.top_p < 1:
+        raise ApiError(400, f"top_p: model {body.model} finds its values with a span head, "
+                       "which samples from each token's whole tag distribution; leave out top_p",
+                       param="top_p", code="unsupported_parameter")
+    tokenizer, text = target.engine.tokenizer, spans.text_of(messages)
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    out = []
+    for _ in range(body.n):
+        [(answer, _, confidence)] = spans.extract(
+            target.engine.model, tokenizer, [text], target.task.field_info,
+            temperature=sampling.temperature, generator=generator)
+        reply = json.dumps(extract.canonical(answer, target.task), ensure_ascii=False)
+        if sampling.grammar is not None:
+            matcher = _grammar_matcher(sampling.grammar)
+            if not (matcher.accept_string(reply) and matcher.is_completed()):
+                raise ApiError(400, f"response_format: model {body.model} answers with its "
+                               f"span head in its task's shape ({extract.schema(target.task)}), "
+                               "which this schema does not accept; ask with that schema, "
+                               "json_object, or none", param="response_format",
+                               code="schema_not_supported")
+        ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        finish = "stop"
+        cut = min([reply.find(x) for x in sampling.stop if x in reply], default=-1)
+        if cut >= 0:
+            reply = reply[:cut]
+            ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        if len(ids) > sampling.max_tokens:
+            ids, finish = ids[:sampling.max_tokens], "length"
+            reply = tokenizer.decode(ids)
+        out.append((reply, finish, len(ids), confidence))
+    return out
+
+
+def _grammar_matcher(grammar):
+    import xgrammar as xgr
+
+    return xgr.GrammarMatcher(grammar)
 
 
 @routes.post("/v1/completions", responses=GENERATION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request, who: CallerDep):
     target = await _resolve(request, who, body.model)
+    if target.spans:
+        raise ApiError(400, f"model {body.model} finds its values with a span head in a "
+                       "conversation's last user turn; call /v1/chat/completions",
+                       param="model", code="unsupported_model")
     prompt = target.engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
     if not prompt:
         raise ApiError(400, "prompt: must not be empty", param="prompt")
@@ -192,11 +251,13 @@ def _compile(engine, schema: str | None, started=None, wait_s: float | None = No
 
 
 async def _respond(request: Request, who, target: Target, body, prompt, sampling, *,
-                   chat: bool):
-    """Run the request on its engine; stream the chunks or return them collected. `chat`: the
-    route is /v1/chat/completions (else the legacy /v1/completions)."""
+                   chat: bool, answers: list | None = None):
+    """Run the request on its engine (or give the `answers` a span head found); stream the
+    chunks or return them collected. `chat`: the route is /v1/chat/completions (else the
+    legacy /v1/completions)."""
     cid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-    stream = _Stream(request, who, target, body, prompt, sampling, cid, chat=chat)
+    stream = _Stream(request, who, target, body, prompt, sampling, cid, chat=chat,
+                     answers=answers)
     if body.stream:
         return StreamingResponse(stream.sse(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
@@ -208,8 +269,10 @@ async def _respond(request: Request, who, target: Target, body, prompt, sampling
 class _Stream:
     """One request's chunks, its collected reply, its log row and its metrics."""
 
-    def __init__(self, request, who, target, body, prompt, sampling, cid, *, chat: bool):
+    def __init__(self, request, who, target, body, prompt, sampling, cid, *, chat: bool,
+                 answers: list | None = None):
         self.app, self.who, self.target, self.body = request.app, who, target, body
+        self.answers = answers  # (reply, finish, tokens, confidence) of each choice, if found
         self.prompt, self.sampling, self.id = prompt, sampling, cid
         self.chat = chat  # the route: chat completions, else legacy text completions
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
@@ -254,7 +317,12 @@ class _Stream:
                             self.target.adapter, self.target.adapter_path, self.body.n)
         labels = (self.body.model, self.who.tenant)
         started, first_token, status = time.perf_counter(), None, "cancelled"
-        self.target.engine.submit(job)
+        if self.answers is None:
+            self.target.engine.submit(job)
+        else:  # already found (a span head): delivered as the engine's events would be
+            for i, (reply, finish, n_tokens, confidence) in enumerate(self.answers):
+                events.put_nowait(("text", i, reply))
+                events.put_nowait(("done", i, finish, n_tokens, confidence))
         try:
             if self.chat:
                 for i in range(self.body.n):

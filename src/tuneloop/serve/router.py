@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from tuneloop import models
 from tuneloop.models.head import HEAD_FILE
+from tuneloop.models.spans import SPAN_FILE
 from tuneloop.serve.adapters import BASE, Unsupported, check_supported
 from tuneloop.serve.auth import Caller
 from tuneloop.serve.engine import Engine
@@ -38,6 +39,7 @@ class Target:
     run_id: str | None = None
     task: TaskInfo | None = None
     head: Path | None = None  # a classifier's label head (models/head.py), which decides
+    spans: bool = False  # an extractor's span head (models/spans.py) answers, on its own engine
 
 
 @dataclass(frozen=True)
@@ -90,12 +92,15 @@ class NotFound(Exception):
 def _artifact(folder: Path) -> tuple[dict, bool, Path | None]:
     """(tuneloop.json, whether stacked LoRA serves it, its label head's file or None) of a
     finished run's artifact. Read once per folder, not on every request: a finished run's
-    artifact does not change."""
+    artifact does not change. A span head's pass is the model's own (models/spans.py), so
+    its run is served merged, on an engine of its own."""
     meta = json.loads((folder / "tuneloop.json").read_text())
     head = folder / HEAD_FILE if (folder / HEAD_FILE).exists() else None
     try:
         if meta.get("method") == "full":
             raise Unsupported("a full fine-tune")
+        if (folder / SPAN_FILE).exists():
+            raise Unsupported("a span head")
         check_supported(folder)
     except Unsupported:
         return meta, False, head
@@ -144,7 +149,7 @@ class Router:
             # its own engine, the adapter merged into a copy of the base (a label head
             # decides only in the built-in engine)
             return Target(name, self.engine(run.id, artifact=folder), run_id=run.id, task=task,
-                          head=head)
+                          head=head, spans=(folder / SPAN_FILE).exists())
         # PEFT adapter names become module keys: the run id is unique and safe there.
         return Target(name, self.engine(meta["base_model"]), adapter=run.id.replace("-", "_"),
                       adapter_path=folder, run_id=run.id, task=task, head=head)

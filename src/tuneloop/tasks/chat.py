@@ -16,6 +16,11 @@ ROW_HEADLINE = HEADLINE
 PAIRED_EXACT = False
 REFERENCE_LOSS = True  # the runner adds the perplexity of the reference answers
 HEADS = ("none",)  # the recipe's `head` choices, the default first
+
+
+def default_head(info) -> str:
+    """The head a run trains when its recipe names none: none, it writes its answer."""
+    return HEADS[0]
 LOSSES = ("tokens",)  # the recipe's `loss` choices, the default first
 
 # The last number in a text: optional sign, thousands separators, decimals. GSM8K references
@@ -77,7 +82,8 @@ def answer_schema(info) -> None:
     return None
 
 
-def decide(model, tokenizer, prompts, info, on_batch=None, prefix=None, batch_size: int = 16):
+def decide(model, tokenizer, prompts, info, on_batch=None, prefix=None, batch_size: int = 16,
+           messages=None):
     """None: the model writes its answer (there is no set of answers to decide among)."""
     return None
 

@@ -22,6 +22,11 @@ REFERENCE_LOSS = False  # no perplexity of references: the label set is scored i
 # A label head decides (one weight row per label over the prompt's last hidden state) or the
 # model writes its label; the label-set loss trains over the labels where they branch.
 HEADS = ("labels", "none")  # the recipe's `head` choices, the default first
+
+
+def default_head(info) -> str:
+    """The head a run trains when its recipe names none (and its method trains one)."""
+    return HEADS[0]
 LOSSES = ("tokens", "labels")  # the recipe's `loss` choices, the default first
 
 
@@ -87,7 +92,7 @@ def answer_schema(info) -> None:
 
 
 def decide(model, tokenizer, prompts: list[list[int]], info, on_batch=None,
-           prefix: list[int] | None = None, batch_size: int = 16):
+           prefix: list[int] | None = None, batch_size: int = 16, messages=None):
     """Each prompt's (token ids, after `prefix` if given) most probable label under the label
     trie (tasks.labels), its probability, and the tokens its answer takes (the label's tokens
     and end-of-turn); None when the task knows no labels (then the model writes its answer)."""

@@ -21,7 +21,25 @@ COLUMNS = ["field_f1", "json_valid_rate"]  # the terminal's table of an evaluati
 ROW_HEADLINE = "field_f1_row_mean"  # micro field F1 does not split by row: its row mean does
 PAIRED_EXACT = False
 REFERENCE_LOSS = False
-HEADS = ("none",)  # the recipe's `head` choices, the default first
+HEADS = ("none", "spans")  # the recipe's `head` choices
+SPAN_IN_TEXT = 0.9  # a field is spanned when this share of its training values is in the text
+
+
+def spannable(info) -> bool:
+    """Whether every field's training values are (nearly all) copied from their text, as
+    named entities are (`field_info.in_text`), so a span head (models/spans.py) can find
+    them; a date rewritten, a total computed or an address typed apart from a receipt's
+    text is written instead."""
+    shares = [(info.field_info.get(f) or {}).get("in_text") for f in info.fields]
+    return bool(shares) and all(s is not None and s >= SPAN_IN_TEXT for s in shares)
+
+
+def default_head(info) -> str:
+    """none: the model writes its JSON under the fields' schema. The span head is asked for
+    (`head: spans`) until the quality suite has compared the two paths on validation splits
+    at the same budget (bench/span_context.py --contexts generative; bench/RESULTS.md "span
+    head"); `spannable` then says where it may be the default."""
+    return HEADS[0]
 LOSSES = ("tokens",)  # the recipe's `loss` choices, the default first
 
 TYPES = {"string": {"type": ["string", "null"]}, "number": {"type": ["number", "null"]},
@@ -33,16 +51,38 @@ def describe(examples, fields=None) -> TaskInfo:
     """The fields and their types, from the training rows; the recipe's `fields` (name, type,
     description), when given, name the fields instead of the data."""
     seen: dict[str, set] = {}
+    longest: Counter = Counter()
     for e in examples:
         for key, value in (e.fields or {}).items():
             seen.setdefault(key, set()).add(value_type(value))
+            if isinstance(value, list):
+                longest[key] = max(longest[key], len(value))
     if fields:
         info = {f.name: {"type": f.type or common_type(seen.get(f.name, set())),
                          "description": f.description} for f in fields}
     else:
         info = {name: {"type": common_type(types), "description": None}
                 for name, types in seen.items()}
+    for name, spec in info.items():
+        if spec["type"] == "list" and longest[name]:  # (bounds the schema: no endless list)
+            spec["max_items"] = longest[name]
+    for name, share in in_text(examples, list(info)).items():
+        info[name]["in_text"] = share
     return TaskInfo("extract", fields=tuple(info), field_info=info)
+
+
+def in_text(examples, names) -> dict[str, float]:
+    """Each field's share of training values found in their row's text (case aside): what a
+    span head (models/spans.py) can copy out of the text; fields with no values left out."""
+    from tuneloop.models.spans import locate
+
+    found, total = Counter(), Counter()
+    for e in examples:
+        for name in names:
+            _, hit, n = locate(_text(e), e.fields or {}, [name])
+            found[name] += hit
+            total[name] += n
+    return {n: round(found[n] / total[n], 4) for n in names if total[n]}
 
 
 def prompt(example, info, zero_shot: bool = False) -> list[dict]:
@@ -110,9 +150,21 @@ def grammar(model, tokenizer, info):
     return compile_schema(compiler, text)
 
 
-def decide(model, tokenizer, prompts, info, on_batch=None, prefix=None, batch_size: int = 16):
-    """None: the model writes its answer (there is no set of answers to decide among)."""
-    return None
+def decide(model, tokenizer, prompts, info, on_batch=None, prefix=None, batch_size: int = 16,
+           messages=None):
+    """With a span head (models/spans.py): each conversation's answer as JSON, found in its
+    last user turn's text, the probability of its whole tag path (that the row is tagged
+    exactly right), and no tokens written. None otherwise: the model writes its answer."""
+    from tuneloop.models import spans
+
+    if spans.find(model) is None:
+        return None
+    if messages is None or prefix is not None:
+        raise ValueError("a model with a span head reads each row's own text, without shots")
+    found = spans.extract(model, tokenizer, [spans.text_of(m) for m in messages],
+                          info.field_info, batch_size=batch_size, on_batch=on_batch)
+    return ([json.dumps(canonical(a, info), ensure_ascii=False) for a, _, _ in found],
+            [p for _, _, p in found], [0] * len(found))
 
 
 def row_score(row: dict) -> float:
@@ -157,9 +209,14 @@ def common_type(types: set) -> str:
 
 def schema(info) -> str:
     """The JSON schema every answer is decoded under (in eval and in serving): one object with
-    exactly the task's fields, in their order, each of its type or null."""
-    props = {f: TYPES.get((info.field_info.get(f) or {}).get("type", "any"), {})
-             for f in info.fields}
+    exactly the task's fields, in their order, each of its type or null; a list no longer
+    than the training data's longest (so no model can loop inside one)."""
+    props = {}
+    for f in info.fields:
+        spec = info.field_info.get(f) or {}
+        props[f] = dict(TYPES.get(spec.get("type", "any"), {}))
+        if spec.get("type") == "list" and spec.get("max_items"):
+            props[f]["maxItems"] = spec["max_items"]  # as long as any training row's list
     return json.dumps({"type": "object", "properties": props, "required": list(info.fields),
                        "additionalProperties": False})
 
@@ -289,10 +346,16 @@ def normalize(value) -> str:
 _PUNCTUATION = re.compile(r"[^\w\s]|_")
 
 
-def values(value) -> list[str]:
-    """A field's values as normalized strings: none for null or empty, several for a list."""
+def values(value, norm=None) -> list[str]:
+    """A field's values as normalized strings (`norm`, default `normalize`): none for null or
+    empty, several for a list."""
     items = value if isinstance(value, list) else [value]
-    return [v for v in (normalize(x) for x in items if x is not None) if v]
+    return [v for v in ((norm or normalize)(x) for x in items if x is not None) if v]
+
+
+def as_written(value) -> str:
+    """A value compared strictly: as written, spacing collapsed (case and punctuation count)."""
+    return " ".join(str(value).split())
 
 
 def has_values(fields: dict | None) -> bool:
@@ -305,13 +368,14 @@ def abstained(prediction: dict | None) -> bool:
     return prediction is not None and not has_values(prediction)
 
 
-def value_counts(prediction: dict | None, gold: dict,
-                 names: list[str]) -> list[tuple[int, int, int]]:
+def value_counts(prediction: dict | None, gold: dict, names: list[str],
+                 norm=None) -> list[tuple[int, int, int]]:
     """(values right, values predicted, values in the gold) of each named field of one row, each
     field a multiset of normalized values: the counts micro P/R/F1 add up over rows."""
     out = []
     for name in names:
-        pred, want = Counter(values((prediction or {}).get(name))), Counter(values(gold.get(name)))
+        pred = Counter(values((prediction or {}).get(name), norm))
+        want = Counter(values(gold.get(name), norm))
         out.append((sum((pred & want).values()), sum(pred.values()), sum(want.values())))
     return out
 
@@ -324,7 +388,8 @@ def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool]
             examples=None) -> dict:
     """JSON validity, per-field exact and normalized match and P/R/F1, and micro P/R/F1 over
     every value: each field a multiset of normalized values (a list field holds several; a
-    value invented where the gold has none is a false positive). Rows with nothing to extract:
+    value invented where the gold has none is a false positive); `strict_field_f1` the same
+    over values as written (case and punctuation count, as CoNLL's exact-span scoring). Rows with nothing to extract:
     the share answered with nothing (`empty_row_accuracy`). With the `examples` (their input
     texts): the share of predicted values that occur in no input at all (`hallucination_rate`)."""
     texts = None if examples is None else [_text(e) for e in examples]
@@ -341,8 +406,12 @@ def metrics(predictions: list[dict | None], golds: list[dict], valid: list[bool]
         totals.update(counts)
         per_field[name] = {"exact": exact / n if n else 0.0, "normalized": norm / n if n else 0.0,
                            **_prf(counts), "gold_values": counts["gold"]}
+    strict = Counter()  # each value as written: entity-level F1 with exact strings
+    for p, g in zip(predictions, golds):
+        for tp, pred, want in value_counts(p, g, names, as_written):
+            strict.update(tp=tp, pred=pred, gold=want)
     out = {"field_f1": _prf(totals)["f1"], "field_precision": _prf(totals)["precision"],
-           "field_recall": _prf(totals)["recall"],
+           "field_recall": _prf(totals)["recall"], "strict_field_f1": _prf(strict)["f1"],
            "json_valid_rate": sum(valid) / n if n else 0.0, "per_field": per_field, "n": n}
     empty = [i for i, g in enumerate(golds) if not has_values(g)]
     if empty:

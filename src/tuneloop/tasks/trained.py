@@ -25,12 +25,15 @@ def load_for_eval(model: str, registry: Registry):
 
 def load_for_answers(model: str, registry: Registry):
     """load_for_eval for a model whose written answers are used (a synth or distillation
-    teacher): a run that decides with a label head (models/head.py) writes none."""
-    from tuneloop.models import head
+    teacher): a run that decides with a label head (models/head.py) or finds its values with a
+    span head (models/spans.py) writes none."""
+    from tuneloop.models import head, spans
 
     loaded = load_for_eval(model, registry)
-    if head.find(loaded[0]) is not None:
-        raise TuneloopError(f"run {model} decides its labels with a label head and was not "
-                            "trained to write them; as a teacher use a run trained with "
-                            "head: none, or a base model")
+    for found, what in ((head.find, "decides its labels with a label head"),
+                        (spans.find, "finds its values with a span head")):
+        if found(loaded[0]) is not None:
+            raise TuneloopError(f"run {model} {what} and was not trained to write its answers; "
+                                "as a teacher use a run trained with head: none, or a base "
+                                "model")
     return loaded

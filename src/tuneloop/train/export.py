@@ -11,6 +11,7 @@ import torch
 from tuneloop import methods, models, project
 from tuneloop.errors import TuneloopError
 from tuneloop.models import head as label_head
+from tuneloop.models import spans
 from tuneloop.models import load_artifact
 from tuneloop.store import Registry
 from tuneloop.core.files import atomic_path
@@ -38,15 +39,21 @@ def export(run_id: str, out: Path, merge: bool = False, workspace: Path | None =
     lm = lm.to(torch.float32)
     tokenizer = models.load_tokenizer(meta["base_model"])
 
-    head = label_head.find(lm)
-    if head is not None:  # kept in its own file, as in the run's artifact (the merged model
-        del lm.label_head  # folder stays one that plain transformers loads)
+    # A head is kept in its own file, as in the run's artifact (the merged model folder stays
+    # one that plain transformers loads).
+    head, span_head = label_head.find(lm), spans.find(lm)
+    if head is not None:
+        del lm.label_head
+    if span_head is not None:
+        del lm.span_head
 
     def write(folder: Path) -> None:
         lm.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         if head is not None:
             label_head.save(head, folder)
+        if span_head is not None:
+            spans.save(span_head, folder)
 
     models.save_artifact(out, write, {**meta, "merged_from": run.id})
     return {"run_id": run.id, "path": str(out), "kind": "model", "base_model": run.base_model}

@@ -10,9 +10,11 @@ from typing import Callable
 
 import math
 
+from tuneloop import tasks
 from tuneloop.core.batching import collate, pack, padded_batches, update_batches
 from tuneloop.core.tokenize import IGNORE, encode, prompt_ids
 from tuneloop.models import head as label_head
+from tuneloop.models import spans
 from tuneloop.models.scoring import completion_loss
 from tuneloop.train.plan import default_epochs, default_loss, resolve_head
 
@@ -100,6 +102,12 @@ class Objective:
     def save(self, model, folder: Path) -> None:
         """Write what the objective adds to the artifact, beside the method's files."""
 
+    def task_metric(self, tokenizer, splits) -> tuple[str, Callable] | None:
+        """(name, model -> the validation split's task metric) where the objective has one
+        cheap enough to score at every validation (the best weights are then kept by it);
+        None: the loop's own choice (a label set's accuracy, else the loss)."""
+        return None
+
 
 class LabelHead(Objective):
     """`head: labels`: a classifier decides with a head over the prompt's last hidden state
@@ -127,11 +135,61 @@ class LabelHead(Objective):
         label_head.save(label_head.find(model), folder)
 
 
+class SpanHead(Objective):
+    """`head: spans`: an extractor tags the input's tokens with its fields' BIO tags through a
+    head over their hidden states (models/spans.py), trained with the adapter by cross-entropy
+    at every token of the text. An item is the text alone (twice for the echo context): no
+    answer is written, so a step costs the text's tokens only. Rows are padded (the
+    bidirectional pass masks by rows); its validation metric is the field F1 of the spans."""
+
+    can_pack = False
+
+    def __init__(self, fields, context: str):
+        self.fields, self.context = list(fields), context
+        self.loss = spans.loss
+        self.meta = {"head": "spans", "span_context": context}
+
+    def encode(self, tokenizer, module, info, examples) -> list:
+        items = [spans.encode(tokenizer, spans.text_of(module.prompt(e, info)), e.fields,
+                              self.fields, self.context) for e in examples]
+        return [x for x in items if len(x)]  # (a text of no tokens has nothing to tag)
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())  # every tagged token (none is shifted)
+
+    def attach(self, model) -> None:
+        spans.attach(model, self.fields, self.context)
+
+    def validation_loss(self, model) -> Callable:
+        return spans.loss
+
+    def save(self, model, folder: Path) -> None:
+        spans.save(spans.find(model), folder)
+
+    def task_metric(self, tokenizer, splits) -> tuple[str, Callable]:
+        """Field F1 on the validation split, the spans decoded as at test."""
+        module, info = tasks.module(splits.info.kind), splits.info
+        texts = [spans.text_of(module.prompt(e, info)) for e in splits.validation]
+        golds = [module.gold(e, info) for e in splits.validation]
+
+        def field_f1(model) -> float:
+            model.eval()
+            found = spans.extract(model, tokenizer, texts, info.field_info)
+            model.train()
+            return module.metrics([module.canonical(a, info) for a, _, _ in found], golds,
+                                  [True] * len(golds))["field_f1"]
+
+        return "field_f1", field_f1
+
+
 def objective_for(recipe, tokenizer, info) -> Objective:
     """Supervised fine-tuning's objective for the recipe: answer tokens, a classifier's label
-    set (`loss: labels`) or its head (`head: labels`)."""
-    if resolve_head(recipe) == "labels":
+    set (`loss: labels`), its head (`head: labels`) or an extractor's (`head: spans`)."""
+    head = resolve_head(recipe, info)
+    if head == "labels":
         return LabelHead(list(info.labels))
+    if head == "spans":
+        return SpanHead(info.fields, recipe.span_context or spans.CONTEXTS[0])
     if (recipe.loss or default_loss(recipe.task, recipe.method)) == "labels":
         from tuneloop.tasks.labels import LabelTrie, label_loss
 

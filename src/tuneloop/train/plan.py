@@ -52,9 +52,10 @@ def default_loss(task: str, method: str) -> str:
     return "tokens"
 
 
-def default_head(task: str, method: str) -> str:
-    """How a model answers: the task's default head (a classifier's "labels", a label head
-    over the prompt's last hidden state, models/head.py) for the methods that train one
+def default_head(task: str, method: str, info=None) -> str:
+    """How a model answers: the task's default head for its data (`info`; a classifier's
+    "labels", a label head over the prompt's last hidden state, models/head.py; an
+    extractor's "spans" where its values are copied from the text) for the methods that train one
     (`Method.task_head`: the adapter methods); "none" (it writes its answer; a label is scored
     over the label trie) for every other task and method. Full fine-tuning keeps "none": its
     learning rate (2e-5) is too low for a head that starts at zero.
@@ -65,17 +66,19 @@ def default_head(task: str, method: str) -> str:
     at 0.885 against 0.87, while an example cost only its prompt's tokens (254k training tokens
     against 316k).
     """
-    return tasks.module(task).HEADS[0] if methods.method(method).task_head else "none"
+    if not methods.method(method).task_head:
+        return "none"
+    return tasks.module(task).default_head(info)
 
 
-def resolve_head(recipe) -> str:
-    """The run's head: the recipe's, else the default where nothing the recipe asks for
-    (a loss of its own, compile) rules a head out."""
+def resolve_head(recipe, info=None) -> str:
+    """The run's head: the recipe's, else the task's default for its data (`info`) where
+    nothing the recipe asks for (a loss of its own, compile) rules a head out."""
     if recipe.head:
         return recipe.head
     if recipe.loss or recipe.compile:
         return "none"
-    return default_head(recipe.task, recipe.method)
+    return default_head(recipe.task, recipe.method, info)
 
 
 def default_batch_size(n_examples: int) -> int:
@@ -151,7 +154,7 @@ def steps_for_budget(minutes: float, tokens_per_step: float, params: int) -> int
 
 def make_plan(recipe, n_updates: int, epochs: float, max_length: int, tokens_per_step: float,
               params: int, default_lr: float = methods.LORA_LR, batch_size: int = 16,
-              batch_tokens: int | None = None, packing: bool = False) -> Plan:
+              batch_tokens: int | None = None, packing: bool = False, info=None) -> Plan:
     """Resolve every derived setting of a run; `n_updates` is the schedule's optimizer steps."""
     steps = max(1, n_updates)
     if recipe.time_budget_minutes:
@@ -170,5 +173,5 @@ def make_plan(recipe, n_updates: int, epochs: float, max_length: int, tokens_per
         checkpoint_every=recipe.checkpoint_every or max(1, steps // 4),
         lora_rank=rank, lora_alpha=recipe.lora.alpha or 2.0 * rank,
         loss=recipe.loss or default_loss(recipe.task, recipe.method),
-        packing=packing, head=resolve_head(recipe),
+        packing=packing, head=resolve_head(recipe, info),
     )

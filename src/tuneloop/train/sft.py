@@ -82,6 +82,7 @@ class Loop:
     access: object = checkpoint.WHOLE  # how checkpoints read and write the trained weights
     held: int | None = None  # this rank's parameters, sharded
     task_metric: Callable | None = None
+    metric_name: str | None = None  # what task_metric scores (accuracy, field_f1)
     keep_best: bool = False
     curves: dict = field(default_factory=lambda: {"train": [], "validation": []})
     tokens: int = 0
@@ -184,7 +185,8 @@ def _setup(method: Weights, recipe, splits: Splits, run_dir: Path, writes: bool,
     tokens_per_step = sum(lengths) * epochs / max(1, len(updates))
     plan = make_plan(recipe, len(updates), epochs, max_length, tokens_per_step,
                      sum(p.numel() for p in model.parameters()), method.learning_rate,
-                     batch_size=batch_size, batch_tokens=batch_tokens, packing=packed)
+                     batch_size=batch_size, batch_tokens=batch_tokens, packing=packed,
+                     info=splits.info)
     if writes:  # the resolved settings, readable while the run trains
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml({"recipe": json.loads(recipe.model_dump_json()), "plan": plan.to_dict(),
@@ -204,9 +206,10 @@ def _setup(method: Weights, recipe, splits: Splits, run_dir: Path, writes: bool,
     # learn other answers than the data's gold ones, distillation's and DPO's.) Data-parallel
     # ranks each hold the whole model and score the same validation rows alike; sharded ones
     # do not hold it whole, and keep the best by loss.
-    if (splits.info.labels and methods.method(recipe.method).task_objectives
-            and splits.validation and not shard):
-        loop.task_metric = validation_accuracy(tokenizer, splits)
+    if methods.method(recipe.method).task_objectives and splits.validation and not shard:
+        loop.metric_name, loop.task_metric = objective.task_metric(tokenizer, splits) or (
+            ("accuracy", validation_accuracy(tokenizer, splits)) if splits.info.labels
+            else (None, None))
     loop.keep_best = bool(recipe.patience or loop.task_metric)
     return loop
 
@@ -343,8 +346,11 @@ def _stats(loop: Loop, step: int, splits: Splits, training_rss_mb: float) -> dic
         "stopped_early": loop.stopped_early,
         "best_step": best["step"] or None,
         "best_val_loss": best["loss"] if best["step"] else None,
-        "best_val_accuracy": best["metric"],
-        "val_accuracy_curve": loop.metric_curve or None,
+        "val_metric": loop.metric_name,  # the task metric the best weights were chosen by
+        "best_val_metric": best["metric"],
+        "val_metric_curve": loop.metric_curve or None,
+        **({"best_val_accuracy": best["metric"], "val_accuracy_curve": loop.metric_curve or None}
+           if loop.metric_name in (None, "accuracy") else {}),
         "fit": diagnose(loop.curves),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "training_peak_rss_mb": training_rss_mb,  # before the artifact is gathered and saved
