@@ -36,6 +36,18 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def assert_base_unchanged(model, before: dict, trained) -> None:
+    """Every parameter of the (PEFT-wrapped) model that is not in `trained` equals the base
+    model's parameter of the same name in `before` (name -> tensor): only the adapter and
+    the head moved."""
+    import torch
+
+    for name, p in model.named_parameters():
+        base = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if name not in trained and base in before:
+            assert torch.equal(p.detach(), before[base]), name
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import write_jsonl
+from tests.conftest import assert_base_unchanged, write_jsonl
 from tuneloop.core.batching import collate
 from tuneloop.models import spans
 
@@ -132,10 +132,7 @@ def test_a_span_head_trains_with_the_adapter_and_its_artifact_answers_alike(
     assert head is not None and head.fields == list(splits.info.fields)
     trained = {n for n, _ in model.named_parameters() if "lora_" in n or "span_head" in n}
     assert float(head.weight.detach().abs().sum()) > 0  # it started at zero
-    for name, p in model.named_parameters():  # the base did not move
-        base = name.replace("base_model.model.", "").replace(".base_layer", "")
-        if name not in trained and base in before:
-            assert torch.equal(p.detach(), before[base]), name
+    assert_base_unchanged(model, before, trained)
     curves = json.loads((tmp_path / "run" / "curves.json").read_text())
     # a zero head gives each of the 5 tags the same probability: ln 5 at the start
     assert abs(curves["train"][0][1] - math.log(5)) < 1e-4

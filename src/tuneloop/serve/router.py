@@ -19,7 +19,6 @@ from sqlalchemy import select
 
 from tuneloop import models
 from tuneloop.models.head import HEAD_FILE
-from tuneloop.models.spans import SPAN_FILE
 from tuneloop.serve.adapters import BASE, Unsupported, check_supported
 from tuneloop.serve.auth import Caller
 from tuneloop.serve.engine import Engine
@@ -99,7 +98,7 @@ def _artifact(folder: Path) -> tuple[dict, bool, Path | None]:
     try:
         if meta.get("method") == "full":
             raise Unsupported("a full fine-tune")
-        if (folder / SPAN_FILE).exists():
+        if meta.get("head") == "spans":
             raise Unsupported("a span head")
         check_supported(folder)
     except Unsupported:
@@ -149,7 +148,7 @@ class Router:
             # its own engine, the adapter merged into a copy of the base (a label head
             # decides only in the built-in engine)
             return Target(name, self.engine(run.id, artifact=folder), run_id=run.id, task=task,
-                          head=head, spans=(folder / SPAN_FILE).exists())
+                          head=head, spans=meta.get("head") == "spans")
         # PEFT adapter names become module keys: the run id is unique and safe there.
         return Target(name, self.engine(meta["base_model"]), adapter=run.id.replace("-", "_"),
                       adapter_path=folder, run_id=run.id, task=task, head=head)

@@ -16,12 +16,13 @@ ROW_HEADLINE = HEADLINE
 PAIRED_EXACT = False
 REFERENCE_LOSS = True  # the runner adds the perplexity of the reference answers
 HEADS = ("none",)  # the recipe's `head` choices, the default first
+LOSSES = ("tokens",)  # the recipe's `loss` choices, the default first
 
 
 def default_head(info) -> str:
     """The head a run trains when its recipe names none: none, it writes its answer."""
     return HEADS[0]
-LOSSES = ("tokens",)  # the recipe's `loss` choices, the default first
+
 
 # The last number in a text: optional sign, thousands separators, decimals. GSM8K references
 # end in "#### 72"; models write "The answer is $1,200." — both read as the last number.

@@ -22,12 +22,12 @@ REFERENCE_LOSS = False  # no perplexity of references: the label set is scored i
 # A label head decides (one weight row per label over the prompt's last hidden state) or the
 # model writes its label; the label-set loss trains over the labels where they branch.
 HEADS = ("labels", "none")  # the recipe's `head` choices, the default first
+LOSSES = ("tokens", "labels")  # the recipe's `loss` choices, the default first
 
 
 def default_head(info) -> str:
     """The head a run trains when its recipe names none (and its method trains one)."""
     return HEADS[0]
-LOSSES = ("tokens", "labels")  # the recipe's `loss` choices, the default first
 
 
 def describe(examples, fields=None) -> TaskInfo:

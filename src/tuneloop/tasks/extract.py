@@ -22,25 +22,15 @@ ROW_HEADLINE = "field_f1_row_mean"  # micro field F1 does not split by row: its 
 PAIRED_EXACT = False
 REFERENCE_LOSS = False
 HEADS = ("none", "spans")  # the recipe's `head` choices
-SPAN_IN_TEXT = 0.9  # a field is spanned when this share of its training values is in the text
-
-
-def spannable(info) -> bool:
-    """Whether every field's training values are (nearly all) copied from their text, as
-    named entities are (`field_info.in_text`), so a span head (models/spans.py) can find
-    them; a date rewritten, a total computed or an address typed apart from a receipt's
-    text is written instead."""
-    shares = [(info.field_info.get(f) or {}).get("in_text") for f in info.fields]
-    return bool(shares) and all(s is not None and s >= SPAN_IN_TEXT for s in shares)
+LOSSES = ("tokens",)  # the recipe's `loss` choices, the default first
 
 
 def default_head(info) -> str:
     """none: the model writes its JSON under the fields' schema. The span head is asked for
     (`head: spans`) until the quality suite has compared the two paths on validation splits
     at the same budget (bench/span_context.py --contexts generative; bench/RESULTS.md "span
-    head"); `spannable` then says where it may be the default."""
+    head"); each field's `in_text` share (`describe`) then says where it may be the default."""
     return HEADS[0]
-LOSSES = ("tokens",)  # the recipe's `loss` choices, the default first
 
 TYPES = {"string": {"type": ["string", "null"]}, "number": {"type": ["number", "null"]},
          "list": {"type": ["array", "null"], "items": {"type": ["string", "number", "null"]}},

@@ -54,8 +54,8 @@ def default_loss(task: str, method: str) -> str:
 
 def default_head(task: str, method: str, info=None) -> str:
     """How a model answers: the task's default head for its data (`info`; a classifier's
-    "labels", a label head over the prompt's last hidden state, models/head.py; an
-    extractor's "spans" where its values are copied from the text) for the methods that train one
+    "labels", a label head over the prompt's last hidden state, models/head.py) for the
+    methods that train one
     (`Method.task_head`: the adapter methods); "none" (it writes its answer; a label is scored
     over the label trie) for every other task and method. Full fine-tuning keeps "none": its
     learning rate (2e-5) is too low for a head that starts at zero.
