@@ -129,8 +129,13 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe key beyond the minimal recipe, e.g. head=spans (the "
                         "row is then that recipe's, not the minimal one)")
+    parser.add_argument("--no-forgetting", action="store_true",
+                        help="skip the general-ability check (it changes nothing the run trains "
+                        "or scores on the set; it adds its own minutes to the whole run)")
     args = parser.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.set)
+    if args.no_forgetting:
+        extra["forgetting"] = {"enabled": False}
     results = []
     for name in args.sets.split(","):
         if not (args.data / SETS[name][1] / "train.jsonl").is_file():

@@ -270,3 +270,24 @@ def test_the_default_head_is_the_adapter_classifiers_and_what_the_recipe_asks_fo
     assert head(loss="labels") == head(compile=True) == "none"
     assert head(packing="on") == "labels"  # the head reads packed rows as padded ones
     assert head(head="none") == "none" and head(method="full", head="labels") == "labels"
+
+
+def test_an_extractor_takes_the_span_head_when_its_values_are_spans_of_the_text(tmp_path):
+    from tuneloop.project import recipe_from_dict
+    from tuneloop.tasks import extract
+    from tuneloop.train.plan import resolve_head
+
+    def head(rows, **extra):
+        recipe = recipe_from_dict({"task": "extract", **extra,
+                                   "data": {"train": str(tmp_path / "t.jsonl")}})
+        return resolve_head(recipe, extract.describe(rows))
+
+    def row(text, to):
+        return Example((), "", text=text, fields={"who": "Anna", "to": to})
+
+    copied = [row(f"Anna flew to Rome on day {i}", "Rome") for i in range(10)]
+    assert head(copied) == "spans"
+    assert head(copied, head="none") == head(copied, method="full") == "none"
+    rewritten = copied[:8] + [row("Anna flew home", "Oslo")] * 2  # "to": 80% in the text
+    assert extract.describe(rewritten).field_info["to"]["in_text"] == 0.8
+    assert head(rewritten) == "none"

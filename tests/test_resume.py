@@ -43,6 +43,12 @@ def write_recipe(tmp_path, tiny_model, classify_files, method: str = "lora") -> 
                             "test": str(write_jsonl(tmp_path / "pairs-test.jsonl", pairs(8, 2)))})
     elif method == "distill":  # the base itself as the teacher: logit-level distillation
         recipe.update(method="distill", distill={"teacher": str(tiny_model)})
+    elif method == "spans":  # a span head with a layer of its own (tests/test_spans.py's rows)
+        from tests.test_spans import booking_rows
+
+        recipe.update(task="extract", head="spans", span_context="encoder",
+                      data={"train": str(write_jsonl(tmp_path / "b.jsonl", booking_rows(60, 1))),
+                            "test": str(write_jsonl(tmp_path / "bt.jsonl", booking_rows(8, 2)))})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -53,10 +59,11 @@ def only_run(ws: Path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("method", ["lora", "dpo", "distill"])
+@pytest.mark.parametrize("method", ["lora", "dpo", "distill", "spans"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, classify_files,
                                                           method):
-    """The same for every objective on the one training loop: SFT, DPO and distillation."""
+    """The same for every objective on the one training loop: SFT, DPO, distillation and a
+    span head's tagging (its head file too)."""
     recipe = write_recipe(tmp_path, tiny_model, classify_files, method)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     done = tl("train", recipe, "--json", env={"TUNELOOP_HOME": str(whole)})
@@ -82,11 +89,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, 
     result = json.loads(resumed.stdout)
     assert result["run_id"] == run_dir.name and result["steps"] == 10
 
-    a = load_file(only_run(whole) / "adapter" / "adapter_model.safetensors")
-    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    files = ["adapter_model.safetensors"] + (["span_head.safetensors"] if method == "spans" else [])
+    for file in files:
+        a = load_file(only_run(whole) / "adapter" / file)
+        b = load_file(run_dir / "adapter" / file)
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    if method == "spans":
+        assert any(k.startswith("encoder.") for k in a) and a["weight"].abs().sum() > 0
     curves_a = json.loads((only_run(whole) / "curves.json").read_text())
     curves_b = json.loads((run_dir / "curves.json").read_text())
     assert [s for s, _ in curves_b["train"]] == list(range(1, 11))

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.conftest import assert_base_unchanged, write_jsonl
 from tuneloop.core.batching import collate
 from tuneloop.models import spans
+from tuneloop.tasks import extract
 
 NAMES = ["Anna Smith", "Bob", "Carla Diaz", "Dmitri", "Eve Stone", "Farid Khan"]
 CITIES = ["Rome", "Paris", "New York", "Oslo", "Lima"]
@@ -88,6 +89,25 @@ def test_gold_tags_decode_back_to_the_gold_values(tiny_model):
     assert (found, total) == (2, 3)  # each value where it first occurs, none taken twice
 
 
+def test_a_value_is_found_with_spacing_and_punctuation_aside_and_reads_as_one_line(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = "NO 290. JALAN AIR PANAS.\nSETAPAK.\n53200 KL\nTOTAL 12.50"
+    fields = {"address": "NO 290, JALAN AIR PANAS, SETAPAK", "total": "12.50", "city": "Oslo"}
+    names = list(fields)
+    spans_, found, total = spans.locate(text, fields, names)
+    assert (found, total) == (2, 3)
+    assert text[spans_[0][0]:spans_[0][1]] == "NO 290. JALAN AIR PANAS.\nSETAPAK"
+    assert spans.locate("a 12.50 b", {"total": "12 50"}, ["total"])[1] == 1  # words, any gap
+    assert spans.locate("a 1250 b", {"total": "12 50"}, ["total"])[1] == 0  # not no gap
+    item = spans.encode(tok, text, fields, names, "causal")
+    _, offsets = spans.tokens(tok, text)
+    probs = torch.nn.functional.one_hot(torch.tensor(item.labels), len(spans.tag_names(names)))
+    info = {n: {"type": "string"} for n in names}
+    got, _ = spans.answer(text, offsets, item.labels, probs.float(), info, names)
+    assert got == {"address": "NO 290. JALAN AIR PANAS. SETAPAK", "total": "12.50", "city": None}
+    assert extract.normalize(got["address"]) == extract.normalize(fields["address"])
+
+
 def test_the_bidirectional_pass_sees_later_words_and_padding_changes_nothing(tiny_model):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
@@ -96,13 +116,14 @@ def test_the_bidirectional_pass_sees_later_words_and_padding_changes_nothing(tin
     b, _ = spans.tokens(tok, "Bob wants a room near Oslo")
     short, _ = spans.tokens(tok, "Bob")
     first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    for context, sees_ahead in (("bidirectional", True), ("causal", False)):
+    for context, sees_ahead in (("bidirectional", True), ("encoder", True), ("causal", False)):
+        head = spans.SpanHead(model.config.hidden_size, ["city"], context)
         batch = collate([spans.Encoded(a, a), spans.Encoded(b, b), spans.Encoded(short, short)],
                         tok.pad_token_id)
         with torch.no_grad():
-            states = spans._states(model, batch, context)
+            states = spans._states(model, batch, head)
             alone = spans._states(model, collate([spans.Encoded(short, short)],
-                                                 tok.pad_token_id), context)
+                                                 tok.pad_token_id), head)
         moved = not torch.allclose(states[0, :first], states[1, :first], atol=1e-6)
         assert moved == sees_ahead, context
         torch.testing.assert_close(states[2, :len(short)], alone[0], atol=1e-5, rtol=1e-4)
@@ -114,7 +135,7 @@ def test_a_span_head_trains_with_the_adapter_and_its_artifact_answers_alike(
     from tuneloop.evaluate.runner import score
     from tuneloop.models import load_artifact
     from tuneloop.project import recipe_from_dict
-    from tuneloop.tasks import TaskInfo, extract
+    from tuneloop.tasks import TaskInfo
     from tuneloop.train.lora import run_lora
 
     train_file, test_file = booking_files

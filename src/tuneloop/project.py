@@ -121,10 +121,11 @@ class Recipe(_Strict):
         "label over the prompt's last hidden state) decides, trained with the adapter; spans "
         "(extract): a tagging head over the text's tokens finds each field's values in the "
         "text; none: the model writes its answer; default by task")
-    span_context: Literal["bidirectional", "echo", "causal"] | None = Field(
+    span_context: Literal["bidirectional", "echo", "encoder", "causal"] | None = Field(
         None, description="head: spans only: how the head's pass reads the text: "
-        "bidirectional (the causal mask lifted), echo (read twice, the second copy tagged) "
-        "or causal; default echo (the best on validation, bench/span_context.py)")
+        "bidirectional (the causal mask lifted), echo (read twice, the second copy tagged), "
+        "encoder (read once, then a bidirectional layer of the head's own) or causal; "
+        "default echo (the best on validation, bench/span_context.py)")
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="on: examples laid end to end in each micro-batch's rows, attention "
         "kept inside each example (fewer, fuller steps: faster on a GPU); off: one example per "

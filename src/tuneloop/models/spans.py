@@ -16,9 +16,12 @@ three ways (`context`, chosen on the validation split: bench/span_context.py, do
     echo           the text read twice, the second copy tagged: its tokens have seen the
                    whole text once (Springer et al. 2024, echo embeddings); twice the
                    tokens, the default: on WNUT 2017's validation split, one epoch each,
-                   field F1 0.564 against 0.490 (bidirectional) and 0.534 (causal)
+                   field F1 0.564 against 0.490 (bidirectional), 0.483 (encoder) and
+                   0.534 (causal)
     bidirectional  the causal mask lifted in the head's pass: every token sees the whole
                    text (Li et al. 2023, LS-unLLaMA; BehnamGhader et al. 2024, LLM2Vec)
+    encoder        as the model reads, then one bidirectional transformer layer of the
+                   head's own over the final states (the "second bidirectional layer")
     causal         as the model reads, left to right (the pitfall, kept for comparison)
 
 The head lives on the causal LM as `span_head`, so its weights train, checkpoint and resume
@@ -29,6 +32,7 @@ the fields and the context, so a server needs nothing else to answer.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -40,7 +44,7 @@ from tuneloop.core.tokenize import IGNORE, Encoded
 from tuneloop.models.scoring import autocast, causal_lm
 
 SPAN_FILE = "span_head.safetensors"
-CONTEXTS = ("echo", "bidirectional", "causal")  # the default first (bench/span_context.py)
+CONTEXTS = ("echo", "bidirectional", "encoder", "causal")  # the default first (bench/span_context.py)
 NEG = -1e9  # a disallowed transition's score (finite: a row of them still has a maximum)
 
 
@@ -62,9 +66,25 @@ class SpanHead(nn.Module):
         self.tags = tag_names(self.fields)
         self.weight = nn.Parameter(torch.zeros(len(self.tags), hidden))
         self.bias = nn.Parameter(torch.zeros(len(self.tags)))
+        if context == "encoder":  # pre-norm, so at the start it adds to the states it reads
+            self.encoder = nn.TransformerEncoderLayer(
+                hidden, _heads(hidden), dim_feedforward=2 * hidden, dropout=0.0,
+                batch_first=True, norm_first=True)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.float(), self.weight.float(), self.bias.float())
+
+    def mix(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The states the tags are read from: the encoder context's bidirectional layer over
+        the real tokens of each row (in float32), else the decoder's states as they are."""
+        if self.context != "encoder":
+            return hidden
+        return self.encoder(hidden.float(), src_key_padding_mask=~attention_mask.bool())
+
+
+def _heads(hidden: int) -> int:
+    """The encoder layer's attention heads: head width 64 where the hidden size allows."""
+    return next(h for h in (hidden // 64, 8, 4, 2, 1) if h and hidden % h == 0)
 
 
 def attach(model, fields, context: str = CONTEXTS[0]) -> SpanHead:
@@ -86,8 +106,8 @@ def save(head: SpanHead, folder: Path) -> None:
     fields and the context its pass reads the text in."""
     from safetensors.torch import save_file
 
-    save_file({"weight": head.weight.detach().float().cpu().contiguous(),
-               "bias": head.bias.detach().float().cpu().contiguous()}, str(folder / SPAN_FILE),
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
+              str(folder / SPAN_FILE),
               metadata={"fields": json.dumps(head.fields), "context": head.context})
 
 
@@ -112,10 +132,9 @@ def load(model, folder: Path) -> SpanHead | None:
                          f"{tensors['weight'].shape[1]} hidden, but its {len(fields)} fields "
                          f"need {len(head.tags)} tags and the model's hidden size is "
                          f"{head.weight.shape[1]}")
-    with torch.no_grad():
-        head.weight.copy_(tensors["weight"])
-        head.bias.copy_(tensors["bias"])
+    head.load_state_dict({k: v.to(head.weight.device) for k, v in tensors.items()})
     head.requires_grad_(False)
+    head.eval()
     return head
 
 
@@ -138,24 +157,41 @@ def value_strings(value) -> list[str]:
 
 def locate(text: str, fields: dict, names) -> tuple[list[tuple[int, int, str]], int, int]:
     """(character spans (start, end, field) of each value found in the text, values found,
-    values in all): each value where it first occurs, case aside, at or after the field's
-    previous value and over no span already taken (a list's values are in text order)."""
-    lowered = text.lower()
+    values in all): each value where it first occurs at or after the field's previous value
+    and over no span already taken (a list's values are in text order). A value is looked
+    for as written (case aside), then with spacing and punctuation aside, as the metric
+    compares values (tasks/extract.normalize): an address annotated on one line, commas
+    between its parts, is still the span of its receipt's lines."""
     taken: list[tuple[int, int, str]] = []
     found = total = 0
     for name in names:
         at = 0
         for value in value_strings((fields or {}).get(name)):
             total += 1
-            needle, start = value.lower(), at
-            while (start := lowered.find(needle, start)) >= 0:
-                end = start + len(needle)
-                if all(end <= s or start >= e for s, e, _ in taken):
-                    taken.append((start, end, name))
-                    found, at = found + 1, end
+            for pattern in _patterns(value):
+                hit = _free(pattern, text, at, taken)
+                if hit:
+                    taken.append((*hit, name))
+                    found, at = found + 1, hit[1]
                     break
-                start += 1
     return sorted(taken), found, total
+
+
+def _patterns(value: str) -> list[re.Pattern]:
+    """How `locate` looks for a value, strictest first: as written, then its words with any
+    run of spacing or punctuation between them."""
+    words = re.findall(r"[^\W_]+", value)
+    return [re.compile(re.escape(value), re.IGNORECASE)] + (
+        [re.compile(r"[\W_]+".join(map(re.escape, words)), re.IGNORECASE)] if words else [])
+
+
+def _free(pattern: re.Pattern, text: str, at: int, taken) -> tuple[int, int] | None:
+    """The first match at or after `at` over no taken span (each start tried in turn)."""
+    while (m := pattern.search(text, at)) is not None:
+        if all(m.end() <= s or m.start() >= e for s, e, _ in taken):
+            return m.span()
+        at = m.start() + 1
+    return None
 
 
 def token_tags(offsets, spans, names) -> list[int]:
@@ -201,18 +237,19 @@ def _mask(attention_mask: torch.Tensor, context: str) -> torch.Tensor | None:
     return see
 
 
-def _states(model, batch: dict, context: str) -> torch.Tensor:
-    """The decoder's final hidden states [rows, tokens, hidden] for the head's read."""
+def _states(model, batch: dict, head: SpanHead) -> torch.Tensor:
+    """The hidden states [rows, tokens, hidden] the head reads its tags from."""
     lm = causal_lm(model)
     mask = batch["attention_mask"]
-    four_d = _mask(mask, context)
+    four_d = _mask(mask, head.context)
     if four_d is not None and lm.config._attn_implementation != "sdpa":  # eager: additive
         four_d = torch.zeros(four_d.shape, device=mask.device).masked_fill(
             ~four_d, torch.finfo(torch.float32).min)
     with autocast(lm):
-        return lm.get_decoder()(input_ids=batch["input_ids"],
-                                attention_mask=mask if four_d is None else four_d,
-                                use_cache=False).last_hidden_state
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"],
+                                  attention_mask=mask if four_d is None else four_d,
+                                  use_cache=False).last_hidden_state
+    return head.mix(hidden, mask)
 
 
 def loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -220,7 +257,7 @@ def loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     `encode`d items."""
     head = find(model)
     batch = {k: v.to(causal_lm(model).device, non_blocking=True) for k, v in batch.items()}
-    hidden = _states(model, batch, head.context)
+    hidden = _states(model, batch, head)
     tagged = batch["labels"] != IGNORE
     gold = batch["labels"][tagged]
     return F.cross_entropy(head(hidden[tagged]), gold, reduction="sum"), int(gold.numel())
@@ -282,8 +319,6 @@ def spans_of(path: list[int], names) -> list[tuple[int, int, str]]:
 
 def _number(text: str):
     """A number field's value from its span ("RM 12,50" -> 12.5), else None."""
-    import re
-
     digits = re.sub(r"[^\d.\-]", "", text.replace(",", "."))
     try:
         return float(digits)
@@ -296,12 +331,12 @@ def answer(text: str, offsets, path: list[int], probs: torch.Tensor, field_info:
     """(the answer in the task's shape, each value's confidence) from a decoded tag path.
 
     A value is the text from its first token's first character to its last token's last,
-    spacing trimmed. Its confidence is the product of its tokens' tag probabilities. A list
+    its spacing collapsed (a span over a receipt's lines reads as one line). Its confidence is the product of its tokens' tag probabilities. A list
     field (or one of no single type) holds every span, a string or number field its most
     confident one; a field with no span is null."""
     found: dict[str, list[tuple[str, float]]] = {n: [] for n in names}
     for first, last, name in spans_of(path, names):
-        value = text[offsets[first][0]:offsets[last - 1][1]].strip()
+        value = " ".join(text[offsets[first][0]:offsets[last - 1][1]].split())
         if value:
             p = float(torch.prod(probs[torch.arange(first, last), torch.tensor(path[first:last])]))
             found[name].append((value, p))
@@ -337,7 +372,7 @@ def extract(model, tokenizer, texts: list[str], field_info: dict, max_length: in
         idx = order[at:at + batch_size]
         items = [Encoded(*[layout(tokenized[i][0], head.context)[0]] * 2) for i in idx]
         batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
-        logits = head(_states(model, batch, head.context)).float().cpu()
+        logits = head(_states(model, batch, head)).float().cpu()
         for row, i in enumerate(idx):
             ids, offsets = tokenized[i]
             first = layout(ids, head.context)[1]
