@@ -201,7 +201,8 @@ def test_extraction_with_empty_rows_and_list_fields_trains_and_is_scored(tiny_mo
     test_file = write_jsonl(tmp_path / "test.jsonl", rows[32:])
     recipe = recipe_from_dict({"base_model": str(tiny_model), "task": "extract", "baselines": [],
                                "data": {"train": str(train_file), "test": str(test_file)},
-                               "max_steps": 3, "forgetting": {"enabled": False}})
+                               "max_steps": 3, "forgetting": {"enabled": False},
+                               "head": "none"})  # (the written path: its values are spans)
     splits = load_splits(recipe.data, "extract")
     assert splits.info.fields == ("people",) and splits.info.field_info["people"]["type"] == "list"
     empty = next(e for e in splits.train if e.fields == {})
