@@ -177,10 +177,18 @@ def test_a_span_head_trains_with_the_adapter_and_its_artifact_answers_alike(
     # the random 2-layer model's features are poor (a causal read learns nothing here in as
     # many updates), but the zero head it started from found nothing at all (field F1 0)
     assert m["field_f1"] > 0.05 and stats["best_val_metric"] > 0.05, m
+    values = 0
     for row in fresh["predictions"]:  # one answer shape: every field, in order
         assert list(row["prediction"]) == list(info.fields)
         assert 0 < row["confidence"] <= 1
+        found = {n: v for n, v in row["prediction"].items() if v is not None}
+        assert row["value_confidence"].keys() == found.keys()  # one per value found
+        for name, p in row["value_confidence"].items():
+            assert row["confidence"] <= p <= 1  # a value's tokens are part of the whole path
+            values += 1
     assert "calibration" in m and extract.HEADS[0] in extract.HEADS
+    value_cal = m["value_calibration"]  # each value's confidence against being right
+    assert values and sum(b["n"] for b in value_cal["bins"]) == values
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -236,6 +244,12 @@ def test_a_served_span_head_answers_as_eval_predicts(tiny_model, booking_files, 
                   load_splits(recipe.data, "extract").test, TaskInfo.from_dict(meta["task"]))
     assert [r["output"] for r in again["predictions"]] == [p["output"] for p in predictions]
     registry = Registry.open(workspace)
+    from tuneloop.evaluate.run_report import render_html, report_data
+
+    data = report_data(result["run_id"], registry, workspace)  # rows and values, apart
+    page = render_html(data)
+    assert data["value_calibration"] == result["test"]["value_calibration"]
+    assert "whole tag path" in page and "span's probability" in page and "needs_review" not in page
     deploy(registry, "bookings", result["run_id"], "acme", force=True)
     secret = create_key(registry, "acme", bases=[str(tiny_model)])[1]
     rows = [json.loads(line) for line in test_file.read_text().splitlines()]

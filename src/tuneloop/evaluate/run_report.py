@@ -89,6 +89,7 @@ def report_data(run_id: str, registry, workspace: Path) -> dict:
         "confusion": test.get("confusion"),
         "per_field": _with_paths(test.get("per_field"), run_dir / "recipe.yaml"),
         "calibration": test.get("calibration"), "worst_errors": worst,
+        "value_calibration": test.get("value_calibration"),
         "abstention": {k: test.get(k) for k in ("empty_rows", "empty_row_accuracy",
                                                 "hallucination_rate") if k in test},
         "forgetting": _without(metrics.get("forgetting"), "answers"),
@@ -206,7 +207,8 @@ def render_html(data: dict) -> str:
             # joined without a line break, as on earlier pages, so those stay byte-identical
             _scoreboard_html(data["scoreboard"], metric) + _training_html(data["training"]),
             _curves_html(data.get("curves")), _confusion_html(data.get("confusion")),
-            _calibration_html(data.get("calibration")), _per_field_html(data.get("per_field")),
+            _calibration_html(data.get("calibration"), data.get("value_calibration")),
+            _per_field_html(data.get("per_field")),
             _abstention_html(data.get("abstention")), _worst_errors_html(data["worst_errors"]),
             _forgetting_html(data.get("forgetting")), _custom_html(data.get("custom")),
             _judgements_html(data["judgements"]),
@@ -286,17 +288,34 @@ def _confusion_html(confusion: dict | None) -> str:
                       f"<td>{n}</td></tr>" for g, p, n in wrong) + "</tbody></table>")
 
 
-def _calibration_html(calibration: dict | None) -> str:
-    """Calibration error, the reliability diagram and its bins ("" without bins)."""
+def _calibration_html(calibration: dict | None, values: dict | None = None) -> str:
+    """Calibration error, the reliability diagram and its bins ("" without bins); a span
+    head's rows (`values`: each value's calibration) are judged by their tag paths, and each
+    value it found by its own span's probability."""
     if not (calibration and calibration.get("bins")):
         return ""
-    return ("<h2>Confidence</h2><p>Each prediction's confidence is its label's "
-            "probability. Expected calibration error <strong data-key=\"calibration.ece\">"
-            f"{calibration['ece']:.3f}</strong> (mean confidence "
-            f"{calibration['mean_confidence']:.3f}); a deployment can answer "
-            "<code>needs_review</code> below a threshold (<code>tuneloop serve "
-            "--review-below P</code>).</p>" + _reliability_svg(calibration)
-            + "<table><thead><tr><th>confidence</th><th>rows</th><th>accuracy</th>"
+    if values is None:
+        return ("<h2>Confidence</h2><p>Each prediction's confidence is its label's "
+                "probability. Expected calibration error <strong data-key=\"calibration.ece\">"
+                f"{calibration['ece']:.3f}</strong> (mean confidence "
+                f"{calibration['mean_confidence']:.3f}); a deployment can answer "
+                "<code>needs_review</code> below a threshold (<code>tuneloop serve "
+                "--review-below P</code>).</p>" + _reliability(calibration, "rows"))
+    return ("<h2>Confidence</h2><p>Each row's confidence is the probability of its whole tag "
+            "path: that the row is tagged exactly right. Expected calibration error <strong "
+            f"data-key=\"calibration.ece\">{calibration['ece']:.3f}</strong> (mean confidence "
+            f"{calibration['mean_confidence']:.3f}).</p>" + _reliability(calibration, "rows")
+            + "<p>Each value's confidence is its span's probability (the product of its "
+            "tokens' tag probabilities), judged right where the field's gold holds the value. "
+            + ("The head found no value in these rows.</p>" if not values["bins"] else
+               "Expected calibration error <strong data-key=\"value_calibration.ece\">"
+               f"{values['ece']:.3f}</strong> (mean confidence {values['mean_confidence']:.3f})."
+               "</p>" + _reliability(values, "values")))
+
+
+def _reliability(calibration: dict, what: str) -> str:
+    return (_reliability_svg(calibration)
+            + f"<table><thead><tr><th>confidence</th><th>{what}</th><th>accuracy</th>"
             "<th>mean confidence</th></tr></thead><tbody>"
             + "".join(f"<tr><td>{b['low']:.1f} – {b['high']:.1f}</td><td>{b['n']}</td>"
                       + _cell(b["accuracy"]) + _cell(b["confidence"]) + "</tr>"

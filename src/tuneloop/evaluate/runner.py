@@ -49,7 +49,7 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
     new_tokens = max_new_tokens(tokenizer, examples, info)
     batch_tokens = batch_tokens or (32768 if model.device.type == "cuda" else 2048)
     start = time.perf_counter()
-    confidences = None
+    confidences, extras = None, []
     grammar = module.grammar(model, tokenizer, info)  # baselines decode under it too
     if shots is None:
         if prompts is None:
@@ -58,7 +58,7 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
         decided = module.decide(model, tokenizer, encoded, info, on_batch,  # a label set
                                  messages=prompts)  # (or a span head)
         if decided is not None:
-            outputs, confidences, counts = decided
+            outputs, confidences, counts, *extras = decided
         else:
             outputs, counts = generate(model, tokenizer, prompts, new_tokens,
                                        batch_tokens=batch_tokens, on_batch=on_batch,
@@ -73,7 +73,7 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
             info, on_batch, prefix=prefix_ids if reuse_prefix else None,
             batch_size=rows_per_batch)
         if decided is not None:
-            outputs, confidences, counts = decided
+            outputs, confidences, counts, *extras = decided
         else:
             outputs, counts = generate_shared_prefix(
                 model, tokenizer, prefix_ids, suffixes, new_tokens, reuse=reuse_prefix,
@@ -107,6 +107,11 @@ def score(model, tokenizer, examples, info, zero_shot: bool = False, batch_token
             row["confidence"] = c
         metrics["calibration"] = calibration(confidences, [r["prediction"] == r["gold"]
                                                             for r in rows])
+    for row, extra in zip(rows, extras[0] if extras else []):
+        row.update(extra)  # (a span head's: each value's confidence)
+    judged = module.value_confidences(rows)
+    if judged is not None:  # each value's confidence against whether the gold holds it
+        metrics["value_calibration"] = calibration(*judged)
     metrics["ci95"] = interval(info.kind, rows)
     return {"metrics": metrics, "predictions": rows}
 

@@ -16,6 +16,8 @@ A task module holds:
     row_score(row), value_counts_table(rows), shared_extras(rows)   for intervals and compare
     max_new_tokens(tokenizer, examples, info), grammar(model, tokenizer, info),
     answer_schema(info), decide(...)  how answers are decoded (decide: chosen among a set)
+    value_confidences(rows)           (each predicted value's confidence, whether it is
+                                      right) where rows carry them, else None
     with_answer(example, reply, info) the example as a teacher answered it (synth, distill)
     shot_order(candidates, seed)      the order in-context examples are drawn in
 """

@@ -89,6 +89,11 @@ def decide(model, tokenizer, prompts, info, on_batch=None, prefix=None, batch_si
     return None
 
 
+def value_confidences(rows: list[dict]) -> None:
+    """None: a row's confidence is its answer's (the runner's calibration)."""
+    return None
+
+
 def row_score(row: dict) -> float:
     """One reply's ROUGE-L F against its reference."""
     return _rouge().score(row["gold"], row["prediction"] or "")["rougeL"].fmeasure

@@ -164,7 +164,26 @@ def decide(model, tokenizer, prompts, info, on_batch=None, prefix=None, batch_si
     found = spans.extract(model, tokenizer, [spans.text_of(m) for m in messages],
                           info.field_info, batch_size=batch_size, on_batch=on_batch)
     return ([json.dumps(canonical(a, info), ensure_ascii=False) for a, _, _ in found],
-            [p for _, _, p in found], [0] * len(found))
+            [p for _, _, p in found], [0] * len(found),
+            [{"value_confidence": c} for _, c, _ in found])
+
+
+def value_confidences(rows: list[dict]) -> tuple[list[float], list[bool]] | None:
+    """Each predicted value's confidence (a span head's: its span's probability) and whether
+    its field's gold holds it (normalized, as the metric counts), over the rows that carry
+    them; None where none does (a written answer)."""
+    if not any("value_confidence" in row for row in rows):
+        return None
+    judged: tuple[list[float], list[bool]] = ([], [])
+    for row in rows:
+        for name, conf in (row.get("value_confidence") or {}).items():
+            predicted = (row.get("prediction") or {}).get(name)
+            gold = values((row.get("gold") or {}).get(name))
+            for value, p in zip(predicted if isinstance(predicted, list) else [predicted],
+                                conf if isinstance(conf, list) else [conf]):
+                judged[0].append(p)
+                judged[1].append(normalize(value) in gold)
+    return judged
 
 
 def row_score(row: dict) -> float:
