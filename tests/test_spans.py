@@ -191,6 +191,56 @@ def test_a_span_head_trains_with_the_adapter_and_its_artifact_answers_alike(
     assert values and sum(b["n"] for b in value_cal["bins"]) == values
 
 
+def test_a_hybrid_extractor_finds_its_spans_writes_the_rest_and_answers_in_one_shape(
+        tiny_model, tmp_path):
+    """A field whose values are not in the text (a count of nights) is written beside the
+    spanned one; the run trains both, its artifact keeps which is which, and every answer
+    holds every field, in order."""
+    from tuneloop.data.splits import load_splits
+    from tuneloop.evaluate.runner import score
+    from tuneloop.models import load_artifact
+    from tuneloop.project import recipe_from_dict
+    from tuneloop.tasks import TaskInfo
+    from tuneloop.train.lora import run_lora
+
+    rng, days = random.Random(3), ["monday", "tuesday", "wednesday", "thursday", "friday"]
+    rows = []
+    for _ in range(60):
+        a, b = sorted(rng.sample(range(5), 2))
+        name = rng.choice(NAMES)
+        rows.append({"text": f"{name} stays from {days[a]} to {days[b]}",
+                     "fields": {"name": name, "nights": b - a}})
+    files = [write_jsonl(tmp_path / f"{k}.jsonl", r) for k, r in (("t", rows[:50]), ("s", rows[50:]))]
+    recipe = recipe_from_dict({"base_model": str(tiny_model), "task": "extract", "head": "spans",
+                               "data": {"train": str(files[0]), "test": str(files[1])},
+                               "epochs": 2, "learning_rate": 1e-2, "batch_size": 8})
+    splits = load_splits(recipe.data, "extract")
+    assert extract.spanned(splits.info) == ["name"]
+    out = run_lora(recipe, splits, tmp_path / "run")
+    head = spans.find(out["model"])
+    assert head.fields == ["name"] and head.written == ["nights"] and head.written_tokens > 0
+    curves = json.loads((tmp_path / "run" / "curves.json").read_text())
+    assert curves["train"][-1][1] < curves["train"][0][1]  # both losses, summed, went down
+    artifact = tmp_path / "run" / "adapter"
+    assert json.loads((artifact / "tuneloop.json").read_text())["written_fields"] == ["nights"]
+    loaded, meta = load_artifact(artifact)
+    assert spans.find(loaded).written == ["nights"]
+    info = TaskInfo.from_dict(meta["task"])
+    m = score(loaded, AutoTokenizer.from_pretrained(tiny_model), splits.test, info)
+    for row in m["predictions"]:
+        assert list(row["prediction"]) == ["name", "nights"]  # one shape, every field
+        assert row["prediction"]["name"] is None or row["prediction"]["name"] in NAMES
+        assert row["value_confidence"].keys() <= {"name"}  # a written value has none
+    assert m["metrics"]["json_valid_rate"] == 1.0
+    # asked for where no field is a span of its text, the head is refused by name
+    from tuneloop.errors import TuneloopError
+    from tuneloop.train.objective import objective_for
+
+    only_nights = extract.subset(splits.info, ["nights"])
+    with pytest.raises(TuneloopError, match="nights 0%.*leave out head"):
+        objective_for(recipe, None, only_nights)
+
+
 @pytest.mark.parametrize("extra, match", [
     ({"task": "classify", "head": "spans"}, "head: spans finds"),
     ({"method": "dpo", "head": "spans"}, "head: spans finds"),
@@ -249,6 +299,7 @@ def test_a_served_span_head_answers_as_eval_predicts(tiny_model, booking_files, 
     data = report_data(result["run_id"], registry, workspace)  # rows and values, apart
     page = render_html(data)
     assert data["value_calibration"] == result["test"]["value_calibration"]
+    assert {f: v["path"] for f, v in data["per_field"].items()} == {"name": "span", "city": "span"}
     assert "whole tag path" in page and "span's probability" in page and "needs_review" not in page
     deploy(registry, "bookings", result["run_id"], "acme", force=True)
     secret = create_key(registry, "acme", bases=[str(tiny_model)])[1]

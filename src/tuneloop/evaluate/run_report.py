@@ -330,11 +330,14 @@ def _with_paths(per_field: dict | None, recipe_file: Path) -> dict | None:
         return per_field
     import yaml
 
+    from tuneloop.tasks import TaskInfo, extract
+
     saved = yaml.safe_load(recipe_file.read_text()) or {}
-    spanned = (saved.get("plan") or {}).get("head") == "spans"
-    info = (saved.get("task") or {}).get("field_info") or {}
-    return {f: {**v, "path": "span" if spanned else "written",
-                "in_text": (info.get(f) or {}).get("in_text")} for f, v in per_field.items()}
+    task = TaskInfo.from_dict(saved.get("task") or {"kind": "extract"})
+    spanned = extract.spanned(task) if (saved.get("plan") or {}).get("head") == "spans" else []
+    return {f: {**v, "path": "span" if f in spanned else "written",
+                "in_text": (task.field_info.get(f) or {}).get("in_text")}
+            for f, v in per_field.items()}
 
 
 def _per_field_html(per_field: dict | None) -> str:

@@ -58,11 +58,15 @@ class SpanHead(nn.Module):
     every tag equally likely, so the first updates fit the head to the base model's features
     before the adapter moves them."""
 
-    def __init__(self, hidden: int, fields, context: str = CONTEXTS[0]):
+    def __init__(self, hidden: int, fields, context: str = CONTEXTS[0], written=(),
+                 written_tokens: int = 0):
         super().__init__()
         if context not in CONTEXTS:
             raise ValueError(f"span context {context!r}: expected one of {', '.join(CONTEXTS)}")
         self.fields, self.context = list(fields), context
+        # the task's other fields, which the model writes as JSON beside the spans (a hybrid
+        # extractor: tasks/extract.decide), and the new tokens their answer may take
+        self.written, self.written_tokens = list(written), written_tokens
         self.tags = tag_names(self.fields)
         self.weight = nn.Parameter(torch.zeros(len(self.tags), hidden))
         self.bias = nn.Parameter(torch.zeros(len(self.tags)))
@@ -87,11 +91,13 @@ def _heads(hidden: int) -> int:
     return next(h for h in (hidden // 64, 8, 4, 2, 1) if h and hidden % h == 0)
 
 
-def attach(model, fields, context: str = CONTEXTS[0]) -> SpanHead:
+def attach(model, fields, context: str = CONTEXTS[0], written=(), written_tokens: int = 0
+           ) -> SpanHead:
     """A fresh trainable head on `model` (plain or PEFT-wrapped), on the model's device."""
     lm = causal_lm(model)
     embeddings = lm.get_output_embeddings().weight
-    lm.span_head = SpanHead(embeddings.shape[1], fields, context).to(embeddings.device)
+    lm.span_head = SpanHead(embeddings.shape[1], fields, context, written,
+                            written_tokens).to(embeddings.device)
     return lm.span_head
 
 
@@ -108,25 +114,32 @@ def save(head: SpanHead, folder: Path) -> None:
 
     save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
               str(folder / SPAN_FILE),
-              metadata={"fields": json.dumps(head.fields), "context": head.context})
+              metadata={"fields": json.dumps(head.fields), "context": head.context,
+                        "written": json.dumps(head.written),
+                        "written_tokens": str(head.written_tokens)})
 
 
-def read(path: Path) -> tuple[dict[str, torch.Tensor], list[str], str]:
-    """(tensors, fields, context) that `save` wrote to `path`."""
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, the head's settings: fields, context, written, written_tokens) that `save`
+    wrote to `path`."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, json.loads(meta.get("fields", "[]")), meta.get("context", CONTEXTS[0])
+    return tensors, {"fields": json.loads(meta.get("fields", "[]")),
+                     "context": meta.get("context", CONTEXTS[0]),
+                     "written": json.loads(meta.get("written", "[]")),
+                     "written_tokens": int(meta.get("written_tokens", "0"))}
 
 
 def load(model, folder: Path) -> SpanHead | None:
     """Attach the head saved in `folder`, if the artifact has one (frozen)."""
     if not (folder / SPAN_FILE).exists():
         return None
-    tensors, fields, context = read(folder / SPAN_FILE)
-    head = attach(model, fields, context)
+    tensors, settings = read(folder / SPAN_FILE)
+    fields = settings["fields"]
+    head = attach(model, **settings)
     if tensors["weight"].shape != head.weight.shape:
         raise ValueError(f"{folder / SPAN_FILE}: {tensors['weight'].shape[0]} tags x "
                          f"{tensors['weight'].shape[1]} hidden, but its {len(fields)} fields "

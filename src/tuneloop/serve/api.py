@@ -104,6 +104,12 @@ def _span_answers(target: Target, body, messages: list[dict], sampling: Sampling
         raise ApiError(400, f"top_p: model {body.model} finds its values with a span head, "
                        "which samples from each token's whole tag distribution; leave out top_p",
                        param="top_p", code="unsupported_parameter")
+    written = spans.find(target.engine.model).written
+    if written:
+        raise ApiError(400, f"model {body.model} writes {', '.join(written)} beside the fields "
+                       "its span head finds; serving that mix is not supported yet (tuneloop "
+                       "eval scores it); deploy a run whose fields are all spans of their text",
+                       param="model", code="unsupported_model")
     tokenizer, text = target.engine.tokenizer, spans.text_of(messages)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     out = []

@@ -41,6 +41,19 @@ def default_head(info) -> str:
         else HEADS[0]
 
 
+def spanned(info) -> list[str]:
+    """The fields a span head finds (`in_text` >= SPAN_SHARE, or no training values to say
+    otherwise); the others are written beside them (a hybrid extractor)."""
+    return [n for n in info.fields
+            if (info.field_info.get(n) or {}).get("in_text", 1.0) >= SPAN_SHARE]
+
+
+def subset(info, names) -> TaskInfo:
+    """The task narrowed to some of its fields (a hybrid extractor's written part)."""
+    return dataclasses.replace(info, fields=tuple(names),
+                               field_info={n: info.field_info.get(n) or {} for n in names})
+
+
 TYPES = {"string": {"type": ["string", "null"]}, "number": {"type": ["number", "null"]},
          "list": {"type": ["array", "null"], "items": {"type": ["string", "number", "null"]}},
          "any": {}}
@@ -87,6 +100,10 @@ def in_text(examples, names) -> dict[str, float]:
 
 def prompt(example, info, zero_shot: bool = False) -> list[dict]:
     """The messages for one example; the fields are always named (they define the output)."""
+    return [{"role": "system", "content": _system(info, zero_shot)}, *example.messages]
+
+
+def _system(info, zero_shot: bool = False) -> str:
     names = []
     for name in info.fields:
         spec = info.field_info.get(name) or {}
@@ -97,7 +114,7 @@ def prompt(example, info, zero_shot: bool = False) -> list[dict]:
               "exactly these keys: " + ", ".join(names) + ".")
     if zero_shot:
         system += " Use null for a field that is not present."
-    return [{"role": "system", "content": system}, *example.messages]
+    return system
 
 
 def canonical(fields: dict | None, info) -> dict:
@@ -152,20 +169,33 @@ def grammar(model, tokenizer, info):
 
 def decide(model, tokenizer, prompts, info, on_batch=None, prefix=None, batch_size: int = 16,
            messages=None):
-    """With a span head (models/spans.py): each conversation's answer as JSON, found in its
-    last user turn's text, the probability of its whole tag path (that the row is tagged
-    exactly right), and no tokens written. None otherwise: the model writes its answer."""
+    """With a span head (models/spans.py): each conversation's answer as JSON, its spanned
+    fields found in its last user turn's text, the probability of their whole tag path (that
+    the row is tagged exactly right), and each value's own; a hybrid extractor's other fields
+    are written, greedily under their schema, from the prompt that names only them, and
+    merged into the one answer. None without a span head: the model writes its answer."""
     from tuneloop.models import spans
 
-    if spans.find(model) is None:
+    head = spans.find(model)
+    if head is None:
         return None
     if messages is None or prefix is not None:
         raise ValueError("a model with a span head reads each row's own text, without shots")
     found = spans.extract(model, tokenizer, [spans.text_of(m) for m in messages],
                           info.field_info, batch_size=batch_size, on_batch=on_batch)
-    return ([json.dumps(canonical(a, info), ensure_ascii=False) for a, _, _ in found],
-            [p for _, _, p in found], [0] * len(found),
-            [{"value_confidence": c} for _, c, _ in found])
+    answers, counts = [dict(a) for a, _, _ in found], [0] * len(found)
+    if head.written:
+        from tuneloop.models.generate import generate
+
+        part = subset(info, head.written)  # each prompt's system turn names only these
+        narrowed = [[{"role": "system", "content": _system(part)},
+                     *(m[1:] if m and m[0].get("role") == "system" else m)] for m in messages]
+        replies, counts = generate(model, tokenizer, narrowed, head.written_tokens,
+                                   grammar=grammar(model, tokenizer, part))
+        for answer, reply in zip(answers, replies):
+            answer.update(parse(reply, part)[0] or {})
+    return ([json.dumps(canonical(a, info), ensure_ascii=False) for a in answers],
+            [p for _, _, p in found], counts, [{"value_confidence": c} for _, c, _ in found])
 
 
 def value_confidences(rows: list[dict]) -> tuple[list[float], list[bool]] | None:

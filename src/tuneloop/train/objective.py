@@ -10,12 +10,15 @@ from typing import Callable
 
 import math
 
+import torch
+
 from tuneloop import tasks
 from tuneloop.core.batching import collate, pack, padded_batches, update_batches
-from tuneloop.core.tokenize import IGNORE, encode, prompt_ids
+from tuneloop.core.tokenize import IGNORE, Encoded, encode, prompt_ids
 from tuneloop.models import head as label_head
 from tuneloop.models import spans
 from tuneloop.models.scoring import completion_loss
+from tuneloop.tasks.info import answer_room
 from tuneloop.train.plan import default_epochs, default_loss, resolve_head
 
 
@@ -135,49 +138,93 @@ class LabelHead(Objective):
         label_head.save(label_head.find(model), folder)
 
 
+class Tagged(Encoded):
+    """A span head's training item: a text's tokens and each tagged token's tag."""
+
+
 class SpanHead(Objective):
     """`head: spans`: an extractor tags the input's tokens with its fields' BIO tags through a
     head over their hidden states (models/spans.py), trained with the adapter by cross-entropy
     at every token of the text. An item is the text alone (twice for the echo context): no
     answer is written, so a step costs the text's tokens only. Rows are padded (the
-    bidirectional pass masks by rows); its validation metric is the field F1 of the spans."""
+    bidirectional pass masks by rows); its validation metric is the field F1 of the spans.
+
+    A hybrid extractor (`written`: the fields whose values are mostly not in their text, a
+    date rewritten, a total computed) also learns to write those fields' JSON: each example
+    then adds a written item (the prompt naming only them, the answer holding only them), its
+    micro-batches kept apart from the tagged ones, and the step's loss is the sum of both over
+    all their counted tokens (tags and answer tokens)."""
 
     can_pack = False
 
-    def __init__(self, fields, context: str):
-        self.fields, self.context = list(fields), context
-        self.loss = spans.loss
-        self.meta = {"head": "spans", "span_context": context}
+    def __init__(self, fields, context: str, written=()):
+        self.fields, self.context, self.written = list(fields), context, list(written)
+        self.written_tokens = 0
+        self.meta = {"head": "spans", "span_context": context,
+                     **({"written_fields": self.written} if self.written else {})}
+
+    @staticmethod
+    def loss(model, batch: dict):
+        if "tagged" in batch:
+            return spans.loss(model, {k: v for k, v in batch.items() if k != "tagged"})
+        return completion_loss(model, batch)
 
     def encode(self, tokenizer, module, info, examples) -> list:
         items = [spans.encode(tokenizer, spans.text_of(module.prompt(e, info)), e.fields,
                               self.fields, self.context) for e in examples]
-        return [x for x in items if len(x)]  # (a text of no tokens has nothing to tag)
+        items = [Tagged(x.input_ids, x.labels) for x in items if len(x)]  # (none: no tokens)
+        if self.written:
+            part = module.subset(info, self.written)
+            answers = [module.target(e, part) for e in examples]
+            self.written_tokens = max(self.written_tokens, answer_room(tokenizer, answers))
+            items += [encode(tokenizer, module.prompt(e, part), a)
+                      for e, a in zip(examples, answers)]
+        return items
+
+    def step_batches(self, model, update: list, items: list, pad: int) -> list[dict]:
+        return [batch for b in update for batch in self._kinds([items[i] for i in b], pad)]
+
+    def batches(self, items: list, pad: int, batch_tokens: int) -> list[dict]:
+        tagged = [x for x in items if isinstance(x, Tagged)]
+        written = [x for x in items if not isinstance(x, Tagged)]
+        return ([{**b, "tagged": torch.ones(1)} for b in padded_batches(tagged, pad, batch_tokens)]
+                + (padded_batches(written, pad, batch_tokens) if written else []))
+
+    @staticmethod
+    def _kinds(items: list, pad: int) -> list[dict]:
+        """A micro-batch's tagged and written items, each kind collated apart."""
+        tagged = [x for x in items if isinstance(x, Tagged)]
+        written = [x for x in items if not isinstance(x, Tagged)]
+        return ([{**collate(tagged, pad), "tagged": torch.ones(1)}] if tagged else []) + (
+            [collate(written, pad)] if written else [])
 
     def count(self, batch: dict) -> int:
-        return int((batch["labels"] != IGNORE).sum())  # every tagged token (none is shifted)
+        if "tagged" in batch:
+            return int((batch["labels"] != IGNORE).sum())  # every tagged token (none shifted)
+        return super().count(batch)
 
     def attach(self, model) -> None:
-        spans.attach(model, self.fields, self.context)
+        spans.attach(model, self.fields, self.context, self.written, self.written_tokens)
 
     def validation_loss(self, model) -> Callable:
-        return spans.loss
+        return self.loss
 
     def save(self, model, folder: Path) -> None:
         spans.save(spans.find(model), folder)
 
     def task_metric(self, tokenizer, splits) -> tuple[str, Callable]:
-        """Field F1 on the validation split, the spans decoded as at test."""
+        """Field F1 on the validation split, decoded as at test (tasks/extract.decide)."""
         module, info = tasks.module(splits.info.kind), splits.info
-        texts = [spans.text_of(module.prompt(e, info)) for e in splits.validation]
+        prompts = [module.prompt(e, info) for e in splits.validation]
         golds = [module.gold(e, info) for e in splits.validation]
 
         def field_f1(model) -> float:
             model.eval()
-            found = spans.extract(model, tokenizer, texts, info.field_info)
+            outputs = module.decide(model, tokenizer, None, info, messages=prompts)[0]
             model.train()
-            return module.metrics([module.canonical(a, info) for a, _, _ in found], golds,
-                                  [True] * len(golds))["field_f1"]
+            parsed = [module.parse(o, info) for o in outputs]
+            return module.metrics([p for p, _ in parsed], golds, [v for _, v in parsed])[
+                "field_f1"]
 
         return "field_f1", field_f1
 
@@ -189,7 +236,17 @@ def objective_for(recipe, tokenizer, info) -> Objective:
     if head == "labels":
         return LabelHead(list(info.labels))
     if head == "spans":
-        return SpanHead(info.fields, recipe.span_context or spans.CONTEXTS[0])
+        found = tasks.module(info.kind).spanned(info)
+        if not found:
+            from tuneloop.errors import TuneloopError
+
+            shares = ", ".join(f"{n} {(info.field_info.get(n) or {}).get('in_text', 0):.0%}"
+                               for n in info.fields)
+            raise TuneloopError(f"head: spans: no field's training values are mostly spans of "
+                                f"their text (found in it: {shares}; a span head needs 90%); "
+                                "leave out head, and the model writes its answer")
+        return SpanHead(found, recipe.span_context or spans.CONTEXTS[0],
+                        [f for f in info.fields if f not in found])
     if (recipe.loss or default_loss(recipe.task, recipe.method)) == "labels":
         from tuneloop.tasks.labels import LabelTrie, label_loss
 
