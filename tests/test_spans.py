@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,16 +193,20 @@ def test_a_span_head_trains_with_the_adapter_and_its_artifact_answers_alike(
 
 
 def test_a_hybrid_extractor_finds_its_spans_writes_the_rest_and_answers_in_one_shape(
-        tiny_model, tmp_path):
+        tiny_model, tmp_path, workspace):
     """A field whose values are not in the text (a count of nights) is written beside the
-    spanned one; the run trains both, its artifact keeps which is which, and every answer
-    holds every field, in order."""
-    from tuneloop.data.splits import load_splits
-    from tuneloop.evaluate.runner import score
+    spanned one; the run trains both, its artifact keeps which is which, every answer holds
+    every field, in order, and the served reply is eval's."""
+    import openai
+
+    from tuneloop.evaluate import evaluate
     from tuneloop.models import load_artifact
     from tuneloop.project import recipe_from_dict
-    from tuneloop.tasks import TaskInfo
-    from tuneloop.train.lora import run_lora
+    from tuneloop.serve.app import Settings, running
+    from tuneloop.serve.auth import create_key
+    from tuneloop.serve.deploy import deploy
+    from tuneloop.store import Registry
+    from tuneloop.train.run import train
 
     rng, days = random.Random(3), ["monday", "tuesday", "wednesday", "thursday", "friday"]
     rows = []
@@ -210,35 +215,48 @@ def test_a_hybrid_extractor_finds_its_spans_writes_the_rest_and_answers_in_one_s
         name = rng.choice(NAMES)
         rows.append({"text": f"{name} stays from {days[a]} to {days[b]}",
                      "fields": {"name": name, "nights": b - a}})
-    files = [write_jsonl(tmp_path / f"{k}.jsonl", r) for k, r in (("t", rows[:50]), ("s", rows[50:]))]
+    train_file, test_file = [write_jsonl(tmp_path / f"{k}.jsonl", r)
+                             for k, r in (("t", rows[:50]), ("s", rows[50:]))]
     recipe = recipe_from_dict({"base_model": str(tiny_model), "task": "extract", "head": "spans",
-                               "data": {"train": str(files[0]), "test": str(files[1])},
-                               "epochs": 2, "learning_rate": 1e-2, "batch_size": 8})
-    splits = load_splits(recipe.data, "extract")
-    assert extract.spanned(splits.info) == ["name"]
-    out = run_lora(recipe, splits, tmp_path / "run")
-    head = spans.find(out["model"])
-    assert head.fields == ["name"] and head.written == ["nights"] and head.written_tokens > 0
-    curves = json.loads((tmp_path / "run" / "curves.json").read_text())
-    assert curves["train"][-1][1] < curves["train"][0][1]  # both losses, summed, went down
-    artifact = tmp_path / "run" / "adapter"
+                               "data": {"train": str(train_file), "test": str(test_file)},
+                               "epochs": 2, "learning_rate": 1e-2, "batch_size": 8,
+                               "baselines": [], "forgetting": {"enabled": False}})
+    result = train(recipe, workspace=workspace)
+    registry = Registry.open(workspace)
+    artifact = Path(registry.get_run(result["run_id"]).adapter_path)
     assert json.loads((artifact / "tuneloop.json").read_text())["written_fields"] == ["nights"]
     loaded, meta = load_artifact(artifact)
-    assert spans.find(loaded).written == ["nights"]
-    info = TaskInfo.from_dict(meta["task"])
-    m = score(loaded, AutoTokenizer.from_pretrained(tiny_model), splits.test, info)
-    for row in m["predictions"]:
+    head = spans.find(loaded)
+    assert head.fields == ["name"] and head.written == ["nights"] and head.written_tokens > 0
+    curves = json.loads((artifact.parent / "curves.json").read_text())
+    assert curves["train"][-1][1] < curves["train"][0][1]  # both losses, summed, went down
+    ev = evaluate(result["run_id"], test_file, workspace=workspace)
+    predictions = [json.loads(line) for line in open(ev["predictions"], encoding="utf-8")]
+    for row in predictions:
         assert list(row["prediction"]) == ["name", "nights"]  # one shape, every field
         assert row["prediction"]["name"] is None or row["prediction"]["name"] in NAMES
         assert row["value_confidence"].keys() <= {"name"}  # a written value has none
-    assert m["metrics"]["json_valid_rate"] == 1.0
+    assert ev["metrics"]["json_valid_rate"] == 1.0
+    deploy(registry, "stays", result["run_id"], "acme", force=True)
+    secret = create_key(registry, "acme", bases=[str(tiny_model)])[1]
+    with running(Settings(workspace=workspace, bases=[str(tiny_model)])) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=secret, max_retries=0)
+        for row, predicted in zip(rows[50:53], predictions):
+            reply = client.chat.completions.create(
+                model="stays", messages=[{"role": "user", "content": row["text"]}], temperature=0)
+            assert reply.choices[0].message.content == predicted["output"]
+        drawn = client.chat.completions.create(  # the default temperature: drawn, same shape
+            model="stays", messages=[{"role": "user", "content": rows[50]["text"]}], seed=1)
+        assert list(json.loads(drawn.choices[0].message.content)) == ["name", "nights"]
     # asked for where no field is a span of its text, the head is refused by name
+    from tuneloop.data.splits import load_splits
     from tuneloop.errors import TuneloopError
     from tuneloop.train.objective import objective_for
 
-    only_nights = extract.subset(splits.info, ["nights"])
+    info = load_splits(recipe.data, "extract").info
+    assert extract.spanned(info) == ["name"]
     with pytest.raises(TuneloopError, match="nights 0%.*leave out head"):
-        objective_for(recipe, None, only_nights)
+        objective_for(recipe, None, extract.subset(info, ["nights"]))
 
 
 @pytest.mark.parametrize("extra, match", [

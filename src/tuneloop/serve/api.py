@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import threading
 import time
@@ -95,29 +96,23 @@ def _span_answers(target: Target, body, messages: list[dict], sampling: Sampling
     head: the answer `eval` gives for the same text (tasks/extract.decide), at temperature 0
     the most probable valid tag path, else one drawn at that temperature; held to max_tokens
     and the stop strings as a written reply is, and refused where it does not match the
-    client's JSON schema (it cannot be steered toward one)."""
+    client's JSON schema (it cannot be steered toward one). A hybrid extractor's written
+    fields are written at the same temperature (the request's seed, or a fresh one, plus the
+    choice's index), from the last turns without any system turn of the client's."""
     import torch
-
-    from tuneloop.models import spans
 
     if body.top_p < 1:
         raise ApiError(400, f"top_p: model {body.model} finds its values with a span head, "
                        "which samples from each token's whole tag distribution; leave out top_p",
                        param="top_p", code="unsupported_parameter")
-    written = spans.find(target.engine.model).written
-    if written:
-        raise ApiError(400, f"model {body.model} writes {', '.join(written)} beside the fields "
-                       "its span head finds; serving that mix is not supported yet (tuneloop "
-                       "eval scores it); deploy a run whose fields are all spans of their text",
-                       param="model", code="unsupported_model")
-    tokenizer, text = target.engine.tokenizer, spans.text_of(messages)
+    tokenizer = target.engine.tokenizer
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     out = []
-    for _ in range(body.n):
-        [(answer, _, confidence)] = spans.extract(
-            target.engine.model, tokenizer, [text], target.task.field_info,
-            temperature=sampling.temperature, generator=generator)
-        reply = json.dumps(extract.canonical(answer, target.task), ensure_ascii=False)
+    for i in range(body.n):
+        [reply], [confidence], _, _ = extract.spanned_answers(
+            target.engine.model, tokenizer, [messages], target.task,
+            temperature=sampling.temperature, generator=generator,
+            seed=(sampling.seed if sampling.seed is not None else random.randrange(2**31)) + i)
         if sampling.grammar is not None:
             matcher = _grammar_matcher(sampling.grammar)
             if not (matcher.accept_string(reply) and matcher.is_completed()):

@@ -169,33 +169,49 @@ def grammar(model, tokenizer, info):
 
 def decide(model, tokenizer, prompts, info, on_batch=None, prefix=None, batch_size: int = 16,
            messages=None):
-    """With a span head (models/spans.py): each conversation's answer as JSON, its spanned
-    fields found in its last user turn's text, the probability of their whole tag path (that
-    the row is tagged exactly right), and each value's own; a hybrid extractor's other fields
-    are written, greedily under their schema, from the prompt that names only them, and
-    merged into the one answer. None without a span head: the model writes its answer."""
+    """With a span head (models/spans.py): `spanned_answers` at temperature 0 (the outputs,
+    the tag paths' probabilities, the tokens written, each value's confidence). None
+    without one: the model writes its answer."""
     from tuneloop.models import spans
 
-    head = spans.find(model)
-    if head is None:
+    if spans.find(model) is None:
         return None
     if messages is None or prefix is not None:
         raise ValueError("a model with a span head reads each row's own text, without shots")
+    outputs, paths, counts, values = spanned_answers(model, tokenizer, messages, info,
+                                                     batch_size=batch_size, on_batch=on_batch)
+    return outputs, paths, counts, [{"value_confidence": c} for c in values]
+
+
+def spanned_answers(model, tokenizer, messages, info, batch_size: int = 16, on_batch=None,
+                    temperature: float = 0.0, generator=None, seed: int = 0):
+    """Each conversation's answer as JSON from a model with a span head: its spanned fields
+    found in the last user turn's text (the most probable valid tag path at temperature 0,
+    else one drawn), with that path's probability (that the row is tagged exactly right) and
+    each value's own; a hybrid extractor's other fields written under their schema from the
+    prompt that names only them (its system turn in place of any other), at the same
+    temperature (seeded by `seed`), and merged into the one answer. (outputs, path
+    probabilities, tokens written, value confidences), in the conversations' order."""
+    from tuneloop.models import spans
+
+    head = spans.find(model)
     found = spans.extract(model, tokenizer, [spans.text_of(m) for m in messages],
-                          info.field_info, batch_size=batch_size, on_batch=on_batch)
+                          info.field_info, batch_size=batch_size, on_batch=on_batch,
+                          temperature=temperature, generator=generator)
     answers, counts = [dict(a) for a, _, _ in found], [0] * len(found)
     if head.written:
         from tuneloop.models.generate import generate
 
-        part = subset(info, head.written)  # each prompt's system turn names only these
+        part = subset(info, head.written)
         narrowed = [[{"role": "system", "content": _system(part)},
-                     *(m[1:] if m and m[0].get("role") == "system" else m)] for m in messages]
+                     *[t for t in m if t.get("role") != "system"]] for m in messages]
         replies, counts = generate(model, tokenizer, narrowed, head.written_tokens,
+                                   temperature=temperature, seed=seed,
                                    grammar=grammar(model, tokenizer, part))
         for answer, reply in zip(answers, replies):
             answer.update(parse(reply, part)[0] or {})
     return ([json.dumps(canonical(a, info), ensure_ascii=False) for a in answers],
-            [p for _, _, p in found], counts, [{"value_confidence": c} for _, c, _ in found])
+            [p for _, _, p in found], counts, [c for _, c, _ in found])
 
 
 def value_confidences(rows: list[dict]) -> tuple[list[float], list[bool]] | None:
