@@ -55,6 +55,28 @@ def open_page(browser, url, key, errors):
     return page
 
 
+def test_playground_marks_an_extractions_values_in_its_input(console):
+    """An answer that is a JSON object has each value marked where the prompt holds it (case,
+    spacing and punctuation aside, across lines), with its field's name; other answers none."""
+    errors = []
+    with chromium() as browser:
+        page = open_page(browser, console["url"], console["keys"]["acme"], errors)
+        marks = page.evaluate("""() => {
+            const node = card("x");
+            highlight(node, "Anna Smith flew to New\\nYork, USA.", JSON.stringify(
+                {name: "anna smith", city: "New York", gone: null, tags: ["USA", "Oslo"]}));
+            const plain = card("y");
+            highlight(plain, "Anna Smith", "Anna Smith is a name");
+            return {marks: [...node.querySelectorAll(".found mark")].map(
+                        (m) => [m.dataset.field, m.textContent]),
+                    text: node.querySelector(".found").textContent,
+                    plain: plain.querySelector(".found").hidden};
+        }""")
+    assert marks["marks"] == [["name", "Anna Smith"], ["city", "New\nYork"], ["tags", "USA"]]
+    assert marks["text"] == "Anna Smith flew to New\nYork, USA." and marks["plain"] is True
+    assert not errors
+
+
 def test_playground_streams_two_models_and_feedback_reaches_the_dataset(console, tmp_path):
     errors = []
     with chromium() as browser:

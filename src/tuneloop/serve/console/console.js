@@ -90,7 +90,42 @@ async function stream(model, messages, node, extra) {
   node.dataset.completionId = id;
   node.querySelector(".stats").textContent =
     `first token ${Math.round(first ?? total)} ms · total ${Math.round(total)} ms · ${tokens} tokens`;
+  highlight(node, messages[messages.length - 1].content, text.textContent);
   node.dataset.done = "1";
+}
+
+// An extraction's answer (a JSON object) shown in its input: each value found in the prompt
+// (case, spacing and punctuation aside, as a span head copies it) marked with its field's name.
+function highlight(node, prompt, answer) {
+  let fields;
+  try { fields = JSON.parse(answer); } catch (e) { return; }
+  if (!fields || typeof fields !== "object" || Array.isArray(fields)) return;
+  const found = [];
+  for (const [name, value] of Object.entries(fields)) {
+    for (const v of (Array.isArray(value) ? value : [value])) {
+      const words = String(v ?? "").match(/[^\W_]+/gu);
+      if (!words) continue;
+      const escape = (w) => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+      const match = new RegExp(words.map(escape).join("[\\W_]+"), "iu").exec(prompt);
+      if (match && !found.some((f) => match.index < f.end && f.start < match.index + match[0].length)) {
+        found.push({start: match.index, end: match.index + match[0].length, name});
+      }
+    }
+  }
+  if (!found.length) return;
+  const box = node.querySelector(".found");
+  let at = 0;
+  for (const f of found.sort((a, b) => a.start - b.start)) {
+    box.append(prompt.slice(at, f.start));
+    const mark = document.createElement("mark");
+    mark.dataset.field = f.name;
+    mark.title = f.name;
+    mark.textContent = prompt.slice(f.start, f.end);
+    box.append(mark);
+    at = f.end;
+  }
+  box.append(prompt.slice(at));
+  box.hidden = false;
 }
 
 async function feedback(node, body) {
