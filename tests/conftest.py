@@ -36,6 +36,15 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def base_parameters(model_path) -> dict:
+    """name -> a copy of each parameter of the base model at `model_path`, as it loads: what
+    `assert_base_unchanged` compares a trained model against."""
+    from transformers import AutoModelForCausalLM
+
+    return {n: p.detach().clone()
+            for n, p in AutoModelForCausalLM.from_pretrained(model_path).named_parameters()}
+
+
 def assert_base_unchanged(model, before: dict, trained) -> None:
     """Every parameter of the (PEFT-wrapped) model that is not in `trained` equals the base
     model's parameter of the same name in `before` (name -> tensor): only the adapter and

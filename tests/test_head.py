@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import LABELS, assert_base_unchanged, make_rows
+from tests.conftest import LABELS, assert_base_unchanged, base_parameters, make_rows
 from tuneloop.core.batching import collate, pack
 from tuneloop.core.formats import Example
 from tuneloop.core.tokenize import prompt_ids
@@ -97,8 +97,7 @@ def test_a_head_trains_with_the_adapter_and_is_kept_in_the_artifact(tiny_model, 
                                "data": {"train": str(train_file), "test": str(test_file)},
                                "epochs": 10, "learning_rate": 3e-3, "batch_size": 8})
     splits = load_splits(recipe.data, "classify")
-    before = {n: p.detach().clone() for n, p in
-              AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters()}
+    before = base_parameters(tiny_model)
     out = run_lora(recipe, splits, tmp_path / "run")
     model = out["model"]
     assert out["plan"].head == "labels"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import assert_base_unchanged, write_jsonl
+from tests.conftest import assert_base_unchanged, base_parameters, write_jsonl
 from tuneloop.core.batching import collate
 from tuneloop.models import spans
 from tuneloop.tasks import extract
@@ -145,8 +145,7 @@ def test_a_span_head_trains_with_the_adapter_and_its_artifact_answers_alike(
                                "data": {"train": str(train_file), "test": str(test_file)},
                                "epochs": 40, "learning_rate": 1e-2, "batch_size": 8})
     splits = load_splits(recipe.data, "extract")
-    before = {n: p.detach().clone() for n, p in
-              AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters()}
+    before = base_parameters(tiny_model)
     out = run_lora(recipe, splits, tmp_path / "run")
     model = out["model"]
     assert out["plan"].head == "spans"

@@ -36,9 +36,9 @@ def default_head(info) -> str:
     Evidence (bench/span_context.py, WNUT 2017's validation split, one epoch each, the same
     175 updates; bench/RESULTS.md "span head"): field F1 0.564 with the span head against
     0.490 written, on 172,914 training tokens against 321,867 (12.6 min against 24.3)."""
-    shares = [spec.get("in_text") for spec in (info.field_info or {}).values()] if info else []
-    return "spans" if shares and all(s is not None and s >= SPAN_SHARE for s in shares) \
-        else HEADS[0]
+    measured = bool(info and info.fields) and all(
+        "in_text" in (info.field_info.get(n) or {}) for n in info.fields)
+    return "spans" if measured and spanned(info) == list(info.fields) else HEADS[0]
 
 
 def spanned(info) -> list[str]:

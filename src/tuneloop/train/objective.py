@@ -182,21 +182,20 @@ class SpanHead(Objective):
         return items
 
     def step_batches(self, model, update: list, items: list, pad: int) -> list[dict]:
-        return [batch for b in update for batch in self._kinds([items[i] for i in b], pad)]
+        return [batch for b in update
+                for batch in self._apart([items[i] for i in b], lambda xs: [collate(xs, pad)])]
 
     def batches(self, items: list, pad: int, batch_tokens: int) -> list[dict]:
-        tagged = [x for x in items if isinstance(x, Tagged)]
-        written = [x for x in items if not isinstance(x, Tagged)]
-        return ([{**b, "tagged": torch.ones(1)} for b in padded_batches(tagged, pad, batch_tokens)]
-                + (padded_batches(written, pad, batch_tokens) if written else []))
+        return self._apart(items, lambda xs: padded_batches(xs, pad, batch_tokens))
 
     @staticmethod
-    def _kinds(items: list, pad: int) -> list[dict]:
-        """A micro-batch's tagged and written items, each kind collated apart."""
+    def _apart(items: list, batch) -> list[dict]:
+        """`batch` (items -> micro-batches) of the tagged items, marked, then of the written
+        ones: each kind collated apart."""
         tagged = [x for x in items if isinstance(x, Tagged)]
         written = [x for x in items if not isinstance(x, Tagged)]
-        return ([{**collate(tagged, pad), "tagged": torch.ones(1)}] if tagged else []) + (
-            [collate(written, pad)] if written else [])
+        return ([{**b, "tagged": torch.ones(1)} for b in batch(tagged)] if tagged else []) + (
+            batch(written) if written else [])
 
     def count(self, batch: dict) -> int:
         if "tagged" in batch:
